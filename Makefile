@@ -1,0 +1,32 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   create .venv if needed, install, run the main job on the built-in default
+#   make test   the same install, then the whole test suite (what CI runs)
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.fusion_rl-installed
+# Threads TVM uses for tuning and timing; set explicitly (TVM picks 1 here otherwise).
+export TVM_NUM_THREADS ?= 2
+
+.PHONY: install demo test test-fast clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/fusion-rl demo
+
+test: install
+	$(PY) -m pytest -q -ra tests
+
+# The unit tiers only (no end-to-end compiles of the whole zoo): for the edit-test loop.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,156 @@
+"""Measure plans: served from the store when known, else compiled and timed in a worker.
+
+:class:`Measurer` is the one entry point the layers above (CLI, env, search, evaluation) use to
+get a latency. Every measurement is a :class:`~fusion_rl.compiler.store.MeasurementRecord` keyed
+by (model fingerprint, plan hash, target, schedule provider, budget, library versions, timing
+protocol); an identical request is served from the store and costs nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fusion_rl.compiler.schedules import make_schedule
+from fusion_rl.compiler.store import MeasurementKey, MeasurementRecord, MeasurementStore, library_versions
+from fusion_rl.compiler.target import TargetSpec, parse_target
+from fusion_rl.compiler.timing import TimingProtocol
+from fusion_rl.compiler.worker import MeasureJob, Worker, run_job
+from fusion_rl.fusion.legality import require_legal
+from fusion_rl.fusion.plan import FusionPlan
+from fusion_rl.graph.model import Model
+
+
+@dataclass
+class MeasureStats:
+    """Counters: measurements are the currency of search and RL training alike."""
+
+    hits: int = 0  #: served from the store
+    misses: int = 0  #: compiled and timed (what a search or training run *spends*)
+    failures: int = 0  #: misses that did not give a latency (failed, wrong, crashed, timeout)
+
+    def to_dict(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses, "failures": self.failures}
+
+
+@dataclass
+class Measurer:
+    """Measure (model, plan) pairs on one target under one schedule provider.
+
+    Parameters
+    ----------
+    target:
+        A target name (``host``, ``haswell-t1``, ...) or spec.
+    schedule, schedule_kwargs:
+        The schedule provider, e.g. ``"tuned"`` with ``{"trials_per_task": 16}``.
+    store:
+        Where records live; ``None`` measures without remembering.
+    protocol:
+        The timing protocol.
+    isolate:
+        Run builds and timings in a worker process with ``timeout_s`` (default). ``False`` runs
+        them in this process: faster to start, but a TVM crash takes the caller with it.
+    """
+
+    target: str | TargetSpec = "host"
+    schedule: str = "naive"
+    schedule_kwargs: dict[str, Any] = field(default_factory=dict)
+    store: MeasurementStore | None = None
+    protocol: TimingProtocol = field(default_factory=TimingProtocol)
+    isolate: bool = True
+    timeout_s: float = 600.0
+    stats: MeasureStats = field(default_factory=MeasureStats)
+
+    def __post_init__(self) -> None:
+        self.spec = parse_target(self.target)
+        # Validates the provider name and options up front (bad budget, unknown name).
+        self.provider = make_schedule(self.schedule, **self.schedule_kwargs)
+        self._worker: Worker | None = None
+        self._models: dict = {}
+        self._versions = library_versions()
+
+    def key(self, model: Model, plan: FusionPlan) -> MeasurementKey:
+        return MeasurementKey(
+            model_fingerprint=model.fingerprint,
+            plan_hash=plan.hash,
+            target=self.spec.key,
+            provider=self.provider.name,
+            budget=self.provider.budget,
+            versions=self._versions,
+            protocol=self.protocol.key,
+        )
+
+    def cached(self, model: Model, plan: FusionPlan) -> MeasurementRecord | None:
+        """The stored record for this plan, if any; never measures."""
+        return self.store.get(self.key(model, plan)) if self.store is not None else None
+
+    def measure(
+        self, model: Model, plan: FusionPlan, per_kernel: bool = False, fault: str | None = None
+    ) -> MeasurementRecord:
+        """The record for (model, plan): from the store, or measured now and stored.
+
+        An illegal plan raises :class:`~fusion_rl.errors.IllegalPlanError` (a user error, not a
+        measurement). A plan that fails to build, gives a wrong output, crashes or hangs yields
+        a record with that status, which is stored too, so it is not retried without reason.
+        """
+        require_legal(model.graph, plan)
+        key = self.key(model, plan)
+        if self.store is not None and fault is None:
+            record = self.store.get(key)
+            if record is not None and (not per_kernel or record.kernel_times_ms is not None):
+                self.stats.hits += 1
+                return record
+        job = MeasureJob(
+            model=model.ref,
+            plan=plan.to_dict(),
+            target=self.spec,
+            schedule=self.schedule,
+            schedule_kwargs=dict(self.schedule_kwargs),
+            protocol=self.protocol,
+            per_kernel=per_kernel,
+            fault=fault,
+        )
+        result = self._run(job, model)
+        self.stats.misses += 1
+        record = _to_record(key, result)
+        if record.status != "ok":
+            self.stats.failures += 1
+        if self.store is not None and fault is None:
+            self.store.put(record)
+        return record
+
+    def _run(self, job: MeasureJob, model: Model) -> dict:
+        if not self.isolate:
+            self._models.setdefault(job.model, model)
+            from fusion_rl.compiler.target import threads_env
+
+            with threads_env(self.spec):
+                return run_job(job, self._models)
+        if self._worker is None or not self._worker.alive:
+            self._worker = Worker(self.spec.num_threads)
+        result = self._worker.run(job, self.timeout_s)
+        if result["status"] in ("timeout", "crashed"):
+            self._worker = None  # it was killed; the next job starts a fresh one
+        return result
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+
+    def __enter__(self) -> "Measurer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _to_record(key: MeasurementKey, result: dict) -> MeasurementRecord:
+    extra = {
+        "num_kernels": result.get("num_kernels"),
+        "kernel_times_ms": result.get("kernel_times_ms"),
+        "wall_s": float(result.get("wall_s", 0.0)),
+    }
+    if result["status"] == "ok":
+        return MeasurementRecord.from_times(key, result["times_ms"], **extra)
+    return MeasurementRecord(key=key, status=result["status"], error=result.get("error"), **extra)

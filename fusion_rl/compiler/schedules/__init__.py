@@ -1,0 +1,39 @@
+"""Schedule providers, chosen by name: ``naive``, ``rules``, ``tuned``.
+
+The plan never knows which provider is used (see :mod:`.base`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fusion_rl.compiler.schedules.base import NaiveSchedule, ScheduleProvider
+from fusion_rl.errors import ConfigError
+
+SCHEDULE_NAMES = ("naive", "rules", "tuned")
+
+
+def make_schedule(name: str, **kwargs: Any) -> ScheduleProvider:
+    """Build a provider by name; ``kwargs`` go to its constructor (e.g. ``trials_per_task``)."""
+    if name == "naive":
+        if kwargs:
+            raise ConfigError(f"schedule 'naive' takes no options, got {sorted(kwargs)}")
+        return NaiveSchedule()
+    if name == "rules":
+        from fusion_rl.compiler.schedules.rules import RulesSchedule
+
+        try:
+            return RulesSchedule(**kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"bad options for schedule 'rules': {exc}") from None
+    if name == "tuned":
+        from fusion_rl.compiler.schedules.tuned import TunedSchedule
+
+        try:
+            return TunedSchedule(**kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"bad options for schedule 'tuned': {exc}") from None
+    raise ConfigError(f"unknown schedule provider '{name}'; choose one of {', '.join(SCHEDULE_NAMES)}")
+
+
+__all__ = ["SCHEDULE_NAMES", "NaiveSchedule", "ScheduleProvider", "make_schedule"]

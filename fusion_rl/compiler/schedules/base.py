@@ -1,0 +1,50 @@
+"""The schedule-provider contract.
+
+A schedule provider turns the *fused* module (Relax ``main`` calling one PrimFunc per kernel,
+after :class:`fusion_rl.fusion.apply.ApplyFusionPlan` and ``FuseTIR``) into a module whose
+PrimFuncs carry a loop schedule. The fusion plan never knows which provider is used, and a
+provider never changes the partition: it may only rewrite PrimFunc bodies.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar
+
+import tvm
+
+
+class ScheduleProvider(abc.ABC):
+    """Base class of schedule providers (``naive``, ``rules``, ``tuned``)."""
+
+    #: Registry name, used on the CLI (``--schedule NAME``) and as part of the store key.
+    name: ClassVar[str]
+
+    @property
+    def budget(self) -> int:
+        """The search budget (trials per task) that this provider spends; 0 for no search.
+
+        Part of a measurement's key: two budgets are two different schedules.
+        """
+        return 0
+
+    @abc.abstractmethod
+    def schedule(self, mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+        """Return a scheduled *copy* of ``mod``; ``mod`` itself must not be modified.
+
+        ``mod`` is a fused Relax module: ``main`` holds ``call_tir`` to PrimFuncs, one per
+        kernel. The result is handed to a lowering-only Relax pipeline, so any PrimFunc left
+        unscheduled runs as naive loops.
+        """
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(budget={self.budget})"
+
+
+class NaiveSchedule(ScheduleProvider):
+    """No schedule at all: TVM's default CPU behaviour (every kernel runs naive loops)."""
+
+    name = "naive"
+
+    def schedule(self, mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+        return mod

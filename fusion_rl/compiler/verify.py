@@ -1,0 +1,124 @@
+"""Check a compiled plan's outputs against a reference before its latency may count.
+
+A wrong output is an error, never a latency: MetaSchedule has produced numerically wrong
+kernels for multi-anchor groups here (DESIGN.md), so every compiled plan is verified.
+
+The reference is ONNX Runtime on the model's ONNX graph (an independent implementation), or,
+where there is no ONNX graph, the unfused module with naive loops.
+
+Tolerance: elementwise ``|actual - ref| <= atol + rtol * |ref|`` with ``rtol = 1e-3`` and
+``atol = 1e-4 * max(1, max|ref|)``. fp32 reductions reordered by a schedule move results by
+~1e-6 relative; the failures seen here were off by 1e2 to 1e9.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+import tvm
+from tvm import relax
+
+from fusion_rl.errors import VerificationError
+from fusion_rl.graph.model import Model
+
+RTOL = 1e-3
+ATOL = 1e-4
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    ok: bool
+    max_abs_err: float
+    max_rel_err: float
+    reference: str  #: "onnxruntime" or "tvm-unfused"
+
+    def to_dict(self) -> dict:
+        return {
+            "ok": self.ok,
+            "max_abs_err": self.max_abs_err,
+            "max_rel_err": self.max_rel_err,
+            "reference": self.reference,
+        }
+
+
+def run_executable(
+    ex: "relax.VMExecutable", inputs: Sequence[np.ndarray], device: tvm.runtime.Device | None = None
+) -> list[np.ndarray]:
+    """Run ``main`` once and return its outputs flattened to a list of arrays."""
+    dev = device or tvm.cpu()
+    vm = relax.VirtualMachine(ex, dev)
+    out = vm["main"](*[tvm.runtime.tensor(a, dev) for a in inputs])
+    return _flatten(out)
+
+
+def reference_outputs(model: Model) -> tuple[list[np.ndarray], str]:
+    """The reference outputs of ``model`` on its example inputs (cached on the model)."""
+    cached = getattr(model, "_reference", None)
+    if cached is not None:
+        return cached
+    if model.onnx_model is not None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        sess = ort.InferenceSession(
+            model.onnx_model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+        )
+        names = [i.name for i in sess.get_inputs()]
+        result = ([np.asarray(o) for o in sess.run(None, dict(zip(names, model.inputs)))], "onnxruntime")
+    else:
+        from fusion_rl.compiler.build import compile_module
+        from fusion_rl.compiler.schedules.base import NaiveSchedule
+
+        target = tvm.target.Target({"kind": "llvm"})
+        ex, _, _ = compile_module(model.mod, target, NaiveSchedule())
+        result = (run_executable(ex, model.inputs), "tvm-unfused")
+    model._reference = result  # type: ignore[attr-defined]
+    return result
+
+
+def compare(actual: Sequence[np.ndarray], expected: Sequence[np.ndarray], reference: str = "") -> VerifyReport:
+    if len(actual) != len(expected):
+        return VerifyReport(False, float("inf"), float("inf"), reference)
+    ok = True
+    max_abs = 0.0
+    max_rel = 0.0
+    for a, e in zip(actual, expected):
+        a = np.asarray(a, dtype=np.float64)
+        e = np.asarray(e, dtype=np.float64)
+        if a.shape != e.shape or not np.all(np.isfinite(a) == np.isfinite(e)):
+            return VerifyReport(False, float("inf"), float("inf"), reference)
+        finite = np.isfinite(e)
+        diff = np.abs(a[finite] - e[finite])
+        scale = max(1.0, float(np.max(np.abs(e[finite]), initial=0.0)))
+        if diff.size:
+            max_abs = max(max_abs, float(diff.max()))
+            max_rel = max(max_rel, float((diff / (np.abs(e[finite]) + 1e-12)).max()))
+            ok &= bool(np.all(diff <= ATOL * scale + RTOL * np.abs(e[finite])))
+    return VerifyReport(ok, max_abs, max_rel, reference)
+
+
+def verify_executable(ex: "relax.VMExecutable", model: Model, what: str = "plan") -> VerifyReport:
+    """Run ``ex`` on the model's inputs and compare with the reference; raise if wrong."""
+    expected, reference = reference_outputs(model)
+    report = compare(run_executable(ex, model.inputs), expected, reference)
+    if not report.ok:
+        raise VerificationError(
+            f"{what} on {model.name} gives wrong output: max abs error {report.max_abs_err:.3g} "
+            f"(max rel {report.max_rel_err:.3g}) against {reference}"
+        )
+    return report
+
+
+def _flatten(out) -> list[np.ndarray]:
+    if isinstance(out, tvm.runtime.Tensor):
+        return [out.numpy()]
+    if isinstance(out, (list, tuple)) or hasattr(out, "__len__"):
+        flat = []
+        for o in out:
+            flat.extend(_flatten(o))
+        return flat
+    return [np.asarray(out)]

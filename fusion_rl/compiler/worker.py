@@ -1,0 +1,188 @@
+"""The measurement job and the persistent worker process that runs it.
+
+A TVM segfault or hang must cost one measurement, not the training run or search that asked
+for it. So builds and timings run in a separate, persistent process (started once, reused for
+many jobs; TVM and torch take seconds to import), and the parent waits with a timeout. A worker
+that dies or overruns is killed and replaced, and the job is recorded as ``crashed`` or
+``timeout``.
+
+This module must not import tvm at module level: the worker's ``TVM_NUM_THREADS`` is read once,
+when TVM creates its thread pool, and the parent sets it in the worker's environment.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+#: Faults a request can inject, to test that callers survive them (tests/test_faults.py).
+FAULTS = ("segfault", "hang_build", "hang_run", "exit", "raise")
+
+
+@dataclass(frozen=True)
+class MeasureJob:
+    """Everything a worker needs to compile, verify and time one plan (picklable)."""
+
+    model: Any  #: fusion_rl.graph.model.ModelRef
+    plan: dict  #: FusionPlan.to_dict()
+    target: Any  #: a TargetSpec (or a name for parse_target)
+    schedule: str
+    schedule_kwargs: dict = field(default_factory=dict)
+    protocol: Any = None  #: fusion_rl.compiler.timing.TimingProtocol
+    per_kernel: bool = False
+    fault: str | None = None  #: one of FAULTS, for fault-injection tests only
+
+
+def run_job(job: MeasureJob, models: dict | None = None) -> dict:
+    """Compile, verify and time ``job``; returns a result dict (never raises for bad plans)."""
+    from fusion_rl.compiler.build import compile_plan
+    from fusion_rl.compiler.schedules import make_schedule
+    from fusion_rl.compiler.target import parse_target
+    from fusion_rl.compiler.timing import TimingProtocol, kernel_times, time_executable
+    from fusion_rl.compiler.verify import verify_executable
+    from fusion_rl.errors import FusionRLError, VerificationError
+    from fusion_rl.fusion.plan import FusionPlan
+
+    t0 = time.perf_counter()
+    result: dict[str, Any] = {"status": "failed", "times_ms": [], "num_kernels": None}
+    try:
+        models = models if models is not None else {}
+        model = models.get(job.model)
+        if model is None:
+            model = models[job.model] = job.model.load()
+        plan = FusionPlan.from_dict(job.plan)
+        spec = parse_target(job.target)
+        provider = make_schedule(job.schedule, **job.schedule_kwargs)
+        _inject(job.fault, "build")
+        compiled = compile_plan(model, plan, spec.to_tvm(), provider)
+        result["num_kernels"] = compiled.num_kernels
+        result["schedule_s"] = compiled.schedule_s
+        result["build_s"] = compiled.build_s
+        try:
+            report = verify_executable(compiled.executable, model, f"plan {plan.hash}")
+            result["verify"] = report.to_dict()
+        except VerificationError as exc:
+            result.update(status="wrong_output", error=str(exc))
+            return result
+        _inject(job.fault, "run")
+        timing = time_executable(compiled.executable, model.inputs, job.protocol or TimingProtocol())
+        result.update(status="ok", times_ms=list(timing.times_ms))
+        if job.per_kernel:
+            result["kernel_times_ms"] = kernel_times(compiled.executable, model.inputs)
+    except FusionRLError as exc:
+        result.update(status="failed", error=str(exc))
+    except Exception as exc:  # a TVM-internal error on one plan must not end the worker
+        result.update(status="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+        result["traceback"] = traceback.format_exc(limit=8)
+    finally:
+        result["wall_s"] = time.perf_counter() - t0
+    return result
+
+
+def _inject(fault: str | None, stage: str) -> None:
+    if fault is None:
+        return
+    if fault == "segfault" and stage == "build":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if fault == "exit" and stage == "build":
+        os._exit(3)
+    if fault == "raise" and stage == "build":
+        raise RuntimeError("injected fault")
+    if (fault == "hang_build" and stage == "build") or (fault == "hang_run" and stage == "run"):
+        while True:
+            time.sleep(3600)
+
+
+def _serve(conn_in: Connection, conn_out: Connection) -> None:
+    """The worker loop: receive a job, send its result, until ``None`` or EOF."""
+    models: dict = {}
+    while True:
+        try:
+            job = conn_in.recv()
+        except (EOFError, KeyboardInterrupt):
+            return
+        if job is None:
+            return
+        conn_out.send(run_job(job, models))
+
+
+class Worker:
+    """One persistent measurement process (``python -m fusion_rl.compiler.worker``).
+
+    A fresh interpreter rather than ``multiprocessing``: the spawn start method re-imports the
+    caller's ``__main__``, which breaks user scripts without a main guard, and fork after TVM or
+    torch started threads is unsafe. The environment sets ``TVM_NUM_THREADS`` before tvm loads.
+    """
+
+    def __init__(self, num_threads: int) -> None:
+        from fusion_rl.compiler.target import worker_env
+
+        self.num_threads = num_threads
+        job_r, job_w = os.pipe()
+        res_r, res_w = os.pipe()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "fusion_rl.compiler.worker", str(job_r), str(res_w)],
+            pass_fds=(job_r, res_w),
+            env=worker_env(num_threads),
+            stdin=subprocess.DEVNULL,
+        )
+        os.close(job_r)
+        os.close(res_w)
+        self._send = Connection(job_w, readable=False)
+        self._recv = Connection(res_r, writable=False)
+
+    @property
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def run(self, job: MeasureJob, timeout_s: float) -> dict:
+        """Send ``job``; wait at most ``timeout_s``. Kills the worker on timeout or crash."""
+        t0 = time.perf_counter()
+        try:
+            self._send.send(job)
+            if self._recv.poll(timeout_s):
+                return self._recv.recv()  # EOFError here: the worker died mid-job
+            timed_out = True
+        except (EOFError, OSError):
+            timed_out = False
+        wall = time.perf_counter() - t0
+        if timed_out:
+            self.kill()
+            return {"status": "timeout", "error": f"no result within {timeout_s:.0f} s", "wall_s": wall}
+        try:
+            code = self._proc.wait(timeout=10)  # a crash handler may still be printing
+            what = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        except subprocess.TimeoutExpired:
+            what = "closed its pipe"
+        self.kill()
+        return {"status": "crashed", "error": f"worker died ({what})", "wall_s": wall}
+
+    def kill(self) -> None:
+        if self.alive:
+            self._proc.kill()
+        self._proc.wait()
+        for conn in (self._send, self._recv):
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        if self.alive:
+            try:
+                self._send.send(None)
+                self._proc.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        self.kill()
+
+
+if __name__ == "__main__":
+    _serve(Connection(int(sys.argv[1]), writable=False), Connection(int(sys.argv[2]), readable=False))

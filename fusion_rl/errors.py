@@ -1,0 +1,57 @@
+"""Typed user-facing errors.
+
+Every error a user can cause (bad model file, illegal plan, bad config, ...) is raised as a
+subclass of :class:`FusionRLError` with a one-line message that names the problem and, where
+possible, how to fix it. The CLI prints ``error: <message>`` and exits non-zero for these; any
+other exception is a bug in fusion_rl.
+"""
+
+from __future__ import annotations
+
+
+class FusionRLError(Exception):
+    """Base class of every error fusion_rl raises for bad input or an unusable environment."""
+
+
+class ModelImportError(FusionRLError):
+    """The model file could not be read or imported into TVM Relax."""
+
+
+class UnsupportedOperatorError(ModelImportError):
+    """The model uses an operator that the TVM frontend or LegalizeOps cannot handle."""
+
+
+class DynamicShapeError(ModelImportError):
+    """The model has dynamic dimensions and no concrete input shapes were given."""
+
+
+class UnknownModelError(FusionRLError):
+    """A model name is neither a zoo entry nor an existing file."""
+
+
+class IllegalPlanError(FusionRLError):
+    """A fusion plan violates a legality rule (non-convex group, cycle, split tuple, ...)."""
+
+
+class PlanMismatchError(FusionRLError):
+    """A fusion plan was made for a different model (fingerprint or node count differs)."""
+
+
+class VerificationError(FusionRLError):
+    """A compiled plan produced outputs that differ from the reference beyond tolerance."""
+
+
+class CompileError(FusionRLError):
+    """TVM failed to build a (model, plan, target, schedule)."""
+
+
+class MeasurementError(FusionRLError):
+    """A measurement failed: the worker crashed, hung past its timeout, or returned garbage."""
+
+
+class StoreError(FusionRLError):
+    """The measurement store is unwritable, locked or corrupt."""
+
+
+class ConfigError(FusionRLError):
+    """A config file, target name, provider name or CLI option is invalid."""

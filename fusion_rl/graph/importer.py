@@ -1,0 +1,205 @@
+"""Import a model (ONNX file or ``torch.nn.Module``) into a legalized TVM Relax module.
+
+After :func:`legalize`, ``main`` holds one dataflow block in which every operator is a
+``R.call_tir`` to a PrimFunc annotated with its TVM pattern kind (``op_pattern``). That block is
+what :mod:`fusion_rl.graph.opgraph` turns into an operator graph and what
+:mod:`fusion_rl.fusion` partitions.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+
+import tvm
+from tvm import relax
+
+from fusion_rl.errors import DynamicShapeError, ModelImportError, UnsupportedOperatorError
+
+#: Passes that turn an imported Relax module into one ``call_tir`` per operator, with pattern
+#: kinds, constants folded. This is the prefix of TVM's CPU pipeline *before* FuseOps.
+LEGALIZE_PASSES = (
+    relax.transform.DecomposeOpsForInference,
+    relax.transform.LegalizeOps,
+    relax.transform.AnnotateTIROpPattern,
+    relax.transform.FoldConstant,
+    # Drops alias bindings (``gv = lv``) the ONNX frontend leaves after a final LayerNorm.
+    relax.transform.CanonicalizeBindings,
+    relax.transform.DeadCodeElimination,
+)
+
+
+def legalize(mod: tvm.IRModule) -> tvm.IRModule:
+    """Lower high-level Relax ops to ``call_tir`` and annotate PrimFunc pattern kinds."""
+    seq = tvm.transform.Sequential([p() for p in LEGALIZE_PASSES], name="fusion_rl.Legalize")
+    try:
+        with tvm.transform.PassContext(opt_level=3):
+            mod = seq(mod)
+    except Exception as exc:  # TVM raises its own internal error types
+        raise UnsupportedOperatorError(
+            f"TVM could not legalize the model: {_first_line(exc)}"
+        ) from None
+    _check_only_call_tir(mod)
+    return mod
+
+
+def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read and check an ONNX file, with a one-line error for anything malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelImportError(f"ONNX file not found: {path}")
+    if path.stat().st_size == 0:
+        raise ModelImportError(f"ONNX file is empty: {path}")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:
+        raise ModelImportError(f"{path} is not a valid ONNX file: {_first_line(exc)}") from None
+    if not model.graph.node:
+        raise ModelImportError(f"{path} has no operators (empty or non-ONNX protobuf)")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise ModelImportError(f"{path} is malformed ONNX: {_first_line(exc)}") from None
+    return model
+
+
+def onnx_input_shapes(
+    model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] | None = None
+) -> dict[str, tuple[int, ...]]:
+    """The concrete shape of each graph input; dynamic dims must be given in ``shapes``."""
+    shapes = dict(shapes or {})
+    initializers = {i.name for i in model.graph.initializer}
+    result: dict[str, tuple[int, ...]] = {}
+    for inp in model.graph.input:
+        if inp.name in initializers:
+            continue
+        if inp.name in shapes:
+            result[inp.name] = tuple(int(d) for d in shapes[inp.name])
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        if any(not d.HasField("dim_value") or d.dim_value <= 0 for d in dims):
+            shown = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+            raise DynamicShapeError(
+                f"input '{inp.name}' has dynamic shape {shown}; give concrete shapes, "
+                f"e.g. --input-shape {inp.name}=1,3,224,224"
+            )
+        result[inp.name] = tuple(d.dim_value for d in dims)
+    return result
+
+
+def from_onnx(
+    model: onnx.ModelProto | str | os.PathLike,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+) -> tvm.IRModule:
+    """Import an ONNX model into a legalized Relax module (weights become constants)."""
+    if not isinstance(model, onnx.ModelProto):
+        model = load_onnx(model)
+    shape_dict = onnx_input_shapes(model, shapes)
+    unsupported = _unsupported_onnx_ops(model)
+    if unsupported:
+        raise UnsupportedOperatorError(
+            f"unsupported ONNX operator(s): {', '.join(sorted(unsupported))}"
+        )
+    from tvm.relax.frontend.onnx import from_onnx as _tvm_from_onnx
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the frontend warns about every renamed input
+            mod = _tvm_from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
+    except Exception as exc:
+        raise ModelImportError(f"TVM's ONNX frontend failed: {_first_line(exc)}") from None
+    return legalize(mod)
+
+
+def from_torch(module: "torch.nn.Module", example_inputs: Sequence["torch.Tensor"]) -> tvm.IRModule:
+    """Import a ``torch.nn.Module`` by exporting it to ONNX in memory (static shapes).
+
+    ONNX is the one import path we verify against a second runtime (ONNX Runtime), so torch
+    models go through it too rather than through ``relax.frontend.torch``.
+    """
+    return from_onnx(torch_to_onnx(module, example_inputs))
+
+
+def torch_to_onnx(module: "torch.nn.Module", example_inputs: Sequence["torch.Tensor"]) -> onnx.ModelProto:
+    """Export a module to an in-memory ONNX model with the legacy (static-shape) exporter."""
+    import torch
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                module.eval(), tuple(example_inputs), buf, dynamo=False, opset_version=17
+            )
+        except Exception as exc:
+            raise ModelImportError(f"torch.onnx.export failed: {_first_line(exc)}") from None
+    return onnx.load_from_string(buf.getvalue())
+
+
+def input_specs(mod: tvm.IRModule) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, dtype) of each parameter of ``main``."""
+    specs = []
+    for param in mod["main"].params:
+        sinfo = param.ty
+        specs.append((param.name, tuple(int(d) for d in sinfo.shape), str(sinfo.dtype)))
+    return specs
+
+
+def random_inputs(mod: tvm.IRModule, seed: int = 0) -> list[np.ndarray]:
+    """Deterministic random inputs matching ``main``'s signature."""
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for _, shape, dtype in input_specs(mod):
+        if dtype.startswith("int"):
+            arrays.append(rng.integers(0, 8, size=shape).astype(dtype))
+        else:
+            arrays.append(rng.standard_normal(shape).astype(dtype))
+    return arrays
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _unsupported_onnx_ops(model: onnx.ModelProto) -> set[str]:
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    known = set(_get_convert_map())
+    return {node.op_type for node in model.graph.node if node.op_type not in known}
+
+
+def _check_only_call_tir(mod: tvm.IRModule) -> None:
+    """After legalization, ``main`` must be call_tir ops plus tuple glue."""
+    main = mod["main"]
+    for block in main.body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.call_tir"):
+                continue
+            if isinstance(value, (relax.TupleGetItem, relax.Tuple, relax.Var, tvm.ir.expr.Constant)):
+                continue
+            if isinstance(binding, relax.MatchCast):
+                raise DynamicShapeError(
+                    "the model has a shape-dependent MatchCast after import; give concrete "
+                    "input shapes"
+                )
+            op = value.op.name if isinstance(value, relax.Call) and hasattr(value.op, "name") else type(value).__name__
+            raise UnsupportedOperatorError(
+                f"operator '{op}' has no TIR lowering (LegalizeOps left it as a Relax op)"
+            )
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first informative line of a (possibly multi-line TVM) exception message."""
+    text = str(exc).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # TVM errors often start with a traceback banner; prefer the line that says what failed.
+    for ln in lines:
+        if "Error" in ln or "error" in ln or "Check failed" in ln:
+            return ln[:300]
+    return (lines[0] if lines else type(exc).__name__)[:300]
