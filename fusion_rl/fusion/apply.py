@@ -81,6 +81,10 @@ def apply_plan(mod: tvm.IRModule, plan: FusionPlan, graph: OpGraph | None = None
     """Apply ``plan`` to a legalized module; user errors raise typed fusion_rl errors."""
     from fusion_rl.errors import FusionRLError
 
+    graph = graph if graph is not None else extract_opgraph(mod)
+    # Checked here, in Python, as well as in the pass: an exception raised inside a pass comes
+    # back through TVM's FFI as a generic error, and users need the typed IllegalPlanError.
+    require_legal(graph, plan)
     try:
         return ApplyFusionPlan(plan, graph)(mod)
     except FusionRLError:
@@ -124,7 +128,7 @@ def _group_module(mod: tvm.IRModule, plan: FusionPlan, graph: OpGraph) -> tvm.IR
             items.append(item)
         item.bindings.append(binding)
         item_of_var[binding.var] = item
-    if node != graph.num_nodes if hasattr(graph, "num_nodes") else node != len(graph):
+    if node != len(graph):
         raise CompileError("the module does not match the OpGraph the plan was checked on")
 
     # 2. Inputs read and outputs used by each item.

@@ -31,6 +31,13 @@ PATTERN_NAMES = {
 PATTERN_REDUCTION = 3
 PATTERN_OUT_EWISE_FUSABLE = 4
 
+#: Ops with a multiply-accumulate reduction (the ops schedules tile). Decided by op kind, not
+#: pattern: AnnotateTIROpPattern also marks layer_norm, softmax, mean and pooling as pattern 4.
+MAC_OPS = frozenset(
+    {"conv1d", "conv2d", "conv3d", "conv1d_transpose", "conv2d_transpose", "matmul", "dense",
+     "batch_matmul", "einsum"}
+)
+
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 
 
@@ -58,7 +65,7 @@ class OpNode:
     @property
     def is_mac_anchor(self) -> bool:
         """A multiply-accumulate anchor (conv, matmul, dense): the ops schedules tile."""
-        return self.pattern == PATTERN_OUT_EWISE_FUSABLE
+        return self.op in MAC_OPS
 
     @property
     def pattern_name(self) -> str:

@@ -1,0 +1,384 @@
+"""``rules``: a fast, deterministic, search-free CPU schedule for fused Relax modules.
+
+TVM 0.27's CPU pipeline schedules nothing, so every kernel runs naive loops and fusion decisions
+change nothing measurable. This provider applies a handful of fixed rules to every PrimFunc
+(well under a second per model, no measurement, same output for the same input):
+
+1. *Inline* injective blocks into their consumers (``compute_inline``), then injective consumers
+   into injective producers (``reverse_compute_inline``), so a fused kernel does not materialize
+   its intermediates. Producers of a multiply-accumulate *anchor* are never inlined into it: the
+   anchor reads each input element O(K) times, so inlining would recompute the producer (e.g. the
+   ``if_then_else`` of a ``pad_temp`` block) in the innermost loop.
+2. *Anchors* (conv2d / matmul / dense / batch_matmul: a reduction whose update is ``C += A * B``)
+   get a register-tiled schedule: the innermost output axis is split into a vector of ``lanes``,
+   one other output axis (one the vector operand does not depend on, so the vector load is reused)
+   into a small register block, the reduction loops sit between the outer tiles and that
+   ``block x vector`` micro-tile, the outer tiles are fused and parallelized, the init is split out
+   with ``decompose_reduction``, and the elementwise epilogue is moved into the tile with
+   ``reverse_compute_at`` so it runs while the tile is still in L1.
+3. *Plain reductions* (softmax, layer norm) in a kernel without an anchor use dlight's
+   ``cpu.Reduction``; it is never used on kernels with an anchor (it makes them slower).
+4. *Everything else* left at the root gets its outer loops fused and parallelized and its
+   innermost spatial loop vectorized.
+
+A kernel that fails any step falls back to its unscheduled form (logged at debug level).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir.schedule import LoopRV, SBlockRV, ScheduleError
+from tvm.target.codegen import llvm_get_vector_width
+
+from .base import ScheduleProvider
+
+log = logging.getLogger(__name__)
+
+_DATA_PAR = tirx.IterVar.DataPar
+_REDUCE = tirx.IterVar.CommReduce
+#: Below this many output elements a ``parallel`` loop costs more (thread-pool wake-up, a few
+#: microseconds) than it saves, so tiny kernels run serially.
+_MIN_PARALLEL_ELEMS = 4096
+#: Accumulator rows per micro-tile: ``_REG_BLOCK x lanes`` accumulators fit the 16/32 vector
+#: registers of AVX2/AVX-512 with room left for the operands.
+_REG_BLOCK = 8
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    """Per-target constants shared by the rules."""
+
+    target: tvm.target.Target
+    vector_bits: int
+
+    def lanes(self, dtype_bits: int) -> int:
+        """Vector lanes of one register for elements of ``dtype_bits`` bits."""
+        return max(self.vector_bits // dtype_bits, 1)
+
+
+class RulesSchedule(ScheduleProvider):
+    """Rule-based CPU schedule: inline, tile anchors, parallelize and vectorize. No search."""
+
+    name = "rules"
+
+    def schedule(self, mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+        ctx = _make_ctx(target)
+        out = mod.clone()  # never touch the caller's module (dlight edits modules in place)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, tirx.PrimFunc) and not _is_scheduled(func):
+                out[gvar] = schedule_prim_func(func, ctx, gvar.name_hint)
+        return out
+
+
+def _make_ctx(target: tvm.target.Target) -> _Ctx:
+    """Vector width from LLVM's view of ``mcpu`` (512 bits for AVX-512, 256 for AVX2)."""
+    bits = int(llvm_get_vector_width(target)) if target.kind.name == "llvm" else -1
+    return _Ctx(target, bits if bits > 0 else 128)
+
+
+def _is_scheduled(func: tirx.PrimFunc) -> bool:
+    return func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False))
+
+
+def schedule_prim_func(func: tirx.PrimFunc, ctx: _Ctx, name: str = "") -> tirx.PrimFunc:
+    """Schedule one PrimFunc; on any failure return ``func`` unchanged (never raise)."""
+    try:
+        sch = s_tir.Schedule(func)
+        _inline_injective(sch)
+        anchors = [b for b in _root_blocks(sch) if _is_mac(sch, b)]
+        if not anchors:
+            reduced = _try_dlight_reduction(sch, ctx)
+            if reduced is not None:
+                return reduced.mod["main"].with_attr("tirx.is_scheduled", True)
+        done: set[str] = set()
+        for anchor in anchors:
+            done |= _schedule_anchor(sch, anchor, ctx)
+        for block in _root_blocks(sch):
+            if sch.get(block).name_hint not in done:
+                _parallel_vectorize(sch, block, ctx)
+        return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    except Exception as err:  # noqa: BLE001 - any schedule error means "leave the kernel naive"
+        log.debug("rules: kernel %s left unscheduled: %s", name, str(err).splitlines()[0:1])
+        return func
+
+
+# --------------------------------------------------------------------------------------------
+# Block analysis
+
+
+def _root_blocks(sch: s_tir.Schedule) -> list[SBlockRV]:
+    return list(sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def _is_injective(sch: s_tir.Schedule, block: SBlockRV) -> bool:
+    return all(iv.iter_type == _DATA_PAR for iv in sch.get(block).iter_vars)
+
+
+def _is_mac(sch: s_tir.Schedule, block: SBlockRV) -> bool:
+    """A reduction whose update is ``C[...] = C[...] + A * B`` (casts allowed): an anchor."""
+    stmt = sch.get(block)
+    if not any(iv.iter_type == _REDUCE for iv in stmt.iter_vars):
+        return False
+    body = stmt.body
+    if not isinstance(body, tirx.BufferStore) or not isinstance(body.value, tirx.Add):
+        return False
+
+    def strip(e: tirx.PrimExpr) -> tirx.PrimExpr:
+        return e.value if isinstance(e, tirx.Cast) else e
+
+    a, b = strip(body.value.a), strip(body.value.b)
+    for acc, prod in ((a, b), (b, a)):
+        if isinstance(acc, tvm.ir.expr.TensorLoad) and acc.source.same_as(body.buffer):
+            return isinstance(prod, tirx.Mul)
+    return False
+
+
+def _const_extent(sch: s_tir.Schedule, loop: LoopRV) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
+def _dtype_bits(sch: s_tir.Schedule, block: SBlockRV) -> int:
+    writes = sch.get(block).writes
+    return writes[0].source.dtype.bits if writes else 32
+
+
+def _vector_factor(extent: int | None, lanes: int) -> int:
+    """Largest power-of-two divisor of ``extent`` that is at most ``lanes`` (1: do not vectorize).
+
+    Only exact divisors are used: a ragged split adds a predicate that blocks vectorization.
+    """
+    if extent is None:
+        return 1
+    factor = lanes
+    while factor > 1 and extent % factor:
+        factor //= 2
+    return factor if factor >= 4 or factor == extent else 1
+
+
+# --------------------------------------------------------------------------------------------
+# Rule 1: inlining
+
+
+def _inline_injective(sch: s_tir.Schedule) -> None:
+    """Inline injective blocks until nothing changes, keeping anchor inputs materialized."""
+    changed = True
+    while changed:
+        changed = False
+        for block in _root_blocks(sch):
+            if not _is_injective(sch, block):
+                continue
+            consumers = sch.get_consumers(block)
+            if not consumers or any(_is_mac(sch, c) for c in consumers):
+                continue  # outputs stay; anchor inputs stay (see module docstring)
+            try:
+                sch.compute_inline(block)
+                changed = True
+            except ScheduleError:
+                pass
+        for block in _root_blocks(sch):
+            producers = sch.get_producers(block)
+            if (
+                _is_injective(sch, block)
+                and len(producers) == 1
+                and _is_injective(sch, producers[0])
+                and not any(_is_mac(sch, c) for c in sch.get_consumers(producers[0]))
+            ):
+                try:
+                    sch.reverse_compute_inline(block)
+                    changed = True
+                except ScheduleError:
+                    pass
+
+
+# --------------------------------------------------------------------------------------------
+# Rule 2: anchors
+
+
+def _schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, ctx: _Ctx) -> set[str]:
+    """Register-tile a multiply-accumulate block and pull its epilogue into the tile.
+
+    Returns the names of the blocks it scheduled (anchor, its init, attached epilogues).
+    """
+    stmt = sch.get(anchor)
+    done = {stmt.name_hint}
+    loops = sch.get_loops(anchor)
+    if len(loops) != len(stmt.iter_vars):
+        raise ValueError("anchor loop nest is not one loop per block iterator")
+    kinds = [iv.iter_type for iv in stmt.iter_vars]
+    spatial = [lp for lp, k in zip(loops, kinds) if k == _DATA_PAR]
+    reduce = [lp for lp, k in zip(loops, kinds) if k == _REDUCE]
+    if not spatial:
+        raise ValueError("anchor without spatial axes")
+    # Which block iterator each loop drives (legalized kernels bind iterators to loops 1:1).
+    sp_vars = [iv.var for iv, k in zip(stmt.iter_vars, kinds) if k == _DATA_PAR]
+
+    lanes = ctx.lanes(_dtype_bits(sch, anchor))
+    vec_idx = len(spatial) - 1
+    vec = _vector_factor(_const_extent(sch, spatial[vec_idx]), lanes)
+    blk_idx = _register_block_axis(sch, stmt, sp_vars, vec_idx)
+
+    outer: list[LoopRV] = []
+    block_inner: list[LoopRV] = []  # register-block axis: unrolled
+    vec_inner: list[LoopRV] = []  # vector axis: innermost
+    for i, loop in enumerate(spatial):
+        ext = _const_extent(sch, loop)
+        factor = vec if i == vec_idx else _block_factor(ext) if i == blk_idx else 1
+        dest = vec_inner if i == vec_idx else block_inner
+        if factor > 1 and ext is not None and ext > factor:
+            lo, li = sch.split(loop, factors=[None, factor])
+            outer.append(lo)
+            dest.append(li)
+        elif factor > 1:
+            dest.append(loop)  # the whole axis fits in the micro-tile
+        else:
+            outer.append(loop)
+    # Micro-tile order: register-block axis then vector axis innermost; reduction between.
+    inner = block_inner + vec_inner
+    sch.reorder(*outer, *reduce, *inner)
+    tile = sch.fuse(*outer) if len(outer) > 1 else outer[0] if outer else None
+    # Loop kinds first: vectorize refuses a loop under the reduction loops once the init has
+    # been split off, and decompose_reduction copies the kinds onto the init loops.
+    for loop in vec_inner:
+        sch.vectorize(loop)
+    for loop in block_inner:
+        sch.unroll(loop)  # independent accumulators for the FMA pipelines
+    if tile is not None and _const_extent(sch, tile) not in (None, 1):
+        sch.parallel(tile)
+    if reduce:
+        done.add(sch.get(sch.decompose_reduction(anchor, reduce[0])).name_hint)
+        done.add(sch.get(anchor).name_hint)  # renamed "<name>_update" by decompose_reduction
+    if tile is not None:
+        done |= _attach_epilogue(sch, anchor, tile, ctx)
+    return done
+
+
+def _register_block_axis(
+    sch: s_tir.Schedule, stmt: tirx.SBlock, sp_vars: list[tirx.Var], vec_idx: int
+) -> int | None:
+    """Pick the spatial axis to block in registers: innermost one the vector operand ignores.
+
+    For conv2d NCHW that is the output channel (the input row vector is reused for every
+    channel); for ``C[i, j] += A[i, k] * B[k, j]`` it is ``i``.
+    """
+    vec_var = sp_vars[vec_idx]
+    out = stmt.writes[0].source
+    vector_reads = [r for r in stmt.reads if _uses_var(r, vec_var) and not r.source.same_as(out)]
+    used: set[str] = set()
+    for region in vector_reads:
+        for rng in region.region:
+            used |= {v.name for v in _vars_of(rng.min)}
+    for i in range(len(sp_vars) - 1, -1, -1):
+        if i != vec_idx and sp_vars[i].name not in used:
+            dom = stmt.iter_vars[_iter_index(stmt, sp_vars[i])].dom.extent
+            if not isinstance(dom, tirx.IntImm) or int(dom) > 1:
+                return i
+    return None
+
+
+def _iter_index(stmt: tirx.SBlock, var: tirx.Var) -> int:
+    return next(i for i, iv in enumerate(stmt.iter_vars) if iv.var.same_as(var))
+
+
+def _vars_of(expr: tirx.PrimExpr) -> list[tirx.Var]:
+    return list(tirx.analysis.undefined_vars(expr, []))
+
+
+def _uses_var(region: tirx.BufferRegion, var: tirx.Var) -> bool:
+    return any(var.name in {v.name for v in _vars_of(r.min)} for r in region.region)
+
+
+def _block_factor(extent: int | None) -> int:
+    if extent is None:
+        return 1
+    for factor in (_REG_BLOCK, 6, 4, 3, 2):
+        if extent % factor == 0:
+            return factor
+    return 1
+
+
+def _attach_epilogue(sch: s_tir.Schedule, anchor: SBlockRV, tile: LoopRV, ctx: _Ctx) -> set[str]:
+    """Move elementwise consumers of the anchor's output into the anchor's outer tile loop.
+
+    Only consumers that write a buffer of the anchor's output shape move: a ``pad_temp`` of the
+    next convolution has a larger shape and must be computed in full before that conv runs.
+    """
+    out_shape = [int(s) for s in sch.get(anchor).writes[0].source.shape]
+    attached: set[str] = set()
+    for consumer in sch.get_consumers(anchor):
+        stmt = sch.get(consumer)
+        if not _is_injective(sch, consumer) or not stmt.writes:
+            continue
+        if [int(s) for s in stmt.writes[0].source.shape] != out_shape:
+            continue
+        try:
+            sch.reverse_compute_at(consumer, tile, preserve_unit_loops=False)
+        except ScheduleError:
+            continue
+        attached.add(stmt.name_hint)
+        loops = sch.get_loops(consumer)
+        inner = loops[-1] if loops else None
+        lanes = ctx.lanes(_dtype_bits(sch, consumer))
+        if inner is not None and not inner.same_as(tile):
+            ext = _const_extent(sch, inner)
+            # The epilogue's inner loop is the anchor's vector tile: vectorize it whole.
+            if ext is not None and 1 < ext <= lanes * 4 and _vector_factor(ext, lanes) > 1:
+                sch.vectorize(inner)
+    return attached
+
+
+# --------------------------------------------------------------------------------------------
+# Rules 3 and 4: plain reductions and everything else
+
+
+def _try_dlight_reduction(sch: s_tir.Schedule, ctx: _Ctx) -> s_tir.Schedule | None:
+    """dlight ``cpu.Reduction`` on an anchor-free kernel with reductions, or ``None``."""
+    blocks = _root_blocks(sch)
+    if all(_is_injective(sch, b) for b in blocks):
+        return None
+    from tvm.s_tir.dlight.cpu import Reduction  # local: dlight import is slow-ish
+
+    func = sch.mod["main"]
+    try:
+        with ctx.target:
+            result = Reduction().apply(func, ctx.target, False)
+    except Exception as err:  # noqa: BLE001
+        log.debug("rules: dlight Reduction failed: %s", err)
+        return None
+    return result[0] if isinstance(result, list) else result
+
+
+def _parallel_vectorize(sch: s_tir.Schedule, block: SBlockRV, ctx: _Ctx) -> None:
+    """Fuse the leading spatial loops into one parallel loop; vectorize the innermost one."""
+    stmt = sch.get(block)
+    loops = sch.get_loops(block)
+    if not loops or len(loops) != len(stmt.iter_vars):
+        return  # already placed under another block's loops (an attached epilogue)
+    kinds = [iv.iter_type for iv in stmt.iter_vars]
+    n_lead = next((i for i, k in enumerate(kinds) if k != _DATA_PAR), len(kinds))
+    lanes = ctx.lanes(_dtype_bits(sch, block))
+    lead = list(loops[:n_lead])
+    if n_lead == len(loops) and lead:
+        # Injective: split off a vector from the innermost loop.
+        ext = _const_extent(sch, lead[-1])
+        vec = _vector_factor(ext, lanes)
+        if vec > 1:
+            if ext is not None and ext > vec:
+                lo, li = sch.split(lead[-1], factors=[None, vec])
+                lead[-1] = lo
+                sch.vectorize(li)
+            else:
+                sch.vectorize(lead.pop())
+    if not lead:
+        return
+    fused = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+    total = 1
+    for iv in stmt.iter_vars:
+        ext = iv.dom.extent
+        total *= int(ext) if isinstance(ext, tirx.IntImm) else _MIN_PARALLEL_ELEMS
+    if total >= _MIN_PARALLEL_ELEMS and _const_extent(sch, fused) != 1:
+        sch.parallel(fused)

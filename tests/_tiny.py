@@ -1,0 +1,38 @@
+"""Tiny hand-made models and graphs for unit tests (a few ops each)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fusion_rl.graph.opgraph import OpEdge, OpGraph, OpNode
+
+
+class ConvBlock(nn.Module):
+    """conv -> add(bias) -> relu -> conv -> add -> add(residual) -> split -> relu * other half."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.c1(x))
+        z = self.c2(y) + y
+        a, b = torch.split(z, 4, dim=1)
+        return torch.relu(a) * b
+
+
+def conv_block():
+    torch.manual_seed(0)
+    return ConvBlock().eval(), (torch.randn(1, 3, 8, 8),)
+
+
+def diamond() -> OpGraph:
+    """0 -> 1 -> 3 and 0 -> 2 -> 3: {0, 3} is not convex; {0, 1, 2, 3} is."""
+    def node(i: int, op: str = "add", pattern: int = 0) -> OpNode:
+        return OpNode(i, f"v{i}", op, op, pattern, ((1, 4),), "float32", 4.0, 32, 16, 0)
+
+    nodes = [node(0, "conv2d", 4), node(1), node(2, "matmul", 4), node(3)]
+    edges = [OpEdge(0, 1, 0, 16), OpEdge(0, 2, 0, 16), OpEdge(1, 3, 0, 16), OpEdge(2, 3, 0, 16)]
+    return OpGraph(nodes, edges, outputs=[3], name="diamond")

@@ -1,0 +1,167 @@
+"""The CLI end to end, and every bad input of the core issue: one line, non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from fusion_rl.cli import main
+from fusion_rl.graph.zoo import export_onnx
+
+from _tiny import conv_block
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *words: str) -> None:
+    assert code == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def onnx_files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("onnx")
+    good = export_onnx("cnn_plain")
+    files = {"good": good}
+    (d / "garbage.onnx").write_bytes(b"\x00\x01this is not a protobuf\xff" * 10)
+    files["garbage"] = d / "garbage.onnx"
+    (d / "empty.onnx").write_bytes(b"")
+    files["empty"] = d / "empty.onnx"
+    data = good.read_bytes()
+    (d / "truncated.onnx").write_bytes(data[: len(data) // 2])
+    files["truncated"] = d / "truncated.onnx"
+    (d / "notes.onnx").write_text("name,value\na,1\n")
+    files["text"] = d / "notes.onnx"
+    # A real ONNX operator that TVM's frontend does not implement.
+    node = helper.make_node("Det", ["x"], ["y"])
+    graph = helper.make_graph(
+        [node], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), d / "det.onnx")
+    files["unsupported"] = d / "det.onnx"
+    # A dynamic batch dimension.
+    module, (x,) = conv_block()
+    torch.onnx.export(module, (x,), str(d / "dyn.onnx"), dynamo=False, opset_version=17,
+                      input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    files["dynamic"] = d / "dyn.onnx"
+    return files
+
+
+def test_zoo_lists_models(capsys):
+    code, out, _ = run(capsys, "zoo", "--json")
+    names = [m["name"] for m in json.loads(out)]
+    assert code == 0 and "resnet_tiny" in names and len(names) >= 10
+
+
+def test_plan_json_shows_groups_and_legality(capsys, tmp_path):
+    code, out, _ = run(capsys, "plan", "cnn_plain", "--rules", "tvm", "--json", "-o", str(tmp_path / "p.json"))
+    data = json.loads(out)
+    assert code == 0 and data["legality"]["legal"]
+    assert data["groups"][0]["ops"][0] == "conv2d"
+    assert json.loads((tmp_path / "p.json").read_text())["hash"] == data["plan"]["hash"]
+
+
+def test_measure_json_fields(capsys, tmp_path):
+    store = str(tmp_path / "m.sqlite")
+    argv = ["measure", "cnn_plain", "--rules", "tvm", "--json", "--repeat", "3",
+            "--min-repeat-ms", "5", "--store", store]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    data = json.loads(out)
+    for field in ("latency_ms", "spread_ms", "repeats", "verified", "num_kernels", "plan_hash", "target"):
+        assert field in data
+    assert data["verified"] and data["latency_ms"] > 0 and data["repeats"] == 3
+    assert data["spread_kind"] == "iqr" and not data["cached"]
+    code, out, _ = run(capsys, *argv)  # the identical request is served from the store
+    again = json.loads(out)
+    assert again["cached"] and again["latency_ms"] == data["latency_ms"]
+
+
+def test_measure_a_saved_plan_for_an_onnx_path(capsys, tmp_path, onnx_files):
+    plan = tmp_path / "p.json"
+    assert run(capsys, "plan", str(onnx_files["good"]), "--rules", "tensorrt", "-o", str(plan))[0] == 0
+    code, out, err = run(capsys, "measure", str(onnx_files["good"]), "--plan", str(plan), "--json",
+                         "--repeat", "2", "--min-repeat-ms", "1", "--no-store")
+    assert code == 0, err and json.loads(out)["verified"]
+
+
+@pytest.mark.parametrize(
+    "kind, words",
+    [
+        ("garbage", ["not a valid ONNX file"]),
+        ("empty", ["empty"]),
+        ("truncated", ["not a valid ONNX file"]),
+        ("text", ["not a valid ONNX file"]),
+        ("unsupported", ["unsupported ONNX operator", "Det"]),
+        ("dynamic", ["dynamic shape", "--input-shape x="]),
+    ],
+)
+def test_bad_model_files(capsys, onnx_files, kind, words):
+    code, _, err = run(capsys, "plan", str(onnx_files[kind]), "--rules", "tvm")
+    assert_one_line_error(code, err, *words)
+
+
+def test_dynamic_shape_with_given_shape_works(capsys, onnx_files):
+    code, out, err = run(capsys, "plan", str(onnx_files["dynamic"]), "--rules", "tvm",
+                         "--input-shape", "x=2,3,8,8", "--json")
+    assert code == 0, err and json.loads(out)["legality"]["legal"]
+
+
+def test_illegal_plan_is_named(capsys, tmp_path):
+    plan = tmp_path / "bad.json"
+    code, out, _ = run(capsys, "plan", "cnn_plain", "--rules", "unfused", "--json")
+    data = json.loads(out)["plan"]
+    data["groups"] = [[0, 2]] + [[i] for i in range(data["num_nodes"]) if i not in (0, 2)]
+    plan.write_text(json.dumps(data))
+    code, _, err = run(capsys, "measure", "cnn_plain", "--plan", str(plan), "--no-store")
+    assert_one_line_error(code, err, "illegal plan", "group 0", "non_convex")
+
+
+def test_plan_of_another_model_is_named(capsys, tmp_path):
+    plan = tmp_path / "resnet.json"
+    run(capsys, "plan", "resnet_tiny", "--rules", "tvm", "-o", str(plan))
+    code, _, err = run(capsys, "measure", "cnn_plain", "--plan", str(plan), "--no-store")
+    assert_one_line_error(code, err, "plan is for model")
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["plan", "no_such_model", "--rules", "tvm"], ["neither a zoo model nor an existing file"]),
+        (["plan", "cnn_plain", "--rules", "fastest"], ["unknown rule set 'fastest'"]),
+        (["measure", "cnn_plain", "--rules", "tvm", "--target", "llvm-quantum"], ["unknown target"]),
+        (["measure", "cnn_plain", "--rules", "tvm", "--schedule", "magic"], ["unknown schedule provider"]),
+        (["measure", "cnn_plain", "--rules", "tvm", "--trials", "4"], ["--trials only applies"]),
+        (["plan", "cnn_plain", "--rules", "tvm", "--input-shape", "x=1,-3"], ["bad --input-shape"]),
+        (["plan", "cnn_plain", "--plan", "/nonexistent/plan.json"], ["plan file not found"]),
+    ],
+)
+def test_bad_options(capsys, argv, words):
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err, *words)
+
+
+def test_argparse_rejects_non_positive_trials():
+    proc = subprocess.run(
+        [sys.executable, "-m", "fusion_rl.cli", "measure", "cnn_plain", "--rules", "tvm",
+         "--schedule", "tuned", "--trials", "0"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2 and "must be > 0" in proc.stderr and "Traceback" not in proc.stderr

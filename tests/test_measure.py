@@ -1,0 +1,97 @@
+"""The measurement service: store hits and misses, verification, and worker faults."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fusion_rl.compiler.measure import Measurer
+from fusion_rl.compiler.store import MeasurementStore
+from fusion_rl.compiler.timing import TimingProtocol
+from fusion_rl.compiler.verify import reference_outputs
+from fusion_rl.errors import IllegalPlanError
+from fusion_rl.fusion.plan import FusionPlan
+from fusion_rl.fusion.rules import make_plan
+
+QUICK = TimingProtocol.quick()
+
+
+@pytest.fixture()
+def store(tmp_path):
+    with MeasurementStore(tmp_path / "m.sqlite") as s:
+        yield s
+
+
+def test_store_miss_then_hit(model_cache, store):
+    model = model_cache("cnn_plain")
+    plan = make_plan("tvm", model.mod, model.graph)
+    with Measurer("host", "naive", store=store, protocol=QUICK, isolate=False) as m:
+        first = m.measure(model, plan)
+        second = m.measure(model, plan)
+        assert first.status == "ok" and first.median_ms > 0 and first.num_kernels <= plan.num_groups
+        assert second.times_ms == first.times_ms  # the stored record, not a new timing
+        assert m.stats.to_dict() == {"hits": 1, "misses": 1, "failures": 0}
+        other = m.measure(model, make_plan("unfused", model.mod, model.graph))
+        assert other.key.plan_hash != first.key.plan_hash and m.stats.misses == 2
+    assert len(store) == 2
+
+
+def test_each_key_field_separates_records(model_cache, store):
+    model = model_cache("cnn_plain")
+    plan = make_plan("tvm", model.mod, model.graph)
+    a = Measurer("sapphirerapids-t1", "naive", store=store, protocol=QUICK, isolate=False)
+    b = Measurer("haswell-t1", "naive", store=store, protocol=QUICK, isolate=False)
+    c = Measurer("haswell-t1", "naive", store=store, protocol=TimingProtocol(repeat=2, min_repeat_ms=1), isolate=False)
+    keys = {m.key(model, plan) for m in (a, b, c)}
+    assert len(keys) == 3
+
+
+def test_wrong_output_is_a_status_not_a_latency(model_cache, store, monkeypatch):
+    model = model_cache("mlp_tiny")
+    expected, ref = reference_outputs(model)
+    monkeypatch.setattr(model, "_reference", ([e + 1.0 for e in expected], ref), raising=False)
+    with Measurer("host", "naive", store=store, protocol=QUICK, isolate=False) as m:
+        record = m.measure(model, make_plan("tvm", model.mod, model.graph))
+    assert record.status == "wrong_output" and record.median_ms is None
+    assert "wrong output" in record.error
+    assert store.get(record.key).status == "wrong_output"  # remembered, not retried
+
+
+def test_illegal_plan_raises_before_measuring(model_cache, store):
+    model = model_cache("cnn_plain")
+    groups = [[0, 2]] + [[i] for i in range(len(model.graph)) if i not in (0, 2)]
+    with Measurer("host", "naive", store=store, protocol=QUICK, isolate=False) as m:
+        with pytest.raises(IllegalPlanError):
+            m.measure(model, FusionPlan.from_groups(groups, len(model.graph), model.fingerprint))
+        assert m.stats.misses == 0 and len(store) == 0
+
+
+def test_per_kernel_times_cover_every_kernel(model_cache):
+    model = model_cache("cnn_plain")
+    plan = make_plan("tvm", model.mod, model.graph)
+    with Measurer("host", "naive", protocol=QUICK, isolate=False) as m:
+        record = m.measure(model, plan, per_kernel=True)
+    # Every launched kernel is timed; the reshape group became a view, not a kernel.
+    assert len(record.kernel_times_ms) == record.num_kernels == plan.num_groups - 1
+    assert all(t > 0 for t in record.kernel_times_ms.values())
+
+
+@pytest.mark.slow
+def test_worker_survives_segfault_hang_and_exceptions(model_cache, store):
+    """A crash or hang costs one measurement; the next one runs in a fresh worker."""
+    model = model_cache("mlp_tiny")
+    plan = make_plan("tvm", model.mod, model.graph)
+    with Measurer("host", "naive", store=store, protocol=QUICK, timeout_s=60) as m:
+        good = m.measure(model, plan)
+        assert good.status == "ok"
+        assert m.measure(model, plan, fault="segfault").status == "crashed"
+        assert m.measure(model, plan, fault="exit").status == "crashed"
+        assert m.measure(model, plan, fault="raise").status == "failed"
+        m.timeout_s = 15
+        hung = m.measure(model, plan, fault="hang_run")
+        assert hung.status == "timeout" and "15 s" in hung.error
+        m.timeout_s = 60
+        unfused = m.measure(model, make_plan("unfused", model.mod, model.graph))
+        assert unfused.status == "ok"
+    # Injected faults are never stored; the committed good record survived all of them.
+    assert store.get(good.key).times_ms == good.times_ms and len(store) == 2

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fusion_rl.errors import IllegalPlanError, PlanMismatchError
+from fusion_rl.fusion.legality import check_plan, is_convex, require_legal
+from fusion_rl.fusion.plan import FusionPlan
+from fusion_rl.fusion.random_plans import mutate_plan, random_plan
+
+from _tiny import diamond
+
+
+def test_canonical_form_and_hash_ignore_order_and_name():
+    a = FusionPlan.from_groups([[3, 1], [0], [2]], 4, name="x")
+    b = FusionPlan.from_groups([[2], [1, 3], [0]], 4, name="y")
+    assert a.groups == ((0,), (1, 3), (2,))
+    assert a == b.with_name("x") and a.hash == b.hash
+    assert a.hash != FusionPlan.from_groups([[0, 1], [2], [3]], 4).hash
+
+
+def test_json_round_trip(tmp_path):
+    plan = FusionPlan.from_groups([[0, 1], [2, 3]], 4, fingerprint="abc", name="mine")
+    path = plan.save(tmp_path / "p.json")
+    again = FusionPlan.load(path)
+    assert again == plan and again.fingerprint == "abc" and again.name == "mine"
+
+
+@pytest.mark.parametrize(
+    "groups, n, err, words",
+    [
+        ([[0, 1], [1, 2]], 3, IllegalPlanError, "two groups"),
+        ([[0, 1]], 3, IllegalPlanError, "in no group"),
+        ([[0, 7]], 3, PlanMismatchError, "node 7"),
+        ([[-1, 0, 1, 2]], 3, PlanMismatchError, "node -1"),
+    ],
+)
+def test_not_a_partition(groups, n, err, words):
+    with pytest.raises(err, match=words):
+        FusionPlan.from_groups(groups, n)
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("{not json", "not valid JSON"),
+        ('["a list"]', "JSON object"),
+        ('{"groups": [["x"]], "num_nodes": 1}', "integer node ids"),
+        ('{"groups": [[0]], "num_nodes": "1"}', "non-negative integer"),
+    ],
+)
+def test_malformed_plan_files(tmp_path, text, words):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(IllegalPlanError, match=words):
+        FusionPlan.load(path)
+
+
+def test_non_convex_group_is_rejected_with_its_path():
+    g = diamond()
+    report = check_plan(g, FusionPlan.from_groups([[0, 3], [1], [2]], 4))
+    assert not report.legal
+    assert report.errors[0].rule == "non_convex" and report.errors[0].group == 0
+    assert "0 -> 1 -> 3" in report.errors[0].message or "0 -> 2 -> 3" in report.errors[0].message
+    assert not is_convex({0, 3}, g) and is_convex({0, 1, 2, 3}, g) and is_convex({0, 1}, g)
+
+
+def test_cycle_between_groups_is_rejected():
+    # 0 -> 1 -> 3 and 0 -> 2 -> 3, groups {0, 1} and {2, 3} are each convex and acyclic; with
+    # an extra edge 1 -> 2 and groups {0, 2}, {1, 3}: 0->1 (A->B), 1->2 (B->A): a cycle.
+    g = diamond()
+    from fusion_rl.graph.opgraph import OpEdge
+
+    g.edges.append(OpEdge(1, 2, 0, 16))
+    report = check_plan(g, FusionPlan.from_groups([[0, 2], [1, 3]], 4))
+    assert not report.legal
+    assert {v.rule for v in report.errors} & {"non_convex", "cycle"}
+
+
+def test_multi_anchor_groups_are_legal_but_flagged():
+    report = require_legal(diamond(), FusionPlan.from_groups([[0, 1, 2, 3]], 4))
+    assert report.legal
+    assert [v.rule for v in report.warnings] == ["multi_anchor"]
+
+
+def test_plan_for_another_model_is_rejected():
+    g = diamond()
+    with pytest.raises(PlanMismatchError, match="plan is for model"):
+        require_legal(g, FusionPlan.from_groups([[0], [1], [2], [3]], 4, fingerprint="other"))
+    with pytest.raises(PlanMismatchError, match="plan has 3 nodes"):
+        require_legal(g, FusionPlan.from_groups([[0], [1], [2]], 3))
+
+
+def test_random_and_mutated_plans_are_legal():
+    g = diamond()
+    rng = np.random.default_rng(0)
+    sizes = set()
+    for _ in range(200):
+        plan = random_plan(g, rng)
+        assert check_plan(g, plan).legal
+        sizes.add(plan.num_groups)
+        assert check_plan(g, mutate_plan(g, plan, rng)).legal
+    assert sizes == {1, 2, 3, 4}  # from fully fused to unfused
+    capped = random_plan(g, rng, merge_prob=1.0, max_anchors=1)
+    assert all(sum(g.nodes[i].is_mac_anchor for i in grp) <= 1 for grp in capped.groups)
+
+
+def test_plan_json_is_plain(tmp_path):
+    plan = FusionPlan.from_groups([[0, 1], [2]], 3)
+    data = json.loads(plan.save(tmp_path / "p.json").read_text())
+    assert data["groups"] == [[0, 1], [2]] and data["hash"] == plan.hash

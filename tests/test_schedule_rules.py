@@ -1,0 +1,171 @@
+"""Tests of the ``rules`` schedule provider: exact outputs, real schedules, safe fallback."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+torch = pytest.importorskip("torch")
+tvm = pytest.importorskip("tvm")
+
+import tvm_ffi  # noqa: E402
+from tvm import relax, tirx  # noqa: E402
+from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline  # noqa: E402
+from tvm.relax.frontend.onnx import from_onnx  # noqa: E402
+from tvm.script import tirx as T  # noqa: E402
+
+from fusion_rl.compiler.schedules import rules  # noqa: E402
+from fusion_rl.compiler.schedules.rules import RulesSchedule  # noqa: E402
+
+TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
+
+
+class _TinyCNN(torch.nn.Module):
+    """conv-bn-relu x2 with a residual, then a strided 1x1 conv: pads, epilogues, two anchors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.b1 = torch.nn.BatchNorm2d(8)
+        self.c2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.b2 = torch.nn.BatchNorm2d(8)
+        self.c3 = torch.nn.Conv2d(8, 16, 1, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.b1(self.c1(x)))
+        y = torch.relu(self.b2(self.c2(y)) + y)
+        return torch.relu(self.c3(y))
+
+
+class _TinyBlock(torch.nn.Module):
+    """A transformer encoder block: matmuls, softmax, layer norm, GELU chains."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.TransformerEncoderLayer(
+            32, 2, 64, dropout=0.0, batch_first=True, activation="gelu"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+Models = tuple[tvm.IRModule, tvm.IRModule, np.ndarray]
+
+
+def _relax_modules(model: torch.nn.Module, shape: tuple[int, ...]) -> Models:
+    """(unfused, FuseOps-fused, input) for a torch model, legalized as fusion_rl does."""
+    torch.manual_seed(0)
+    model.eval()
+    x = torch.randn(*shape)
+    buf = io.BytesIO()
+    torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17, input_names=["x"])
+    mod = from_onnx(onnx.load_from_string(buf.getvalue()), keep_params_in_input=False)
+    mod = relax.transform.DecomposeOpsForInference()(mod)
+    mod = tvm.transform.Sequential(
+        [
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+        ]
+    )(mod)
+    fused = tvm.transform.Sequential(
+        [
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+            relax.transform.DeadCodeElimination(),
+        ]
+    )(mod)
+    return mod, fused, x.numpy()
+
+
+def _run(mod: tvm.IRModule, x: np.ndarray) -> np.ndarray:
+    lower_only = tvm.transform.Sequential(
+        cpu_pipeline.dataflow_lower_passes(TARGET) + cpu_pipeline.finalize_passes(TARGET)
+    )
+    ex = tvm.compile(mod, target=TARGET, relax_pipeline=lower_only)
+    out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x))
+    return (out if hasattr(out, "numpy") else out[0]).numpy()
+
+
+def _prim_funcs(mod: tvm.IRModule) -> dict[str, tirx.PrimFunc]:
+    return {g.name_hint: f for g, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+
+
+@pytest.fixture(scope="module")
+def cnn() -> Models:
+    return _relax_modules(_TinyCNN(), (1, 3, 16, 16))
+
+
+@pytest.fixture(scope="module")
+def block() -> Models:
+    return _relax_modules(_TinyBlock(), (1, 8, 32))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["cnn", "block"])
+def test_rules_output_matches_naive(model: str, request: pytest.FixtureRequest) -> None:
+    unfused, fused, x = request.getfixturevalue(model)
+    reference = _run(unfused, x)
+    for mod in (unfused, fused):
+        scheduled = RulesSchedule().schedule(mod, TARGET)
+        np.testing.assert_allclose(_run(scheduled, x), reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_rules_schedules_conv_kernels(cnn: Models) -> None:
+    unfused, fused, _ = cnn
+    for mod in (unfused, fused):
+        before = _prim_funcs(mod)
+        after = _prim_funcs(RulesSchedule().schedule(mod, TARGET))
+        convs = [name for name in after if "conv2d" in name]
+        assert convs
+        for name in convs:
+            script = after[name].script()
+            assert "T.parallel" in script and "T.vectorized" in script, name
+            assert not tvm_ffi.structural_equal(after[name], before[name])
+            assert after[name].attrs["tirx.is_scheduled"]
+
+
+@pytest.mark.slow
+def test_rules_does_not_modify_input(block: Models) -> None:
+    _, fused, _ = block
+    snapshot = fused.clone()
+    RulesSchedule().schedule(fused, TARGET)
+    assert tvm_ffi.structural_equal(fused, snapshot)
+
+
+def test_unschedulable_prim_func_is_left_as_is() -> None:
+    """A kernel the rules cannot handle (here: no root block at all) comes back unchanged."""
+
+    @T.prim_func(private=True)
+    def lowered(a: T.Buffer((16,), "float32"), b: T.Buffer((16,), "float32")) -> None:
+        for i in range(16):
+            b[i] = a[i] + T.float32(1)
+
+    mod = tvm.IRModule({"lowered": lowered})
+    out = RulesSchedule().schedule(mod, TARGET)
+    assert tvm_ffi.structural_equal(out["lowered"], lowered)
+
+
+@pytest.mark.slow
+def test_failing_rule_falls_back_per_kernel(
+    cnn: Models, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the anchor rule raises, conv kernels stay naive, others are still scheduled, no raise."""
+    _, fused, x = cnn
+
+    def broken(*_args: object, **_kwargs: object) -> set[str]:
+        raise RuntimeError("simulated schedule failure")
+
+    monkeypatch.setattr(rules, "_schedule_anchor", broken)
+    out = RulesSchedule().schedule(fused, TARGET)
+    before, after = _prim_funcs(fused), _prim_funcs(out)
+    for name, func in after.items():
+        if "conv2d" in name:
+            assert tvm_ffi.structural_equal(func, before[name])
+    monkeypatch.undo()
+    np.testing.assert_allclose(_run(out, x), _run(fused, x), rtol=1e-4, atol=1e-4)
