@@ -1,0 +1,63 @@
+"""The ``fusion-rl`` command line.
+
+Each module of this package that defines ``register(subparsers)`` contributes commands; they are
+discovered at start-up, so a new command is a new file. Command modules import heavy libraries
+(TVM, torch) inside their command functions, keeping ``fusion-rl --help`` fast.
+
+Every user error (bad model file, unknown name, illegal plan, bad option) prints one line,
+``error: <what is wrong>``, and exits with status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import pkgutil
+import sys
+from typing import Sequence
+
+from fusion_rl.errors import FusionRLError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fusion-rl", description="Learn and compare operator-fusion plans for TVM Relax."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: (m.name != "core", m.name)):
+        if info.name.startswith("_"):  # __main__ runs the CLI when imported
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        if hasattr(module, "register"):
+            module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s")
+    # TVM uses one thread here unless told; measurement workers set their own from the target.
+    os.environ.setdefault("TVM_NUM_THREADS", "2")
+    try:
+        return int(args.func(args) or 0)
+    except FusionRLError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug in fusion_rl: say so, in one line unless --debug
+        if args.debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"internal error: {type(exc).__name__}: {first[:300]} (rerun with --debug)", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR

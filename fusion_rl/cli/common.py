@@ -1,0 +1,119 @@
+"""Argument helpers shared by the command modules of the ``fusion-rl`` CLI."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Sequence
+
+from fusion_rl.errors import ConfigError
+
+
+def parse_shapes(values: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for text in values or []:
+        name, sep, dims = text.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shapes[name] = tuple(int(d) for d in dims.split(","))
+            if any(d <= 0 for d in shapes[name]):
+                raise ValueError
+        except ValueError:
+            raise ConfigError(
+                f"bad --input-shape '{text}'; expected NAME=D1,D2,... with positive integers"
+            ) from None
+    return shapes
+
+
+def positive(kind: type = int):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a zoo model name (see `fusion-rl zoo`) or a path to an .onnx file")
+    p.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="NAME=D1,D2,...",
+        help="concrete shape of an input with dynamic dimensions (repeatable)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of zoo weights and example inputs")
+
+
+def add_plan_source(p: argparse.ArgumentParser, required: bool = True) -> None:
+    src = p.add_mutually_exclusive_group(required=required)
+    src.add_argument("--rules", help="a rule set: unfused, tvm, tensorrt, aggressive")
+    src.add_argument("--plan", type=Path, help="a plan JSON file (from `fusion-rl plan -o`)")
+
+
+def add_measure_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="host", help="target name (default: host); see docs")
+    p.add_argument(
+        "--schedule", default="naive", help="schedule provider: naive, rules, tuned (default naive)"
+    )
+    p.add_argument(
+        "--trials", type=positive(), default=None, help="trials per task for --schedule tuned"
+    )
+    p.add_argument("--repeat", type=positive(), default=7, help="timed repeats (default 7)")
+    p.add_argument(
+        "--min-repeat-ms", type=int, default=50, help="minimum duration of a repeat (default 50)"
+    )
+    p.add_argument("--store", type=Path, default=None, help="measurement store (SQLite) path")
+    p.add_argument("--no-store", action="store_true", help="measure without reading or writing the store")
+    p.add_argument("--timeout", type=positive(float), default=600.0, help="seconds per measurement")
+
+
+def load(args: argparse.Namespace):
+    from fusion_rl.graph.model import load_model
+
+    return load_model(args.model, shapes=parse_shapes(args.input_shape), seed=args.seed)
+
+
+def plan_for(args: argparse.Namespace, model):
+    from fusion_rl.fusion.legality import require_legal
+    from fusion_rl.fusion.plan import FusionPlan
+    from fusion_rl.fusion.rules import make_plan
+
+    if getattr(args, "rules", None):
+        return make_plan(args.rules, model.mod, model.graph)
+    plan = FusionPlan.load(args.plan)
+    require_legal(model.graph, plan)
+    return plan
+
+
+def measurer(args: argparse.Namespace):
+    from fusion_rl.compiler.measure import Measurer
+    from fusion_rl.compiler.store import MeasurementStore, default_store_path
+    from fusion_rl.compiler.timing import TimingProtocol
+
+    kwargs: dict[str, Any] = {}
+    if args.trials is not None:
+        if args.schedule != "tuned":
+            raise ConfigError("--trials only applies to --schedule tuned")
+        kwargs["trials_per_task"] = args.trials
+    store = None if args.no_store else MeasurementStore(args.store or default_store_path())
+    protocol = TimingProtocol(repeat=args.repeat, min_repeat_ms=args.min_repeat_ms)
+    return Measurer(
+        args.target, args.schedule, kwargs, store=store, protocol=protocol, timeout_s=args.timeout
+    )
+
+
+def print_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
