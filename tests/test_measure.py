@@ -95,3 +95,17 @@ def test_worker_survives_segfault_hang_and_exceptions(model_cache, store):
         assert unfused.status == "ok"
     # Injected faults are never stored; the committed good record survived all of them.
     assert store.get(good.key).times_ms == good.times_ms and len(store) == 2
+
+
+def test_group_kernel_times_cover_the_plan(model_cache):
+    from fusion_rl.compiler.kernels import group_kernel_times
+
+    model = model_cache("cnn_plain")
+    plan = make_plan("tvm", model.mod, model.graph)
+    with Measurer("host", "naive", protocol=QUICK, isolate=False) as m:
+        record = m.measure(model, plan, per_kernel=True)
+    per_group = group_kernel_times(model.graph, plan, record.kernel_times_ms)
+    assert set(per_group) == set(plan.groups)
+    fused = [g for g in plan.groups if len(g) > 1]
+    assert all(per_group[g] > 0 for g in fused)  # every fused kernel was found by name
+    assert abs(sum(per_group.values()) - sum(record.kernel_times_ms.values())) < 1e-9

@@ -161,7 +161,8 @@ def _group_module(mod: tvm.IRModule, plan: FusionPlan, graph: OpGraph) -> tvm.IR
         if item.group is None:
             continue
         outs = [b.var for b in item.bindings if b.var in used_outside[id(item)]]
-        gvars[id(item)] = _emit_group_function(bb, mod, item, reads[id(item)], outs, names)
+        first = plan.groups[item.group][0]
+        gvars[id(item)] = _emit_group_function(bb, mod, item, reads[id(item)], outs, names, first)
 
     order = _item_order(items, reads, item_of_var)
     main_attrs = dict(main.attrs.items()) if main.attrs else {}
@@ -195,13 +196,21 @@ def _group_module(mod: tvm.IRModule, plan: FusionPlan, graph: OpGraph) -> tvm.IR
     return result
 
 
-def _emit_group_function(bb, mod, item: _Item, inputs: list, outputs: list, names: set) -> tvm.ir.GlobalVar:
+def group_function_name(ops: list[str], first_node: int) -> str:
+    """The name of a fused group's kernel: its ops, then ``_n<first node id>``.
+
+    FuseTIR names the fused PrimFunc after this function, so per-kernel times map back to plan
+    groups by name (:func:`fusion_rl.compiler.kernels.group_kernel_times`).
+    """
+    return "fused_" + "_".join(ops[:6]) + ("_etc" if len(ops) > 6 else "") + f"_n{first_node}"
+
+
+def _emit_group_function(bb, mod, item: _Item, inputs: list, outputs: list, names: set, first_node: int) -> tvm.ir.GlobalVar:
     ops = [re.sub(r"_?\d+$", "", b.value.args[0].name_hint) for b in item.bindings
            if isinstance(b.value, relax.Call) and b.value.op == _CALL_TIR]
-    base = "fused_" + "_".join(ops[:6]) + ("_etc" if len(ops) > 6 else "")
-    name, k = base, 1
-    while name in names or name in [gv.name_hint for gv in mod.get_global_vars()]:
-        name, k = f"{base}{k}", k + 1
+    name = group_function_name(ops, first_node)
+    if name in names or name in [gv.name_hint for gv in mod.get_global_vars()]:
+        raise CompileError(f"internal: kernel name {name} is not unique")
     names.add(name)
     # Every input, constants included, becomes a parameter: FuseTIR cannot keep a constant
     # inside a Primitive function (DESIGN.md, legality).
