@@ -1,0 +1,148 @@
+"""The seed's comparison: every rule set under every schedule provider, beside other compile
+libraries (ONNX Runtime with and without graph optimizations, torch eager, torch.compile), on
+one model and machine, in one run. Produces rows, a markdown table and a PNG bar chart.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from fusion_rl.baselines.runtimes import RUNTIMES, run_runtime
+from fusion_rl.compiler.measure import Measurer
+from fusion_rl.compiler.store import MeasurementStore
+from fusion_rl.compiler.target import parse_target
+from fusion_rl.compiler.timing import TimingProtocol
+from fusion_rl.fusion.metrics import plan_metrics
+from fusion_rl.fusion.rules import RULE_SETS, make_plan
+from fusion_rl.graph.model import Model
+
+
+@dataclass
+class CompareRow:
+    model: str
+    system: str  #: "tvm[rules=tvm, schedule=rules]" or a runtime name
+    rules: str | None
+    schedule: str | None
+    status: str
+    latency_ms: float | None
+    spread_ms: float | None  #: IQR of the repeats
+    repeats: int
+    kernels: int | None = None
+    intermediate_kib: float | None = None
+    setup_s: float | None = None  #: tuning/compile time (TVM: schedule + build; torch.compile)
+    error: str | None = None
+
+
+def compare_model(
+    model: Model,
+    schedules: Sequence[tuple[str, dict[str, Any]]] = (("naive", {}), ("rules", {})),
+    target: str = "host",
+    store: MeasurementStore | None = None,
+    protocol: TimingProtocol = TimingProtocol(),
+    runtimes: Sequence[str] = RUNTIMES,
+) -> list[CompareRow]:
+    rows: list[CompareRow] = []
+    plans = {r: make_plan(r, model.mod, model.graph) for r in RULE_SETS}
+    spec = parse_target(target)
+    for schedule, kwargs in schedules:
+        with Measurer(spec, schedule, dict(kwargs), store=store, protocol=protocol) as measurer:
+            for rules, plan in plans.items():
+                rec = measurer.measure(model, plan)
+                metrics = plan_metrics(model.graph, plan)
+                rows.append(
+                    CompareRow(
+                        model=model.name,
+                        system=f"tvm[{rules} / {schedule}]",
+                        rules=rules,
+                        schedule=schedule,
+                        status=rec.status,
+                        latency_ms=rec.median_ms,
+                        spread_ms=rec.spread_ms,
+                        repeats=rec.repeats,
+                        kernels=rec.num_kernels,
+                        intermediate_kib=metrics.intermediate_bytes / 1024,
+                        setup_s=rec.wall_s,
+                        error=rec.error,
+                    )
+                )
+    for runtime in runtimes:
+        res = run_runtime(runtime, model, protocol, threads=spec.num_threads)
+        rows.append(
+            CompareRow(
+                model=model.name,
+                system=runtime,
+                rules=None,
+                schedule=None,
+                status=res.status,
+                latency_ms=res.median_ms,
+                spread_ms=res.spread_ms,
+                repeats=len(res.timing.times_ms) if res.timing else 0,
+                setup_s=res.setup_s,
+                error=res.error,
+            )
+        )
+    return rows
+
+
+def to_markdown(rows: Sequence[CompareRow], title: str = "") -> str:
+    lines = [f"### {title}", ""] if title else []
+    lines.append("| system | status | median ms | IQR ms | kernels | intermediate KiB | setup s |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for r in rows:
+        fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+        lines.append(
+            f"| {r.system} | {r.status} | {fmt(r.latency_ms, '.3f')} | {fmt(r.spread_ms, '.3f')} | "
+            f"{fmt(r.kernels, 'd')} | {fmt(r.intermediate_kib, '.1f')} | {fmt(r.setup_s, '.1f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(rows: Sequence[CompareRow], path: str | Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.status == "ok" and r.latency_ms is not None]
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(ok) + 1.2))
+    names = [r.system for r in ok]
+    colors = ["tab:blue" if r.rules else "tab:gray" for r in ok]
+    ax.barh(names, [r.latency_ms for r in ok], xerr=[r.spread_ms or 0 for r in ok], color=colors)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("median latency, ms (log scale; error bar = IQR)")
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def machine_description(threads: int) -> str:
+    import os
+
+    cpu = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores visible, {threads} threads, {platform.platform()}"
+
+
+def write_report(rows: Sequence[CompareRow], out_dir: str | Path, name: str, header: str) -> tuple[Path, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / f"{name}.md"
+    md.write_text(header + "\n" + to_markdown(rows, name))
+    (out / f"{name}.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    png = bar_chart(rows, out / f"{name}.png", name)
+    return md, png

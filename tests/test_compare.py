@@ -1,0 +1,71 @@
+"""``fusion-rl compare`` and the external runtimes it times."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fusion_rl.baselines.runtimes import run_runtime, time_callable
+from fusion_rl.cli import main
+from fusion_rl.compare import compare_model, to_markdown
+from fusion_rl.compiler.timing import TimingProtocol
+from fusion_rl.graph.model import load_onnx_model
+from fusion_rl.graph.zoo import export_onnx
+
+QUICK = TimingProtocol.quick()
+
+
+def test_time_callable_scales_number_to_min_repeat():
+    calls = []
+    timing = time_callable(lambda: calls.append(1), TimingProtocol(repeat=3, min_repeat_ms=5, warmup=1))
+    assert len(timing.times_ms) == 3 and len(calls) > 100  # a no-op needs many calls per repeat
+    assert timing.median_ms < 1.0
+
+
+@pytest.mark.parametrize("runtime", ["ort", "ort-noopt", "torch-eager"])
+def test_runtimes_verify_and_time(model_cache, runtime):
+    res = run_runtime(runtime, model_cache("cnn_plain"), QUICK)
+    assert res.status == "ok" and res.median_ms > 0 and res.spread_ms >= 0
+
+
+def test_torch_runtimes_do_not_apply_to_onnx_files():
+    model = load_onnx_model(export_onnx("mlp_tiny"))
+    assert run_runtime("torch-eager", model, QUICK).status == "n/a"
+    assert run_runtime("ort", model, QUICK).status == "ok"
+
+
+def test_compare_rows_cover_rules_schedules_and_runtimes(model_cache, tmp_path):
+    model = model_cache("mlp_tiny")
+    rows = compare_model(model, [("naive", {}), ("rules", {})], protocol=QUICK,
+                         runtimes=["ort", "ort-noopt", "torch-eager"])
+    systems = {r.system for r in rows}
+    assert {"tvm[tvm / rules]", "tvm[unfused / naive]", "ort", "ort-noopt", "torch-eager"} <= systems
+    assert len(rows) == 4 * 2 + 3 and all(r.status == "ok" for r in rows)
+    table = to_markdown(rows, "mlp_tiny")
+    assert table.count("\n| ") == len(rows) + 1  # header row + one per system
+
+
+def test_compare_cli_writes_report(tmp_path, capsys):
+    code = main(["compare", "mlp_tiny", "--schedule", "naive", "--repeat", "2",
+                 "--min-repeat-ms", "2", "--no-store", "--out", str(tmp_path), "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = json.loads(out)
+    assert any(r["system"] == "torch-compile" for r in rows)
+    assert (tmp_path / "mlp_tiny.md").read_text().startswith("Machine:")
+    assert (tmp_path / "mlp_tiny.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["compare", "mlp_tiny", "--schedule", "naive,fast"], "unknown schedule provider 'fast'"),
+        (["compare", "mlp_tiny", "--target", "arm-m4"], "unknown target"),
+        (["measure", "mlp_tiny", "--rules", "tvm", "--store", "/proc/fusion_rl.sqlite"], "/proc/fusion_rl.sqlite"),
+    ],
+)
+def test_compare_and_measure_bad_options(argv, words, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and words in err and len(err.splitlines()) == 1
