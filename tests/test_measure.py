@@ -109,3 +109,27 @@ def test_group_kernel_times_cover_the_plan(model_cache):
     fused = [g for g in plan.groups if len(g) > 1]
     assert all(per_group[g] > 0 for g in fused)  # every fused kernel was found by name
     assert abs(sum(per_group.values()) - sum(record.kernel_times_ms.values())) < 1e-9
+
+
+def test_identical_fused_kernels_share_their_time(model_cache):
+    from fusion_rl.compiler.kernels import group_kernel_times
+
+    model = model_cache("mlp_tiny")  # two identical matmul+add+relu layers
+    plan = make_plan("tvm", model.mod, model.graph)
+    with Measurer("host", "naive", protocol=QUICK, isolate=False) as m:
+        record = m.measure(model, plan, per_kernel=True)
+    per_group = group_kernel_times(model.graph, plan, record.kernel_times_ms)
+    fused = [g for g in plan.groups if len(g) > 1]
+    assert all(per_group[g] > 0 for g in fused)
+    assert abs(sum(per_group.values()) - sum(record.kernel_times_ms.values())) < 1e-9
+
+
+def test_group_times_split_deduplicated_fused_kernels(model_cache):
+    from fusion_rl.compiler.kernels import group_kernel_times
+
+    model = model_cache("mlp_tiny")
+    plan = make_plan("tvm", model.mod, model.graph)  # (3,4,5) and (6,7,8) are identical
+    times = group_kernel_times(model.graph, plan, {
+        "fused_matmul_add_relu_n0": 1.0, "fused_matmul_add_relu_n3": 4.0, "fused_matmul_add_n9": 0.5,
+    })
+    assert times == {(0, 1, 2): 1.0, (3, 4, 5): 2.0, (6, 7, 8): 2.0, (9, 10): 0.5}

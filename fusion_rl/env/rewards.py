@@ -1,0 +1,262 @@
+"""Rewards of :class:`~fusion_rl.env.fusion_env.FusionEnv`, chosen by the env spec's ``reward``.
+
+All three are relative to TVM's own fusion (the ``tvm`` rule set, ``relax.transform.FuseOps``)
+on the same model, target and schedule provider, so a return of 0 means "as good as TVM" and
+returns are comparable across models of very different latency.
+
+- ``e2e``: 0 per step; at the end ``-log(latency / reference_latency)``, both measured end to
+  end through :class:`~fusion_rl.compiler.measure.Measurer` (a plan already in the store costs
+  nothing).
+- ``kernel``: dense shaping. When a fuse merges groups A and B, the reward is
+  ``(t(A) + t(B) - t(A u B)) / reference_latency`` if all three group latencies are known from
+  earlier per-kernel measurements, else 0. At the end, ``e2e_reward - sum(shaped rewards)`` is
+  added, so the episode return equals the ``e2e`` reward (shaping changes credit assignment,
+  never the objective).
+- ``model``: no measurement; at the end ``-log(pred(plan) / pred(tvm_plan))`` from a learned
+  :class:`~fusion_rl.compiler.cost_model.LatencyCostModel` (``fit``/``predict``/``save``/``load``).
+
+A plan whose measurement fails (build error, wrong output, crash, timeout), or a non-positive
+prediction, ends the episode with :data:`FAILURE_PENALTY` as its ``e2e`` reward; the status and
+error are in the episode's ``info``. A reference plan that fails to measure is an environment
+error (:class:`~fusion_rl.errors.MeasurementError`): no reward can be computed for that pair.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+from fusion_rl.compiler.kernels import group_kernel_times
+from fusion_rl.compiler.measure import Measurer
+from fusion_rl.compiler.store import MeasurementRecord
+from fusion_rl.compiler.target import TargetSpec
+from fusion_rl.env.plan_index import PlanIndex
+from fusion_rl.errors import ConfigError, MeasurementError
+from fusion_rl.fusion.plan import FusionPlan
+from fusion_rl.graph.model import Model
+from fusion_rl.graph.opgraph import OpGraph
+
+#: ``e2e`` reward of a plan that fails to build, verify or time (about a 2.7x slowdown).
+FAILURE_PENALTY = -1.0
+
+Group = tuple[int, ...]
+
+
+class CostModel(Protocol):
+    """What the ``model`` reward needs of :class:`fusion_rl.compiler.cost_model.LatencyCostModel`."""
+
+    def predict(self, graph: OpGraph, plan: FusionPlan) -> float: ...
+
+
+@dataclass
+class RewardContext:
+    """The (model, target) pair of the current episode, as rewards see it."""
+
+    model: Model
+    target: TargetSpec
+    tvm_plan: FusionPlan  #: the reference plan
+    measurer: Measurer | None = None  #: None for rewards that do not measure
+
+
+class Reward:
+    """Base class: 0 for every step, nothing at the end. Subclasses override the hooks."""
+
+    name: ClassVar[str] = ""
+    needs_measurer: ClassVar[bool] = True
+
+    def start(self, ctx: RewardContext) -> None:
+        """Called at ``reset``: prepare the reference (so its failure shows up early)."""
+
+    def on_merge(self, ctx: RewardContext, a: Group, b: Group) -> float:
+        """Reward of a fuse that merged groups ``a`` and ``b``."""
+        return 0.0
+
+    def terminal(self, ctx: RewardContext, plan: FusionPlan, shaped_return: float) -> tuple[float, dict[str, Any]]:
+        """The final reward of ``plan`` given the shaped rewards paid so far, and episode info."""
+        raise NotImplementedError
+
+
+class E2EReward(Reward):
+    """``-log(latency / reference_latency)`` at the end, measured; see the module docstring."""
+
+    name = "e2e"
+    per_kernel: ClassVar[bool] = False
+
+    def __init__(self, failure_penalty: float = FAILURE_PENALTY) -> None:
+        self.failure_penalty = failure_penalty
+        self._reference: dict[tuple, MeasurementRecord] = {}
+
+    @staticmethod
+    def _context(ctx: RewardContext) -> tuple:
+        """What a latency depends on besides the plan (the measurement key minus the plan)."""
+        assert ctx.measurer is not None, "a measuring reward got no measurer"
+        k = ctx.measurer.key(ctx.model, ctx.tvm_plan)
+        return (k.model_fingerprint, k.target, k.provider, k.budget, k.versions, k.protocol)
+
+    def reference_ms(self, ctx: RewardContext) -> float:
+        """Latency of the tvm plan (measured once per context, then remembered)."""
+        context = self._context(ctx)
+        record = self._reference.get(context)
+        if record is None:
+            record = ctx.measurer.measure(ctx.model, ctx.tvm_plan, per_kernel=self.per_kernel)
+            if record.status != "ok":
+                raise MeasurementError(
+                    f"the reference plan (TVM FuseOps) of model {ctx.model.name!r} on target "
+                    f"{ctx.target.name!r} with schedule {ctx.measurer.schedule!r} did not measure "
+                    f"({record.status}: {record.error}); drop this model or target from the env "
+                    "spec, or use another schedule provider"
+                )
+            self._observe(ctx, ctx.tvm_plan, record)
+            self._reference[context] = record
+        return float(record.median_ms)
+
+    def start(self, ctx: RewardContext) -> None:
+        self.reference_ms(ctx)
+
+    def _observe(self, ctx: RewardContext, plan: FusionPlan, record: MeasurementRecord) -> None:
+        """Hook: a measured record of ``plan`` (the kernel reward learns group times here)."""
+
+    def terminal(self, ctx: RewardContext, plan: FusionPlan, shaped_return: float) -> tuple[float, dict[str, Any]]:
+        reference = self.reference_ms(ctx)
+        record = ctx.measurer.measure(ctx.model, plan, per_kernel=self.per_kernel)
+        self._observe(ctx, plan, record)
+        info: dict[str, Any] = {
+            "latency_ms": record.median_ms,
+            "reference_latency_ms": reference,
+            "speedup_vs_tvm": None,
+            "measurement_status": record.status,
+        }
+        if record.status == "ok" and record.median_ms > 0:
+            e2e = -math.log(record.median_ms / reference)
+            info["speedup_vs_tvm"] = reference / record.median_ms
+        else:
+            e2e = self.failure_penalty
+            info["measurement_error"] = record.error
+        info["e2e_reward"] = e2e
+        return e2e - shaped_return, info
+
+
+class KernelReward(E2EReward):
+    """Dense per-merge shaping from per-kernel times, corrected at the end to the e2e reward.
+
+    Group latencies live in an in-memory table keyed by (model fingerprint, target key,
+    provider, budget, library versions, group). It fills from every per-kernel measurement this
+    process makes and, on the first episode of each (model, target), from the store's records,
+    whose plans are looked up in the :class:`~fusion_rl.env.plan_index.PlanIndex` sidecar.
+    """
+
+    name = "kernel"
+    per_kernel = True
+
+    def __init__(self, failure_penalty: float = FAILURE_PENALTY, plan_index: PlanIndex | None = None) -> None:
+        super().__init__(failure_penalty)
+        self.plan_index = plan_index
+        self._times: dict[tuple, dict[Group, float]] = defaultdict(dict)
+        self._loaded: set[tuple] = set()
+
+    @staticmethod
+    def _table_key(ctx: RewardContext) -> tuple:
+        # Per-kernel times do not depend on the end-to-end timing protocol: share across them.
+        return E2EReward._context(ctx)[:5]
+
+    def group_latency(self, ctx: RewardContext, group: Group) -> float | None:
+        return self._times[self._table_key(ctx)].get(tuple(sorted(group)))
+
+    def start(self, ctx: RewardContext) -> None:
+        key = self._table_key(ctx)
+        if key not in self._loaded:
+            self._loaded.add(key)
+            self._load_from_store(ctx, key)
+        super().start(ctx)
+
+    def _load_from_store(self, ctx: RewardContext, key: tuple) -> None:
+        store = ctx.measurer.store
+        if store is None or self.plan_index is None:
+            return
+        fingerprint, target, provider, budget, versions = key
+        records = [
+            r for r in store.records(model_fingerprint=fingerprint, target=target, provider=provider,
+                                     budget=budget, versions=versions, status="ok")
+            if r.kernel_times_ms
+        ]
+        plans = self.plan_index.get_many(r.key.plan_hash for r in records)
+        for record in records:
+            plan = plans.get(record.key.plan_hash)
+            if plan is not None and plan.num_nodes == len(ctx.model.graph):
+                self._times[key].update(group_kernel_times(ctx.model.graph, plan, record.kernel_times_ms))
+
+    def _observe(self, ctx: RewardContext, plan: FusionPlan, record: MeasurementRecord) -> None:
+        if record.status != "ok" or not record.kernel_times_ms:
+            return
+        self._times[self._table_key(ctx)].update(group_kernel_times(ctx.model.graph, plan, record.kernel_times_ms))
+        if self.plan_index is not None:
+            self.plan_index.put(plan)
+
+    def on_merge(self, ctx: RewardContext, a: Group, b: Group) -> float:
+        t_a, t_b = self.group_latency(ctx, a), self.group_latency(ctx, b)
+        t_ab = self.group_latency(ctx, a + b)
+        if t_a is None or t_b is None or t_ab is None:
+            return 0.0
+        return (t_a + t_b - t_ab) / self.reference_ms(ctx)
+
+
+class ModelReward(Reward):
+    """``-log(pred(plan) / pred(tvm_plan))`` from a learned cost model; never measures."""
+
+    name = "model"
+    needs_measurer = False
+
+    def __init__(self, cost_model: CostModel, failure_penalty: float = FAILURE_PENALTY) -> None:
+        self.cost_model = cost_model
+        self.failure_penalty = failure_penalty
+        self._reference: dict[tuple[str, str], float] = {}
+
+    def reference_ms(self, ctx: RewardContext) -> float:
+        key = (ctx.model.fingerprint, ctx.target.key)
+        if key not in self._reference:
+            value = float(self.cost_model.predict(ctx.model.graph, ctx.tvm_plan))
+            if not (math.isfinite(value) and value > 0):
+                raise MeasurementError(
+                    f"the cost model predicts {value} ms for the reference plan of "
+                    f"{ctx.model.name!r}; retrain it (fusion_rl.compiler.cost_model) on this model"
+                )
+            self._reference[key] = value
+        return self._reference[key]
+
+    def start(self, ctx: RewardContext) -> None:
+        self.reference_ms(ctx)
+
+    def terminal(self, ctx: RewardContext, plan: FusionPlan, shaped_return: float) -> tuple[float, dict[str, Any]]:
+        reference = self.reference_ms(ctx)
+        predicted = float(self.cost_model.predict(ctx.model.graph, plan))
+        info: dict[str, Any] = {
+            "latency_ms": predicted, "reference_latency_ms": reference, "speedup_vs_tvm": None,
+            "measurement_status": "predicted",
+        }
+        if math.isfinite(predicted) and predicted > 0:
+            e2e = -math.log(predicted / reference)
+            info["speedup_vs_tvm"] = reference / predicted
+        else:
+            e2e = self.failure_penalty
+            info["measurement_error"] = f"cost model predicted {predicted}"
+        info["e2e_reward"] = e2e
+        return e2e - shaped_return, info
+
+
+def make_reward(mode: str, *, failure_penalty: float = FAILURE_PENALTY, cost_model: CostModel | None = None,
+                plan_index: PlanIndex | None = None) -> Reward:
+    """The reward of env-spec mode ``mode`` (``e2e``, ``kernel`` or ``model``)."""
+    if mode == "e2e":
+        return E2EReward(failure_penalty)
+    if mode == "kernel":
+        return KernelReward(failure_penalty, plan_index)
+    if mode == "model":
+        if cost_model is None:
+            raise ConfigError(
+                "reward 'model' needs a cost model: set 'cost_model: PATH' in the env spec (a saved "
+                "LatencyCostModel) or pass cost_model= to FusionEnv"
+            )
+        return ModelReward(cost_model, failure_penalty)
+    raise ConfigError(f"unknown reward {mode!r}; choose one of e2e, kernel, model")

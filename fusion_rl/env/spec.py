@@ -1,0 +1,218 @@
+"""Env specs: which models, targets, schedule and reward a :class:`FusionEnv` trains on.
+
+An env spec is a small YAML file in ``envs/`` (``envs/default.yaml``, ``envs/tiny.yaml``)::
+
+    models: [mlp_tiny, cnn_plain]      # zoo names or .onnx paths (required, non-empty)
+    targets: [host]                    # target names (fusion_rl.compiler.target)
+    schedule: naive                    # schedule provider: naive | rules | tuned
+    schedule_kwargs: {}                # options of the provider, e.g. {trials_per_task: 16}
+    reward: e2e                        # e2e | kernel | model (fusion_rl.env.rewards)
+    max_nodes: 256                     # observation padding; larger models are refused
+    max_edges: 512
+    store: null                        # measurement store path; null = the default store
+    protocol: {repeat: 7, min_repeat_ms: 50}   # timing protocol (also: number, warmup)
+    isolate: true                      # measure in a worker process (false: in-process)
+    timeout_s: 600                     # per measurement, when isolated
+    cost_model: null                   # saved LatencyCostModel, for reward: model
+    max_mac_anchors: null              # mask fuses giving a group more conv/matmul anchors
+
+Unknown keys and wrong types raise :class:`~fusion_rl.errors.ConfigError` naming the key, so a
+typo never silently falls back to a default. Relative ``store``, ``cost_model`` and ``.onnx``
+paths are relative to the YAML file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from fusion_rl.compiler.timing import TimingProtocol
+from fusion_rl.env.spaces import DEFAULT_MAX_EDGES, DEFAULT_MAX_NODES
+from fusion_rl.errors import ConfigError
+
+#: Reward modes (see :mod:`fusion_rl.env.rewards`).
+REWARD_MODES = ("e2e", "kernel", "model")
+#: Folder of the named specs shipped with the repository (``spec="tiny"`` -> ``envs/tiny.yaml``).
+ENVS_DIR = Path(__file__).resolve().parents[2] / "envs"
+
+_PROTOCOL_KEYS = ("repeat", "min_repeat_ms", "number", "warmup")
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """A validated env spec; build it with :meth:`from_yaml`, :meth:`from_dict` or :meth:`resolve`.
+
+    Field meanings are those of the module docstring's YAML keys.
+    """
+
+    models: tuple[str, ...]
+    targets: tuple[str, ...] = ("host",)
+    schedule: str = "naive"
+    schedule_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    reward: str = "e2e"
+    max_nodes: int = DEFAULT_MAX_NODES
+    max_edges: int = DEFAULT_MAX_EDGES
+    store: str | None = None
+    protocol: TimingProtocol = field(default_factory=TimingProtocol)
+    isolate: bool = True
+    timeout_s: float = 600.0
+    cost_model: str | None = None
+    max_mac_anchors: int | None = None
+
+    def __post_init__(self) -> None:
+        # Constructing an EnvSpec directly gets the same checks as a YAML file.
+        _validate(self.to_dict(), "EnvSpec")
+
+    # ---- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "env spec",
+                  base_dir: str | os.PathLike | None = None) -> EnvSpec:
+        """Validate ``data`` (the YAML mapping) and build the spec.
+
+        :param source: Named in error messages (the file path).
+        :param base_dir: Relative paths are resolved against it (the YAML file's folder).
+        :raises ConfigError: for an unknown key, a missing ``models``, or a wrong type/value.
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: an env spec must be a mapping of keys, got {type(data).__name__}")
+        values = _validate(dict(data), source)
+        for key in ("store", "cost_model"):
+            if values.get(key) is not None:
+                values[key] = os.fspath(values[key])
+        if base_dir is not None:
+            base = Path(base_dir)
+            for key in ("store", "cost_model"):
+                if values.get(key) is not None:
+                    values[key] = _resolve_path(values[key], base)
+            values["models"] = [
+                _resolve_path(m, base) if m.lower().endswith(".onnx") else m for m in values["models"]
+            ]
+        protocol = values.pop("protocol", None)
+        return cls(
+            models=tuple(values.pop("models")),
+            targets=tuple(values.pop("targets", ("host",))),
+            protocol=TimingProtocol(**protocol) if protocol is not None else TimingProtocol(),
+            schedule_kwargs=dict(values.pop("schedule_kwargs", {})),
+            **values,
+        )
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> EnvSpec:
+        """Read and validate an env spec file.
+
+        :raises ConfigError: for a missing or unparsable file, or an invalid spec.
+        """
+        import yaml
+
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read env spec {path}: {exc.strerror or exc}; "
+                              f"named specs live in {ENVS_DIR}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"env spec {path} is not valid YAML: {exc}") from None
+        return cls.from_dict(data if data is not None else {}, str(path), path.resolve().parent)
+
+    @classmethod
+    def resolve(cls, spec: EnvSpec | str | os.PathLike | Mapping[str, Any] | None,
+                **overrides: Any) -> EnvSpec:
+        """An :class:`EnvSpec` from a spec, a YAML path, a name in ``envs/`` (``"tiny"``), a
+        mapping, or ``None`` (``envs/default.yaml``); ``overrides`` replace keys (validated)."""
+        if spec is None:
+            spec = "default"
+        if isinstance(spec, EnvSpec):
+            base = spec
+        elif isinstance(spec, Mapping):
+            base = cls.from_dict(spec)
+        else:
+            path = Path(spec)
+            if not path.exists() and path.suffix == "" and (ENVS_DIR / f"{spec}.yaml").exists():
+                path = ENVS_DIR / f"{spec}.yaml"
+            base = cls.from_yaml(path)
+        if not overrides:
+            return base
+        merged = base.to_dict()
+        merged.update(overrides)
+        return cls.from_dict(merged, source="env spec overrides")
+
+    # ---- views -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML mapping of this spec (round-trips through :meth:`from_dict`)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["models"] = list(self.models)
+        out["targets"] = list(self.targets)
+        out["schedule_kwargs"] = dict(self.schedule_kwargs)
+        p = self.protocol
+        out["protocol"] = (
+            {k: getattr(p, k) for k in _PROTOCOL_KEYS} if isinstance(p, TimingProtocol) else p
+        )
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and all(isinstance(x, str) and x for x in v)
+
+
+#: key -> (check, what the error says it must be).
+_CHECKS: dict[str, tuple[Any, str]] = {
+    "models": (lambda v: _is_str_list(v) and len(v) > 0, "a non-empty list of zoo names or .onnx paths"),
+    "targets": (lambda v: _is_str_list(v) and len(v) > 0, "a non-empty list of target names"),
+    "schedule": (lambda v: isinstance(v, str), "a schedule provider name (naive, rules, tuned)"),
+    "schedule_kwargs": (lambda v: isinstance(v, Mapping) and all(isinstance(k, str) for k in v),
+                        "a mapping of provider options"),
+    "reward": (lambda v: v in REWARD_MODES, f"one of {', '.join(REWARD_MODES)}"),
+    "max_nodes": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    "max_edges": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    "store": (lambda v: v is None or isinstance(v, (str, os.PathLike)), "a path or null"),
+    "protocol": (lambda v: isinstance(v, (Mapping, TimingProtocol)), "a mapping with repeat, min_repeat_ms"),
+    "isolate": (lambda v: isinstance(v, bool), "true or false"),
+    "timeout_s": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+                  "a number of seconds > 0"),
+    "cost_model": (lambda v: v is None or isinstance(v, (str, os.PathLike)), "a path or null"),
+    "max_mac_anchors": (lambda v: v is None or (_is_int(v) and v >= 1), "an int >= 1 or null"),
+}
+
+
+def _validate(data: dict[str, Any], source: str) -> dict[str, Any]:
+    unknown = sorted(set(data) - set(_CHECKS))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key {unknown[0]!r}"
+            f"{f' (and {unknown[1:]})' if len(unknown) > 1 else ''}; valid keys: {', '.join(_CHECKS)}"
+        )
+    if "models" not in data:
+        raise ConfigError(f"{source}: key 'models' is required (a list of zoo names or .onnx paths)")
+    for key, value in data.items():
+        check, what = _CHECKS[key]
+        if not check(value):
+            raise ConfigError(f"{source}: key {key!r} must be {what}, got {value!r}")
+    protocol = data.get("protocol")
+    if isinstance(protocol, Mapping):
+        bad = sorted(set(protocol) - set(_PROTOCOL_KEYS))
+        if bad:
+            raise ConfigError(f"{source}: unknown key 'protocol.{bad[0]}'; valid: {', '.join(_PROTOCOL_KEYS)}")
+        for k, v in protocol.items():
+            if not _is_int(v) or v < 0:
+                raise ConfigError(f"{source}: key 'protocol.{k}' must be an int >= 0, got {v!r}")
+        data = {**data, "protocol": dict(protocol)}
+    elif isinstance(protocol, TimingProtocol):
+        data = {**data, "protocol": {k: getattr(protocol, k) for k in _PROTOCOL_KEYS}}
+    return data
+
+
+def _resolve_path(value: str | os.PathLike, base: Path) -> str:
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base / path))
