@@ -1,0 +1,441 @@
+"""Search baselines: random search, greedy merging, simulated annealing, and an exhaustive oracle.
+
+Every algorithm takes ``(model, measurer, budget, seed)`` and returns a :class:`SearchResult`.
+They spend the same currency as RL training: measurements, counted as the measurer's store
+*misses* during the search (a plan served from the store costs 0).
+
+Budget semantics
+----------------
+``budget`` caps the number of *distinct plans a search evaluates*. On a cold store that is
+exactly the number of measurements it spends; on a warm store some evaluations are served for
+free, so ``measurements_spent <= budget``. Counting evaluations rather than misses keeps a
+search's trajectory independent of the store's contents: the same seed proposes the same plans
+and returns the same result whether the store is empty or full, and a rerun spends 0. A plan the
+search has already evaluated is never re-evaluated (it costs neither budget nor a measurement).
+
+Failed measurements (build failure, wrong output, crash, timeout) count as evaluations and have
+latency ``inf``: a search never returns a plan that did not verify.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from fusion_rl.compiler.measure import Measurer
+from fusion_rl.errors import ConfigError
+from fusion_rl.fusion.legality import PATTERN_OPAQUE, check_plan
+from fusion_rl.fusion.plan import FusionPlan
+from fusion_rl.fusion.random_plans import mutate_plan, random_plan
+from fusion_rl.graph.model import Model
+from fusion_rl.graph.opgraph import OpGraph
+
+#: Default cap on the number of connected partitions :func:`exhaustive` enumerates.
+EXHAUSTIVE_LIMIT = 5000
+
+
+@dataclass
+class SearchResult:
+    """What a search found and what it cost.
+
+    ``history`` has one ``(measurements spent, best-so-far latency ms)`` point per evaluated plan;
+    the best is ``inf`` until a plan measures ``ok``.
+    """
+
+    algo: str
+    best_plan: FusionPlan | None  #: ``None`` if no evaluated plan measured ``ok``
+    best_ms: float
+    measurements_spent: int  #: measurer misses during the search
+    evaluations: int  #: distinct plans evaluated (<= budget)
+    budget: int
+    seed: int | None
+    history: list[tuple[int, float]] = field(default_factory=list)
+    failures: int = 0  #: evaluated plans whose measurement was not ``ok``
+    info: dict[str, Any] = field(default_factory=dict)  #: algorithm-specific facts
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "algo": self.algo,
+            "best_ms": None if math.isinf(self.best_ms) else self.best_ms,
+            "best_plan": self.best_plan.to_dict() if self.best_plan is not None else None,
+            "measurements_spent": self.measurements_spent,
+            "evaluations": self.evaluations,
+            "budget": self.budget,
+            "seed": self.seed,
+            "failures": self.failures,
+            "history": [[s, None if math.isinf(b) else b] for s, b in self.history],
+            "info": self.info,
+        }
+
+
+class _Evaluator:
+    """Shared book-keeping: budget, per-search plan cache, best-so-far and history."""
+
+    def __init__(self, model: Model, measurer: Measurer, budget: int, per_kernel: bool = False):
+        _check_budget(budget)
+        self.model = model
+        self.measurer = measurer
+        self.budget = budget
+        self.per_kernel = per_kernel
+        self.seen: dict[str, float] = {}  # plan hash -> latency (inf when not ok)
+        self.best_plan: FusionPlan | None = None
+        self.best_ms = math.inf
+        self.history: list[tuple[int, float]] = []
+        self.failures = 0
+        self._misses0 = measurer.stats.misses
+
+    @property
+    def spent(self) -> int:
+        return self.measurer.stats.misses - self._misses0
+
+    @property
+    def exhausted(self) -> bool:
+        return len(self.seen) >= self.budget
+
+    def known(self, plan: FusionPlan) -> float | None:
+        return self.seen.get(plan.hash)
+
+    def evaluate(self, plan: FusionPlan) -> float | None:
+        """Latency of ``plan`` (``inf`` if it failed); ``None`` when the budget is spent.
+
+        The plan must be legal (callers filter with :func:`check_plan`).
+        """
+        if plan.hash in self.seen:
+            return self.seen[plan.hash]
+        if self.exhausted:
+            return None
+        record = self.measurer.measure(self.model, plan, per_kernel=self.per_kernel)
+        ms = float(record.median_ms) if record.status == "ok" else math.inf
+        if record.status != "ok":
+            self.failures += 1
+        self.seen[plan.hash] = ms
+        if ms < self.best_ms:
+            self.best_ms, self.best_plan = ms, plan
+        self.history.append((self.spent, self.best_ms))
+        return ms
+
+    def result(self, algo: str, seed: int | None, **info: Any) -> SearchResult:
+        best = self.best_plan.with_name(algo) if self.best_plan is not None else None
+        return SearchResult(
+            algo=algo, best_plan=best, best_ms=self.best_ms, measurements_spent=self.spent,
+            evaluations=len(self.seen), budget=self.budget, seed=seed, history=self.history,
+            failures=self.failures, info=info,
+        )
+
+
+def _check_budget(budget: int) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
+        raise ConfigError(f"search budget must be a positive number of measurements, got {budget!r}")
+
+
+def _legal(graph: OpGraph, plan: FusionPlan) -> bool:
+    return check_plan(graph, plan).legal
+
+
+# --------------------------------------------------------------------------------------------
+# random search
+# --------------------------------------------------------------------------------------------
+
+
+def random_search(
+    model: Model,
+    measurer: Measurer,
+    budget: int,
+    seed: int = 0,
+    seeds: Sequence[FusionPlan] = (),
+    max_anchors: int | None = None,
+    max_proposals: int | None = None,
+) -> SearchResult:
+    """Measure random legal plans (:func:`random_plan`, ``merge_prob ~ U[0, 1]`` per plan).
+
+    ``seeds`` are measured first (e.g. rule-set plans); by default the search is purely random.
+    Duplicates are free, so on a small graph the plan space can run out before the budget:
+    the search stops after ``max_proposals`` proposals (default ``50 * budget``).
+    """
+    ev = _Evaluator(model, measurer, budget)
+    rng = np.random.default_rng(seed)
+    graph = model.graph
+    for plan in seeds:
+        if ev.exhausted:
+            break
+        if _legal(graph, plan):
+            ev.evaluate(plan)
+    proposals = 0
+    limit = max_proposals if max_proposals is not None else 50 * budget
+    while not ev.exhausted and proposals < limit:
+        proposals += 1
+        plan = random_plan(graph, rng, merge_prob=None, max_anchors=max_anchors)
+        if _legal(graph, plan):  # random_plan keeps groups convex; a cycle *between* groups is possible
+            ev.evaluate(plan)
+    return ev.result("random", seed, proposals=proposals)
+
+
+# --------------------------------------------------------------------------------------------
+# greedy merging
+# --------------------------------------------------------------------------------------------
+
+
+def merge_candidates(graph: OpGraph, plan: FusionPlan) -> list[FusionPlan]:
+    """Every legal plan made by merging the two groups at the ends of one not-yet-fused edge.
+
+    Deduplicated (two edges between the same groups give one candidate), in edge order.
+    """
+    group_of = plan.group_of()
+    out: dict[str, FusionPlan] = {}
+    for e in sorted(graph.edges, key=lambda e: (e.src, e.dst)):
+        a, b = group_of[e.src], group_of[e.dst]
+        if a == b:
+            continue
+        if PATTERN_OPAQUE in (graph.nodes[e.src].pattern, graph.nodes[e.dst].pattern):
+            continue  # an opaque op never fuses (legality would reject it anyway)
+        groups = [g for i, g in enumerate(plan.groups) if i not in (a, b)]
+        groups.append(plan.groups[a] + plan.groups[b])
+        cand = FusionPlan.from_groups(groups, plan.num_nodes, plan.fingerprint, "greedy")
+        if cand.hash not in out and _legal(graph, cand):
+            out[cand.hash] = cand
+    return list(out.values())
+
+
+def greedy(model: Model, measurer: Measurer, budget: int, seed: int | None = None) -> SearchResult:
+    """Best-improvement merging: start unfused; each round measure every legal one-edge merge of
+    the current plan and take the best-measured one; stop when no merge improves on the current
+    plan or the budget is spent (the best merge measured so far in an interrupted round is still
+    taken if it improves). Deterministic: ``seed`` is unused and only recorded."""
+    ev = _Evaluator(model, measurer, budget)
+    graph = model.graph
+    current = FusionPlan.singletons(len(graph), graph.fingerprint, "greedy")
+    current_ms = ev.evaluate(current)
+    rounds = 0
+    stop = "budget"
+    while current_ms is not None and not ev.exhausted:
+        rounds += 1
+        best_cand, best_ms = None, current_ms
+        interrupted = False
+        for cand in merge_candidates(graph, current):
+            ms = ev.evaluate(cand)
+            if ms is None:
+                interrupted = True
+                break
+            if ms < best_ms:
+                best_cand, best_ms = cand, ms
+        if best_cand is None:
+            stop = "budget" if interrupted else "no improving merge"
+            break
+        current, current_ms = best_cand, best_ms
+    return ev.result("greedy", seed, rounds=rounds, stop=stop)
+
+
+# --------------------------------------------------------------------------------------------
+# simulated annealing
+# --------------------------------------------------------------------------------------------
+
+
+def annealing(
+    model: Model,
+    measurer: Measurer,
+    budget: int,
+    seed: int = 0,
+    start: FusionPlan | None = None,
+    t_start: float = 0.1,
+    t_end: float = 0.002,
+    max_proposals: int | None = None,
+) -> SearchResult:
+    """Simulated annealing over legal plans, moving with :func:`mutate_plan` and :func:`peel_node`.
+
+    Neighbourhood: with probability 1/2 :func:`mutate_plan` (split a fused group into
+    singletons, or merge along a few more edges), else :func:`peel_node` (move one node out of a
+    fused group). ``mutate_plan`` alone cannot step back from a large group except by dissolving
+    it, so a search that merged too much would be stuck; peeling gives the finer reverse move.
+
+    Energy is latency; a move is judged by its *relative* change ``d = (new - cur) / cur`` so the
+    schedule does not depend on the model's scale. An improving move is always accepted, a worse
+    one with probability ``exp(-d / T)``. The temperature falls geometrically with the budget
+    used: ``T_k = t_start * (t_end / t_start) ** (k / (budget - 1))`` after ``k`` evaluations, so
+    a 10 % slowdown is accepted with probability ~37 % at the start (``T = 0.1``) and ~0 at the
+    end (``T = 0.002``): exploration first, then a local search. A failed plan (``inf``) is never
+    accepted. Re-proposing an evaluated plan is free; the search stops after ``max_proposals``
+    proposals (default ``50 * budget``) in case the neighbourhood is exhausted.
+    """
+    if not (t_start > 0 and t_end > 0):
+        raise ConfigError(f"annealing temperatures must be > 0, got t_start={t_start}, t_end={t_end}")
+    ev = _Evaluator(model, measurer, budget)
+    rng = np.random.default_rng(seed)
+    graph = model.graph
+    current = start or FusionPlan.singletons(len(graph), graph.fingerprint, "annealing")
+    if not _legal(graph, current):
+        check_plan(graph, current).raise_if_illegal()
+    current_ms = ev.evaluate(current)
+    proposals = accepted = 0
+    limit = max_proposals if max_proposals is not None else 50 * budget
+    while current_ms is not None and not ev.exhausted and proposals < limit:
+        proposals += 1
+        cand = mutate_plan(graph, current, rng) if rng.uniform() < 0.5 else peel_node(graph, current, rng)
+        if cand.hash == current.hash or not _legal(graph, cand):
+            continue
+        ms = ev.evaluate(cand)
+        if ms is None:
+            break
+        frac = len(ev.seen) / max(1, budget - 1)
+        temp = t_start * (t_end / t_start) ** min(1.0, frac)
+        if math.isinf(ms):
+            continue
+        delta = (ms - current_ms) / current_ms if math.isfinite(current_ms) else -math.inf
+        if delta <= 0 or rng.uniform() < math.exp(-delta / temp):
+            current, current_ms = cand, ms
+            accepted += 1
+    return ev.result("annealing", seed, proposals=proposals, accepted=accepted)
+
+
+def peel_node(graph: OpGraph, plan: FusionPlan, rng: np.random.Generator) -> FusionPlan:
+    """A neighbour of ``plan`` with one node of one fused group made a singleton.
+
+    Returns ``plan`` itself when it has no fused group, or when the rest of the group would be
+    illegal or not weakly connected (so every search stays inside the space of connected groups
+    that :func:`exhaustive` enumerates); the caller treats that as no move.
+    """
+    fused = plan.fused_groups
+    if not fused:
+        return plan
+    group = fused[int(rng.integers(len(fused)))]
+    node = group[int(rng.integers(len(group)))]
+    groups = [g for g in plan.groups if g != group]
+    groups += [tuple(n for n in group if n != node), (node,)]
+    cand = FusionPlan.from_groups(groups, plan.num_nodes, plan.fingerprint, "mutant")
+    rest = set(group) - {node}
+    return cand if _connected(rest, graph) and _legal(graph, cand) else plan
+
+
+def _connected(group: set[int], graph: OpGraph) -> bool:
+    """Whether ``group`` is weakly connected through edges between its own members."""
+    adj: dict[int, set[int]] = {n: set() for n in group}
+    for e in graph.edges:
+        if e.src in group and e.dst in group:
+            adj[e.src].add(e.dst)
+            adj[e.dst].add(e.src)
+    start = next(iter(group))
+    seen, stack = {start}, [start]
+    while stack:
+        for v in adj[stack.pop()] - seen:
+            seen.add(v)
+            stack.append(v)
+    return len(seen) == len(group)
+
+
+# --------------------------------------------------------------------------------------------
+# exhaustive oracle
+# --------------------------------------------------------------------------------------------
+
+
+def iter_connected_partitions(graph: OpGraph) -> Iterator[FusionPlan]:
+    """Every partition of the graph into weakly connected groups, each exactly once.
+
+    Depth-first over the edges: each edge is either *contracted* (its ends share a group) or
+    *cut* (its ends must end in different groups). An edge whose ends are already together has no
+    choice, and a cut pair may never be merged later, so every partition arises from exactly one
+    branch and no deduplication is needed. Groups with an opaque op are pruned early (they can
+    never be legal). Convexity and cycles are *not* checked here: a group that is non-convex
+    mid-way can become convex once more nodes join (the diamond), so see :func:`legal_plans`.
+    """
+    n = len(graph)
+    edges = sorted({(min(e.src, e.dst), max(e.src, e.dst)) for e in graph.edges})
+    opaque = {node.id for node in graph.nodes if node.pattern == PATTERN_OPAQUE}
+    parent = list(range(n))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            x = parent[x]
+        return x  # no path compression: the DFS undoes unions by restoring one parent entry
+
+    cut: set[tuple[int, int]] = set()
+
+    def separated(a: int, b: int) -> bool:
+        # Cut pairs are recorded on roots; check every recorded pair against the current roots.
+        return any({find(x), find(y)} == {a, b} for x, y in cut)
+
+    def rec(k: int) -> Iterator[FusionPlan]:
+        if k == len(edges):
+            yield FusionPlan.from_assignment([find(i) for i in range(n)], graph.fingerprint, "exhaustive")
+            return
+        u, v = edges[k]
+        a, b = find(u), find(v)
+        if a == b:
+            yield from rec(k + 1)
+            return
+        if not (u in opaque or v in opaque) and not separated(a, b):
+            parent[b] = a
+            yield from rec(k + 1)
+            parent[b] = b
+        cut.add((u, v))
+        yield from rec(k + 1)
+        cut.discard((u, v))
+
+    yield from rec(0)
+
+
+def legal_plans(graph: OpGraph, limit: int = EXHAUSTIVE_LIMIT) -> list[FusionPlan]:
+    """All legal plans whose groups are connected.
+
+    :raises ConfigError: when the graph has more than ``limit`` connected partitions (checked
+        while enumerating, so a large graph fails fast instead of hanging).
+    """
+    plans = []
+    for count, plan in enumerate(iter_connected_partitions(graph), start=1):
+        if count > limit:
+            raise ConfigError(
+                f"exhaustive search: {graph.name or 'this model'} has more than {limit} connected "
+                f"partitions ({len(graph)} ops, {len(graph.edges)} edges); the oracle is only for "
+                "small graphs: raise the limit (max_plans) or use --algo greedy/annealing/random"
+            )
+        if _legal(graph, plan):
+            plans.append(plan)
+    return plans
+
+
+def exhaustive(
+    model: Model,
+    measurer: Measurer,
+    budget: int,
+    seed: int | None = None,
+    max_plans: int = EXHAUSTIVE_LIMIT,
+) -> SearchResult:
+    """The oracle: measure every legal plan with connected groups, return the best.
+
+    Refuses (:class:`ConfigError`, before measuring anything) when the graph has more than
+    ``max_plans`` connected partitions, or when the plans not yet in the store exceed ``budget``:
+    an oracle that stops early is no oracle. Deterministic; ``seed`` is only recorded.
+    """
+    _check_budget(budget)
+    plans = legal_plans(model.graph, max_plans)
+    new = sum(measurer.cached(model, p) is None for p in plans)
+    if new > budget:
+        raise ConfigError(
+            f"exhaustive search of {model.name} has {len(plans)} legal plans, {new} not yet "
+            f"measured, but the budget is {budget}; pass --budget {len(plans)} (or more)"
+        )
+    # Plans already in the store are free; the budget then bounds only the new ones.
+    ev = _Evaluator(model, measurer, max(budget, len(plans)))
+    for plan in plans:
+        ev.evaluate(plan)
+    result = ev.result("exhaustive", seed, legal_plans=len(plans))
+    result.budget = budget
+    return result
+
+
+ALGORITHMS: dict[str, Callable[..., SearchResult]] = {
+    "random": random_search,
+    "greedy": greedy,
+    "annealing": annealing,
+    "exhaustive": exhaustive,
+}
+
+
+def run_search(algo: str, model: Model, measurer: Measurer, budget: int, seed: int = 0) -> SearchResult:
+    """Run search algorithm ``algo`` (a key of :data:`ALGORITHMS`)."""
+    try:
+        fn = ALGORITHMS[algo]
+    except KeyError:
+        raise ConfigError(f"unknown search algorithm '{algo}'; choose one of {', '.join(ALGORITHMS)}") from None
+    return fn(model, measurer, budget, seed=seed)

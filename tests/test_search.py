@@ -1,0 +1,239 @@
+"""Search baselines: legality, budgets, measurement accounting, the exhaustive oracle, the CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fusion_rl.baselines.search import (
+    annealing,
+    exhaustive,
+    greedy,
+    iter_connected_partitions,
+    legal_plans,
+    merge_candidates,
+    peel_node,
+    random_search,
+    run_search,
+)
+from fusion_rl.cli import main
+from fusion_rl.compiler.measure import Measurer
+from fusion_rl.compiler.store import MeasurementStore
+from fusion_rl.compiler.timing import TimingProtocol
+from fusion_rl.errors import ConfigError
+from fusion_rl.fusion.legality import check_plan
+from fusion_rl.fusion.plan import FusionPlan
+from fusion_rl.graph.model import model_from_torch
+
+from _tiny import diamond
+
+QUICK = TimingProtocol.quick()
+SEARCHES = {"random": random_search, "greedy": greedy, "annealing": annealing}
+
+
+@pytest.fixture(scope="module")
+def mlp2():
+    """matmul -> add -> relu -> matmul -> add: 16 legal plans, so the oracle runs in seconds."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    return model_from_torch(module, (torch.randn(1, 16),), name="mlp2")
+
+
+@pytest.fixture()
+def store(tmp_path):
+    with MeasurementStore(tmp_path / "m.sqlite") as s:
+        yield s
+
+
+def measurer(store) -> Measurer:
+    return Measurer("host", "naive", store=store, protocol=QUICK, isolate=False)
+
+
+# ---- enumeration (no measurement) -------------------------------------------------------------
+
+
+def _brute_force_legal(graph) -> set[str]:
+    """Every legal partition with weakly connected groups, by enumerating all set partitions."""
+
+    def partitions(items):
+        if not items:
+            yield []
+            return
+        first, rest = items[0], items[1:]
+        for part in partitions(rest):
+            yield [[first]] + part
+            for i in range(len(part)):
+                yield part[:i] + [[first] + part[i]] + part[i + 1:]
+
+    def connected(group):
+        g = set(group)
+        seen, stack = {group[0]}, [group[0]]
+        while stack:
+            u = stack.pop()
+            for e in graph.edges:
+                for a, b in ((e.src, e.dst), (e.dst, e.src)):
+                    if a == u and b in g and b not in seen:
+                        seen.add(b)
+                        stack.append(b)
+        return seen == g
+
+    out = set()
+    for part in partitions(list(range(len(graph)))):
+        if all(connected(g) for g in part):
+            plan = FusionPlan.from_groups(part, len(graph), graph.fingerprint)
+            if check_plan(graph, plan).legal:
+                out.add(plan.hash)
+    return out
+
+
+def test_enumeration_matches_brute_force_on_the_diamond():
+    graph = diamond()
+    plans = list(iter_connected_partitions(graph))
+    assert len(plans) == len({p.hash for p in plans}) == 12  # each partition exactly once
+    legal = legal_plans(graph)
+    assert {p.hash for p in legal} == _brute_force_legal(graph)
+    assert len(legal) == 10  # {0,1,3} and {0,2,3} re-enter the group
+
+
+def test_enumeration_matches_brute_force_on_a_real_graph(model_cache):
+    graph = model_cache("mlp_tiny").graph
+    # Truncate to the first 7 nodes (Bell(7) = 877 partitions) to keep the brute force fast.
+    from fusion_rl.graph.opgraph import OpGraph
+
+    small = OpGraph(graph.nodes[:7], [e for e in graph.edges if e.dst < 7], outputs=[6], name="head")
+    assert {p.hash for p in legal_plans(small)} == _brute_force_legal(small)
+
+
+def test_legal_plan_counts(model_cache):
+    # Both are chains: every subset of edges to contract is a distinct, convex plan (2^edges).
+    assert len(legal_plans(model_cache("mlp_tiny").graph)) == 1024
+    assert len(legal_plans(model_cache("cnn_plain").graph)) == 4096
+
+
+def test_too_many_plans_is_refused_before_measuring(model_cache, store):
+    model = model_cache("cnn_plain")
+    m = measurer(store)
+    with pytest.raises(ConfigError, match="more than 100 connected partitions"):
+        exhaustive(model, m, budget=10_000, max_plans=100)
+    assert m.stats.misses == 0
+
+
+def test_neighbourhoods_stay_legal_and_connected(mlp2):
+    import numpy as np
+
+    graph = mlp2.graph
+    rng = np.random.default_rng(0)
+    space = {p.hash for p in legal_plans(graph)}
+    plan = FusionPlan.singletons(len(graph), graph.fingerprint)
+    assert len(merge_candidates(graph, plan)) == len(graph.edges)
+    for _ in range(50):
+        merges = merge_candidates(graph, plan)
+        if rng.uniform() < 0.5 or not merges:
+            plan = peel_node(graph, plan, rng)
+        else:
+            plan = merges[int(rng.integers(len(merges)))]
+        assert plan.hash in space
+
+
+# ---- budgets and accounting -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", [0, -3, 1.5, True])
+@pytest.mark.parametrize("algo", ["random", "greedy", "annealing", "exhaustive"])
+def test_bad_budgets_are_rejected(mlp2, store, algo, budget):
+    m = measurer(store)
+    with pytest.raises(ConfigError, match="budget"):
+        run_search(algo, mlp2, m, budget)
+    assert m.stats.misses == 0
+
+
+@pytest.mark.parametrize("algo", ["random", "greedy", "annealing"])
+def test_search_returns_a_legal_plan_within_budget(model_cache, store, algo):
+    model = model_cache("mlp_tiny")
+    m = measurer(store)
+    result = SEARCHES[algo](model, m, budget=4, seed=1)
+    assert result.best_plan is not None and check_plan(model.graph, result.best_plan).legal
+    assert result.best_plan.fingerprint == model.fingerprint
+    assert result.evaluations <= 4 and result.measurements_spent <= 4
+    assert result.measurements_spent == m.stats.misses  # a fresh store: every evaluation is a miss
+    assert result.measurements_spent == result.evaluations
+    assert len(result.history) == result.evaluations
+    bests = [b for _, b in result.history]
+    assert bests == sorted(bests, reverse=True) and bests[-1] == result.best_ms
+    assert store.get(m.key(model, result.best_plan)).median_ms == result.best_ms
+    assert json.loads(json.dumps(result.to_dict()))["algo"] == algo
+
+
+@pytest.mark.parametrize("algo", ["random", "greedy", "annealing", "exhaustive"])
+def test_identical_search_on_the_same_store_spends_nothing(mlp2, store, algo):
+    first = run_search(algo, mlp2, measurer(store), budget=16 if algo == "exhaustive" else 5, seed=3)
+    m = measurer(store)
+    again = run_search(algo, mlp2, m, budget=16 if algo == "exhaustive" else 5, seed=3)
+    assert first.measurements_spent > 0
+    assert again.measurements_spent == 0 and m.stats.misses == 0
+    assert again.best_plan.hash == first.best_plan.hash and again.best_ms == first.best_ms
+    assert again.evaluations == first.evaluations
+
+
+def test_greedy_takes_the_best_measured_merge(mlp2, store):
+    m = measurer(store)
+    result = greedy(mlp2, m, budget=100)
+    assert result.info["stop"] == "no improving merge"
+    # The result is a local optimum: no single legal merge of it measures faster.
+    for cand in merge_candidates(mlp2.graph, result.best_plan):
+        record = m.measure(mlp2, cand)
+        assert record.status != "ok" or record.median_ms >= result.best_ms
+
+
+def test_exhaustive_is_an_oracle(mlp2, store):
+    others = [
+        random_search(mlp2, measurer(store), budget=6, seed=0),
+        greedy(mlp2, measurer(store), budget=8),
+        annealing(mlp2, measurer(store), budget=6, seed=0),
+    ]
+    already = len(store)
+    m = measurer(store)
+    with pytest.raises(ConfigError, match=r"--budget 16"):
+        exhaustive(mlp2, m, budget=16 - already - 1)  # one short of the plans not yet measured
+    assert m.stats.misses == 0
+    oracle = exhaustive(mlp2, m, budget=16 - already)
+    assert oracle.info["legal_plans"] == 16 and oracle.evaluations == 16
+    assert oracle.measurements_spent == 16 - already == m.stats.misses
+    for other in others:
+        assert oracle.best_ms <= other.best_ms, other.algo
+    # ... and it is the minimum over every stored median of this model.
+    medians = [r.median_ms for r in store.records(model_fingerprint=mlp2.fingerprint, status="ok")]
+    assert math.isclose(oracle.best_ms, min(medians))
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+
+
+def test_cli_search_json_and_saved_plan(capsys, tmp_path):
+    argv = ["search", "mlp_tiny", "--algo", "random", "--budget", "2", "--json", "--repeat", "3",
+            "--min-repeat-ms", "5", "--store", str(tmp_path / "m.sqlite"), "-o", str(tmp_path / "best.json")]
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["measurements_spent"] <= 2 and data["best_ms"] > 0 and data["tvm_ms"] > 0
+    assert data["speedup_vs_tvm"] == pytest.approx(data["tvm_ms"] / data["best_ms"])
+    assert FusionPlan.load(tmp_path / "best.json").hash == data["best_plan_hash"]
+
+
+@pytest.mark.parametrize("budget", ["0", "-1"])
+def test_cli_rejects_non_positive_budget(capsys, budget):
+    with pytest.raises(SystemExit) as exc:
+        main(["search", "mlp_tiny", "--algo", "greedy", "--budget", budget])
+    assert exc.value.code == 2 and "must be > 0" in capsys.readouterr().err
+
+
+def test_cli_exhaustive_refusal_is_one_line(capsys, tmp_path):
+    code = main(["search", "se_cnn", "--algo", "exhaustive", "--budget", "5", "--store", str(tmp_path / "m.sqlite")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: exhaustive search") and "connected partitions" in err
