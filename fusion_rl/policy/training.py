@@ -1,0 +1,426 @@
+"""Training of the fusion policy: config, run directory, checkpoints, logs, resume.
+
+:func:`train` is the whole procedure and reads top to bottom, CleanRL style: config -> run
+directory -> env -> model (fresh or from the latest checkpoint) -> callbacks -> ``learn`` ->
+final model. ``scripts/train.py`` and ``fusion-rl train`` are thin wrappers around it.
+
+A run directory ``runs/<env>__<exp>__<seed>__<time>/`` holds:
+
+==========================  ===================================================================
+``config.json``             the full, resolved config (what :func:`train` ran with)
+``checkpoints/step_N.zip``  model + optimizer after ``N`` env steps, written via temp + rename
+``final_model.zip``         the model after ``total_timesteps``
+``episodes.jsonl``          one line per finished episode: reward, latency, speedup vs ``tvm``,
+                            measurements spent
+``tb/``                     TensorBoard event files (SB3's logger + episode scalars)
+``wandb/``                  Weights & Biases files (offline by default; ``wandb sync`` later)
+==========================  ===================================================================
+
+Checkpoints are taken at the start of a rollout, when the last PPO update has finished, so a
+checkpoint never holds half an update; a kill at any moment leaves the previous complete
+checkpoint. :func:`train` with ``resume=run_dir`` reloads the config and the latest checkpoint,
+drops episode lines logged after it and continues to the same ``total_timesteps``. Latencies
+measured before the kill are in the measurement store, so resuming costs no measurement twice.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from stable_baselines3.common.callbacks import BaseCallback
+
+from fusion_rl.errors import ConfigError
+from fusion_rl.policy.config import from_mapping
+from fusion_rl.policy.policy import PPOConfig
+
+__all__ = [
+    "TrainConfig",
+    "TrainingCallback",
+    "latest_checkpoint",
+    "load_config",
+    "make_env",
+    "save_atomic",
+    "train",
+]
+
+WANDB_MODES = ("offline", "online", "disabled")
+_CHECKPOINT_RE = re.compile(r"^step_(\d+)\.zip$")
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved as ``config.json`` in the run directory."""
+
+    #: Env spec YAML (``envs/*.yaml``), relative to the working directory, the config file or
+    #: the repository root, in that order, or a spec name (``tiny``: ``envs/tiny.yaml``).
+    #: ``None``: the env id's defaults.
+    env_spec: str | None = "envs/tiny.yaml"
+    #: Registered Gymnasium id; ``"module:Id-v0"`` imports ``module`` first.
+    env_id: str = "fusion_rl/Fusion-v0"
+    #: Extra keyword arguments of ``gymnasium.make``.
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    exp_name: str = "default"
+    total_timesteps: int = 20_000
+    seed: int = 0
+    #: Env steps between checkpoints (rounded up to whole rollouts of ``ppo.n_steps``).
+    checkpoint_every: int = 1_024
+    #: ``offline`` (default: no network needed), ``online`` or ``disabled``.
+    wandb: str = "offline"
+    wandb_project: str = "fusion_rl"
+    #: Episodes in the running means of the progress bar.
+    window: int = 20
+    #: torch intra-op threads. The GNN runs on graphs of tens of nodes, where extra threads only
+    #: contend (20x slower on a loaded 2-core machine) and take cores from TVM's measurements.
+    torch_threads: int = 1
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "config") -> TrainConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+        data = dict(data)
+        ppo = PPOConfig.from_dict(data.pop("ppo", None), f"{where}.ppo")
+        config = from_mapping(cls, {**data, "ppo": ppo}, where)
+        if config.wandb not in WANDB_MODES:
+            raise ConfigError(f"{where}.wandb: {config.wandb!r} is not one of {WANDB_MODES}")
+        for name in ("total_timesteps", "checkpoint_every", "window", "torch_threads"):
+            if getattr(config, name) <= 0:
+                raise ConfigError(f"{where}.{name} must be > 0, got {getattr(config, name)}")
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def env_name(self) -> str:
+        """Short env name for run names: the spec file's stem, else the env id's name."""
+        if self.env_spec:
+            return Path(self.env_spec).stem
+        return self.env_id.split(":")[-1].split("/")[-1]
+
+
+def load_config(path: str | os.PathLike[str]) -> TrainConfig:
+    """Read a YAML (or JSON) training config; paths in it are resolved (see :attr:`TrainConfig.env_spec`)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read training config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    config = TrainConfig.from_dict(data if data is not None else {}, where=str(path))
+    if config.env_spec:
+        config.env_spec = str(_resolve(config.env_spec, path.parent))
+    return config
+
+
+def _resolve(spec: str, config_dir: Path) -> Path:
+    candidates = [Path(spec), config_dir / spec, _REPO_ROOT / spec, _REPO_ROOT / "envs" / f"{spec}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ConfigError(f"env spec {spec!r} not found (looked in {', '.join(str(c.parent) for c in candidates)})")
+
+
+def make_env(config: TrainConfig):
+    """The training env, wrapped in SB3's ``Monitor`` (episode reward and length in ``info``)."""
+    import gymnasium as gym
+    from stable_baselines3.common.monitor import Monitor
+
+    if ":" not in config.env_id and config.env_id.startswith("fusion_rl/"):
+        import fusion_rl.env  # noqa: F401  registers fusion_rl/Fusion-v0
+    kwargs = dict(config.env_kwargs)
+    if config.env_spec:
+        kwargs.setdefault("spec", config.env_spec)
+    try:
+        env = gym.make(config.env_id, **kwargs)
+    except gym.error.Error as exc:
+        raise ConfigError(f"cannot make env {config.env_id!r}: {exc}") from None
+    return Monitor(env)
+
+
+def save_atomic(model: Any, path: Path) -> None:
+    """Save an SB3 model to ``path`` so that ``path`` is either absent, old or complete.
+
+    The zip is built in memory, written to a hidden temp file in the same directory, flushed to
+    disk and renamed over ``path``: a kill at any point leaves at most a stray temp file.
+    """
+    buffer = io.BytesIO()
+    model.save(buffer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(buffer.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[int, Path] | None:
+    """``(step, path)`` of the newest ``checkpoints/step_N.zip``, or ``None``."""
+    found = []
+    for p in (Path(run_dir) / "checkpoints").glob("step_*.zip"):
+        m = _CHECKPOINT_RE.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return max(found) if found else None
+
+
+def _episode_record(info: dict[str, Any], step: int, episode: int) -> dict[str, Any]:
+    """One ``episodes.jsonl`` line from the final ``info`` of an episode.
+
+    The env reports its own metrics in ``info`` (see ``FusionEnv``); missing ones are ``None``.
+    """
+    monitor = info.get("episode", {})
+    latency = info.get("latency_ms")
+    tvm = info.get("reference_latency_ms")  # TVM's own fusion (FuseOps) of the same model
+    speedup = info.get("speedup_vs_tvm")
+    if speedup is None and latency and tvm:
+        speedup = tvm / latency
+    return {
+        "global_step": step,
+        "episode": episode,
+        "reward": float(monitor.get("r", 0.0)),
+        "length": int(monitor.get("l", 0)),
+        "model": info.get("model"),
+        "target": info.get("target"),
+        "latency_ms": latency,
+        "tvm_latency_ms": tvm,
+        "speedup_vs_tvm": speedup,
+        "measurements": info.get("measurements"),
+        "status": info.get("measurement_status"),
+        "invalid_actions": info.get("invalid_actions"),
+        "plan_hash": info.get("plan_hash"),
+        "time": time.time(),
+    }
+
+
+class TrainingCallback(BaseCallback):
+    """Checkpoints, the episode log, TensorBoard/W&B episode scalars and the progress bar.
+
+    :param run_dir: The run directory.
+    :param checkpoint_every: Env steps between checkpoints; taken at rollout start, i.e. after
+        a whole PPO update.
+    :param total_timesteps: For the progress bar.
+    :param window: Episodes in the running means shown in the bar.
+    :param wandb_run: A W&B run to log episodes to, or ``None``.
+    :param progress: Show a tqdm bar.
+    """
+
+    def __init__(
+        self, run_dir: Path, checkpoint_every: int, total_timesteps: int, window: int = 20,
+        wandb_run: Any = None, progress: bool = True,
+    ) -> None:
+        super().__init__()
+        self.run_dir = run_dir
+        self.checkpoint_every = checkpoint_every
+        self.total_timesteps = total_timesteps
+        self.wandb_run = wandb_run
+        self.progress = progress
+        self.rewards: deque[float] = deque(maxlen=window)
+        self.speedups: deque[float] = deque(maxlen=window)
+        self.episodes = 0
+        self.last_checkpoint = 0
+        self.bar = None
+        self._log = None
+
+    def _on_training_start(self) -> None:
+        self.last_checkpoint = self.num_timesteps  # a resumed run has this checkpoint already
+        self.episodes = _count_lines(self.run_dir / "episodes.jsonl")
+        self._log = open(self.run_dir / "episodes.jsonl", "a", buffering=1)
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total_timesteps, initial=self.num_timesteps, unit="step",
+                            dynamic_ncols=True, desc=self.run_dir.name[:40])
+
+    def _on_rollout_start(self) -> None:
+        if self.num_timesteps - self.last_checkpoint >= self.checkpoint_every:
+            self.save_checkpoint()
+
+    def save_checkpoint(self) -> Path:
+        path = self.run_dir / "checkpoints" / f"step_{self.num_timesteps}.zip"
+        save_atomic(self.model, path)
+        self.last_checkpoint = self.num_timesteps
+        return path
+
+    def _on_rollout_end(self) -> None:
+        # SB3 dumps the last update's train/* values only after the next rollout; they are
+        # still in the logger here, so W&B gets them without syncing TensorBoard files.
+        if self.wandb_run is not None:
+            train = {k: v for k, v in self.logger.name_to_value.items() if k.startswith("train/")}
+            if train:
+                self.wandb_run.log(train, step=self.num_timesteps)
+
+    def _on_step(self) -> bool:
+        if self.bar is not None:
+            self.bar.update(self.num_timesteps - self.bar.n)
+        for done, info in zip(self.locals["dones"], self.locals["infos"]):
+            if done:
+                self._log_episode(info)
+        return True
+
+    def _log_episode(self, info: dict[str, Any]) -> None:
+        self.episodes += 1
+        record = _episode_record(info, self.num_timesteps, self.episodes)
+        assert self._log is not None
+        self._log.write(json.dumps(record) + "\n")
+        self.rewards.append(record["reward"])
+        if record["speedup_vs_tvm"] is not None:
+            self.speedups.append(float(record["speedup_vs_tvm"]))
+        scalars = {k: record[k] for k in ("reward", "length", "latency_ms", "speedup_vs_tvm", "measurements")
+                   if record[k] is not None}
+        for key, value in scalars.items():
+            self.logger.record_mean(f"episode/{key}", value)
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"episode/{k}": v for k, v in scalars.items()}, step=self.num_timesteps)
+        if self.bar is not None:
+            postfix = {"reward": f"{np.mean(self.rewards):.3f}"}
+            if self.speedups:
+                postfix["vs_tvm"] = f"{np.mean(self.speedups):.3f}x"
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def _on_training_end(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self._log is not None:
+            self._log.close()
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with open(path) as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
+def _truncate_episodes(path: Path, step: int) -> None:
+    """Drop episode lines logged after ``step`` (by a run killed after its last checkpoint)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["global_step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by the kill
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def run_name(config: TrainConfig) -> str:
+    """``<env>__<exp>__<seed>__<unix time>``, CleanRL's deterministic run name."""
+    return f"{config.env_name}__{config.exp_name}__{config.seed}__{int(time.time())}"
+
+
+def _init_wandb(config: TrainConfig, run_dir: Path, mode: str) -> Any:
+    if mode == "disabled":
+        return None
+    import wandb
+
+    # The run id is derived from the run directory so a resumed run appends to the same W&B run.
+    run_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_dir.name)[:64]
+    return wandb.init(
+        project=config.wandb_project, name=run_dir.name, id=run_id, resume="allow",
+        dir=str(run_dir), mode=mode, config=config.to_dict(), settings=wandb.Settings(console="off"),
+    )
+
+
+def train(
+    config: TrainConfig | None = None,
+    *,
+    runs_dir: str | os.PathLike[str] = "runs",
+    resume: str | os.PathLike[str] | None = None,
+    wandb_mode: str | None = None,
+    progress: bool = True,
+    verbose: int = 0,
+) -> Path:
+    """Train (or resume training) a fusion policy; returns the run directory.
+
+    :param config: The run's config; ignored with ``resume`` (the run's own ``config.json`` is
+        used, so a resumed run cannot silently change hyperparameters).
+    :param runs_dir: Parent of new run directories.
+    :param resume: A run directory to continue from its latest checkpoint.
+    :param wandb_mode: Overrides ``config.wandb`` (e.g. ``"disabled"`` for tests).
+    :param progress: Show the progress bar.
+    """
+    import torch
+    from sb3_contrib import MaskablePPO
+    from stable_baselines3.common.utils import set_random_seed
+
+    from fusion_rl.policy.policy import make_model
+
+    # 1. Config and run directory: a new one, or the one being resumed.
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "config.json").is_file():
+            raise ConfigError(f"--resume {run_dir}: not a run directory (no config.json)")
+        config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()), f"{run_dir}/config.json")
+    else:
+        config = config if config is not None else TrainConfig()
+        run_dir = Path(runs_dir) / run_name(config)
+        run_dir.mkdir(parents=True, exist_ok=False)
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    mode = wandb_mode or config.wandb
+    if mode not in WANDB_MODES:
+        raise ConfigError(f"wandb mode {mode!r} is not one of {WANDB_MODES}")
+    checkpoint = latest_checkpoint(run_dir) if resume is not None else None
+    torch.set_num_threads(config.torch_threads)
+
+    # 2. Env (seeded through the model: SB3 seeds the VecEnv's first reset).
+    env = make_env(config)
+
+    # 3. Model: fresh, or the latest checkpoint (weights, optimizer state and step count).
+    if checkpoint is not None:
+        step, path = checkpoint
+        print(f"resuming {run_dir} from {path.name} at step {step}", flush=True)
+        model = MaskablePPO.load(path, env=env, device=config.ppo.device, tensorboard_log=str(run_dir / "tb"))
+        # A fresh stream per resume point: reproducible, and not a replay of the first steps.
+        model.set_random_seed(config.seed + step)
+        _truncate_episodes(run_dir / "episodes.jsonl", step)
+    else:
+        set_random_seed(config.seed)
+        model = make_model(env, config.ppo, seed=config.seed, tensorboard_log=str(run_dir / "tb"), verbose=verbose)
+        _truncate_episodes(run_dir / "episodes.jsonl", 0)
+    remaining = config.total_timesteps - model.num_timesteps
+    if remaining <= 0:
+        print(f"{run_dir} is already trained to {model.num_timesteps} steps", flush=True)
+        save_atomic(model, run_dir / "final_model.zip")
+        env.close()
+        return run_dir
+
+    # 4. Logging: episode JSONL + TensorBoard (SB3's logger) + W&B, and the progress bar.
+    wandb_run = _init_wandb(config, run_dir, mode)
+    callback = TrainingCallback(run_dir, config.checkpoint_every, config.total_timesteps,
+                                window=config.window, wandb_run=wandb_run, progress=progress)
+
+    # 5. Learn. ``reset_num_timesteps=False`` keeps counting from the checkpoint's step.
+    try:
+        model.learn(remaining, callback=callback, reset_num_timesteps=checkpoint is None,
+                    tb_log_name="ppo")
+        save_atomic(model, run_dir / "checkpoints" / f"step_{model.num_timesteps}.zip")
+        save_atomic(model, run_dir / "final_model.zip")
+    finally:
+        env.close()
+        if wandb_run is not None:
+            wandb_run.finish()
+    return run_dir
