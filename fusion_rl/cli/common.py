@@ -54,6 +54,7 @@ def add_plan_source(p: argparse.ArgumentParser, required: bool = True) -> None:
     src = p.add_mutually_exclusive_group(required=required)
     src.add_argument("--rules", help="a rule set: unfused, tvm, tensorrt, aggressive")
     src.add_argument("--plan", type=Path, help="a plan JSON file (from `fusion-rl plan -o`)")
+    src.add_argument("--policy", type=Path, help="an exported policy folder (policies/NAME)")
 
 
 def add_measure_args(p: argparse.ArgumentParser) -> None:
@@ -79,14 +80,25 @@ def load(args: argparse.Namespace):
     return load_model(args.model, shapes=parse_shapes(args.input_shape), seed=args.seed)
 
 
-def plan_for(args: argparse.Namespace, model):
-    from fusion_rl.fusion.legality import require_legal
+def make_plan_from_args(args: argparse.Namespace, model):
+    """The plan named by --rules, --plan or --policy (not yet checked for legality)."""
     from fusion_rl.fusion.plan import FusionPlan
     from fusion_rl.fusion.rules import make_plan
 
     if getattr(args, "rules", None):
         return make_plan(args.rules, model.mod, model.graph)
-    plan = FusionPlan.load(args.plan)
+    if getattr(args, "policy", None):
+        from fusion_rl.export import LearnedPlanner
+
+        return LearnedPlanner(args.policy, getattr(args, "target", "host")).plan(model.graph)
+    return FusionPlan.load(args.plan)
+
+
+def plan_for(args: argparse.Namespace, model):
+    """:func:`make_plan_from_args`, checked legal (IllegalPlanError names the violation)."""
+    from fusion_rl.fusion.legality import require_legal
+
+    plan = make_plan_from_args(args, model)
     require_legal(model.graph, plan)
     return plan
 

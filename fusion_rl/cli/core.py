@@ -12,6 +12,7 @@ from fusion_rl.cli.common import (
     add_model_args,
     add_plan_source,
     load,
+    make_plan_from_args,
     measurer,
     plan_for,
     print_table,
@@ -40,14 +41,8 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from fusion_rl.fusion.legality import check_plan
     from fusion_rl.fusion.metrics import plan_metrics
-    from fusion_rl.fusion.plan import FusionPlan
-    from fusion_rl.fusion.rules import make_plan
-
     model = load(args)
-    if args.rules:
-        plan = make_plan(args.rules, model.mod, model.graph)
-    else:
-        plan = FusionPlan.load(args.plan)
+    plan = make_plan_from_args(args, model)
     report = check_plan(model.graph, plan)
     if args.output:
         plan.save(args.output)
@@ -91,7 +86,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
     out = {
         "model": model.name,
         "fingerprint": model.fingerprint,
-        "plan": plan.name or str(args.plan),
+        "plan": plan.name or str(args.plan or args.policy),
         "plan_hash": plan.hash,
         "target": m.spec.key,
         "schedule": m.provider.name,
@@ -143,6 +138,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_plan_source(p)
     p.add_argument("-o", "--output", type=Path, help="save the plan as JSON")
+    p.add_argument("--target", default="host", help="target the policy plans for (with --policy)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
 

@@ -15,13 +15,13 @@ from fusion_rl.compiler.store import MeasurementStore, default_store_path
 from fusion_rl.compiler.target import HardwareFeatures, TargetSpec, hardware_features, parse_target
 from fusion_rl.env import spaces
 from fusion_rl.env.decisions import DecisionProcess, actions_for_plan
+from fusion_rl.env.observation import ObservationBuilder
 from fusion_rl.env.plan_index import PlanIndex, plan_index_path
 from fusion_rl.env.rewards import FAILURE_PENALTY, CostModel, Reward, RewardContext, make_reward
 from fusion_rl.env.spec import EnvSpec
 from fusion_rl.errors import ConfigError
 from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.fusion.rules import make_plan
-from fusion_rl.graph.features import NUM_EDGE_FEATURES, NUM_NODE_FEATURES, edge_index_and_features, node_features
 from fusion_rl.graph.model import Model, load_model
 
 #: Reward added for an invalid action (out of range, or FUSE where it is masked), which is then
@@ -49,12 +49,7 @@ class _ModelEntry:
     model: Model
     process: DecisionProcess
     tvm_plan: FusionPlan
-    node_static: np.ndarray  #: (max_nodes, NODE_DIM), static columns filled, dynamic zero
-    edge_static: np.ndarray  #: (max_edges, EDGE_DIM), likewise
-    edge_index: np.ndarray  #: (2, max_edges), zero-padded
-    node_mask: np.ndarray
-    edge_mask: np.ndarray
-    mac: np.ndarray = field(repr=False)  #: (num_nodes,) 1.0 for conv/matmul anchors
+    observer: ObservationBuilder = field(repr=False)
 
 
 class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
@@ -309,32 +304,11 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
             return self._entries[name]
         model = _load_model(name)
         graph = model.graph
-        n, m = len(graph), len(graph.edges)
         cfg = self.config
-        if n > cfg.max_nodes or m > cfg.max_edges:
-            raise ConfigError(
-                f"model {name!r} has {n} ops and {m} edges, but this env observes at most "
-                f"max_nodes={cfg.max_nodes} ops and max_edges={cfg.max_edges} edges; raise "
-                "max_nodes/max_edges in the env spec (the observation size changes with them)"
-            )
-        if m == 0:
-            raise ConfigError(f"model {name!r} has no edges, so there is no fusion decision to make")
-        node_static = np.zeros((cfg.max_nodes, spaces.NODE_DIM), dtype=np.float32)
-        node_static[:n, :NUM_NODE_FEATURES] = node_features(graph)
-        index, attr = edge_index_and_features(graph)
-        edge_static = np.zeros((cfg.max_edges, spaces.EDGE_DIM), dtype=np.float32)
-        edge_static[:m, :NUM_EDGE_FEATURES] = attr
-        edge_index = np.zeros((2, cfg.max_edges), dtype=np.int64)
-        edge_index[:, :m] = index
-        node_mask = np.zeros(cfg.max_nodes, dtype=np.float32)
-        node_mask[:n] = 1.0
-        edge_mask = np.zeros(cfg.max_edges, dtype=np.float32)
-        edge_mask[:m] = 1.0
         entry = _ModelEntry(
             name=name, model=model, process=DecisionProcess(graph, cfg.max_mac_anchors),
-            tvm_plan=make_plan("tvm", model.mod, graph), node_static=node_static,
-            edge_static=edge_static, edge_index=edge_index, node_mask=node_mask, edge_mask=edge_mask,
-            mac=np.array([node.is_mac_anchor for node in graph.nodes], dtype=np.float64),
+            tvm_plan=make_plan("tvm", model.mod, graph),
+            observer=ObservationBuilder(graph, cfg.max_nodes, cfg.max_edges),
         )
         self._entries[name] = entry
         return entry
@@ -367,40 +341,5 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
 
     def _observation(self) -> dict[str, np.ndarray]:
         entry = self._current()
-        process = entry.process
-        cfg = self.config
-        n, m = process.num_nodes, process.num_edges
-        label = process.label
-        k = NUM_NODE_FEATURES
-        nodes = entry.node_static.copy()
-        size = np.bincount(label, minlength=n)[label]
-        nodes[:n, k] = np.log2(1.0 + size) / 8.0
-        nodes[:n, k + 1] = np.bincount(label, weights=entry.mac, minlength=n)[label] > 0
-        current = process.current
-        if current is not None:
-            nodes[:n, k + 2] = label == label[process.src[current]]
-            nodes[:n, k + 3] = label == label[process.dst[current]]
-        undecided_in = np.bincount(process.dst[~process.decided], minlength=n)
-        nodes[:n, k + 4] = undecided_in == 0
-        edges = entry.edge_static.copy()
-        j = NUM_EDGE_FEATURES
-        edges[:m, j] = label[process.src] == label[process.dst]
-        edges[:m, j + 1] = process.decided
-        if current is not None:
-            edges[current, j + 2] = 1.0
-        group = np.zeros(cfg.max_nodes, dtype=np.int64)
-        group[:n] = label
-        decision = np.zeros(3, dtype=np.int64)
-        if current is not None:
-            decision[:] = (current, process.src[current], process.dst[current])
-        return {
-            "node_features": nodes,
-            "edge_index": entry.edge_index.copy(),
-            "edge_features": edges,
-            "node_mask": entry.node_mask.copy(),
-            "edge_mask": entry.edge_mask.copy(),
-            "group": group,
-            "decision": decision,
-            "hardware": self._hardware_vector(self._target_name).copy(),
-        }
+        return entry.observer.observe(entry.process, self._hardware_vector(self._target_name))
 

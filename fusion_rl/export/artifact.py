@@ -1,0 +1,141 @@
+"""The exported policy artifact: a self-contained folder a compiler user can load with torch.
+
+Layout of ``policies/NAME/``::
+
+    weights.safetensors   the network's tensors (a safe format: loading never unpickles)
+    card.json             architecture, feature schema, training suite, evaluation, versions,
+                          and a content hash over all of it
+
+The network is rebuilt from ``card["architecture"]`` (a class under ``fusion_rl.policy`` and
+its constructor kwargs) and loaded with the weights; no SB3 and no gymnasium are needed.
+Tampering with either file changes the content hash and is rejected; a card whose feature schema
+differs from the installed feature extractor is rejected with the two versions named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fusion_rl.errors import ConfigError, FusionRLError
+
+CARD_FORMAT = 1
+WEIGHTS_FILE = "weights.safetensors"
+CARD_FILE = "card.json"
+#: Only classes from these packages may be named in a card (a card is untrusted input).
+ALLOWED_MODULES = ("fusion_rl.policy.",)
+
+
+class PolicyArtifactError(FusionRLError):
+    """A policy folder is missing, incomplete, tampered with, or made for other features."""
+
+
+@dataclass
+class PolicyCard:
+    architecture: dict[str, Any]  #: {"class": "fusion_rl.policy.x.Y", "kwargs": {...}}
+    feature_schema: dict[str, Any]
+    observation: dict[str, Any]  #: max_nodes, max_edges, hw_dim of the trained network
+    training: dict[str, Any] = field(default_factory=dict)  #: suite, targets, schedule, steps, command
+    evaluation: dict[str, Any] = field(default_factory=dict)  #: results with their commands
+    versions: dict[str, str] = field(default_factory=dict)
+    content_hash: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": CARD_FORMAT,
+            "architecture": self.architecture,
+            "feature_schema": self.feature_schema,
+            "observation": self.observation,
+            "training": self.training,
+            "evaluation": self.evaluation,
+            "versions": self.versions,
+            "content_hash": self.content_hash,
+        }
+
+
+def content_hash(card: dict[str, Any], weights: bytes) -> str:
+    """sha256 over the card (without its own hash) and the weight bytes."""
+    body = {k: v for k, v in card.items() if k != "content_hash"}
+    h = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+    h.update(weights)
+    return h.hexdigest()
+
+
+def save_artifact(directory: str | os.PathLike, network: "torch.nn.Module", card: PolicyCard) -> Path:
+    """Write weights and card atomically (temp files, then rename)."""
+    from safetensors.torch import save
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = save({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()})
+    data = card.to_dict()
+    data["content_hash"] = content_hash(data, weights)
+    for name, blob in ((WEIGHTS_FILE, weights), (CARD_FILE, (json.dumps(data, indent=1) + "\n").encode())):
+        tmp = out / f".{name}.tmp"
+        tmp.write_bytes(blob)
+        os.replace(tmp, out / name)
+    card.content_hash = data["content_hash"]
+    return out
+
+
+def read_card(directory: str | os.PathLike) -> tuple[dict[str, Any], bytes]:
+    """The card and the weight bytes, checked for presence, format and content hash."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise PolicyArtifactError(f"policy folder not found: {folder}")
+    card_path, weights_path = folder / CARD_FILE, folder / WEIGHTS_FILE
+    for p in (card_path, weights_path):
+        if not p.is_file():
+            raise PolicyArtifactError(f"{folder} is not a policy artifact: {p.name} is missing")
+    try:
+        card = json.loads(card_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PolicyArtifactError(f"{card_path} is not valid JSON: {exc}") from None
+    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+        raise PolicyArtifactError(f"{card_path}: unsupported card format {card.get('format') if isinstance(card, dict) else card!r}")
+    weights = weights_path.read_bytes()
+    if card.get("content_hash") != content_hash(card, weights):
+        raise PolicyArtifactError(
+            f"{folder}: content hash mismatch; card.json or {WEIGHTS_FILE} was modified after export"
+        )
+    return card, weights
+
+
+def check_schema(card: dict[str, Any]) -> None:
+    """The card's feature schema must equal the installed one (features are a contract)."""
+    from fusion_rl.graph.features import feature_schema
+
+    installed = feature_schema()
+    theirs = card.get("feature_schema") or {}
+    if theirs != installed:
+        raise PolicyArtifactError(
+            f"policy was trained on feature schema v{theirs.get('version', '?')} but this fusion_rl "
+            f"extracts v{installed['version']}"
+            + ("" if theirs.get("version") != installed["version"] else " (same version, different features)")
+            + "; re-export it from its run with this version, or install the matching fusion_rl"
+        )
+
+
+def load_network(directory: str | os.PathLike) -> tuple["torch.nn.Module", dict[str, Any]]:
+    """Rebuild the network named by the card and load its weights (eval mode)."""
+    from safetensors.torch import load
+
+    card, weights = read_card(directory)
+    check_schema(card)
+    arch = card.get("architecture") or {}
+    cls_path = str(arch.get("class", ""))
+    if not cls_path.startswith(ALLOWED_MODULES):
+        raise PolicyArtifactError(f"card names class '{cls_path}', outside {ALLOWED_MODULES}")
+    module_name, _, cls_name = cls_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+        network = cls(**dict(arch.get("kwargs") or {}))
+        network.load_state_dict(load(weights))
+    except (ImportError, AttributeError, TypeError, RuntimeError, ConfigError) as exc:
+        raise PolicyArtifactError(f"cannot rebuild the policy network {cls_path}: {exc}".splitlines()[0]) from None
+    return network.eval(), card

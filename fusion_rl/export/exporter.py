@@ -1,0 +1,82 @@
+"""Export a training run (``runs/<run>/``) as a self-contained policy artifact."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from fusion_rl.errors import ConfigError
+from fusion_rl.export.artifact import PolicyCard, save_artifact
+
+
+def export_run(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    evaluation: dict[str, Any] | None = None,
+    command: str = "",
+) -> Path:
+    """Write ``out_dir/{weights.safetensors, card.json}`` from the run's final model."""
+    from sb3_contrib import MaskablePPO
+
+    from fusion_rl.compiler.store import library_versions
+    from fusion_rl.graph.features import feature_schema
+    from fusion_rl.policy.network import PolicyNetwork
+    from fusion_rl.policy.training import latest_checkpoint
+
+    run = Path(run_dir)
+    config_path = run / "config.json"
+    if not config_path.is_file():
+        raise ConfigError(f"{run} is not a training run: config.json is missing")
+    config = json.loads(config_path.read_text())
+    model_path = run / "final_model.zip"
+    if not model_path.is_file():
+        latest = latest_checkpoint(run)
+        if latest is None:
+            raise ConfigError(f"{run} has neither final_model.zip nor a checkpoint to export")
+        model_path = latest[1]
+    # The run directory is our own training output, so loading its SB3 zip is trusted here;
+    # the artifact written below is safetensors + JSON, which never unpickles.
+    model = MaskablePPO.load(str(model_path), device="cpu")
+    network = PolicyNetwork.from_sb3(model)
+    obs_space = model.observation_space
+    training = {
+        "run": run.name,
+        "checkpoint": model_path.name,
+        "timesteps": int(model.num_timesteps),
+        "env_spec": config.get("env_spec"),
+        "seed": config.get("seed"),
+        "config": config,
+        "command": f"python scripts/train.py --config <config> --seed {config.get('seed')}",
+    }
+    spec = _env_spec(config.get("env_spec"))
+    if spec is not None:
+        training.update(models=list(spec.models), targets=list(spec.targets),
+                        schedule=spec.schedule, reward=spec.reward)
+    card = PolicyCard(
+        architecture={"class": f"{PolicyNetwork.__module__}.{PolicyNetwork.__name__}", "kwargs": network.config},
+        feature_schema=feature_schema(),
+        observation={
+            "max_nodes": int(obs_space["node_features"].shape[0]),
+            "max_edges": int(obs_space["edge_features"].shape[0]),
+            "hw_dim": int(obs_space["hardware"].shape[0]),
+        },
+        training=training,
+        evaluation=dict(evaluation or {}),
+        versions=dict(kv.split("=", 1) for kv in library_versions().split(";")),
+    )
+    if command:
+        card.training["export_command"] = command
+    return save_artifact(out_dir, network, card)
+
+
+def _env_spec(path: str | None):
+    if not path:
+        return None
+    from fusion_rl.env.spec import EnvSpec
+
+    try:
+        return EnvSpec.resolve(path)
+    except (ConfigError, OSError):  # the card is still useful without the suite; the config is in it
+        return None

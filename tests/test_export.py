@@ -1,0 +1,163 @@
+"""The policy artifact and the LearnedFusion pass (issue: ship the policy as a TVM plugin)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import tvm
+
+from fusion_rl.cli import main
+from fusion_rl.compiler.build import compile_module
+from fusion_rl.compiler.schedules import make_schedule
+from fusion_rl.compiler.verify import reference_outputs, verify_executable
+from fusion_rl.env.spaces import EDGE_DIM, NODE_DIM
+from fusion_rl.export import PASS_NAME, LearnedFusion, LearnedPlanner, PolicyArtifactError, load_network
+from fusion_rl.export.artifact import CARD_FILE, WEIGHTS_FILE, PolicyCard, content_hash, save_artifact
+from fusion_rl.fusion.legality import check_plan
+from fusion_rl.graph.features import feature_schema
+from fusion_rl.graph.zoo import ZOO
+from fusion_rl.policy.network import PolicyNetwork
+
+FEATURES = dict(node_dim=NODE_DIM, edge_dim=EDGE_DIM, hw_dim=10, hidden=16, heads=2, num_layers=2, hw_hidden=8)
+
+
+def _artifact(path, fuse_bias: float = 0.0):
+    torch.manual_seed(0)
+    net = PolicyNetwork(FEATURES, [16])
+    with torch.no_grad():  # bias the head so the plan has fused groups whatever the weights
+        net.action.bias[1] += fuse_bias
+    card = PolicyCard(
+        architecture={"class": "fusion_rl.policy.network.PolicyNetwork", "kwargs": net.config},
+        feature_schema=feature_schema(),
+        observation={"max_nodes": 64, "max_edges": 128, "hw_dim": 10},
+        training={"models": ["test"]},
+    )
+    return save_artifact(path, net, card)
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    return _artifact(tmp_path_factory.mktemp("policy") / "p", fuse_bias=5.0)
+
+
+def test_artifact_round_trip_is_exact(policy_dir):
+    net, card = load_network(policy_dir)
+    again, _ = load_network(policy_dir)
+    obs = {k: torch.as_tensor(v)[None] for k, v in _some_observation().items()}
+    assert torch.equal(net(obs), again(obs))
+    assert card["architecture"]["class"].endswith("PolicyNetwork")
+    assert (policy_dir / WEIGHTS_FILE).read_bytes()[:8] != b"PK\x03\x04"  # not a pickle zip
+
+
+def _some_observation():
+    from fusion_rl.env.decisions import DecisionProcess
+    from fusion_rl.env.observation import ObservationBuilder
+    from _tiny import diamond
+
+    g = diamond()
+    return ObservationBuilder(g, 8, 8).observe(DecisionProcess(g), np.zeros(10, np.float32))
+
+
+@pytest.mark.parametrize(
+    "tamper, words",
+    [
+        (lambda d: (d / CARD_FILE).unlink(), "card.json is missing"),
+        (lambda d: (d / WEIGHTS_FILE).unlink(), "weights.safetensors is missing"),
+        (lambda d: (d / CARD_FILE).write_text("{oops"), "not valid JSON"),
+        (lambda d: (d / WEIGHTS_FILE).write_bytes((d / WEIGHTS_FILE).read_bytes()[:-4] + b"\0\0\0\0"), "content hash mismatch"),
+        (lambda d: _edit_card(d, lambda c: c["training"].update(models=["other"])), "content hash mismatch"),
+        (lambda d: _edit_card(d, lambda c: c["architecture"].update({"class": "os.system"}), rehash=True), "outside"),
+        (lambda d: _edit_card(d, lambda c: c["feature_schema"].update(version=99), rehash=True), "feature schema v99"),
+        (lambda d: _edit_card(d, lambda c: c["feature_schema"]["node_features"].pop(), rehash=True), "different features"),
+    ],
+)
+def test_bad_policy_folders_are_rejected(tmp_path, policy_dir, tamper, words):
+    target = tmp_path / "p"
+    shutil.copytree(policy_dir, target)
+    tamper(target)
+    with pytest.raises(PolicyArtifactError, match=words):
+        load_network(target)
+
+
+def _edit_card(folder, edit, rehash: bool = False):
+    card = json.loads((folder / CARD_FILE).read_text())
+    edit(card)
+    if rehash:  # a consistent but incompatible artifact: the schema check must catch it
+        card["content_hash"] = content_hash(card, (folder / WEIGHTS_FILE).read_bytes())
+    (folder / CARD_FILE).write_text(json.dumps(card))
+
+
+def test_cli_rejects_missing_policy_in_one_line(capsys, tmp_path):
+    assert main(["plan", "mlp_tiny", "--policy", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: policy folder not found") and len(err.splitlines()) == 1
+
+
+def test_pass_is_registered_and_usable_by_name(policy_dir, model_cache):
+    model = model_cache("resnet_tiny")
+    make = tvm.get_global_func(PASS_NAME)
+    fused = tvm.transform.Sequential([make(str(policy_dir), "host")])(model.mod)
+    assert any(gv.name_hint.startswith("fused_") for gv in fused.get_global_vars())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_pass_never_changes_numerics(name, policy_dir, model_cache, target):
+    model = model_cache(name)
+    learned = LearnedFusion(str(policy_dir), "host")
+    fused = learned(model.mod)
+    plan = learned.last_plan
+    assert check_plan(model.graph, plan).legal and plan.fused_groups  # it did fuse something
+    ex, _, _ = compile_module(fused, target, make_schedule("naive"))
+    assert verify_executable(ex, model, "learned").ok
+
+
+def test_planner_is_deterministic_and_legal(policy_dir, model_cache):
+    graph = model_cache("gpt_tiny").graph
+    a = LearnedPlanner(policy_dir).plan(graph)
+    b = LearnedPlanner(policy_dir).plan(graph)
+    assert a == b and check_plan(graph, a).legal
+
+
+def test_compile_then_run_matches_onnxruntime(policy_dir, model_cache, tmp_path, capsys):
+    model = model_cache("cnn_plain")
+    lib = tmp_path / "cnn.so"
+    assert main(["compile", "cnn_plain", "--policy", str(policy_dir), "--schedule", "rules", "-o", str(lib)]) == 0
+    np.save(tmp_path / "x.npy", model.inputs[0])
+    assert main(["run", str(lib), "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy")]) == 0
+    expected, _ = reference_outputs(model)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected[0], rtol=1e-4, atol=1e-5)
+    sidecar = json.loads((tmp_path / "cnn.so.json").read_text())
+    assert sidecar["inputs"][0]["shape"] == list(model.inputs[0].shape)
+
+
+def test_export_run_from_an_sb3_model(tmp_path):
+    """A MaskablePPO in a run dir -> artifact whose network gives the actor's logits."""
+    import gymnasium as gym
+
+    import fusion_rl.env  # noqa: F401  (registers the env)
+    from fusion_rl.export.exporter import export_run
+    from fusion_rl.policy.policy import make_model
+
+    env = gym.make("fusion_rl/Fusion-v0", spec="tiny", reward="e2e", store=str(tmp_path / "s.sqlite"))
+    model = make_model(env, {"n_steps": 8, "batch_size": 8,
+                             "features_extractor_kwargs": {"hidden": 8, "heads": 2, "num_layers": 1, "hw_hidden": 4}},
+                       seed=0)
+    run = tmp_path / "run"
+    run.mkdir()
+    model.save(run / "final_model.zip")
+    (run / "config.json").write_text(json.dumps({"env_spec": "tiny", "seed": 0}))
+    out = export_run(run, tmp_path / "policy")
+    net, card = load_network(out)
+    assert card["training"]["models"] == ["mlp_tiny", "cnn_plain"]
+    obs, _ = env.reset(seed=0)
+    t_obs = {k: torch.as_tensor(v)[None] for k, v in obs.items()}
+    with torch.no_grad():
+        dist = model.policy.get_distribution(model.policy.obs_to_tensor(obs)[0])
+        expected = dist.distribution.logits
+        got = torch.log_softmax(net(t_obs), dim=-1)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
