@@ -133,3 +133,37 @@ def test_group_times_split_deduplicated_fused_kernels(model_cache):
         "fused_matmul_add_relu_n0": 1.0, "fused_matmul_add_relu_n3": 4.0, "fused_matmul_add_n9": 0.5,
     })
     assert times == {(0, 1, 2): 1.0, (3, 4, 5): 2.0, (6, 7, 8): 2.0, (9, 10): 0.5}
+
+
+@pytest.mark.slow
+def test_worker_dies_with_its_parent(tmp_path):
+    """A killed caller leaves no orphan worker still tuning or timing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    script = textwrap.dedent(
+        """
+        import sys, time
+        from fusion_rl.compiler.worker import Worker
+        w = Worker(1)
+        print(w._proc.pid, flush=True)
+        time.sleep(600)
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    worker_pid = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    for _ in range(100):
+        try:
+            os.kill(worker_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(worker_pid, signal.SIGKILL)
+        pytest.fail("the worker outlived its parent")

@@ -1,0 +1,66 @@
+"""Regenerate experiments/compile_libraries/: the comparison table and charts for each model.
+
+Usage: python scripts/compile_libraries.py experiments/compile_libraries/config.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from fusion_rl.compare import compare_model, machine_description, to_markdown, write_report
+from fusion_rl.compiler.store import MeasurementStore, default_store_path
+from fusion_rl.compiler.target import parse_target
+from fusion_rl.compiler.timing import TimingProtocol
+from fusion_rl.errors import ConfigError
+from fusion_rl.graph.model import load_model
+
+KEYS = {"models", "schedules", "tuned_models", "trials_per_task", "target", "repeat", "min_repeat_ms"}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--store", type=Path, default=None)
+    args = parser.parse_args()
+    cfg = yaml.safe_load(args.config.read_text())
+    unknown = set(cfg) - KEYS
+    if unknown:
+        raise ConfigError(f"{args.config}: unknown keys {sorted(unknown)}; allowed {sorted(KEYS)}")
+    out = args.config.parent
+    spec = parse_target(cfg["target"])
+    protocol = TimingProtocol(repeat=cfg["repeat"], min_repeat_ms=cfg["min_repeat_ms"])
+    schedules = [(s, {"trials_per_task": cfg["trials_per_task"]} if s == "tuned" else {})
+                 for s in cfg["schedules"]]
+    command = f"python scripts/compile_libraries.py {args.config}"
+    sections = [
+        "# Compile libraries on the same machine\n",
+        f"Machine: {machine_description(spec.num_threads)}; target `{spec.key}`.  ",
+        f"Protocol: median of {protocol.repeat} repeats (each >= {protocol.min_repeat_ms} ms), "
+        "spread = IQR; every output verified against ONNX Runtime before timing.  ",
+        f"`tuned` = MetaSchedule, {cfg['trials_per_task']} trials per task; its setup time "
+        "includes tuning (zero when the tuning database already had the kernel).  ",
+        f"Command: `{command}`\n",
+    ]
+    with MeasurementStore(args.store or default_store_path()) as store:
+        for name in cfg["models"]:
+            t0 = time.perf_counter()
+            model = load_model(name)
+            tuned_ok = name in cfg.get("tuned_models", cfg["models"])
+            mine = [(s, kw) for s, kw in schedules if s != "tuned" or tuned_ok]
+            rows = compare_model(model, mine, spec.name, store, protocol)
+            header = f"Command: `{command}`\n"
+            write_report(rows, out, name, header)
+            sections.append(to_markdown(rows, f"{name} ({len(model.graph)} ops)"))
+            sections.append(f"![{name}]({name}.png)\n\nwall time {time.perf_counter() - t0:.0f} s\n")
+            print(f"{name}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    (out / "README.md").write_text("\n".join(sections))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Regenerate the tables of experiments/fusion_effects/: latency, spread, kernels, intermediate
+bytes and the per-kernel time breakdown of every rule set under every schedule provider.
+
+Usage: python scripts/fusion_effects.py experiments/fusion_effects/config.yaml
+The written analysis lives in experiments/fusion_effects/README.md; this script writes
+results.md and results.json beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from fusion_rl.compare import machine_description
+from fusion_rl.compiler.kernels import group_kernel_times
+from fusion_rl.compiler.measure import Measurer
+from fusion_rl.compiler.store import MeasurementStore, default_store_path
+from fusion_rl.compiler.target import parse_target
+from fusion_rl.compiler.timing import TimingProtocol
+from fusion_rl.errors import ConfigError
+from fusion_rl.fusion.metrics import plan_metrics
+from fusion_rl.fusion.rules import RULE_SETS, make_plan
+from fusion_rl.graph.model import load_model
+
+KEYS = {"models", "schedules", "tuned_models", "trials_per_task", "target", "repeat", "min_repeat_ms"}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--store", type=Path, default=None)
+    args = parser.parse_args()
+    cfg = yaml.safe_load(args.config.read_text())
+    if set(cfg) - KEYS:
+        raise ConfigError(f"{args.config}: unknown keys {sorted(set(cfg) - KEYS)}")
+    spec = parse_target(cfg["target"])
+    protocol = TimingProtocol(repeat=cfg["repeat"], min_repeat_ms=cfg["min_repeat_ms"])
+    rows = []
+    lines = [
+        "# Fusion effects: measured tables\n",
+        f"Machine: {machine_description(spec.num_threads)}; target `{spec.key}`; protocol "
+        f"`{protocol.key}` (median of {protocol.repeat} repeats, spread = IQR).  ",
+        f"Command: `python scripts/fusion_effects.py {args.config}`\n",
+        "`kernel sum` is the sum of per-kernel times (each kernel re-run on its live inputs); the "
+        "rest of the end-to-end time is VM dispatch, allocation and thread-pool wake-ups.\n",
+    ]
+    with MeasurementStore(args.store or default_store_path()) as store:
+        for name in cfg["models"]:
+            model = load_model(name)
+            plans = {r: make_plan(r, model.mod, model.graph) for r in RULE_SETS}
+            lines += [f"## {name} ({len(model.graph)} ops)\n",
+                      "| schedule | rules | median ms | IQR ms | vs unfused | kernels | kernel sum ms | intermediate KiB | multi-anchor groups |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            for schedule in cfg["schedules"]:
+                if schedule == "tuned" and name not in cfg.get("tuned_models", cfg["models"]):
+                    continue  # tuning costs minutes per kernel set; see tuned_models
+                kwargs = {"trials_per_task": cfg["trials_per_task"]} if schedule == "tuned" else {}
+                t0 = time.perf_counter()
+                with Measurer(spec, schedule, kwargs, store=store, protocol=protocol, timeout_s=1800) as m:
+                    base = None
+                    for rules, plan in plans.items():
+                        rec = m.measure(model, plan, per_kernel=True)
+                        met = plan_metrics(model.graph, plan)
+                        row = {"model": name, "schedule": schedule, "rules": rules, "status": rec.status,
+                               "median_ms": rec.median_ms, "spread_ms": rec.spread_ms,
+                               "kernels": rec.num_kernels, **met.to_dict(), "error": rec.error}
+                        if rec.status == "ok":
+                            groups = group_kernel_times(model.graph, plan, rec.kernel_times_ms or {})
+                            row["kernel_sum_ms"] = sum(groups.values())
+                            row["top_groups"] = sorted(
+                                ([[model.graph.nodes[i].op for i in g], ms] for g, ms in groups.items()),
+                                key=lambda x: -x[1])[:5]
+                            base = base or rec.median_ms
+                            lines.append(
+                                f"| {schedule} | {rules} | {rec.median_ms:.3f} | {rec.spread_ms:.3f} | "
+                                f"{base / rec.median_ms:.2f}x | {rec.num_kernels} | {row['kernel_sum_ms']:.3f} | "
+                                f"{met.intermediate_bytes / 1024:.1f} | {met.multi_anchor_groups} |")
+                        else:
+                            lines.append(f"| {schedule} | {rules} | {rec.status} | | | | | | {met.multi_anchor_groups} |")
+                        rows.append(row)
+                print(f"{name}/{schedule}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            lines.append("")
+    out = args.config.parent
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
