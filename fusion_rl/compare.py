@@ -18,6 +18,7 @@ from fusion_rl.compiler.store import MeasurementStore
 from fusion_rl.compiler.target import parse_target
 from fusion_rl.compiler.timing import TimingProtocol
 from fusion_rl.fusion.metrics import plan_metrics
+from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.fusion.rules import RULE_SETS, make_plan
 from fusion_rl.graph.model import Model
 
@@ -45,9 +46,12 @@ def compare_model(
     store: MeasurementStore | None = None,
     protocol: TimingProtocol = TimingProtocol(),
     runtimes: Sequence[str] = RUNTIMES,
+    plans: dict[str, FusionPlan] | None = None,
 ) -> list[CompareRow]:
+    """Rows for every plan (default: every rule set) under every schedule, then runtimes."""
     rows: list[CompareRow] = []
-    plans = {r: make_plan(r, model.mod, model.graph) for r in RULE_SETS}
+    if plans is None:
+        plans = {r: make_plan(r, model.mod, model.graph) for r in RULE_SETS}
     spec = parse_target(target)
     for schedule, kwargs in schedules:
         with Measurer(spec, schedule, dict(kwargs), store=store, protocol=protocol) as measurer:
