@@ -20,7 +20,7 @@ from collections import deque
 import numpy as np
 
 from fusion_rl.errors import IllegalPlanError, PlanMismatchError
-from fusion_rl.fusion.legality import PATTERN_OPAQUE
+from fusion_rl.fusion.legality import PATTERN_OPAQUE, reaches_via_other
 from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.graph.opgraph import OpGraph
 
@@ -137,29 +137,7 @@ class DecisionProcess:
         return not self._reaches_via_other(a, b)
 
     def _reaches_via_other(self, a: int, b: int) -> bool:
-        """Is group ``b`` reachable from group ``a`` through at least one other group?"""
-        label = self.label
-        last_b = self.members[b][-1]
-        # A group whose smallest node comes after b's last node cannot reach b (edges go forward).
-        seen: set[int] = {a, b}
-        queue: deque[int] = deque()
-        for u in self.members[a]:
-            for v in self._succ[u]:
-                g = int(label[v])
-                if g not in seen and g < last_b:
-                    seen.add(g)
-                    queue.append(g)
-        while queue:
-            g = queue.popleft()
-            for u in self.members[g]:
-                for v in self._succ[u]:
-                    h = int(label[v])
-                    if h == b:
-                        return True
-                    if h not in seen and h < last_b:
-                        seen.add(h)
-                        queue.append(h)
-        return False
+        return reaches_via_other(self._succ, self.label, self.members, a, b)
 
 
 def actions_for_plan(graph: OpGraph, plan: FusionPlan, max_mac_anchors: int | None = None) -> list[int]:

@@ -140,6 +140,40 @@ def require_legal(graph: OpGraph, plan: FusionPlan) -> LegalityReport:
     return report
 
 
+def reaches_via_other(
+    succ: list[list[int]], label, members: dict[int, list[int]], a: int, b: int
+) -> bool:
+    """Does group ``a`` reach group ``b`` through at least one other group?
+
+    For a legal plan and an edge from group ``a`` to group ``b``, merging them is legal exactly
+    when this is False: a path a -> other -> b would make the merged group non-convex or create
+    a cycle between groups. (A path b -> ... -> a cannot exist: with the edge a -> b it would
+    already be a cycle.) ``label`` maps node -> group, ``members`` group -> nodes.
+
+    The search runs over groups, not nodes, and cannot be pruned by node order: a path may
+    enter a group through a late node and leave it through an early one.
+    """
+    seen: set[int] = {a, b}
+    queue: deque[int] = deque()
+    for u in members[a]:
+        for v in succ[u]:
+            h = int(label[v])
+            if h not in seen:
+                seen.add(h)
+                queue.append(h)
+    while queue:
+        g = queue.popleft()
+        for u in members[g]:
+            for v in succ[u]:
+                h = int(label[v])
+                if h == b:
+                    return True
+                if h not in seen:
+                    seen.add(h)
+                    queue.append(h)
+    return False
+
+
 def is_convex(group: set[int], graph: OpGraph) -> bool:
     """True if no path leaves ``group`` and comes back (used by env masks and search too)."""
     return _reentry_path(group, graph.successor_lists()) is None

@@ -8,11 +8,55 @@ groups and plans at the legality boundary (every rejected merge was one step fro
 
 from __future__ import annotations
 
+from typing import Callable, Iterable
+
 import numpy as np
 
-from fusion_rl.fusion.legality import PATTERN_OPAQUE, is_convex
+from fusion_rl.fusion.legality import PATTERN_OPAQUE, reaches_via_other
 from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.graph.opgraph import OpGraph
+
+
+def grow_plan(
+    graph: OpGraph,
+    edge_order: Iterable[int],
+    accept: Callable[[], bool] = lambda: True,
+    start: FusionPlan | None = None,
+    max_anchors: int | None = None,
+    name: str = "grown",
+) -> FusionPlan:
+    """Merge along the edges in ``edge_order`` (indices into ``graph.edges``) whenever the merge
+    keeps the plan legal and ``accept()`` says yes. ``start`` must be legal; so is the result.
+
+    Legal merges: neither end opaque, at most ``max_anchors`` conv/matmul per group, and no path
+    between the two groups through a third one (:func:`~fusion_rl.fusion.legality.reaches_via_other`).
+    """
+    succ = graph.successor_lists()
+    label = list(range(len(graph)))
+    members: dict[int, list[int]] = {n: [n] for n in range(len(graph))}
+    if start is not None:
+        members = {g[0]: list(g) for g in start.groups}
+        for g in start.groups:
+            for n in g:
+                label[n] = g[0]
+    macs = {g: sum(graph.nodes[n].is_mac_anchor for n in ms) for g, ms in members.items()}
+    for k in edge_order:
+        e = graph.edges[int(k)]
+        a, b = label[e.src], label[e.dst]
+        if a == b or not accept():
+            continue
+        if PATTERN_OPAQUE in (graph.nodes[e.src].pattern, graph.nodes[e.dst].pattern):
+            continue
+        if max_anchors is not None and macs[a] + macs[b] > max_anchors:
+            continue
+        if reaches_via_other(succ, label, members, a, b):
+            continue
+        keep, gone = min(a, b), max(a, b)  # labels stay the smallest node id of each group
+        for n in members[gone]:
+            label[n] = keep
+        members[keep] = members[keep] + members.pop(gone)
+        macs[keep] = macs[keep] + macs.pop(gone)
+    return FusionPlan.from_assignment(label, graph.fingerprint, name)
 
 
 def random_plan(
@@ -28,29 +72,8 @@ def random_plan(
     conv/matmul anchors per group (``None``: no cap).
     """
     p = float(rng.uniform()) if merge_prob is None else merge_prob
-    owner = start.group_of() if start is not None else list(range(len(graph)))
-    members: dict[int, set[int]] = {}
-    for n, g in enumerate(owner):
-        members.setdefault(g, set()).add(n)
-    macs = {g: sum(graph.nodes[n].is_mac_anchor for n in ms) for g, ms in members.items()}
-    for k in rng.permutation(len(graph.edges)):
-        e = graph.edges[int(k)]
-        a, b = owner[e.src], owner[e.dst]
-        if a == b or rng.uniform() >= p:
-            continue
-        if PATTERN_OPAQUE in (graph.nodes[e.src].pattern, graph.nodes[e.dst].pattern):
-            continue
-        if max_anchors is not None and macs[a] + macs[b] > max_anchors:
-            continue
-        merged = members[a] | members[b]
-        if not is_convex(merged, graph):
-            continue
-        for n in members[b]:
-            owner[n] = a
-        members[a] = merged
-        macs[a] += macs.pop(b)
-        del members[b]
-    return FusionPlan.from_assignment(owner, graph.fingerprint, "random")
+    order = rng.permutation(len(graph.edges))
+    return grow_plan(graph, order, lambda: bool(rng.uniform() < p), start, max_anchors, "random")
 
 
 def mutate_plan(graph: OpGraph, plan: FusionPlan, rng: np.random.Generator) -> FusionPlan:

@@ -18,7 +18,7 @@ import tvm
 from tvm import relax
 
 from fusion_rl.errors import ConfigError
-from fusion_rl.fusion.legality import PATTERN_OPAQUE, is_convex, require_legal
+from fusion_rl.fusion.legality import require_legal
 from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.graph.opgraph import OpGraph
 
@@ -95,24 +95,12 @@ def tensorrt(mod: tvm.IRModule, graph: OpGraph) -> FusionPlan:
 
 def aggressive(mod: tvm.IRModule, graph: OpGraph) -> FusionPlan:
     """Greedy maximal fusion: merge along every edge, in program order, while the merged group
-    stays convex and free of opaque ops. Anchors are not limited: this is the upper bound on
+    stays legal (convex, acyclic between groups, no opaque op). Anchors are not limited: this is the upper bound on
     fusion, not a recommendation."""
-    members: dict[int, set[int]] = {n: {n} for n in range(len(graph))}
-    owner = list(range(len(graph)))
-    for e in sorted(graph.edges, key=lambda e: (e.dst, e.src)):
-        a, b = owner[e.src], owner[e.dst]
-        if a == b:
-            continue
-        if graph.nodes[e.src].pattern == PATTERN_OPAQUE or graph.nodes[e.dst].pattern == PATTERN_OPAQUE:
-            continue
-        merged = members[a] | members[b]
-        if not is_convex(merged, graph):
-            continue
-        for n in members[b]:
-            owner[n] = a
-        members[a] = merged
-        del members[b]
-    return FusionPlan.from_assignment(owner, graph.fingerprint, "aggressive")
+    from fusion_rl.fusion.random_plans import grow_plan
+
+    order = sorted(range(len(graph.edges)), key=lambda k: (graph.edges[k].dst, graph.edges[k].src))
+    return grow_plan(graph, order, name="aggressive")
 
 
 RULE_SETS: dict[str, RuleSet] = {
