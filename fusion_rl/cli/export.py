@@ -24,7 +24,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"--evaluation {args.evaluation}: {exc}") from None
     command = "fusion-rl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    out = export_run(args.run_dir, args.output, evaluation, command)
+    out = export_run(args.run_dir, args.output, evaluation, command, args.train_command or "")
     card = json.loads((out / "card.json").read_text())
     print(f"exported {args.run_dir} -> {out} (content hash {card['content_hash'][:16]})")
     return 0
@@ -112,6 +112,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", type=Path)
     p.add_argument("-o", "--output", type=Path, required=True, help="policy folder, e.g. policies/NAME")
     p.add_argument("--evaluation", type=Path, help="a JSON file of evaluation results for the card")
+    p.add_argument("--train-command", help="the command that trained the run, for the card")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("compile", help="compile a model with a fusion policy (or rules) to a .so")

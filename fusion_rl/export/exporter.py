@@ -16,6 +16,7 @@ def export_run(
     out_dir: str | os.PathLike,
     evaluation: dict[str, Any] | None = None,
     command: str = "",
+    train_command: str = "",
 ) -> Path:
     """Write ``out_dir/{weights.safetensors, card.json}`` from the run's final model."""
     from sb3_contrib import MaskablePPO
@@ -48,7 +49,7 @@ def export_run(
         "env_spec": config.get("env_spec"),
         "seed": config.get("seed"),
         "config": config,
-        "command": f"python scripts/train.py --config <config> --seed {config.get('seed')}",
+        "command": train_command or f"python scripts/train.py --config CONFIG --seed {config.get('seed')}",
     }
     spec = _env_spec(config.get("env_spec"))
     if spec is not None:
