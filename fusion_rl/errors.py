@@ -55,3 +55,13 @@ class StoreError(FusionRLError):
 
 class ConfigError(FusionRLError):
     """A config file, target name, provider name or CLI option is invalid."""
+
+
+def describe_yaml_error(exc: Exception) -> str:
+    """PyYAML's error in one line: the problem and where (its own message spans several
+    lines with a caret diagram, which a CLI error must not)."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    if mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return problem

@@ -85,9 +85,9 @@ def make_plan_from_args(args: argparse.Namespace, model):
     from fusion_rl.fusion.plan import FusionPlan
     from fusion_rl.fusion.rules import make_plan
 
-    if getattr(args, "rules", None):
+    if getattr(args, "rules", None) is not None:
         return make_plan(args.rules, model.mod, model.graph)
-    if getattr(args, "policy", None):
+    if getattr(args, "policy", None) is not None:
         from fusion_rl.export import LearnedPlanner
 
         return LearnedPlanner(args.policy, getattr(args, "target", "host")).plan(model.graph)

@@ -8,6 +8,7 @@ protocol); an identical request is served from the store and costs nothing.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +16,8 @@ from fusion_rl.compiler.schedules import make_schedule
 from fusion_rl.compiler.store import MeasurementKey, MeasurementRecord, MeasurementStore, library_versions
 from fusion_rl.compiler.target import TargetSpec, parse_target
 from fusion_rl.compiler.timing import TimingProtocol
-from fusion_rl.compiler.worker import MeasureJob, Worker, run_job
+from fusion_rl.compiler.worker import FAULTS, MeasureJob, Worker, run_job
+from fusion_rl.errors import ConfigError
 from fusion_rl.fusion.legality import require_legal
 from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.graph.model import Model
@@ -62,6 +64,8 @@ class Measurer:
     stats: MeasureStats = field(default_factory=MeasureStats)
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.timeout_s, (int, float)) and math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise ConfigError(f"timeout_s must be a finite number of seconds > 0, got {self.timeout_s!r}")
         self.spec = parse_target(self.target)
         # Validates the provider name and options up front (bad budget, unknown name).
         self.provider = make_schedule(self.schedule, **self.schedule_kwargs)
@@ -93,6 +97,8 @@ class Measurer:
         measurement). A plan that fails to build, gives a wrong output, crashes or hangs yields
         a record with that status, which is stored too, so it is not retried without reason.
         """
+        if fault is not None and fault not in FAULTS:
+            raise ConfigError(f"unknown fault {fault!r}; injectable faults: {', '.join(FAULTS)}")
         require_legal(model.graph, plan)
         key = self.key(model, plan)
         if self.store is not None and fault is None:

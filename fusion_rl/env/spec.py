@@ -31,7 +31,7 @@ from typing import Any, Mapping
 
 from fusion_rl.compiler.timing import TimingProtocol
 from fusion_rl.env.spaces import DEFAULT_MAX_EDGES, DEFAULT_MAX_NODES
-from fusion_rl.errors import ConfigError
+from fusion_rl.errors import ConfigError, describe_yaml_error
 
 #: Reward modes (see :mod:`fusion_rl.env.rewards`).
 REWARD_MODES = ("e2e", "kernel", "model")
@@ -116,7 +116,7 @@ class EnvSpec:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"env spec {path} is not valid YAML: {exc}") from None
+            raise ConfigError(f"env spec {path} is not valid YAML: {describe_yaml_error(exc)}") from None
         return cls.from_dict(data if data is not None else {}, str(path), path.resolve().parent)
 
     @classmethod

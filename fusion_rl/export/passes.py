@@ -31,7 +31,7 @@ from fusion_rl.export.artifact import load_network
 from fusion_rl.fusion.apply import ApplyFusionPlan
 from fusion_rl.fusion.legality import check_plan
 from fusion_rl.fusion.plan import FusionPlan
-from fusion_rl.graph.importer import _check_only_call_tir
+from fusion_rl.graph.importer import check_legalized
 from fusion_rl.graph.opgraph import OpGraph, extract_opgraph
 
 PASS_NAME = "fusion_rl.transform.LearnedFusion"
@@ -94,7 +94,7 @@ class LearnedFusion:
         self.last_plan: FusionPlan | None = None
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        _check_only_call_tir(mod)
+        check_legalized(mod)
         graph = extract_opgraph(mod)
         self.last_plan = self.planner.plan(graph)
         return ApplyFusionPlan(self.last_plan, graph)(mod)

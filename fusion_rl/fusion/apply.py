@@ -81,7 +81,14 @@ def apply_plan(mod: tvm.IRModule, plan: FusionPlan, graph: OpGraph | None = None
     """Apply ``plan`` to a legalized module; user errors raise typed fusion_rl errors."""
     from fusion_rl.errors import FusionRLError
 
-    graph = graph if graph is not None else extract_opgraph(mod)
+    if graph is None:
+        from fusion_rl.graph.importer import check_legalized
+
+        try:
+            check_legalized(mod)
+        except FusionRLError as exc:
+            raise CompileError(f"apply_plan needs a legalized module (fusion_rl.graph.importer.legalize): {exc}") from None
+        graph = extract_opgraph(mod)
     # Checked here, in Python, as well as in the pass: an exception raised inside a pass comes
     # back through TVM's FFI as a generic error, and users need the typed IllegalPlanError.
     require_legal(graph, plan)

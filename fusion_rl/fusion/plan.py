@@ -152,4 +152,8 @@ class FusionPlan:
             raise IllegalPlanError(f"plan file not found: {path}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise IllegalPlanError(f"plan file {path} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise IllegalPlanError(f"plan file {path} is nested too deeply to be a plan") from None
+        except OSError as exc:
+            raise IllegalPlanError(f"cannot read plan file {path}: {exc.strerror or exc}") from None
         return cls.from_dict(data)

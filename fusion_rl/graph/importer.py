@@ -9,6 +9,7 @@ what :mod:`fusion_rl.graph.opgraph` turns into an operator graph and what
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from pathlib import Path
@@ -20,7 +21,7 @@ import onnx
 import tvm
 from tvm import relax
 
-from fusion_rl.errors import DynamicShapeError, ModelImportError, UnsupportedOperatorError
+from fusion_rl.errors import ConfigError, DynamicShapeError, ModelImportError, UnsupportedOperatorError
 
 #: Passes that turn an imported Relax module into one ``call_tir`` per operator, with pattern
 #: kinds, constants folded. This is the prefix of TVM's CPU pipeline *before* FuseOps.
@@ -45,8 +46,30 @@ def legalize(mod: tvm.IRModule) -> tvm.IRModule:
         raise UnsupportedOperatorError(
             f"TVM could not legalize the model: {_first_line(exc)}"
         ) from None
-    _check_only_call_tir(mod)
+    check_legalized(mod)
     return mod
+
+
+#: Refuse models whose inputs and weights alone need more than this share of free memory.
+MEMORY_FRACTION = 0.5
+
+
+def check_size(model: onnx.ModelProto, shape_dict: Mapping[str, Sequence[int]]) -> None:
+    """Refuse, up front and in one line, a model too large for this machine's memory."""
+    import psutil
+
+    dtype_bytes = {1: 4, 2: 1, 3: 1, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 16: 2}
+    elem = {i.name: dtype_bytes.get(i.type.tensor_type.elem_type, 4) for i in model.graph.input}
+    need = sum(math.prod(s) * elem.get(n, 4) for n, s in shape_dict.items())
+    need += sum(
+        math.prod(t.dims) * dtype_bytes.get(t.data_type, 4) for t in model.graph.initializer
+    )
+    free = psutil.virtual_memory().available
+    if need > MEMORY_FRACTION * free:
+        raise ModelImportError(
+            f"the model's inputs and weights need {need / 2**30:.1f} GiB, more than half the "
+            f"{free / 2**30:.1f} GiB of free memory; use smaller --input-shape values"
+        )
 
 
 def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
@@ -75,6 +98,12 @@ def onnx_input_shapes(
     """The concrete shape of each graph input; dynamic dims must be given in ``shapes``."""
     shapes = dict(shapes or {})
     initializers = {i.name for i in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in initializers]
+    unknown = sorted(set(shapes) - set(inputs))
+    if unknown:
+        raise ConfigError(
+            f"--input-shape names unknown input(s) {', '.join(unknown)}; the inputs are {', '.join(inputs)}"
+        )
     result: dict[str, tuple[int, ...]] = {}
     for inp in model.graph.input:
         if inp.name in initializers:
@@ -101,6 +130,7 @@ def from_onnx(
     if not isinstance(model, onnx.ModelProto):
         model = load_onnx(model)
     shape_dict = onnx_input_shapes(model, shapes)
+    check_size(model, shape_dict)
     unsupported = _unsupported_onnx_ops(model)
     if unsupported:
         raise UnsupportedOperatorError(
@@ -159,7 +189,7 @@ def random_inputs(mod: tvm.IRModule, seed: int = 0) -> list[np.ndarray]:
         if dtype.startswith("int"):
             arrays.append(rng.integers(0, 8, size=shape).astype(dtype))
         else:
-            arrays.append(rng.standard_normal(shape).astype(dtype))
+            arrays.append(rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False))
     return arrays
 
 
@@ -173,13 +203,18 @@ def _unsupported_onnx_ops(model: onnx.ModelProto) -> set[str]:
     return {node.op_type for node in model.graph.node if node.op_type not in known}
 
 
-def _check_only_call_tir(mod: tvm.IRModule) -> None:
-    """After legalization, ``main`` must be call_tir ops plus tuple glue."""
+def check_legalized(mod: tvm.IRModule) -> None:
+    """``main`` must exist and be ``call_tir`` ops plus tuple glue (what legalization makes)."""
+    if "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
+        raise ModelImportError("the module has no 'main' function")
     main = mod["main"]
-    for block in main.body.blocks:
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    has_op = False
+    for block in getattr(main.body, "blocks", []):
         for binding in block.bindings:
             value = binding.value
-            if isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.call_tir"):
+            if isinstance(value, relax.Call) and value.op == call_tir:
+                has_op = True
                 continue
             if isinstance(value, (relax.TupleGetItem, relax.Tuple, relax.Var, tvm.ir.expr.Constant)):
                 continue
@@ -192,6 +227,8 @@ def _check_only_call_tir(mod: tvm.IRModule) -> None:
             raise UnsupportedOperatorError(
                 f"operator '{op}' has no TIR lowering (LegalizeOps left it as a Relax op)"
             )
+    if not has_op:
+        raise ModelImportError("the model has no operators left to fuse after legalization")
 
 
 def _first_line(exc: BaseException) -> str:

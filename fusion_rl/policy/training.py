@@ -39,7 +39,7 @@ import numpy as np
 import yaml
 from stable_baselines3.common.callbacks import BaseCallback
 
-from fusion_rl.errors import ConfigError
+from fusion_rl.errors import ConfigError, describe_yaml_error
 from fusion_rl.policy.config import from_mapping
 from fusion_rl.policy.policy import PPOConfig
 
@@ -118,7 +118,7 @@ def load_config(path: str | os.PathLike[str]) -> TrainConfig:
     except OSError as exc:
         raise ConfigError(f"cannot read training config {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{path}: not valid YAML: {describe_yaml_error(exc)}") from None
     config = TrainConfig.from_dict(data if data is not None else {}, where=str(path))
     if config.env_spec:
         config.env_spec = str(_resolve(config.env_spec, path.parent))
