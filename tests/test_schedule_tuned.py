@@ -153,3 +153,22 @@ def test_multi_anchor_kernel_is_safe(models: dict[str, tvm.IRModule], x: np.ndar
         models["twoconv"], TARGET)
     # Tuned and verified, or left naive: either way the values must be right.
     np.testing.assert_allclose(_run(scheduled, x), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_database_folder_is_locked_while_tuning(tmp_path):
+    """A second process cannot tune into a folder another one holds (it would corrupt it)."""
+    import fcntl
+    import threading
+
+    from fusion_rl.compiler.schedules.tuned import _exclusive
+
+    folder = tmp_path / "db"
+    entered = threading.Event()
+    with _exclusive(folder):
+        with open(folder / ".lock", "a") as other:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(folder / ".lock", "a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again after the block
+        entered.set()
+    assert entered.is_set()

@@ -51,6 +51,8 @@ Any kernel the database cannot schedule stays naive; ``schedule`` never raises f
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import inspect
 import json
@@ -62,6 +64,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import tvm
@@ -316,12 +319,19 @@ class TunedSchedule(ScheduleProvider):
         return self.database_dir / target_dir / f"t{self.trials_per_task}"
 
     def schedule(self, mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+        folder = self.db_path(target)
+        # One process at a time per database: JSONDatabase appends records that point at
+        # workloads by line number, so two processes tuning into one folder interleave their
+        # appends and corrupt it (seen here: a search and an experiment sharing the cache).
+        with _exclusive(folder):
+            return self._schedule(mod, target, folder)
+
+    def _schedule(self, mod: tvm.IRModule, target: tvm.target.Target, folder: Path) -> tvm.IRModule:
         kernels = {gv: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
         out = mod.clone()
         if not kernels:
             return out
         anchors = {gv: count_anchors(f) for gv, f in kernels.items()}
-        folder = self.db_path(target)
 
         # 1. Shared database: one task per distinct anchor (or per kernel, if "structural").
         shared = _open_database(folder / self.module_equality, self.module_equality)
@@ -436,6 +446,18 @@ def _check_writable(path: Path) -> None:
     except OSError as err:
         raise StoreError(f"tuning database dir {path} is not writable ({err}); "
                          "pass database_dir= or set FUSION_RL_CACHE") from err
+
+
+@contextlib.contextmanager
+def _exclusive(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (an flock on ``folder/.lock``) while inside."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _open_database(folder: Path, equality: str) -> ms.database.JSONDatabase:
