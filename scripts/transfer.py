@@ -1,0 +1,612 @@
+#!/usr/bin/env python
+"""The transfer experiment: train seeds, evaluate zero-shot, write ``experiments/transfer/README.md``.
+
+    FUSION_RL_CACHE=/tmp/frl_cache TVM_NUM_THREADS=2 \
+        python scripts/transfer.py experiments/transfer/config.yaml [--runs RUN_DIR ...] [--metaschedule]
+
+CleanRL style, top to bottom:
+
+1. read the experiment config and the training config it names;
+2. find a finished run per seed in ``runs_dir`` (or take ``--runs``); train the missing seeds
+   through :func:`fusion_rl.policy.training.train`;
+3. learning curves from each run's ``episodes.jsonl`` (PNG) and the measurements to parity
+   with ``tvm`` rules;
+4. the equal search budget (training measurements / training models, capped);
+5. :func:`fusion_rl.evaluate.evaluate` on the training models, held-out models and held-out
+   targets; rows to ``results.json``;
+6. the report: ``README.md`` (tables, plots, commands, machine, wall times);
+7. with ``--metaschedule``: ``tvm`` rules + MetaSchedule against learned fusion + MetaSchedule
+   at the same trials per task, to ``metaschedule.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fusion_rl.errors import ConfigError, FusionRLError  # noqa: E402
+from fusion_rl.evaluate import (  # noqa: E402
+    Case, SearchSettings, equal_budget, evaluate, geomean, learning_curve, load_policy, parity_point,
+    t_interval, training_stats,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", type=Path, help="experiment config (experiments/transfer/config.yaml)")
+    p.add_argument("--runs", type=Path, nargs="+", default=None, help="reuse these run dirs (one per seed)")
+    p.add_argument("--metaschedule", action="store_true", help="also write metaschedule.md (tuned, minutes per model)")
+    p.add_argument("--skip-eval", action="store_true", help="with --metaschedule: only the MetaSchedule table")
+    p.add_argument("--remeasure", type=int, default=0, metavar="ROUNDS",
+                   help="re-time the held-out-model cases' plans without the store, interleaved, ROUNDS rounds")
+    p.add_argument("--out-dir", type=Path, default=None, help="report folder (default: the config's folder)")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------
+# 1-2. config and runs
+# --------------------------------------------------------------------------------------------
+
+
+def find_run(runs_dir: Path, env_name: str, exp_name: str, seed: int) -> Path | None:
+    """The newest finished run ``<env>__<exp>__<seed>__<time>`` (one with ``final_model.zip``)."""
+    found = sorted(runs_dir.glob(f"{env_name}__{exp_name}__{seed}__*"), key=lambda p: p.name)
+    finished = [p for p in found if (p / "final_model.zip").is_file()]
+    return finished[-1] if finished else None
+
+
+def get_runs(cfg: dict[str, Any], train_config_path: Path, args: argparse.Namespace) -> tuple[list[Path], list[str]]:
+    """One run directory per seed (trained here if missing), and the commands that made them."""
+    from fusion_rl.policy.training import load_config, train
+
+    if args.runs:
+        for run in args.runs:
+            if not (run / "config.json").is_file():
+                raise ConfigError(f"--runs {run}: not a run directory (no config.json)")
+        seeds = [json.loads((run / "config.json").read_text())["seed"] for run in args.runs]
+        return list(args.runs), [
+            f"python scripts/train.py --config {cfg['train_config']} --seed {s} --wandb disabled" for s in seeds]
+    runs_dir = REPO / cfg.get("runs_dir", "runs")
+    runs, commands = [], []
+    for seed in cfg["seeds"]:
+        config = load_config(train_config_path)
+        config.seed = int(seed)
+        commands.append(f"python scripts/train.py --config {cfg['train_config']} --seed {seed} --wandb disabled")
+        run = find_run(runs_dir, config.env_name, config.exp_name, int(seed))
+        if run is None:
+            print(f"training seed {seed} ({config.total_timesteps} steps)", flush=True)
+            run = train(config, runs_dir=runs_dir, wandb_mode="disabled", progress=False)
+        runs.append(run)
+    return runs, commands
+
+
+# --------------------------------------------------------------------------------------------
+# 3. learning curves
+# --------------------------------------------------------------------------------------------
+
+
+def plot_curves(runs: list[Path], window: int, out: Path) -> list[dict[str, Any]]:
+    """Rolling speedup vs tvm over env steps and over measurements, one line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    parity = []
+    for run in runs:
+        seed = json.loads((run / "config.json").read_text())["seed"]
+        curve = learning_curve(run, window)
+        point = parity_point(curve, window)
+        parity.append({"seed": seed, "run": run, "point": point})
+        axes[0].plot(curve["step"], curve["rolling"], label=f"seed {seed}")
+        axes[1].plot(curve["measurements"], curve["rolling"], label=f"seed {seed}")
+    for ax, xlabel in zip(axes, ("env steps", "measurements spent (store misses)")):
+        ax.axhline(1.0, color="k", ls="--", lw=0.8, label="tvm rules")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"speedup vs tvm (rolling mean, {window} episodes)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Learning curves (training suite, host, rules schedule)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return parity
+
+
+def plot_heldout(rows: list[dict[str, Any]], out: Path) -> None:
+    """Per-case speedup vs tvm: learned (mean over seeds, min-max bar) and the rule sets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys((r["model"], r["target"]) for r in rows))
+    methods = ["learned", "unfused", "tensorrt", "aggressive"]
+    fig, ax = plt.subplots(figsize=(max(8, len(cases) * 0.9), 4))
+    width = 0.8 / len(methods)
+    for k, method in enumerate(methods):
+        means, lo, hi = [], [], []
+        for case in cases:
+            vals = [r["speedup_vs_tvm"] or 0.0 for r in rows if (r["model"], r["target"]) == case and r["method"] == method]
+            means.append(float(np.mean(vals)) if vals else 0.0)
+            lo.append(means[-1] - (min(vals) if vals else 0.0))
+            hi.append((max(vals) if vals else 0.0) - means[-1])
+        x = np.arange(len(cases)) + k * width
+        ax.bar(x, means, width, label=method, yerr=[lo, hi] if method == "learned" else None, capsize=2)
+    ax.axhline(1.0, color="k", ls="--", lw=0.8)
+    ax.set_xticks(np.arange(len(cases)) + 0.4 - width / 2)
+    ax.set_xticklabels([f"{m}\n{t}" for m, t in cases], fontsize=7)
+    ax.set_ylabel("speedup vs tvm rules")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. report
+# --------------------------------------------------------------------------------------------
+
+
+def rel(path: str | Path) -> str:
+    """``path`` relative to the repository when inside it."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def fmt(x: Any, spec: str = ".4f") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    return format(x, spec)
+
+
+def cell(row: dict[str, Any] | None) -> str:
+    """``latency (spread) ×speedup`` of one row."""
+    if row is None:
+        return "—"
+    if row["latency_ms"] is None:
+        return row["status"]
+    return f"{row['latency_ms']:.4f} ±{fmt(row['spread_ms'], '.4f')} ({fmt(row['speedup_vs_tvm'], '.2f')}×)"
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
+            if line.startswith("Model name"):
+                cpu = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    load = os.getloadavg()
+    from importlib import metadata
+
+    versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("apache-tvm", "torch", "sb3-contrib"))
+    return (f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}; "
+            f"{versions}; TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS')}; load average at the end "
+            f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (other jobs shared the 2 cores)")
+
+
+def learned_cell(rows: list[dict[str, Any]]) -> str:
+    """Median over seeds of the learned plan's latency, the seeds' range, mean speedup."""
+    lat = [r["latency_ms"] for r in rows if r["latency_ms"] is not None]
+    sp = [r["speedup_vs_tvm"] for r in rows if r["speedup_vs_tvm"] is not None]
+    if not lat:
+        return ", ".join(r["status"] for r in rows)
+    return f"{np.median(lat):.4f} [{min(lat):.4f}–{max(lat):.4f}] ({np.mean(sp):.2f}×)"
+
+
+def write_report(out_dir: Path, cfg: dict[str, Any], env_spec: Any, runs: list[Path], stats: list[dict[str, Any]],
+                 parity: list[dict[str, Any]], budget: dict[str, Any], rows: list[dict[str, Any]],
+                 commands: list[str], times: dict[str, float], argv: list[str]) -> None:
+    seeds = sorted({r["seed"] for r in rows if r["method"] == "learned"})
+    cases = list(dict.fromkeys((r["model"], r["target"], r["split"]) for r in rows))
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "learned"]
+    by = {(r["model"], r["target"], r["method"]): r for r in rows if r["method"] != "learned"}
+    learned = {(m, t): [r for r in rows if r["method"] == "learned" and (r["model"], r["target"]) == (m, t)]
+               for m, t, _ in cases}
+    run_cmd = "FUSION_RL_CACHE=/tmp/frl_cache TVM_NUM_THREADS=2 .venv/bin/python " + " ".join(shlex.quote(a) for a in argv)
+    L: list[str] = []
+    L.append("# Transfer: a learned fusion policy, zero-shot, on held-out models and a held-out target\n")
+    L.append("Generated by `scripts/transfer.py`; do not edit by hand. Reproduce with:\n")
+    L.append("```\n" + run_cmd + "\n```\n")
+    if commands:
+        L.append("Training commands (equivalent; the script calls `fusion_rl.policy.training.train` itself):\n")
+        L.append("```\n" + "\n".join(f"FUSION_RL_CACHE=/tmp/frl_cache TVM_NUM_THREADS=2 .venv/bin/{c}" for c in commands) + "\n```\n")
+    L.append(f"Machine: {machine()}.\n")
+    L.append(f"Setup: training suite {', '.join(env_spec.models)} on `{', '.join(env_spec.targets)}`; schedule provider "
+             f"`{env_spec.schedule}`; reward `{env_spec.reward}`; timing protocol {env_spec.protocol.key} "
+             f"(repeat={env_spec.protocol.repeat}, min_repeat_ms={env_spec.protocol.min_repeat_ms}); held-out models "
+             f"{', '.join(cfg['heldout_models'])}; held-out target(s) {', '.join(cfg['heldout_targets'])}. "
+             "Zero-shot: the policy takes its deterministic masked action on every edge; deciding spends 0 "
+             "measurements (checked: store misses before/after each decision), and its plan is measured once.\n")
+    L.append(f"Wall times: training {fmt(times.get('train_s'), '.0f')} s in total (per seed below), evaluation "
+             f"{fmt(times.get('eval_s'), '.0f')} s (measurements already in the store are free, so a rerun is faster), "
+             f"report total {fmt(times.get('total_s'), '.0f')} s.\n")
+
+    # Training.
+    L.append("## Training runs\n")
+    L.append("Seed 0's run is the one to export as the shipped policy.\n")
+    L.append("| seed | run dir | steps | episodes | measurements spent | failed episodes | wall s | parity with tvm (rolling mean ≥ 1.0) |")
+    L.append("|---|---|---|---|---|---|---|---|")
+    for s, p in zip(stats, parity):
+        point = p["point"]
+        par = (f"step {point['step']:.0f}, after {point['measurements']:.0f} measurements" if point else "not reached")
+        L.append(f"| {p['seed']} | `{rel(s['run_dir'])}` | "
+                 f"{s['steps']} | {s['episodes']} | {s['measurements']} | {s['failures']} | {fmt(s['wall_s'], '.0f')} | {par} |")
+    L.append("\nMeasurements are store misses on the shared store, so later seeds spend fewer (plans an earlier "
+             f"seed measured are free). Rolling window: {cfg.get('window', 20)} episodes, all {len(env_spec.models)} training "
+             "models mixed.\n")
+    L.append("![learning curves](learning_curves.png)\n")
+
+    # Budget convention.
+    L.append("## Search budget convention\n")
+    L.append(f"The policy spends 0 measurements at test time. Its cost is its training: on average "
+             f"{np.mean([s['measurements'] for s in stats]):.0f} measurements per seed over {len(env_spec.models)} "
+             f"training models, i.e. **{budget['amortized']} per training model** (amortized). The *equal* search budget is "
+             f"that number capped at {budget['cap']} for compute: **B = {budget['budget']}** plans per (model, target); the "
+             f"larger budget is {cfg['search']['multiplier']}×B = {budget['budget'] * cfg['search']['multiplier']}. "
+             + ("Because of the cap, search gets *fewer* measurements than the policy's amortized training cost. "
+                if budget['budget'] < budget['amortized'] else "")
+             + "Search runs on the training target only; the 10× budget only on "
+             f"{', '.join(cfg['search'].get('multiplied_models', [])) or 'no model'}. A search's reported latency is the best "
+             "of its noisy measurements (a winner's-curse bias in search's favour). Exhaustive oracle: "
+             + ("not run (mlp_tiny has 1,024 legal plans, cnn_plain 4,096: more than this session's compute)."
+                if not cfg["search"].get("exhaustive_models") else f"{', '.join(cfg['search']['exhaustive_models'])}.") + "\n")
+
+    # Headline and per-split tables.
+    for split, title in (("heldout-model", "Held-out models (training target)"),
+                         ("heldout-target", "Held-out target"), ("train", "Training models (training target)")):
+        split_cases = [c for c in cases if c[2] == split]
+        if not split_cases:
+            continue
+        L.append(f"## {title}\n")
+        L.append("Median latency in ms ± spread (the record's spread), and speedup vs `tvm` rules in parentheses; "
+                 f"`learned` is the median over {len(seeds)} seeds [min–max] and the mean speedup.\n")
+        cols = ["learned"] + methods
+        L.append("| model | target | " + " | ".join(cols) + " |")
+        L.append("|---|---|" + "---|" * len(cols))
+        for m, t, _ in split_cases:
+            cells = [learned_cell(learned[(m, t)])] + [cell(by.get((m, t, meth))) for meth in methods]
+            L.append(f"| {m} | {t} | " + " | ".join(cells) + " |")
+        L.append("")
+        # Kernels and bytes.
+        L.append("Kernels launched / intermediate bytes (KiB) of each plan (learned: seed 0; † = plan has a "
+                 "multi-anchor group):\n")
+        L.append("| model | target | " + " | ".join(cols) + " |")
+        L.append("|---|---|" + "---|" * len(cols))
+        for m, t, _ in split_cases:
+            first = next((r for r in learned[(m, t)] if r["seed"] == seeds[0]), None) if seeds else None
+            rs = [first] + [by.get((m, t, meth)) for meth in methods]
+            L.append(f"| {m} | {t} | " + " | ".join(
+                "—" if r is None or r["num_kernels"] is None else
+                f"{r['num_kernels']} / {r['intermediate_bytes'] / 1024:.0f}{' †' if r.get('multi_anchor_groups') else ''}"
+                for r in rs) + " |")
+        L.append("")
+
+    # Speedup statistics over seeds.
+    L.append("## Speedup of the learned policy vs `tvm` rules, over seeds\n")
+    L.append("Per seed: geometric mean over the split's cases of (tvm latency / learned latency). Then the mean "
+             "over seeds and a 95% confidence interval (Student t, n−1 degrees of freedom).\n")
+    L.append("| split | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | 95% CI | best rule set (geomean) |")
+    L.append("|---|" + "---|" * len(seeds) + "---|---|---|")
+    summary: dict[str, Any] = {}
+    for split in ("heldout-model", "heldout-target", "train"):
+        split_cases = [(m, t) for m, t, s in cases if s == split]
+        if not split_cases:
+            continue
+        per_seed = [geomean(r["speedup_vs_tvm"] for (m, t) in split_cases for r in learned[(m, t)] if r["seed"] == s)
+                    for s in seeds]
+        mean, lo, hi = t_interval(per_seed) if per_seed else (math.nan,) * 3
+        rule_gm = {meth: geomean(by[(m, t, meth)]["speedup_vs_tvm"] for m, t in split_cases if (m, t, meth) in by)
+                   for meth in ("unfused", "tensorrt", "aggressive")}
+        best = max(rule_gm, key=lambda k: rule_gm[k] if math.isfinite(rule_gm[k]) else -1)
+        summary[split] = {"per_seed": per_seed, "mean": mean, "ci": [lo, hi], "rules": rule_gm}
+        L.append(f"| {split} | " + " | ".join(f"{v:.3f}×" for v in per_seed)
+                 + f" | **{mean:.3f}×** | [{fmt(lo, '.3f')}, {fmt(hi, '.3f')}] | {best} {rule_gm[best]:.3f}× |")
+    for label in [m for m in methods if m.startswith("learned-")]:
+        for split in summary:
+            split_cases = [(m, t) for m, t, s_ in cases if s_ == split]
+            g = geomean(by[(m, t, label)]["speedup_vs_tvm"] for m, t in split_cases if (m, t, label) in by)
+            summary[split].setdefault("ablations", {})[label] = g
+        L.append(f"\nAblation `{label}` (one seed), geomean speedup vs tvm: "
+                 + ", ".join(f"{split} {summary[split]['ablations'][label]:.3f}×" for split in summary) + ".\n")
+    L.append("")
+
+    # Versus search.
+    search_rows = [r for r in rows if "@" in r["method"]]
+    ratios: dict[int, dict[str, list[float | None]]] = {}
+    if search_rows:
+        L.append("## Learned policy vs search\n")
+        L.append("Ratio = best search latency / learned latency (seed-median); ≥ 0.95 means the policy reaches 95% of "
+                 "that search's best plan. `evaluated` = distinct plans the search evaluated (its budget use); `new` = "
+                 "measurements it spent in this invocation (0 when the store already held its plans).\n")
+        L.append("| model | target | search | budget | evaluated | new | best ms | learned ms | ratio |")
+        L.append("|---|---|---|---|---|---|---|---|---|")
+        for r in search_rows:
+            lat = [x["latency_ms"] for x in learned[(r["model"], r["target"])] if x["latency_ms"] is not None]
+            lm = float(np.median(lat)) if lat else None
+            ratio = (r["latency_ms"] / lm) if (lm and r["latency_ms"]) else None
+            ratios.setdefault(r["budget"], {}).setdefault(r["model"], []).append(ratio)
+            L.append(f"| {r['model']} | {r['target']} | {r['algo']} | {r['budget']} | {r['evaluations']} | {r['measurements']} | "
+                     f"{fmt(r['latency_ms'])} | {fmt(lm)} | {fmt(ratio, '.3f')} |")
+        L.append("")
+    L.append("![per-case speedups](speedups.png)\n")
+
+    # Goals.
+    gm = summary.get("heldout-model", {}).get("mean", math.nan)
+    L.append("## Goals\n")
+    L.append(f"- Held-out geomean speedup ≥ 1.10× vs `tvm` rules *under `tuned`*: this table is under `{env_spec.schedule}` "
+             f"(mean over seeds {fmt(gm, '.3f')}×); the `tuned` comparison is in [metaschedule.md](metaschedule.md).")
+    vs_best = []
+    for b, per_model in sorted(ratios.items()):
+        # Per model: the best of the searches at this budget (smallest ratio), then the geomean.
+        best = [min(v for v in vals if v is not None) for vals in per_model.values() if any(v is not None for v in vals)]
+        vs_best.append(f"{geomean(best):.3f} at budget {b} ({len(best)} models: {', '.join(per_model)})")
+    L.append("- ≥ 95% of the best plan found by search with 500 measurements: search at 500 was not run (compute). "
+             "Learned vs the best search at each budget run (geomean of best-search latency / learned latency, all "
+             "searched cases): " + ("; ".join(vs_best) if vs_best else "no search run") + ".\n")
+    L.append("Raw rows (every plan's median, spread, kernels, bytes, plan hash): [results.json](results.json).\n")
+    (out_dir / "README.md").write_text("\n".join(L))
+    (out_dir / "summary.json").write_text(json.dumps(
+        {"runs": [str(r) for r in runs], "budget": budget, "summary": summary, "times": times,
+         "training": stats, "parity": [{"seed": p["seed"], "point": p["point"]} for p in parity]}, indent=1, default=str))
+
+
+# --------------------------------------------------------------------------------------------
+# 7. MetaSchedule comparison
+# --------------------------------------------------------------------------------------------
+
+
+def metaschedule_table(cfg: dict[str, Any], runs: list[Path], env_spec: Any, out_dir: Path, argv: list[str]) -> None:
+    """``tvm`` rules + MetaSchedule vs learned fusion + MetaSchedule, same trials per task."""
+    from fusion_rl.compiler.measure import Measurer
+    from fusion_rl.compiler.store import MeasurementStore
+    from fusion_rl.evaluate import decide_plan, make_eval_env
+    from fusion_rl.fusion.metrics import plan_metrics
+    from fusion_rl.fusion.rules import make_plan
+
+    ms = cfg["metaschedule"]
+    seed = int(ms.get("seed", 0))
+    run = next((r for r in runs if json.loads((r / "config.json").read_text())["seed"] == seed), runs[0])
+    policy = load_policy(run)
+    env = make_eval_env(policy.config)
+    store = MeasurementStore(env._store_path)  # the runs' store (env spec, or the run's env_kwargs)
+    trials = int(ms["trials_per_task"])
+    measurer = Measurer(ms["target"], "tuned", {"trials_per_task": trials}, store=store, protocol=env_spec.protocol,
+                        isolate=True, timeout_s=max(env_spec.timeout_s, 1200.0))
+    lines = []
+    t_all = time.time()
+    try:
+        for name in ms["models"]:
+            entry = env._model_entry(name)
+            model = entry.model
+            plans = {"tvm": make_plan("tvm", model.mod, model.graph),
+                     "learned": decide_plan(policy.model, env, name, ms["target"])}
+            res = {}
+            for label, plan in plans.items():
+                t0 = time.time()
+                cached = measurer.cached(model, plan) is not None
+                record = measurer.measure(model, plan)
+                res[label] = (plan, record, time.time() - t0, cached)
+                print(f"  {name} {label}: {record.status} {record.median_ms} ms ({time.time() - t0:.0f} s)", flush=True)
+            lines.append((name, res))
+    finally:
+        measurer.close()
+        env.close()
+        store.close()
+    run_cmd = "FUSION_RL_CACHE=/tmp/frl_cache TVM_NUM_THREADS=2 .venv/bin/python " + " ".join(shlex.quote(a) for a in argv)
+    L = ["# Learned fusion + MetaSchedule vs TVM's fusion rules + MetaSchedule\n",
+         "Generated by `scripts/transfer.py --metaschedule`. Reproduce with:\n", "```\n" + run_cmd + "\n```\n",
+         f"Machine: {machine()}.\n",
+         f"Both columns use MetaSchedule (TVM 0.27's successor of AutoTVM; schedule provider `tuned`) with "
+         f"**{trials} trials per task**, on `{ms['target']}`, with the same timing protocol as the transfer report. "
+         f"The learned plan is seed {seed}'s policy (`{rel(run)}`), "
+         f"zero-shot (trained under the `{env_spec.schedule}` provider, never under `tuned`). The tuning database "
+         "($FUSION_RL_CACHE/tuning) is shared with other experiments, so tasks tuned before are reused: `tuning+build s` "
+         "is the wall time of the measurement job as recorded in the store (tuning the tasks not yet in the database, "
+         "building, verifying and timing); `this run s` is what this invocation spent (≈0 when served from the store).\n",
+         "| model | tvm+MS ms (spread) | learned+MS ms (spread) | learned speedup | tvm kernels | learned kernels | "
+         "tvm tuning+build s | learned tuning+build s | this run s (tvm / learned) | same plan? |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+    speedups = []
+    for name, res in lines:
+        (tp, tr, tt, _), (lp, lr, lt, _) = res["tvm"], res["learned"]
+        ok = tr.status == "ok" and lr.status == "ok"
+        sp = tr.median_ms / lr.median_ms if ok else None
+        if sp:
+            speedups.append(sp)
+        tcell = f"{tr.median_ms:.4f} (±{tr.spread_ms:.4f})" if tr.status == "ok" else tr.status
+        lcell = f"{lr.median_ms:.4f} (±{lr.spread_ms:.4f})" if lr.status == "ok" else lr.status
+        L.append(f"| {name} | {tcell} | {lcell} | {fmt(sp, '.3f')}{'×' if sp else ''} | "
+                 f"{plan_metrics(entry_graph(env, name), tp).num_kernels} | {plan_metrics(entry_graph(env, name), lp).num_kernels} | "
+                 f"{fmt(tr.wall_s, '.0f')} | {fmt(lr.wall_s, '.0f')} | {tt:.0f} / {lt:.0f} | {'yes' if tp.hash == lp.hash else 'no'} |")
+    L.append(f"\nGeomean speedup of learned+MS over tvm+MS: **{fmt(geomean(speedups), '.3f')}×** over {len(speedups)} "
+             f"models (goal: ≥ 1.10× on held-out models). Total wall time of this table: {time.time() - t_all:.0f} s.\n")
+    (out_dir / "metaschedule.md").write_text("\n".join(L))
+
+
+def entry_graph(env: Any, name: str) -> Any:
+    return env._model_entry(name).model.graph
+
+
+# --------------------------------------------------------------------------------------------
+# 8. Re-measurement under identical conditions
+# --------------------------------------------------------------------------------------------
+
+
+def remeasure(rows: list[dict[str, Any]], env_spec: Any, rounds: int, splits: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Measure every distinct plan of the given splits again, without the store, round-robin.
+
+    Store records were taken at different times (minutes apart) on a machine shared with other
+    jobs, so two plans' medians may differ by load rather than by plan. Here each case's plans
+    are timed back to back, ``rounds`` times, interleaved; a plan's latency is the median of its
+    round medians. Returns one row per (case, method[, seed]) with ``latency_ms`` replaced.
+    """
+    from fusion_rl.compiler.measure import Measurer
+    from fusion_rl.fusion.plan import FusionPlan
+    from fusion_rl.graph.model import load_model
+
+    out: list[dict[str, Any]] = []
+    cases = list(dict.fromkeys((r["model"], r["target"]) for r in rows if r["split"] in splits))
+    measurers: dict[str, Measurer] = {}
+    try:
+        for model_name, target in cases:
+            t0 = time.time()
+            model = load_model(model_name)
+            case_rows = [r for r in rows if (r["model"], r["target"]) == (model_name, target) and r["plan"]]
+            plans = {r["plan_hash"]: FusionPlan.from_dict(r["plan"]) for r in case_rows}
+            if target not in measurers:
+                measurers[target] = Measurer(target, env_spec.schedule, dict(env_spec.schedule_kwargs), store=None,
+                                             protocol=env_spec.protocol, isolate=True, timeout_s=env_spec.timeout_s)
+            times: dict[str, list[float]] = {h: [] for h in plans}
+            for _ in range(rounds):
+                for h, plan in plans.items():
+                    record = measurers[target].measure(model, plan)
+                    if record.status == "ok":
+                        times[h].append(float(record.median_ms))
+            for r in case_rows:
+                t = times[r["plan_hash"]]
+                out.append({**r, "latency_ms": float(np.median(t)) if t else None,
+                            "spread_ms": float(max(t) - min(t)) if len(t) > 1 else None, "rounds": len(t)})
+            print(f"  re-measured {model_name} on {target}: {len(plans)} plans x {rounds} ({time.time() - t0:.0f} s)", flush=True)
+    finally:
+        for m in measurers.values():
+            m.close()
+    tvm = {(r["model"], r["target"]): r["latency_ms"] for r in out if r["method"] == "tvm"}
+    for r in out:
+        ref = tvm.get((r["model"], r["target"]))
+        r["speedup_vs_tvm"] = ref / r["latency_ms"] if ref and r["latency_ms"] else None
+    return out
+
+
+def remeasure_section(rows: list[dict[str, Any]], rounds: int, argv: list[str]) -> list[str]:
+    seeds = sorted({r["seed"] for r in rows if r["method"] == "learned"})
+    cases = list(dict.fromkeys((r["model"], r["target"], r["split"]) for r in rows))
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "learned"]
+    by = {(r["model"], r["target"], r["method"]): r for r in rows if r["method"] != "learned"}
+    L = ["## Re-measured under identical conditions\n",
+         f"The tables above come from the store, whose records were taken minutes to an hour apart while other jobs "
+         f"loaded the 2 cores (load average 5-10), so they mix plan effects with load. Here every distinct plan of "
+         f"these cases was timed again without the store, back to back and interleaved, {rounds} rounds; the cell is the "
+         f"median of the round medians (± max−min over rounds) and the speedup vs `tvm` in parentheses. **Prefer these "
+         f"numbers.** Search cells re-time the plan each search found (found on the noisy store).\n",
+         "| model | target | learned (seed median [min–max]) | " + " | ".join(methods) + " |",
+         "|---|---|---|" + "---|" * len(methods)]
+    for m, t, _ in cases:
+        lr = [r for r in rows if r["method"] == "learned" and (r["model"], r["target"]) == (m, t)]
+        cells = [learned_cell(lr)] + [cell(by.get((m, t, meth))) for meth in methods]
+        L.append(f"| {m} | {t} | " + " | ".join(cells) + " |")
+    L.append("")
+    for split in dict.fromkeys(c[2] for c in cases):
+        split_cases = [(m, t) for m, t, s in cases if s == split]
+        per_seed = [geomean(r["speedup_vs_tvm"] for r in rows if r["method"] == "learned" and r["seed"] == s
+                            and (r["model"], r["target"]) in split_cases) for s in seeds]
+        mean, lo, hi = t_interval(per_seed)
+        rule = {meth: geomean(by[(m, t, meth)]["speedup_vs_tvm"] for m, t in split_cases if (m, t, meth) in by)
+                for meth in methods}
+        L.append(f"- {split}: learned geomean speedup vs tvm per seed "
+                 + ", ".join(f"{v:.3f}×" for v in per_seed)
+                 + f"; mean **{mean:.3f}×**, 95% CI [{fmt(lo, '.3f')}, {fmt(hi, '.3f')}] (t, n={len(per_seed)}). Others: "
+                 + ", ".join(f"{k} {v:.3f}×" for k, v in rule.items() if math.isfinite(v)) + ".")
+    L.append("")
+    return L
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv_list = list(sys.argv if argv is None else ["scripts/transfer.py", *argv])
+    args = parse_args(argv)
+    from fusion_rl.env.spec import EnvSpec
+    from fusion_rl.policy.training import load_config
+
+    t_start = time.time()
+    cfg = yaml.safe_load(args.config.read_text())
+    out_dir = args.out_dir or args.config.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train_config_path = (REPO / cfg["train_config"]).resolve()
+    env_spec = EnvSpec.from_yaml(load_config(train_config_path).env_spec)
+
+    # 2. Runs (trained here if missing).
+    t0 = time.time()
+    runs, commands = get_runs(cfg, train_config_path, args)
+    stats = [training_stats(r) for r in runs]
+    train_s = sum(s["wall_s"] or 0.0 for s in stats)
+    print(f"runs: {[str(r) for r in runs]} (this invocation spent {time.time() - t0:.0f} s training)", flush=True)
+
+    if args.metaschedule:
+        metaschedule_table(cfg, runs, env_spec, out_dir, argv_list)
+        if args.skip_eval:
+            return 0
+
+    # 3. Learning curves.
+    window = int(cfg.get("window", 20))
+    parity = plot_curves(runs, window, out_dir / "learning_curves.png")
+
+    # 4. Equal search budget.
+    s = cfg["search"]
+    budget = equal_budget([st["measurements"] for st in stats], len(env_spec.models), s.get("equal_budget_cap"))
+    search = SearchSettings(
+        algos=tuple(s["algos"]), budget=budget["budget"], multiplier=int(s["multiplier"]),
+        search_models=tuple(s.get("search_models", ())), multiplied_models=tuple(s.get("multiplied_models", ())),
+        search_targets=tuple(env_spec.targets), exhaustive_models=tuple(s.get("exhaustive_models", ())),
+        exhaustive_limit=int(s.get("exhaustive_limit", 0)), seed=int(s.get("seed", 0)),
+    )
+
+    # 5. Evaluate.
+    cases = [Case(m, t, "heldout-model") for m in cfg["heldout_models"] for t in env_spec.targets]
+    cases += [Case(m, t, "heldout-target") for m in [*env_spec.models, *cfg["heldout_models"]] for t in cfg["heldout_targets"]]
+    cases += [Case(m, t, "train") for m in env_spec.models for t in env_spec.targets]
+    t0 = time.time()
+    ablations = [(a["label"], [REPO / r for r in a["runs"]], dict(a.get("env", {})))
+                 for a in cfg.get("ablations", []) if all((REPO / r / "config.json").is_file() for r in a["runs"])]
+    rows = evaluate(runs, cases, search, rules=tuple(cfg.get("rules", ("unfused", "tvm", "tensorrt", "aggressive"))),
+                    ablations=ablations)
+    eval_s = time.time() - t0
+    (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
+    plot_heldout([r for r in rows if r["split"] != "train"], out_dir / "speedups.png")
+
+    # 6. Report.
+    times = {"train_s": train_s, "eval_s": eval_s, "total_s": time.time() - t_start}
+    write_report(out_dir, cfg, env_spec, runs, stats, parity, budget, rows, commands, times, argv_list)
+    if args.remeasure > 0:
+        t0 = time.time()
+        again = remeasure(rows, env_spec, args.remeasure, ("heldout-model",))
+        (out_dir / "remeasured.json").write_text(json.dumps(again, indent=1))
+        section = remeasure_section(again, args.remeasure, argv_list)
+        section.append(f"Re-measurement wall time: {time.time() - t0:.0f} s.\n")
+        text = (out_dir / "README.md").read_text()
+        marker = "## Held-out models (training target)"
+        (out_dir / "README.md").write_text(text.replace(marker, "\n".join(section) + "\n" + marker, 1))
+    print(f"wrote {out_dir / 'README.md'} ({time.time() - t_start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except FusionRLError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
