@@ -12,14 +12,16 @@ from pathlib import Path
 
 import yaml
 
+from fusion_rl.baselines.runtimes import RUNTIMES
 from fusion_rl.compare import compare_model, machine_description, to_markdown, write_report
+from fusion_rl.fusion.rules import RULE_SETS, make_plan
 from fusion_rl.compiler.store import MeasurementStore, default_store_path
 from fusion_rl.compiler.target import parse_target
 from fusion_rl.compiler.timing import TimingProtocol
 from fusion_rl.errors import ConfigError
 from fusion_rl.graph.model import load_model
 
-KEYS = {"models", "schedules", "tuned_models", "trials_per_task", "target", "repeat", "min_repeat_ms"}
+KEYS = {"models", "schedules", "tuned_models", "trials_per_task", "target", "repeat", "min_repeat_ms", "timeout_s", "tuned_rules"}
 
 
 def main() -> int:
@@ -51,8 +53,13 @@ def main() -> int:
             t0 = time.perf_counter()
             model = load_model(name)
             tuned_ok = name in cfg.get("tuned_models", cfg["models"])
-            mine = [(s, kw) for s, kw in schedules if s != "tuned" or tuned_ok]
-            rows = compare_model(model, mine, spec.name, store, protocol)
+            rows = compare_model(model, [(s, kw) for s, kw in schedules if s != "tuned"],
+                                 spec.name, store, protocol)
+            if tuned_ok:  # tuned only for the rule sets whose kernels tune in bounded time
+                plans = {r: make_plan(r, model.mod, model.graph) for r in cfg.get("tuned_rules", RULE_SETS)}
+                tuned = [(s, kw) for s, kw in schedules if s == "tuned"]
+                rows[-len(RUNTIMES):-len(RUNTIMES)] = compare_model(model, tuned, spec.name, store,
+                                                                    protocol, runtimes=(), plans=plans)
             header = f"Command: `{command}`\n"
             write_report(rows, out, name, header)
             sections.append(to_markdown(rows, f"{name} ({len(model.graph)} ops)"))

@@ -27,7 +27,7 @@ from fusion_rl.fusion.metrics import plan_metrics
 from fusion_rl.fusion.rules import RULE_SETS, make_plan
 from fusion_rl.graph.model import load_model
 
-KEYS = {"models", "schedules", "tuned_models", "trials_per_task", "target", "repeat", "min_repeat_ms"}
+KEYS = {"models", "schedules", "tuned_models", "trials_per_task", "target", "repeat", "min_repeat_ms", "timeout_s", "tuned_rules"}
 
 
 def main() -> int:
@@ -61,9 +61,12 @@ def main() -> int:
                     continue  # tuning costs minutes per kernel set; see tuned_models
                 kwargs = {"trials_per_task": cfg["trials_per_task"]} if schedule == "tuned" else {}
                 t0 = time.perf_counter()
-                with Measurer(spec, schedule, kwargs, store=store, protocol=protocol, timeout_s=1800) as m:
+                with Measurer(spec, schedule, kwargs, store=store, protocol=protocol,
+                              timeout_s=cfg.get("timeout_s", 1800)) as m:
                     base = None
                     for rules, plan in plans.items():
+                        if schedule == "tuned" and rules not in cfg.get("tuned_rules", RULE_SETS):
+                            continue
                         rec = m.measure(model, plan, per_kernel=True)
                         met = plan_metrics(model.graph, plan)
                         row = {"model": name, "schedule": schedule, "rules": rules, "status": rec.status,
