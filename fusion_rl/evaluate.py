@@ -23,6 +23,8 @@ Example
 
 from __future__ import annotations
 
+import os
+
 import json
 import math
 import time
@@ -159,7 +161,9 @@ def training_stats(run_dir: str | Path) -> dict[str, Any]:
     start = (run_dir / "config.json").stat().st_mtime if (run_dir / "config.json").exists() else None
     wall = (final.stat().st_mtime - start) if final.exists() and start is not None else None
     return {
-        "run_dir": str(run_dir),
+        # Relative to the working directory when inside it: reports are committed, and an
+        # absolute path would name this machine.
+        "run_dir": os.path.relpath(run_dir) if not os.path.relpath(run_dir).startswith("..") else str(run_dir),
         "steps": episodes[-1]["global_step"] if episodes else 0,
         "episodes": len(episodes),
         "measurements": int(sum(e.get("measurements") or 0 for e in episodes)),
