@@ -31,6 +31,9 @@ def export_run(
     if not config_path.is_file():
         raise ConfigError(f"{run} is not a training run: config.json is missing")
     config = json.loads(config_path.read_text())
+    if config.get("env_spec"):
+        # The run resolved it to an absolute path; a card must not name the exporting machine.
+        config["env_spec"] = _portable(config["env_spec"])
     model_path = run / "final_model.zip"
     if not model_path.is_file():
         latest = latest_checkpoint(run)
@@ -70,6 +73,15 @@ def export_run(
     if command:
         card.training["export_command"] = command
     return save_artifact(out_dir, network, card)
+
+
+def _portable(path: str) -> str:
+    """``path`` relative to the repository when it lies inside it, else unchanged."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return path
 
 
 def _env_spec(path: str | None):
