@@ -150,3 +150,38 @@ def write_report(rows: Sequence[CompareRow], out_dir: str | Path, name: str, hea
     (out / f"{name}.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
     png = bar_chart(rows, out / f"{name}.png", name)
     return md, png
+
+
+#: Keys of an experiment config (experiments/compile_libraries, experiments/fusion_effects).
+EXPERIMENT_KEYS = frozenset(
+    {"models", "schedules", "tuned_models", "tuned_rules", "trials_per_task", "target",
+     "repeat", "min_repeat_ms", "timeout_s"}
+)
+
+
+def load_experiment(path: str | Path) -> tuple[dict[str, Any], Any, TimingProtocol, list[tuple[str, dict[str, Any]]]]:
+    """An experiment config: (the mapping, its TargetSpec, TimingProtocol, [(schedule, kwargs)]).
+
+    Unknown keys are a :class:`~fusion_rl.errors.ConfigError` naming them.
+    """
+    import yaml
+
+    from fusion_rl.errors import ConfigError, describe_yaml_error
+
+    path = Path(path)
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read experiment config {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {describe_yaml_error(exc)}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a mapping of {sorted(EXPERIMENT_KEYS)}")
+    unknown = set(cfg) - EXPERIMENT_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; allowed {sorted(EXPERIMENT_KEYS)}")
+    spec = parse_target(cfg["target"])
+    protocol = TimingProtocol(repeat=cfg["repeat"], min_repeat_ms=cfg["min_repeat_ms"])
+    schedules = [(s, {"trials_per_task": cfg["trials_per_task"]} if s == "tuned" else {})
+                 for s in cfg["schedules"]]
+    return cfg, spec, protocol, schedules

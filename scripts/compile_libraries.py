@@ -10,18 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 
 from fusion_rl.baselines.runtimes import RUNTIMES
-from fusion_rl.compare import compare_model, machine_description, to_markdown, write_report
+from fusion_rl.compare import compare_model, load_experiment, machine_description, to_markdown, write_report
 from fusion_rl.fusion.rules import RULE_SETS, make_plan
 from fusion_rl.compiler.store import MeasurementStore, default_store_path
-from fusion_rl.compiler.target import parse_target
-from fusion_rl.compiler.timing import TimingProtocol
-from fusion_rl.errors import ConfigError
 from fusion_rl.graph.model import load_model
-
-KEYS = {"models", "schedules", "tuned_models", "trials_per_task", "target", "repeat", "min_repeat_ms", "timeout_s", "tuned_rules"}
 
 
 def main() -> int:
@@ -29,15 +23,8 @@ def main() -> int:
     parser.add_argument("config", type=Path)
     parser.add_argument("--store", type=Path, default=None)
     args = parser.parse_args()
-    cfg = yaml.safe_load(args.config.read_text())
-    unknown = set(cfg) - KEYS
-    if unknown:
-        raise ConfigError(f"{args.config}: unknown keys {sorted(unknown)}; allowed {sorted(KEYS)}")
+    cfg, spec, protocol, schedules = load_experiment(args.config)
     out = args.config.parent
-    spec = parse_target(cfg["target"])
-    protocol = TimingProtocol(repeat=cfg["repeat"], min_repeat_ms=cfg["min_repeat_ms"])
-    schedules = [(s, {"trials_per_task": cfg["trials_per_task"]} if s == "tuned" else {})
-                 for s in cfg["schedules"]]
     command = f"python scripts/compile_libraries.py {args.config}"
     sections = [
         "# Compile libraries on the same machine\n",

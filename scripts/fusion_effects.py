@@ -14,20 +14,14 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 
-from fusion_rl.compare import machine_description
+from fusion_rl.compare import load_experiment, machine_description
 from fusion_rl.compiler.kernels import group_kernel_times
 from fusion_rl.compiler.measure import Measurer
 from fusion_rl.compiler.store import MeasurementStore, default_store_path
-from fusion_rl.compiler.target import parse_target
-from fusion_rl.compiler.timing import TimingProtocol
-from fusion_rl.errors import ConfigError
 from fusion_rl.fusion.metrics import plan_metrics
 from fusion_rl.fusion.rules import RULE_SETS, make_plan
 from fusion_rl.graph.model import load_model
-
-KEYS = {"models", "schedules", "tuned_models", "trials_per_task", "target", "repeat", "min_repeat_ms", "timeout_s", "tuned_rules"}
 
 
 def main() -> int:
@@ -35,11 +29,7 @@ def main() -> int:
     parser.add_argument("config", type=Path)
     parser.add_argument("--store", type=Path, default=None)
     args = parser.parse_args()
-    cfg = yaml.safe_load(args.config.read_text())
-    if set(cfg) - KEYS:
-        raise ConfigError(f"{args.config}: unknown keys {sorted(set(cfg) - KEYS)}")
-    spec = parse_target(cfg["target"])
-    protocol = TimingProtocol(repeat=cfg["repeat"], min_repeat_ms=cfg["min_repeat_ms"])
+    cfg, spec, protocol, schedules = load_experiment(args.config)
     rows = []
     lines = [
         "# Fusion effects: measured tables\n",
@@ -56,10 +46,9 @@ def main() -> int:
             lines += [f"## {name} ({len(model.graph)} ops)\n",
                       "| schedule | rules | median ms | IQR ms | vs unfused | kernels | kernel sum ms | intermediate KiB | multi-anchor groups |",
                       "|---|---|---|---|---|---|---|---|---|"]
-            for schedule in cfg["schedules"]:
+            for schedule, kwargs in schedules:
                 if schedule == "tuned" and name not in cfg.get("tuned_models", cfg["models"]):
                     continue  # tuning costs minutes per kernel set; see tuned_models
-                kwargs = {"trials_per_task": cfg["trials_per_task"]} if schedule == "tuned" else {}
                 t0 = time.perf_counter()
                 with Measurer(spec, schedule, kwargs, store=store, protocol=protocol,
                               timeout_s=cfg.get("timeout_s", 1800)) as m:

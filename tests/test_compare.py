@@ -69,3 +69,28 @@ def test_compare_and_measure_bad_options(argv, words, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and words in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["compile_libraries", "fusion_effects"])
+def test_experiment_configs_load(name):
+    from pathlib import Path
+
+    from fusion_rl.compare import load_experiment
+
+    path = Path(__file__).resolve().parent.parent / "experiments" / name / "config.yaml"
+    cfg, spec, protocol, schedules = load_experiment(path)
+    assert cfg["models"] and spec.num_threads >= 1 and protocol.repeat == cfg["repeat"]
+    assert dict(schedules)["tuned"] == {"trials_per_task": cfg["trials_per_task"]}
+
+
+def test_experiment_config_errors(tmp_path):
+    from fusion_rl.compare import load_experiment
+    from fusion_rl.errors import ConfigError
+
+    bad = tmp_path / "c.yaml"
+    bad.write_text("models: [mlp_tiny]\nmodles: [x]\n")
+    with pytest.raises(ConfigError, match="unknown keys \\['modles'\\]"):
+        load_experiment(bad)
+    bad.write_text("models: [mlp_tiny\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_experiment(bad)
