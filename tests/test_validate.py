@@ -67,13 +67,37 @@ def test_target_key_round_trip():
 
 
 @pytest.mark.slow
-def test_fresh_result_holds(capsys, measured):
+def test_fresh_result_is_remeasured_and_judged_by_the_criterion(capsys, measured):
+    """End to end: validate times the plan again (not from the store) and its verdict and exit
+    code are the criterion applied to the numbers it reports. Whether a fresh timing lands
+    within 10 % of the stored one depends on machine load, so that is not asserted here; the
+    criterion itself is tested deterministically below."""
+    from fusion_rl.compiler.result import holds
+
     code, out, err = run(capsys, "validate", str(measured["result"]), "--json")
     data = json.loads(out)
-    assert code == 0 and data["holds"], (err, data["verdict"])
-    assert data["verdict"].startswith("HOLDS") and data["plan_hash"] == measured["data"]["plan_hash"]
+    assert data["plan_hash"] == measured["data"]["plan_hash"]
     assert data["stored_ms"] == measured["data"]["latency_ms"]
     assert data["new_times_ms"] != measured["data"]["times_ms"]  # fresh timing, not the store
+    expected = holds(data["stored_ms"], data["stored_spread_ms"], data["new_ms"], data["new_spread_ms"])
+    assert data["holds"] == expected.holds and code == (0 if expected.holds else 1), err
+    assert data["verdict"].startswith("HOLDS" if expected.holds else "DOES NOT HOLD")
+
+
+@pytest.mark.parametrize(
+    "old, old_iqr, new, new_iqr, verdict",
+    [
+        (1.00, 0.01, 1.05, 0.01, True),  # within the 10 % floor
+        (1.00, 0.01, 1.15, 0.01, False),  # beyond the floor, spreads small
+        (1.00, 0.10, 1.35, 0.10, True),  # beyond 10 %, within 3 x combined IQR (0.42)
+        (1.00, 0.10, 1.50, 0.10, False),
+        (1.00, 0.01, 10.0, 0.01, False),  # a tampered x10 result
+    ],
+)
+def test_criterion(old, old_iqr, new, new_iqr, verdict):
+    from fusion_rl.compiler.result import holds
+
+    assert holds(old, old_iqr, new, new_iqr).holds is verdict
 
 
 @pytest.mark.slow
