@@ -125,9 +125,40 @@ def test_rules_schedules_conv_kernels(cnn: Models) -> None:
         assert convs
         for name in convs:
             script = after[name].script()
-            assert "T.parallel" in script and "T.vectorized" in script, name
+            assert "T.vectorized" in script, name
+            # Threads only pay off above _MIN_PARALLEL_MACS; this net has convs on both sides.
+            assert ("T.parallel" in script) == (_anchor_macs(before[name]) >= rules._MIN_PARALLEL_MACS), name
             assert not tvm_ffi.structural_equal(after[name], before[name])
             assert after[name].attrs["tirx.is_scheduled"]
+
+
+def _anchor_macs(func: tirx.PrimFunc) -> int:
+    """Largest iteration count of a reduction block in ``func`` (its anchor's MACs)."""
+    sch = tvm.s_tir.Schedule(func)
+    work = [rules._block_work(sch.get(b)) for b in sch.get_child_blocks(sch.get_sblock("root"))
+            if rules._is_mac(sch, b)]
+    return max(work, default=0)
+
+
+def _matmul(m: int, k: int, n: int) -> tirx.PrimFunc:
+    """A legalized ``(m, k) @ (k, n)`` kernel, as LegalizeOps emits it."""
+    a = relax.Var("a", relax.TensorType((m, k), "float32"))
+    b = relax.Var("b", relax.TensorType((k, n), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [a, b]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.matmul(a, b))
+        bb.emit_func_output(out)
+    mod = relax.transform.LegalizeOps()(bb.get())
+    return next(f for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc))
+
+
+def test_small_anchor_runs_serially_large_one_in_parallel() -> None:
+    ctx = rules._make_ctx(TARGET)
+    small = rules.schedule_prim_func(_matmul(1, 64, 128), ctx).script()  # 8K MACs: mlp_tiny's
+    large = rules.schedule_prim_func(_matmul(64, 64, 128), ctx).script()  # 512K MACs
+    assert "T.vectorized" in small and "T.parallel" not in small
+    assert "T.vectorized" in large and "T.parallel" in large
 
 
 @pytest.mark.slow

@@ -113,6 +113,10 @@ def test_unwritable_database_dir_rejected(tmp_path: Path) -> None:
 def test_budget_and_name(tmp_path: Path) -> None:
     provider = TunedSchedule(trials_per_task=7, database_dir=tmp_path)
     assert provider.budget == 7 and provider.name == "tuned"
+    # The store keys on everything that changes the schedules: task granularity and seed.
+    assert provider.key == "tuned:structural"
+    assert TunedSchedule(7, tmp_path, module_equality="anchor-block").key == "tuned:anchor-block"
+    assert TunedSchedule(7, tmp_path, seed=3).key == "tuned:structural:s3"
 
 
 def test_count_anchors(models: dict[str, tvm.IRModule]) -> None:
@@ -126,10 +130,11 @@ def test_count_anchors(models: dict[str, tvm.IRModule]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("equality", ["structural", "anchor-block"])
 def test_tuned_output_matches_naive_and_database_is_reused(
-        models: dict[str, tvm.IRModule], x: np.ndarray, db_dir: Path) -> None:
+        models: dict[str, tvm.IRModule], x: np.ndarray, db_dir: Path, equality: str) -> None:
     reference = _run(models["unfused"], x)
-    first = TunedSchedule(trials_per_task=TRIALS, database_dir=db_dir)
+    first = TunedSchedule(trials_per_task=TRIALS, database_dir=db_dir, module_equality=equality)
     fused = models["fused"]
     before = fused.script()
     scheduled = first.schedule(fused, TARGET)
@@ -139,7 +144,8 @@ def test_tuned_output_matches_naive_and_database_is_reused(
     np.testing.assert_allclose(_run(scheduled, x), reference, rtol=1e-4, atol=1e-4)
 
     records = _record_count(db_dir)
-    second = TunedSchedule(trials_per_task=TRIALS, database_dir=db_dir)  # a later run
+    second = TunedSchedule(trials_per_task=TRIALS, database_dir=db_dir,
+                           module_equality=equality)  # a later run
     again = second.schedule(fused, TARGET)
     assert second.trials_run == 0 and _record_count(db_dir) == records
     assert _scheduled(again) == len(_kernels(fused))
@@ -172,3 +178,39 @@ def test_database_folder_is_locked_while_tuning(tmp_path):
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again after the block
         entered.set()
     assert entered.is_set()
+
+
+_GATHER_SCRIPT = """
+import sys
+import tvm
+from tvm import relax, topi
+from fusion_rl.compiler.schedules.tuned import TunedSchedule
+
+bb = relax.BlockBuilder()
+table = relax.Var("table", relax.TensorType((1000, 64), "float32"))
+idx = relax.Var("idx", relax.TensorType((256,), "int64"))
+with bb.function("main", [table, idx]):
+    with bb.dataflow():
+        out = bb.emit_output(bb.emit_te(topi.take, table, idx, axis=0))
+    bb.emit_func_output(out)
+target = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
+provider = TunedSchedule(trials_per_task=4, database_dir=sys.argv[1])
+provider.schedule(bb.get(), target)
+print("trials", provider.trials_run)
+"""
+
+
+@pytest.mark.slow
+def test_tuning_a_gather_does_not_read_out_of_bounds(tmp_path: Path) -> None:
+    """MetaSchedule random-fills index buffers; an embedding lookup then segfaulted (gpt_tiny).
+
+    Run in a subprocess: the failure this guards against kills the process.
+    """
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TVM_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, "-c", _GATHER_SCRIPT, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "trials" in proc.stdout and not proc.stdout.strip().endswith("trials 0")

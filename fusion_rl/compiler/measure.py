@@ -78,7 +78,7 @@ class Measurer:
             model_fingerprint=model.fingerprint,
             plan_hash=plan.hash,
             target=self.spec.key,
-            provider=self.provider.name,
+            provider=self.provider.key,
             budget=self.provider.budget,
             versions=self._versions,
             protocol=self.protocol.key,

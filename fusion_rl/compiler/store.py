@@ -115,7 +115,9 @@ class MeasurementKey:
     :param model_fingerprint: The model's fingerprint (graph + shapes + dtypes).
     :param plan_hash: The fusion plan's canonical hash.
     :param target: :attr:`fusion_rl.compiler.target.TargetSpec.key` (includes thread count).
-    :param provider: Schedule provider name (``naive``, ``rules``, ``tuned``, ...).
+    :param provider: :attr:`fusion_rl.compiler.schedules.base.ScheduleProvider.key`: the provider's
+        name plus the options that change its schedules (``naive``, ``rules``,
+        ``tuned:structural``, ...).
     :param budget: The provider's search budget (trials per task; 0 for none).
     :param versions: Library versions (see :func:`library_versions`).
     :param protocol: Timing protocol: ``fusion_rl.compiler.timing.TimingProtocol.key``, e.g.

@@ -28,6 +28,12 @@ class ScheduleProvider(abc.ABC):
         """
         return 0
 
+    @property
+    def key(self) -> str:
+        """The provider as a measurement's key records it: its name, plus every option that
+        changes the schedules it produces (two such options are two different providers)."""
+        return self.name
+
     @abc.abstractmethod
     def schedule(self, mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         """Return a scheduled *copy* of ``mod``; ``mod`` itself must not be modified.

@@ -13,7 +13,8 @@ change nothing measurable. This provider applies a handful of fixed rules to eve
    get a register-tiled schedule: the innermost output axis is split into a vector of ``lanes``,
    one other output axis (one the vector operand does not depend on, so the vector load is reused)
    into a small register block, the reduction loops sit between the outer tiles and that
-   ``block x vector`` micro-tile, the outer tiles are fused and parallelized, the init is split out
+   ``block x vector`` micro-tile, the outer tiles are fused and parallelized (anchors of at least
+   ``_MIN_PARALLEL_MACS`` multiply-accumulates only), the init is split out
    with ``decompose_reduction``, and the elementwise epilogue is moved into the tile with
    ``reverse_compute_at`` so it runs while the tile is still in L1.
 3. *Plain reductions* (softmax, layer norm) in a kernel without an anchor use dlight's
@@ -43,6 +44,9 @@ _REDUCE = tirx.IterVar.CommReduce
 #: Below this many output elements a ``parallel`` loop costs more (thread-pool wake-up, a few
 #: microseconds) than it saves, so tiny kernels run serially.
 _MIN_PARALLEL_ELEMS = 4096
+#: Below this many multiply-accumulates an anchor runs serially: a 1x128x128 matmul (16K MACs) is
+#: about a microsecond on one core, less than waking the thread pool costs (mlp_tiny's matmuls).
+_MIN_PARALLEL_MACS = 1 << 17
 #: Accumulator rows per micro-tile: ``_REG_BLOCK x lanes`` accumulators fit the 16/32 vector
 #: registers of AVX2/AVX-512 with room left for the operands.
 _REG_BLOCK = 8
@@ -247,7 +251,8 @@ def _schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, ctx: _Ctx) -> set[st
         sch.vectorize(loop)
     for loop in block_inner:
         sch.unroll(loop)  # independent accumulators for the FMA pipelines
-    if tile is not None and _const_extent(sch, tile) not in (None, 1):
+    if tile is not None and _const_extent(sch, tile) not in (None, 1) \
+            and _block_work(stmt) >= _MIN_PARALLEL_MACS:
         sch.parallel(tile)
     if reduce:
         done.add(sch.get(sch.decompose_reduction(anchor, reduce[0])).name_hint)
@@ -255,6 +260,15 @@ def _schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, ctx: _Ctx) -> set[st
     if tile is not None:
         done |= _attach_epilogue(sch, anchor, tile, ctx)
     return done
+
+
+def _block_work(stmt: tirx.SBlock) -> int:
+    """Iterations of a block (output elements x reduction extent); symbolic extents count large."""
+    work = 1
+    for iv in stmt.iter_vars:
+        ext = iv.dom.extent
+        work *= int(ext) if isinstance(ext, tirx.IntImm) else _MIN_PARALLEL_MACS
+    return work
 
 
 def _register_block_axis(

@@ -3,7 +3,7 @@
 What it does
 ------------
 :meth:`TunedSchedule.schedule` extracts one MetaSchedule task per distinct fused kernel
-(``extract_tasks`` with ``module_equality="anchor-block"`` by default), tunes only the tasks the
+(``extract_tasks`` with ``module_equality="structural"`` by default), tunes only the tasks the
 on-disk JSON database does not already hold, and applies the database kernel by kernel with
 ``relax.transform.MetaScheduleApplyDatabase``. The database lives in
 ``<database_dir>/<target kind>-<mcpu>-<hash of target, TVM version>/t<budget>/`` so every distinct
@@ -23,15 +23,36 @@ Why it is fast here
 * Evolutionary search scores a population of ``min(512, max(64, 32 * trials))`` candidates
   (512 is MetaSchedule's default, reached at 16 trials): tiny test budgets stay cheap.
 
-When anchor-block trace reuse is valid (measured 2026-11-26, 16 trials, sapphirerapids, 2 threads)
------------------------------------------------------------------------------------------------
-* One multiply-accumulate anchor (conv/matmul + elementwise epilogue), reused across *fused*
-  variants (conv+add+relu -> conv+add+add+relu): replay works and outputs match the unfused naive
-  CNN (max abs err 4.8e-7).
-* Reuse does **not** replay from a fused kernel onto a bare one: a conv+add+relu trace on a plain
-  conv2d fails in ``MetaScheduleApplyDatabase`` ("old_outputs.size() == new_outputs.size() (1 vs
-  0)", the trace's ``get_consumers`` finds none). Such kernels fall back to their own tuning
-  (below) instead of silently running naive loops (36x slower here).
+Task granularity: why every distinct fused kernel gets its own tuning by default
+------------------------------------------------------------------------------
+``module_equality`` decides which kernels share one task (and one tuned trace):
+
+* ``"structural"`` (default): one task per structurally distinct kernel. A fused conv+bias+relu
+  is tuned as itself; an identical kernel in another plan or model is served by the database.
+* ``"anchor-block"``: kernels with the same anchor (conv/matmul block) share one task, and the
+  tuned trace is replayed on the others with their epilogues. Cheaper (resnet_tiny's fused plans
+  then cost ~2 s of tuning instead of ~60 s), and it *is* correct: replay onto a fused variant
+  gave outputs matching the naive kernels (max abs err 4.8e-7). But it is not *fast*: the
+  epilogue is placed by a trace tuned for another kernel. Measured 2026-11-26 on an idle
+  machine, fresh databases, 16 trials per task, ``sapphirerapids``, 2 threads (median of 9, IQR):
+
+  ============  ===================  ===================  =======================
+  model, plan   anchor-block         structural           kernel sums (ab / st)
+  ============  ===================  ===================  =======================
+  resnet_tiny   unfused 0.345 (.078) unfused 0.234 (.011)
+  resnet_tiny   tvm 0.254 (.011)     tvm 0.180 (.011)     0.225 / 0.156 ms
+  cnn_plain     tvm 0.146 (.039)     tvm 0.070 (.002)     0.083 / 0.047 ms
+  ============  ===================  ===================  =======================
+
+  (A second anchor-block database, tuned on a loaded machine, gave resnet_tiny unfused 0.471 ms:
+  at 16 trials MetaSchedule's outcome varies between tuning runs, so compare plans within one
+  database.) So fusion decisions are measured under ``structural`` tuning, which is what the plan would
+  get in deployment. ``anchor-block`` stays available for cheap exploration; the two are
+  different providers in the measurement store (:attr:`TunedSchedule.key`).
+* Reuse does **not** replay from a fused kernel onto a bare one (anchor-block only): a
+  conv+add+relu trace on a plain conv2d fails in ``MetaScheduleApplyDatabase``
+  ("old_outputs.size() == new_outputs.size() (1 vs 0)", the trace's ``get_consumers`` finds none).
+  Such kernels fall back to their own tuning (below) instead of silently running naive loops.
 * Two or more anchors (:func:`count_anchors` > 1) are never anchor-reused. Tuned on their own they
   are *sometimes* wrong, and which run is wrong is not reproducible: on the same 2-conv kernel
   (conv-bn-relu x2, 1x3x32x32) one run gave max error 6.4e5 with an anchor-block database, the next
@@ -179,7 +200,19 @@ class _InProcessRunner(PyRunner):
         super().__init__()
         self.cache = cache
         self.config = config
-        self._fill = tvm.get_global_func("tvm.contrib.random.random_fill_for_measure")
+        random_fill = tvm.get_global_func("tvm.contrib.random.random_fill_for_measure")
+
+        def fill(arr: tvm.runtime.Tensor) -> None:
+            # MetaSchedule's runners random-fill *every* buffer, index tensors included: a
+            # gather (``take`` of an embedding, in gpt_tiny) then reads out of bounds and the
+            # process segfaults (TVM warns "Fast mode segfaults when there are out-of-bounds
+            # indices"). Integer buffers get zeros, always in range, as in _kernel_matches.
+            if str(arr.dtype).startswith(("float", "bfloat")):
+                random_fill(arr)
+            else:
+                arr.copyfrom(np.zeros([int(d) for d in arr.shape], dtype=str(arr.dtype)))
+
+        self._fill = fill
 
     def run(self, runner_inputs: list[RunnerInput]) -> list[RunnerFuture]:
         futures = []
@@ -287,7 +320,7 @@ class TunedSchedule(ScheduleProvider):
     name = "tuned"
 
     def __init__(self, trials_per_task: int = 16, database_dir: str | Path | None = None,
-                 module_equality: str = "anchor-block", seed: int = 0) -> None:
+                 module_equality: str = "structural", seed: int = 0) -> None:
         if isinstance(trials_per_task, bool) or not isinstance(trials_per_task, int) \
                 or trials_per_task <= 0:
             raise ConfigError("tuned: trials_per_task must be a positive int, "
@@ -310,6 +343,12 @@ class TunedSchedule(ScheduleProvider):
     @property
     def budget(self) -> int:
         return self.trials_per_task
+
+    @property
+    def key(self) -> str:
+        # The task granularity and the search's seed change which schedules come out.
+        seed = f":s{self.seed}" if self.seed else ""
+        return f"{self.name}:{self.module_equality}{seed}"
 
     def db_path(self, target: tvm.target.Target) -> Path:
         """Folder of this (target, budget)'s databases: a readable prefix plus an exact hash."""
