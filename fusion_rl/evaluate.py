@@ -110,30 +110,19 @@ def make_eval_env(config: Any, **overrides: Any):
 def decide_plan(policy: Any, env: Any, model: str, target: str, name: str = "learned"):
     """The plan ``policy`` makes for ``model`` on ``target``: deterministic masked actions.
 
-    The episode is driven directly through the env's decision process and observation, *not*
-    through ``reset``/``step``: those would measure the reference and the final plan. So this
-    function never measures anything (no measurer is even created); the caller measures the
-    returned plan once.
+    Through :meth:`FusionEnv.decide`, not ``reset``/``step``: those would measure the reference
+    and the final plan. So this function never measures anything (no measurer is even
+    created); the caller measures the returned plan once.
 
     :param policy: Anything with SB3's ``predict(obs, action_masks=..., deterministic=True)``.
     :param env: A :class:`~fusion_rl.env.fusion_env.FusionEnv` whose observation space matches
         the policy's (the run's own env spec).
     """
-    from fusion_rl.env.spaces import ACTION_FUSE
-
-    entry = env._model_entry(model)  # raises ConfigError when the model does not fit the env
-    env._target_spec(target)  # validate the target name before deciding
-    entry.process.reset()
-    env._entry, env._target_name, env._terminated = entry, target, False
-    process = entry.process
-    while not process.done:
-        obs = env._observation()
-        mask = env.action_masks()
+    def choose(obs: dict[str, np.ndarray], mask: np.ndarray) -> int:
         action, _ = policy.predict(obs, action_masks=mask, deterministic=True)
-        fuse = int(np.asarray(action).reshape(-1)[0]) == ACTION_FUSE and process.can_fuse()
-        process.decide(fuse)
-    env._terminated = True
-    return process.plan(name=name)
+        return int(np.asarray(action).reshape(-1)[0])
+
+    return env.decide(choose, model, target, name=name)
 
 
 def _read_episodes(run_dir: Path) -> list[dict[str, Any]]:
@@ -260,7 +249,9 @@ class SearchSettings:
 
     ``search_models``: models (on any target) that get search at ``budget`` (the equal budget);
     ``multiplied_models``: the subset that also gets ``multiplier * budget``; ``exhaustive_models``:
-    models for the oracle, refused (reported as skipped) above ``exhaustive_limit`` new plans.
+    models for the oracle, refused (reported as skipped) above ``exhaustive_limit`` new plans;
+    ``goal_models``: models that also get a fixed ``goal_budget`` (the issue's goal compares the
+    policy with search at 500 measurements).
     """
 
     algos: tuple[str, ...] = ("random", "greedy")
@@ -271,6 +262,8 @@ class SearchSettings:
     search_targets: tuple[str, ...] = ("host",)
     exhaustive_models: tuple[str, ...] = ()
     exhaustive_limit: int = 0
+    goal_budget: int = 0  #: 0: none
+    goal_models: tuple[str, ...] = ()
     seed: int = 0
 
 
@@ -347,15 +340,15 @@ def evaluate(
     try:
         for case in cases:
             t0 = time.time()
-            entry = env._model_entry(case.model)
-            model, graph = entry.model, entry.model.graph
+            model = env.model(case.model)
+            graph = model.graph
             measurer = env.measurer(case.target)
             # 1. The learned policy, per seed: decide with zero measurements, then measure once.
             for method, policy, decider in deciders:
                 envs = {id(env): env, id(decider): decider}.values()
-                before = sum(m.stats.misses for e in envs for m in e._measurers.values())
+                before = sum(e.measurements_spent for e in envs)
                 plan = decide_plan(policy.model, decider, case.model, case.target)
-                spent = sum(m.stats.misses for e in envs for m in e._measurers.values()) - before
+                spent = sum(e.measurements_spent for e in envs) - before
                 if spent:
                     raise AssertionError(f"the policy spent {spent} measurements deciding {case}")
                 record = measurer.measure(model, plan)
@@ -365,11 +358,14 @@ def evaluate(
             for name in rules:
                 plan = make_plan(name, model.mod, graph)
                 rows.append(_row(case, name, graph, plan, measurer.measure(model, plan)))
-            # 3. Search: the equal budget, then the multiplied one (where asked).
+            # 3. Search: the equal budget, the multiplied one and the goal's (where asked).
             if search.budget > 0 and case.model in search.search_models and case.target in search.search_targets:
                 budgets = [search.budget]
                 if case.model in search.multiplied_models:
                     budgets.append(search.budget * search.multiplier)
+                if search.goal_budget > 0 and case.model in search.goal_models:
+                    budgets.append(search.goal_budget)
+                budgets = list(dict.fromkeys(budgets))
                 for algo in search.algos:
                     # The larger budget first: random and greedy evaluate the same plans in the
                     # same order at any budget, so the smaller run is then served by the store.

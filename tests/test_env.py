@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import itertools
 import math
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 
 from fusion_rl.compiler.measure import Measurer
 from fusion_rl.compiler.store import MeasurementStore
-from fusion_rl.env import ENV_ID, INVALID_ACTION_PENALTY, DecisionProcess, EnvSpec, FusionEnv, actions_for_plan
+from fusion_rl.env import ENV_ID, INVALID_ACTION_PENALTY, DecisionProcess, EnvSpec, FusionEnv, actions_for_plan, spaces
 from fusion_rl.env.rewards import FAILURE_PENALTY
 from fusion_rl.errors import ConfigError, IllegalPlanError
 from fusion_rl.fusion.legality import check_plan
@@ -291,6 +292,25 @@ def test_tvm_plan_reachable_in_the_env_and_scores_zero(store_path):
         rewards, info = run_episode(env, env.actions_for_plan(env.tvm_plan()))
         assert info["plan_hash"] == env.tvm_plan().hash
         assert sum(rewards) == 0.0 and info["speedup_vs_tvm"] == 1.0  # the stored reference record
+
+
+def test_decide_replays_a_plan_without_measuring(store_path):
+    """decide() reaches the plan its choices spell, creates no measurer and spends nothing."""
+    env = make_env(store_path)
+    try:
+        for name in ("mlp_tiny", "cnn_plain"):
+            target = env.tvm_plan(name)
+            actions = iter(env.actions_for_plan(target, name))
+            plan = env.decide(lambda obs, mask: next(actions), name, "host", name="replayed")
+            assert plan.hash == target.hash and plan.name == "replayed"
+            # Always asking to fuse: masked FUSE is taken as KEEP, so the plan stays legal.
+            greedy = env.decide(lambda obs, mask: spaces.ACTION_FUSE, name, "host")
+            assert check_plan(env.model(name).graph, greedy).legal and greedy.num_groups < greedy.num_nodes
+        assert env.measurements_spent == 0 and not Path(store_path).exists()
+        with pytest.raises(ConfigError):
+            env.decide(lambda obs, mask: 0, "mlp_tiny", "no-such-target")
+    finally:
+        env.close()
 
 
 def test_oversize_model_is_a_config_error():

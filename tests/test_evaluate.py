@@ -90,14 +90,15 @@ def test_decisions_spend_no_measurement(tiny_run: Path) -> None:
 
 def test_evaluate_rows_for_every_baseline(tiny_run: Path) -> None:
     search = SearchSettings(algos=("random", "greedy"), budget=2, multiplier=2,
-                            search_models=("mlp_tiny",), multiplied_models=("mlp_tiny",))
+                            search_models=("mlp_tiny",), multiplied_models=("mlp_tiny",),
+                            goal_budget=3, goal_models=("mlp_tiny",))
     cases = [Case("mlp_tiny", "host", "train"), Case("cnn_plain", "haswell-t1", "heldout-target")]
     rows = evaluate([tiny_run], cases, search, log=lambda s: None)
     methods = {(r["model"], r["method"]) for r in rows}
     for model in ("mlp_tiny", "cnn_plain"):
         for method in ("learned", *RULE_BASELINES):
             assert (model, method) in methods
-    for method in ("random@2", "random@4", "greedy@2", "greedy@4"):
+    for method in ("random@2", "random@3", "random@4", "greedy@2", "greedy@3", "greedy@4"):
         assert ("mlp_tiny", method) in methods
     assert not any(m.startswith(("random", "greedy")) for mod, m in methods if mod == "cnn_plain")
     for r in rows:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, SupportsFloat
+from typing import Any, Callable, Mapping, SupportsFloat
 
 import gymnasium as gym
 import numpy as np
@@ -269,6 +269,42 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
     def current_plan(self) -> FusionPlan:
         """The (partial) plan of this episode so far."""
         return self._current().process.plan()
+
+    def model(self, name: str) -> Model:
+        """The loaded model ``name`` (raises :class:`ConfigError` when it does not fit the env)."""
+        return self._model_entry(name).model
+
+    def decide(self, choose: Callable[[dict[str, np.ndarray], np.ndarray], int], model: str,
+               target: str, name: str = "decided") -> FusionPlan:
+        """Play one episode on (``model``, ``target``) with ``choose(obs, mask)`` picking each
+        action, and return the final plan *without measuring anything*.
+
+        ``reset``/``step`` would measure the reference plan and the final plan; inference (a
+        trained policy deciding zero-shot, :mod:`fusion_rl.evaluate`) must spend nothing, so this
+        drives the decision process directly (no measurer is created). An action that is not a
+        legal FUSE is taken as KEEP, as in :meth:`step`. The env is left terminated: call
+        :meth:`reset` before stepping again.
+        """
+        entry = self._model_entry(model)
+        self._target_spec(target)  # validate the target name before deciding
+        entry.process.reset()
+        self._entry, self._target_name, self._terminated = entry, target, False
+        process = entry.process
+        while not process.done:
+            action = int(np.asarray(choose(self._observation(), self.action_masks())).reshape(-1)[0])
+            process.decide(action == spaces.ACTION_FUSE and process.can_fuse())
+        self._terminated = True
+        return process.plan(name=name)
+
+    @property
+    def store_path(self) -> str:
+        """Path of the measurement store this env reads and writes."""
+        return str(self._store_path)
+
+    @property
+    def measurements_spent(self) -> int:
+        """Measurements (store misses) this env's measurers have made so far, all targets."""
+        return sum(m.stats.misses for m in self._measurers.values())
 
     def measurer(self, target: str) -> Measurer:
         """The :class:`Measurer` of ``target`` (one per target, sharing this env's store)."""
