@@ -18,6 +18,7 @@ from pathlib import Path
 from fusion_rl.compare import load_experiment, machine_description
 from fusion_rl.compiler.kernels import group_kernel_times
 from fusion_rl.compiler.measure import Measurer
+from fusion_rl.compiler.paired import compare_interleaved
 from fusion_rl.compiler.store import MeasurementStore, default_store_path
 from fusion_rl.fusion.metrics import plan_metrics
 from fusion_rl.fusion.rules import RULE_SETS, make_plan
@@ -77,10 +78,56 @@ def main() -> int:
                         rows.append(row)
                 print(f"{name}/{schedule}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
             lines.append("")
+        lines += significance(cfg, spec, protocol, schedules, rows)
     out = args.config.parent
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     return 0
+
+
+def significance(cfg: dict, spec, protocol, schedules, rows: list[dict]) -> list[str]:
+    """Re-time `unfused` and the best rule set of every tuned model in interleaved rounds.
+
+    The store's records of one model were taken minutes apart; this compares the two plans
+    within one run (fusion_rl.compiler.paired explains the two readings of the bar).
+    """
+    rounds = int(cfg.get("confirm_rounds", 0))
+    if rounds < 2:
+        return []
+    kwargs = dict(schedules)["tuned"]
+    lines = ["## Does fusion beat `unfused` under `tuned` by more than 5x the spread?\n",
+             f"Each model's `unfused` plan and its best rule set (lowest stored median under `tuned`) "
+             f"re-timed in {rounds} interleaved rounds (the order flips each round), no store. "
+             "*Unpaired*: gap of the pooled medians vs 5x the larger pooled IQR. *Paired*: median "
+             "per-round speedup minus 1 vs 5x the IQR of the per-round speedups (a machine regime "
+             "that slows both plans of a round cancels in the ratio).\n",
+             "| model | best | unfused ms (IQR) | best ms (IQR) | speedup | gap ms | 5x spread | unpaired | "
+             "per-round speedup (IQR) | paired | rounds won |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in cfg.get("tuned_models", cfg["models"]):
+        tuned = [r for r in rows if r["model"] == name and r["schedule"] == "tuned" and r["status"] == "ok"]
+        if not any(r["rules"] == "unfused" for r in tuned) or len(tuned) < 2:
+            continue
+        best = min((r for r in tuned if r["rules"] != "unfused"), key=lambda r: r["median_ms"])["rules"]
+        model = load_model(name)
+        plans = {r: make_plan(r, model.mod, model.graph) for r in ("unfused", best)}
+        t0 = time.perf_counter()
+        with Measurer(spec, "tuned", kwargs, store=None, protocol=protocol,
+                      timeout_s=cfg.get("timeout_s", 1800)) as m:
+            cmp = compare_interleaved(m, model, plans, rounds)
+        if cmp.failures:
+            lines.append(f"| {name} | {best} | failed: {cmp.failures} |" + " |" * 8)
+            continue
+        v = cmp.verdict("unfused", best)
+        lines.append(
+            f"| {name} | {best} | {cmp.median_ms('unfused'):.4f} ({cmp.iqr_ms('unfused'):.4f}) | "
+            f"{cmp.median_ms(best):.4f} ({cmp.iqr_ms(best):.4f}) | {v['speedup']:.2f}x | {v['gap_ms']:.4f} | "
+            f"{5 * v['spread_ms']:.4f} | {'yes' if v['unpaired'] else 'no'} | {v['paired_speedup']:.3f}x "
+            f"({v['paired_spread']:.3f}) | {'yes' if v['paired'] else 'no'} | {v['rounds_won']}/{rounds} |")
+        rows.append({"model": name, "schedule": "tuned", "rules": best, "status": "significance",
+                     "rounds": rounds, "round_medians": cmp.round_medians, **v})
+        print(f"{name}/significance: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return lines + [""]
 
 
 if __name__ == "__main__":
