@@ -475,12 +475,13 @@ def entry_graph(env: Any, name: str) -> Any:
 def remeasure(rows: list[dict[str, Any]], env_spec: Any, rounds: int, splits: tuple[str, ...]) -> list[dict[str, Any]]:
     """Measure every distinct plan of the given splits again, without the store, round-robin.
 
-    Store records were taken at different times (minutes apart) on a machine shared with other
-    jobs, so two plans' medians may differ by load rather than by plan. Here each case's plans
-    are timed back to back, ``rounds`` times, interleaved; a plan's latency is the median of its
-    round medians. Returns one row per (case, method[, seed]) with ``latency_ms`` replaced.
+    Store records were taken at different times (minutes apart), so two plans' medians may differ
+    by machine regime rather than by plan. Here each case's plans are timed back to back,
+    ``rounds`` times, interleaved (:func:`~fusion_rl.compiler.paired.compare_interleaved`); a
+    plan's latency is the median of its round medians. Returns one row per (case, method[, seed]) with ``latency_ms`` replaced.
     """
     from fusion_rl.compiler.measure import Measurer
+    from fusion_rl.compiler.paired import compare_interleaved
     from fusion_rl.fusion.plan import FusionPlan
     from fusion_rl.graph.model import load_model
 
@@ -496,12 +497,7 @@ def remeasure(rows: list[dict[str, Any]], env_spec: Any, rounds: int, splits: tu
             if target not in measurers:
                 measurers[target] = Measurer(target, env_spec.schedule, dict(env_spec.schedule_kwargs), store=None,
                                              protocol=env_spec.protocol, isolate=True, timeout_s=env_spec.timeout_s)
-            times: dict[str, list[float]] = {h: [] for h in plans}
-            for _ in range(rounds):
-                for h, plan in plans.items():
-                    record = measurers[target].measure(model, plan)
-                    if record.status == "ok":
-                        times[h].append(float(record.median_ms))
+            times = compare_interleaved(measurers[target], model, plans, rounds).round_medians
             for r in case_rows:
                 t = times[r["plan_hash"]]
                 out.append({**r, "latency_ms": float(np.median(t)) if t else None,
