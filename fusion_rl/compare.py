@@ -155,7 +155,7 @@ def write_report(rows: Sequence[CompareRow], out_dir: str | Path, name: str, hea
 #: Keys of an experiment config (experiments/compile_libraries, experiments/fusion_effects).
 EXPERIMENT_KEYS = frozenset(
     {"models", "schedules", "tuned_models", "tuned_rules", "trials_per_task", "target",
-     "repeat", "min_repeat_ms", "timeout_s"}
+     "repeat", "min_repeat_ms", "timeout_s", "confirm_rounds"}
 )
 
 
@@ -180,6 +180,9 @@ def load_experiment(path: str | Path) -> tuple[dict[str, Any], Any, TimingProtoc
     unknown = set(cfg) - EXPERIMENT_KEYS
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; allowed {sorted(EXPERIMENT_KEYS)}")
+    rounds = cfg.get("confirm_rounds", 0)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0 or rounds == 1:
+        raise ConfigError(f"{path}: confirm_rounds must be 0 (off) or an int >= 2, got {rounds!r}")
     spec = parse_target(cfg["target"])
     protocol = TimingProtocol(repeat=cfg["repeat"], min_repeat_ms=cfg["min_repeat_ms"])
     schedules = [(s, {"trials_per_task": cfg["trials_per_task"]} if s == "tuned" else {})

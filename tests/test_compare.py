@@ -94,3 +94,15 @@ def test_experiment_config_errors(tmp_path):
     bad.write_text("models: [mlp_tiny\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_experiment(bad)
+
+
+@pytest.mark.parametrize("rounds", [1, -2, "7", True])
+def test_experiment_confirm_rounds_must_be_off_or_two_plus(tmp_path, rounds):
+    from fusion_rl.compare import load_experiment
+    from fusion_rl.errors import ConfigError
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"models: [mlp_tiny]\nschedules: [naive]\ntrials_per_task: 4\ntarget: host\n"
+                    f"repeat: 3\nmin_repeat_ms: 1\nconfirm_rounds: {rounds!r}\n".replace("'", '"'))
+    with pytest.raises(ConfigError, match="confirm_rounds"):
+        load_experiment(path)
