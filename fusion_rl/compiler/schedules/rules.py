@@ -44,9 +44,12 @@ _REDUCE = tirx.IterVar.CommReduce
 #: Below this many output elements a ``parallel`` loop costs more (thread-pool wake-up, a few
 #: microseconds) than it saves, so tiny kernels run serially.
 _MIN_PARALLEL_ELEMS = 4096
-#: Below this many multiply-accumulates an anchor runs serially: a 1x128x128 matmul (16K MACs) is
-#: about a microsecond on one core, less than waking the thread pool costs (mlp_tiny's matmuls).
-_MIN_PARALLEL_MACS = 1 << 17
+#: Below this many multiply-accumulates an anchor runs serially: mlp_tiny's 1x64x128 and
+#: 1x128x128 matmuls (8K, 16K MACs) take about a microsecond on one core, less than waking the
+#: thread pool. Measured (2 threads, tvm plan, median of 15): mlp_tiny 4.4 us with the threshold
+#: vs 6.6-11.7 us always parallel; se_cnn 0.080 ms at 32K but 0.131-0.139 ms at 128K (its
+#: 32K-128K-MAC convs need the second core).
+_MIN_PARALLEL_MACS = 1 << 15
 #: Accumulator rows per micro-tile: ``_REG_BLOCK x lanes`` accumulators fit the 16/32 vector
 #: registers of AVX2/AVX-512 with room left for the operands.
 _REG_BLOCK = 8
