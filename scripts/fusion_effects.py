@@ -97,13 +97,15 @@ def significance(cfg: dict, spec, protocol, schedules, rows: list[dict]) -> list
     kwargs = dict(schedules)["tuned"]
     lines = ["## Does fusion beat `unfused` under `tuned` by more than 5x the spread?\n",
              f"Each model's `unfused` plan and its best rule set (lowest stored median under `tuned`) "
-             f"re-timed in {rounds} interleaved rounds (the order flips each round), no store. "
-             "*Unpaired*: gap of the pooled medians vs 5x the larger pooled IQR. *Paired*: median "
-             "per-round speedup minus 1 vs 5x the IQR of the per-round speedups (a machine regime "
-             "that slows both plans of a round cancels in the ratio).\n",
+             f"re-timed in {rounds} rounds, no store: each round builds both plans and times them "
+             f"repeat by repeat ({protocol.repeat} repeats, order flipping; "
+             "`fusion_rl/compiler/paired.py`). *Unpaired*: gap of the pooled medians vs 5x the "
+             "larger pooled IQR. *Paired*: median per-repeat speedup minus 1 vs 5x the IQR of the "
+             "per-repeat speedups (a machine regime that slows both plans of a repeat cancels in "
+             "the ratio).\n",
              "| model | best | unfused ms (IQR) | best ms (IQR) | speedup | gap ms | 5x spread | unpaired | "
-             "per-round speedup (IQR) | paired | rounds won |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "per-repeat speedup (IQR) | paired | repeats won | rounds won |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in cfg.get("tuned_models", cfg["models"]):
         tuned = [r for r in rows if r["model"] == name and r["schedule"] == "tuned" and r["status"] == "ok"]
         if not any(r["rules"] == "unfused" for r in tuned) or len(tuned) < 2:
@@ -116,14 +118,15 @@ def significance(cfg: dict, spec, protocol, schedules, rows: list[dict]) -> list
                       timeout_s=cfg.get("timeout_s", 1800)) as m:
             cmp = compare_interleaved(m, model, plans, rounds)
         if cmp.failures:
-            lines.append(f"| {name} | {best} | failed: {cmp.failures} |" + " |" * 8)
+            lines.append(f"| {name} | {best} | failed: {cmp.failures} |" + " |" * 9)
             continue
         v = cmp.verdict("unfused", best)
         lines.append(
             f"| {name} | {best} | {cmp.median_ms('unfused'):.4f} ({cmp.iqr_ms('unfused'):.4f}) | "
             f"{cmp.median_ms(best):.4f} ({cmp.iqr_ms(best):.4f}) | {v['speedup']:.2f}x | {v['gap_ms']:.4f} | "
             f"{5 * v['spread_ms']:.4f} | {'yes' if v['unpaired'] else 'no'} | {v['paired_speedup']:.3f}x "
-            f"({v['paired_spread']:.3f}) | {'yes' if v['paired'] else 'no'} | {v['rounds_won']}/{rounds} |")
+            f"({v['paired_spread']:.3f}) | {'yes' if v['paired'] else 'no'} | {v['repeats_won']}/{v['repeats']} | "
+            f"{v['rounds_won']}/{rounds} |")
         rows.append({"model": name, "schedule": "tuned", "rules": best, "status": "significance",
                      "rounds": rounds, "round_medians": cmp.round_medians, **v})
         print(f"{name}/significance: {time.perf_counter() - t0:.0f} s", file=sys.stderr)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from fusion_rl.compiler.schedules import make_schedule
 from fusion_rl.compiler.store import MeasurementKey, MeasurementRecord, MeasurementStore, library_versions
 from fusion_rl.compiler.target import TargetSpec, parse_target
 from fusion_rl.compiler.timing import TimingProtocol
-from fusion_rl.compiler.worker import FAULTS, MeasureJob, Worker, run_job
+from fusion_rl.compiler.worker import FAULTS, CompareJob, MeasureJob, Worker, run_any
 from fusion_rl.errors import ConfigError
 from fusion_rl.fusion.legality import require_legal
 from fusion_rl.fusion.plan import FusionPlan
@@ -125,13 +125,31 @@ class Measurer:
             self.store.put(record)
         return record
 
-    def _run(self, job: MeasureJob, model: Model) -> dict:
+    def compare(self, model: Model, plans: Sequence[FusionPlan]) -> dict[str, Any]:
+        """Time ``plans`` of ``model`` repeat by repeat in one build (never from the store).
+
+        Returns ``{"status", "error", "times_ms": [one list per plan], "wall_s"}``; see
+        :func:`fusion_rl.compiler.timing.time_interleaved` for why. Not a measurement record:
+        nothing is stored, and the counters count it as one miss.
+        """
+        for plan in plans:
+            require_legal(model.graph, plan)
+        job = CompareJob(model=model.ref, plans=tuple(p.to_dict() for p in plans), target=self.spec,
+                         schedule=self.schedule, schedule_kwargs=dict(self.schedule_kwargs),
+                         protocol=self.protocol)
+        result = self._run(job, model)
+        self.stats.misses += 1
+        if result["status"] != "ok":
+            self.stats.failures += 1
+        return result
+
+    def _run(self, job: MeasureJob | CompareJob, model: Model) -> dict:
         if not self.isolate:
             self._models.setdefault(job.model, model)
             from fusion_rl.compiler.target import threads_env
 
             with threads_env(self.spec):
-                return run_job(job, self._models)
+                return run_any(job, self._models)
         if self._worker is None or not self._worker.alive:
             self._worker = Worker(self.spec.num_threads)
         result = self._worker.run(job, self.timeout_s)

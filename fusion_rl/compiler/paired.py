@@ -1,19 +1,19 @@
-"""Compare plans within one run: interleaved rounds and paired differences.
+"""Compare plans within one run: interleaved repeats and paired ratios.
 
 Why: on this 2-vCPU machine the latency of the *same* kernel sequence drifts between regimes
 that last seconds (seen: resnet_tiny unfused under ``rules`` ran 0.387 ms for ten repeats, then
 0.224 ms for the next five, within one measurement). Records taken minutes apart in the store
-then differ by regime as much as by plan. Here each plan is timed once per round, rounds are
-interleaved (the order flips every round, so neither plan always runs first), and the
-comparison is made per round, where both plans saw nearly the same machine.
+then differ by regime as much as by plan. Here the plans of a model are built once per round
+and timed repeat by repeat (:meth:`Measurer.compare`: repeat ``r`` of every plan before repeat
+``r + 1`` of any, order flipping), and rounds are repeated with fresh builds.
 
 Two readings of "A beats B by more than k times the spread" are reported
 (:meth:`PairedComparison.verdict`):
 
 * *unpaired*: ``median(B) - median(A) > k * max(IQR(A), IQR(B))`` over all pooled repeats;
-* *paired*: ``median(s) - 1 > k * IQR(s)`` where ``s`` are the per-round speedups B / A of the
-  round medians. A regime slows every kernel of a round by about the same factor, so it cancels
-  in the ratio (it would not in a difference: the gap itself scales with the regime).
+* *paired*: ``median(s) - 1 > k * IQR(s)`` where ``s`` are the per-repeat speedups B / A
+  (repeats taken back to back). A regime slows both plans of a repeat by about the same factor,
+  so it cancels in the ratio (not in a difference: the gap itself scales with the regime).
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ class PairedComparison:
         return _iqr(self.pooled_ms[label])
 
     def speedups(self, slower: str, faster: str) -> list[float]:
-        """Per-round ``median(slower) / median(faster)``."""
-        return [s / f for s, f in zip(self.round_medians[slower], self.round_medians[faster])]
+        """Per-repeat ``slower / faster`` (repeat ``i`` of both was taken back to back)."""
+        return [s / f for s, f in zip(self.pooled_ms[slower], self.pooled_ms[faster])]
 
     def verdict(self, slower: str, faster: str, factor: float = 5.0) -> dict[str, float | bool]:
         """Whether ``faster`` beats ``slower`` by more than ``factor`` spreads, both readings."""
@@ -59,36 +59,38 @@ class PairedComparison:
         spread = max(self.iqr_ms(slower), self.iqr_ms(faster))
         ratios = self.speedups(slower, faster)
         s_med, s_iqr = float(np.median(ratios)), _iqr(ratios)
+        by_round = zip(self.round_medians[slower], self.round_medians[faster])
         return {
             "gap_ms": gap, "spread_ms": spread, "unpaired": gap > factor * spread,
             "paired_speedup": s_med, "paired_spread": s_iqr, "paired": s_med - 1.0 > factor * s_iqr,
-            "rounds_won": sum(r > 1.0 for r in ratios), "speedup": self.median_ms(slower) / self.median_ms(faster),
+            "repeats_won": sum(r > 1.0 for r in ratios), "repeats": len(ratios),
+            "rounds_won": sum(s > f for s, f in by_round),
+            "speedup": self.median_ms(slower) / self.median_ms(faster),
         }
 
 
 def compare_interleaved(measurer: Measurer, model: Model, plans: Mapping[str, FusionPlan],
                         rounds: int) -> PairedComparison:
-    """Time every plan once per round for ``rounds`` rounds, interleaved, bypassing any store.
+    """``rounds`` x :meth:`Measurer.compare` of ``plans`` (fresh builds each round, plan order
+    flipping between rounds); never served from a store.
 
-    :raises ConfigError: if ``measurer`` has a store (it would serve every round from one
-        record) or ``rounds`` < 2 (one round has no spread across rounds).
+    :raises ConfigError: if ``measurer`` has a store (comparisons must be fresh timings; it is
+        also a sign the caller meant :meth:`Measurer.measure`) or ``rounds`` < 2.
     """
     if measurer.store is not None:
         raise ConfigError("compare_interleaved needs a Measurer without a store (store=None)")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 2:
         raise ConfigError(f"rounds must be an int >= 2, got {rounds!r}")
     out = PairedComparison(rounds, {k: [] for k in plans}, {k: [] for k in plans})
-    labels = list(plans)
     for r in range(rounds):
-        for label in labels if r % 2 == 0 else reversed(labels):
-            if label in out.failures:
-                continue
-            record = measurer.measure(model, plans[label])
-            if record.status != "ok":
-                out.failures[label] = f"{record.status}: {record.error or ''}".strip()
-                continue
-            out.round_medians[label].append(record.median_ms)
-            out.pooled_ms[label].extend(record.times_ms)
+        labels = list(plans) if r % 2 == 0 else list(reversed(plans))
+        result = measurer.compare(model, [plans[k] for k in labels])
+        if result["status"] != "ok":
+            out.failures = {k: f"{result['status']}: {result.get('error') or ''}".strip() for k in labels}
+            return out
+        for label, times in zip(labels, result["times_ms"]):
+            out.round_medians[label].append(float(np.median(times)))
+            out.pooled_ms[label].extend(times)
     return out
 
 

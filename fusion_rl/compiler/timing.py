@@ -86,6 +86,38 @@ def time_executable(
     return Timing(tuple(float(t) * 1e3 for t in result.results))
 
 
+def time_interleaved(
+    executables: Sequence["relax.VMExecutable"],
+    inputs: Sequence[np.ndarray],
+    protocol: TimingProtocol = TimingProtocol(),
+    device: tvm.runtime.Device | None = None,
+) -> list[Timing]:
+    """Time several builds of one model *repeat by repeat*: repeat ``r`` of every executable
+    runs before repeat ``r + 1`` of any, in an order that flips every repeat.
+
+    Why: on a shared 2-vCPU machine the speed of the whole machine drifts between regimes that
+    last seconds. Timed one after the other, two plans can land in different regimes; timed
+    this way, repeat ``r`` of each plan is at most a few ``min_repeat_ms`` apart, so the
+    per-repeat ratios compare the plans under the same conditions.
+    """
+    dev = device or tvm.cpu()
+    evaluators, vms = [], []
+    for ex in executables:
+        vm = relax.VirtualMachine(ex, dev)
+        vm.save_function("main", "main_saved", *[tvm.runtime.tensor(a, dev) for a in inputs])
+        for _ in range(protocol.warmup):
+            vm["main_saved"]()
+        vms.append(vm)  # keep every VM alive while its evaluator runs
+        evaluators.append(vm.time_evaluator("main_saved", dev, number=protocol.number, repeat=1,
+                                            min_repeat_ms=protocol.min_repeat_ms))
+    times: list[list[float]] = [[] for _ in executables]
+    order = list(range(len(executables)))
+    for r in range(protocol.repeat):
+        for i in order if r % 2 == 0 else order[::-1]:
+            times[i].append(float(evaluators[i]().results[0]) * 1e3)
+    return [Timing(tuple(t)) for t in times]
+
+
 def kernel_times(
     ex: "relax.VMExecutable",
     inputs: Sequence[np.ndarray],

@@ -40,6 +40,66 @@ class MeasureJob:
     fault: str | None = None  #: one of FAULTS, for fault-injection tests only
 
 
+@dataclass(frozen=True)
+class CompareJob:
+    """Compile and verify several plans of one model, then time them repeat by repeat
+    (:func:`fusion_rl.compiler.timing.time_interleaved`); picklable like :class:`MeasureJob`."""
+
+    model: Any
+    plans: tuple  #: FusionPlan.to_dict() of each plan
+    target: Any
+    schedule: str
+    schedule_kwargs: dict = field(default_factory=dict)
+    protocol: Any = None
+
+
+def run_any(job: MeasureJob | CompareJob, models: dict | None = None) -> dict:
+    """Run a job of either kind (the worker's dispatch)."""
+    return run_compare_job(job, models) if isinstance(job, CompareJob) else run_job(job, models)
+
+
+def run_compare_job(job: CompareJob, models: dict | None = None) -> dict:
+    """Build, verify and interleave-time ``job.plans``; ``times_ms`` holds one list per plan.
+
+    Any plan that fails to build or verify fails the whole comparison (status and error name
+    the plan): a comparison with a wrong or missing member means nothing.
+    """
+    from fusion_rl.compiler.build import compile_plan
+    from fusion_rl.compiler.schedules import make_schedule
+    from fusion_rl.compiler.target import parse_target
+    from fusion_rl.compiler.timing import TimingProtocol, time_interleaved
+    from fusion_rl.compiler.verify import verify_executable
+    from fusion_rl.errors import FusionRLError, VerificationError
+    from fusion_rl.fusion.plan import FusionPlan
+
+    t0 = time.perf_counter()
+    result: dict[str, Any] = {"status": "failed", "times_ms": []}
+    try:
+        models = models if models is not None else {}
+        model = models.get(job.model) or models.setdefault(job.model, job.model.load())
+        spec = parse_target(job.target)
+        provider = make_schedule(job.schedule, **job.schedule_kwargs)
+        executables = []
+        for data in job.plans:
+            plan = FusionPlan.from_dict(data)
+            compiled = compile_plan(model, plan, spec.to_tvm(), provider)
+            try:
+                verify_executable(compiled.executable, model, f"plan {plan.hash}")
+            except VerificationError as exc:
+                result.update(status="wrong_output", error=f"plan {plan.hash}: {exc}")
+                return result
+            executables.append(compiled.executable)
+        timings = time_interleaved(executables, model.inputs, job.protocol or TimingProtocol())
+        result.update(status="ok", times_ms=[list(t.times_ms) for t in timings])
+    except FusionRLError as exc:
+        result.update(status="failed", error=str(exc))
+    except Exception as exc:  # a TVM-internal error must not end the worker
+        result.update(status="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+    finally:
+        result["wall_s"] = time.perf_counter() - t0
+    return result
+
+
 def run_job(job: MeasureJob, models: dict | None = None) -> dict:
     """Compile, verify and time ``job``; returns a result dict (never raises for bad plans)."""
     from fusion_rl.compiler.build import compile_plan
@@ -110,7 +170,7 @@ def _serve(conn_in: Connection, conn_out: Connection) -> None:
             return
         if job is None:
             return
-        conn_out.send(run_job(job, models))
+        conn_out.send(run_any(job, models))
 
 
 class Worker:
@@ -142,7 +202,7 @@ class Worker:
     def alive(self) -> bool:
         return self._proc.poll() is None
 
-    def run(self, job: MeasureJob, timeout_s: float) -> dict:
+    def run(self, job: MeasureJob | CompareJob, timeout_s: float) -> dict:
         """Send ``job``; wait at most ``timeout_s``. Kills the worker on timeout or crash."""
         t0 = time.perf_counter()
         try:
@@ -199,5 +259,11 @@ def _die_with_parent() -> None:
 
 
 if __name__ == "__main__":
-    _die_with_parent()
-    _serve(Connection(int(sys.argv[1]), writable=False), Connection(int(sys.argv[2]), readable=False))
+    # Run the package's copy of this module, not ``__main__``'s: jobs arrive pickled as
+    # ``fusion_rl.compiler.worker.CompareJob``, and isinstance against ``__main__.CompareJob``
+    # would fail.
+    from fusion_rl.compiler import worker as _package
+
+    _package._die_with_parent()
+    _package._serve(Connection(int(sys.argv[1]), writable=False),
+                    Connection(int(sys.argv[2]), readable=False))
