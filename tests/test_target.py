@@ -99,21 +99,29 @@ def test_vector_lanes_by_isa() -> None:
 
 def test_host_detection_returns_valid_named_mcpu() -> None:
     mcpu = detect_host_mcpu()
-    assert mcpu in ("x86-64", "haswell", "skylake-avx512", "sapphirerapids")
+    assert mcpu in tgt._MCPU_LADDER
     assert tgt._llvm_accepts(mcpu)
     host = parse_target("host")
     assert host.mcpu == mcpu and host.num_threads == tgt.host_num_threads() >= 1
     assert host.key == f"llvm-{mcpu}-t{host.num_threads}"
 
 
+_HASWELL = "fpu sse2 pni ssse3 sse4_1 sse4_2 avx avx2 fma f16c bmi1 bmi2 abm popcnt movbe aes pclmulqdq"
+_SKYLAKE_SP = _HASWELL + " adx avx512f avx512bw avx512cd avx512dq avx512vl"
+_ICE = _SKYLAKE_SP + (" sha_ni gfni vaes vpclmulqdq avx512ifma avx512vbmi avx512_vbmi2 avx512_bitalg"
+                      " avx512_vnni avx512_vpopcntdq avx512_bf16")
+_SAPPHIRE_RAPIDS = _ICE + " avx512_fp16 avx_vnni amx_tile amx_bf16 amx_int8"
+_ZEN4 = _ICE + " sse4a"  # AVX-512 with BF16/VNNI, but no AMX, AVX512-FP16 or VEX AVX-VNNI
+
+
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        ("fpu sse2 avx avx2 fma avx512f avx512_bf16", "sapphirerapids"),
-        ("fpu sse2 avx2 fma avx512f amx_tile", "sapphirerapids"),
-        ("fpu sse2 avx2 fma avx512f avx512bw", "skylake-avx512"),
-        ("fpu sse2 avx avx2 fma", "haswell"),
-        ("fpu sse2 avx avx2", "x86-64"),  # AVX2 without FMA is not haswell
+        (_SAPPHIRE_RAPIDS, "sapphirerapids"),
+        (_ZEN4, "znver4"),  # not sapphirerapids: that code died with SIGILL (AVX-VNNI) on Zen 4
+        (_SKYLAKE_SP, "skylake-avx512"),
+        (_HASWELL, "haswell"),
+        (_HASWELL.replace(" fma", ""), "x86-64"),  # AVX2 without FMA is not haswell
         ("fpu sse2", "x86-64"),
     ],
 )
@@ -122,6 +130,14 @@ def test_host_mcpu_from_cpuinfo_flags(tmp_path, monkeypatch, flags: str, expecte
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t: fpu\n")
     assert detect_host_mcpu(cpuinfo) == expected
+
+
+def test_host_mcpu_override(monkeypatch) -> None:
+    monkeypatch.setenv("FUSION_RL_HOST_MCPU", "haswell")
+    assert detect_host_mcpu() == "haswell" and parse_target("host").mcpu == "haswell"
+    monkeypatch.setenv("FUSION_RL_HOST_MCPU", "not-a-cpu")
+    with pytest.raises(ConfigError, match="FUSION_RL_HOST_MCPU"):
+        detect_host_mcpu()
 
 
 # ---- threads ----------------------------------------------------------------------------------

@@ -202,34 +202,62 @@ def _read_cpuinfo(path: str | os.PathLike[str] = "/proc/cpuinfo") -> tuple[set[s
     return flags, model
 
 
-def _mcpu_from_flags(flags: set[str]) -> str:
-    # AMX or AVX512-BF16 marks Sapphire Rapids-class (or Zen 4) AVX-512; plain AVX-512F is
-    # Skylake-SP class; AVX2 needs FMA too for LLVM's haswell (both arrived together).
-    if "avx512f" in flags and ({"amx_tile", "amx_bf16"} & flags or "avx512_bf16" in flags):
-        return "sapphirerapids"
-    if "avx512f" in flags:
-        return "skylake-avx512"
-    if "avx2" in flags and "fma" in flags:
-        return "haswell"
-    return "x86-64"
+#: LLVM CPU names tried for ``host``, most capable first; the first whose instruction set the
+#: host has (:func:`_runs_on`) and that LLVM knows wins. AMD and Intel names interleave: Zen 4
+#: has AVX-512 (with BF16 and VNNI) but not AMX, AVX512-FP16 or VEX AVX-VNNI, so it must not get
+#: ``sapphirerapids`` code.
+_MCPU_LADDER = ("sapphirerapids", "znver4", "cooperlake", "cascadelake", "skylake-avx512",
+                "znver3", "znver2", "haswell", "x86-64")
+
+#: LLVM x86 features that change the instructions user code may contain, and the
+#: ``/proc/cpuinfo`` flag that says the CPU executes them. A feature missing here is not checked
+#: (tuning flags such as ``prefer-256-bit``, or system instructions compilers do not emit).
+_ISA_FLAGS = {
+    "sse3": "pni", "ssse3": "ssse3", "sse4.1": "sse4_1", "sse4.2": "sse4_2", "sse4a": "sse4a",
+    "avx": "avx", "avx2": "avx2", "fma": "fma", "fma4": "fma4", "xop": "xop", "f16c": "f16c",
+    "bmi": "bmi1", "bmi2": "bmi2", "lzcnt": "abm", "popcnt": "popcnt", "movbe": "movbe",
+    "aes": "aes", "pclmul": "pclmulqdq", "vpclmulqdq": "vpclmulqdq", "vaes": "vaes",
+    "gfni": "gfni", "sha": "sha_ni", "adx": "adx",
+    "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512cd": "avx512cd", "avx512dq": "avx512dq",
+    "avx512vl": "avx512vl", "avx512ifma": "avx512ifma", "avx512vbmi": "avx512vbmi",
+    "avx512vbmi2": "avx512_vbmi2", "avx512bitalg": "avx512_bitalg", "avx512vnni": "avx512_vnni",
+    "avx512vpopcntdq": "avx512_vpopcntdq", "avx512bf16": "avx512_bf16",
+    "avx512fp16": "avx512_fp16", "avxvnni": "avx_vnni", "amx-tile": "amx_tile",
+    "amx-bf16": "amx_bf16", "amx-int8": "amx_int8",
+}
 
 
-# From the newest to the oldest: detection steps down this ladder until LLVM accepts a name.
-_MCPU_LADDER = ("sapphirerapids", "skylake-avx512", "haswell", "x86-64")
+def _runs_on(mcpu: str, flags: set[str]) -> bool:
+    """Whether code compiled for ``mcpu`` only uses instruction sets the CPU with ``flags`` has.
+
+    Why: on AMD Zen 4 (this project's machine) ``sapphirerapids`` code died with SIGILL on a
+    ``{vex} vpdpwssd`` (AVX-VNNI) that LLVM emitted in an fp32 transformer kernel.
+    """
+    try:
+        import tvm
+        from tvm.target import codegen
+
+        features = set(codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": mcpu})))
+    except Exception:  # noqa: BLE001 - no LLVM, or LLVM does not know the name
+        return False
+    return all(_ISA_FLAGS[f] in flags for f in features if f in _ISA_FLAGS)
 
 
 def detect_host_mcpu(cpuinfo_path: str | os.PathLike[str] = "/proc/cpuinfo") -> str:
-    """Pick the LLVM CPU name for this machine from ``/proc/cpuinfo`` flags.
+    """Pick the LLVM CPU name for this machine: the first name of :data:`_MCPU_LADDER` whose
+    instruction sets ``/proc/cpuinfo`` lists (``sapphirerapids`` on Sapphire Rapids, ``znver4``
+    on Zen 4, ``haswell`` on an AVX2 machine, ...).
 
-    ``avx512f`` + (``amx`` or ``avx512_bf16``) -> ``sapphirerapids``; ``avx512f`` ->
-    ``skylake-avx512``; ``avx2`` + ``fma`` -> ``haswell``; else ``x86-64``. A coarse class is
-    used on purpose rather than LLVM's exact host name (``llvm_get_system_cpu()``, e.g.
-    ``znver4``): it keeps ``host`` inside the set of CPU models the rest of fusion_rl knows.
-
-    Caveat: on AMD Zen 4, ``sapphirerapids`` also enables AVX512-FP16/AMX, which Zen 4 lacks;
-    fp32 code never uses them, fp16 code could fault. Use ``llvm:znver4:tN`` for fp16 work there.
-    Where ``/proc/cpuinfo`` is missing or the machine is not x86, LLVM's host CPU name is used.
+    ``FUSION_RL_HOST_MCPU`` overrides it (e.g. to reproduce numbers measured with another
+    choice); a name LLVM does not know is a :class:`ConfigError`. Where ``/proc/cpuinfo`` is
+    missing or the machine is not x86, LLVM's host CPU name is used.
     """
+    override = os.environ.get("FUSION_RL_HOST_MCPU", "").strip()
+    if override:
+        if not _llvm_accepts(override):
+            raise ConfigError(f"FUSION_RL_HOST_MCPU={override!r}: LLVM in this TVM build does not "
+                              "know that CPU; see tvm.target.codegen.llvm_get_cpu_archlist()")
+        return override
     flags, _ = _read_cpuinfo(cpuinfo_path)
     if not flags or platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
         try:
@@ -241,10 +269,8 @@ def detect_host_mcpu(cpuinfo_path: str | os.PathLike[str] = "/proc/cpuinfo") -> 
         except Exception:  # noqa: BLE001 - any TVM failure here means "unknown"; fall back
             pass
         return "x86-64" if platform.machine().lower() in ("x86_64", "amd64") else "generic"
-    mcpu = _mcpu_from_flags(flags)
-    # An old LLVM may not know a new CPU name: step down rather than emit -mcpu=generic code.
-    for candidate in _MCPU_LADDER[_MCPU_LADDER.index(mcpu):]:
-        if _llvm_accepts(candidate):
+    for candidate in _MCPU_LADDER:
+        if _llvm_accepts(candidate) and _runs_on(candidate, flags):
             return candidate
     return "x86-64"
 
