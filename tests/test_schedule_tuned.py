@@ -114,9 +114,11 @@ def test_budget_and_name(tmp_path: Path) -> None:
     provider = TunedSchedule(trials_per_task=7, database_dir=tmp_path)
     assert provider.budget == 7 and provider.name == "tuned"
     # The store keys on everything that changes the schedules: task granularity and seed.
-    assert provider.key == "tuned:structural"
-    assert TunedSchedule(7, tmp_path, module_equality="anchor-block").key == "tuned:anchor-block"
-    assert TunedSchedule(7, tmp_path, seed=3).key == "tuned:structural:s3"
+    assert provider.key == "tuned:structural:rules"
+    assert TunedSchedule(7, tmp_path, module_equality="anchor-block").key == "tuned:anchor-block:rules"
+    assert TunedSchedule(7, tmp_path, seed=3, fallback="naive").key == "tuned:structural:naive:s3"
+    with pytest.raises(ConfigError, match="fallback"):
+        TunedSchedule(7, tmp_path, fallback="dlight")
 
 
 def test_count_anchors(models: dict[str, tvm.IRModule]) -> None:
@@ -157,8 +159,22 @@ def test_multi_anchor_kernel_is_safe(models: dict[str, tvm.IRModule], x: np.ndar
     reference = _run(models["unfused"], x)
     scheduled = TunedSchedule(trials_per_task=TRIALS, database_dir=db_dir).schedule(
         models["twoconv"], TARGET)
-    # Tuned and verified, or left naive: either way the values must be right.
+    # Tuned and verified, or given the fallback schedule: either way the values must be right.
     np.testing.assert_allclose(_run(scheduled, x), reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fallback", ["rules", "naive"])
+def test_kernels_that_cannot_be_tuned_get_the_fallback(models: dict[str, tvm.IRModule], x: np.ndarray,
+                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       fallback: str) -> None:
+    """Tuning that fails for every kernel (as MetaSchedule's design space generator does on a
+    matmul+softmax kernel) leaves rules-scheduled kernels, or naive ones, never wrong ones."""
+    monkeypatch.setattr(TunedSchedule, "_tune_if_missing", lambda self, *a, **k: False)
+    fused = models["fused"]
+    scheduled = TunedSchedule(trials_per_task=TRIALS, database_dir=tmp_path, fallback=fallback).schedule(
+        fused, TARGET)
+    assert _scheduled(scheduled) == (len(_kernels(fused)) if fallback == "rules" else 0)
+    np.testing.assert_allclose(_run(scheduled, x), _run(models["unfused"], x), rtol=1e-4, atol=1e-4)
 
 
 def test_database_folder_is_locked_while_tuning(tmp_path):
