@@ -278,6 +278,7 @@ def test_store_that_is_not_a_store(capsys, tmp_path):
         (["measure", "cnn_plain", "--rules", "tvm", "--no-store", "--target", "llvm:haswell:t0"], ["thread count"]),
         (["measure", "cnn_plain", "--rules", "tvm", "--no-store", "--target", "cuda:sm_x"], ["unknown target"]),
         (["plan", "cnn_plain", "--rules", ""], ["unknown rule set"]),
+        (["measure", "cnn_plain", "--rules", "tvm", "--no-store", "--retry", "crashd"], ["retry", "crashd"]),
     ],
 )
 def test_bad_options(capsys, argv, words):

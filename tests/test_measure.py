@@ -185,3 +185,20 @@ def test_compare_times_plans_repeat_by_repeat(model_cache, isolate):
         other = model_cache("cnn_plain")
         with pytest.raises(PlanMismatchError):  # a plan of another model is refused up front
             m.compare(model, [make_plan("tvm", other.mod, other.graph)])
+
+
+def test_retry_remeasures_a_remembered_crash(model_cache, store):
+    from fusion_rl.compiler.store import MeasurementRecord
+    from fusion_rl.errors import ConfigError
+
+    model = model_cache("mlp_tiny")
+    plan = make_plan("tvm", model.mod, model.graph)
+    with Measurer("host", "naive", store=store, protocol=QUICK, isolate=False) as m:
+        store.put(MeasurementRecord(key=m.key(model, plan), status="crashed", error="worker died"))
+        assert m.measure(model, plan).status == "crashed" and m.stats.misses == 0  # remembered
+    with Measurer("host", "naive", store=store, protocol=QUICK, isolate=False, retry=("crashed",)) as m:
+        assert m.measure(model, plan).status == "ok" and m.stats.misses == 1
+        assert store.get(m.key(model, plan)).status == "ok"  # replaced
+        assert m.measure(model, plan).status == "ok" and m.stats.hits == 1  # ok records are served
+    with pytest.raises(ConfigError, match="retry"):
+        Measurer("host", "naive", retry=("ok",))

@@ -72,6 +72,9 @@ def add_measure_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", type=Path, default=None, help="measurement store (SQLite) path")
     p.add_argument("--no-store", action="store_true", help="measure without reading or writing the store")
     p.add_argument("--timeout", type=positive(float), default=600.0, help="seconds per measurement")
+    p.add_argument("--retry", default="", metavar="STATUSES",
+                   help="re-measure stored records with these statuses, e.g. crashed,timeout "
+                        "(after a fix; by default a failure is remembered)")
 
 
 def load(args: argparse.Namespace):
@@ -115,8 +118,10 @@ def measurer(args: argparse.Namespace):
         kwargs["trials_per_task"] = args.trials
     store = None if args.no_store else MeasurementStore(args.store or default_store_path())
     protocol = TimingProtocol(repeat=args.repeat, min_repeat_ms=args.min_repeat_ms)
+    retry = tuple(s for s in getattr(args, "retry", "").split(",") if s)
     return Measurer(
-        args.target, args.schedule, kwargs, store=store, protocol=protocol, timeout_s=args.timeout
+        args.target, args.schedule, kwargs, store=store, protocol=protocol, timeout_s=args.timeout,
+        retry=retry,
     )
 
 

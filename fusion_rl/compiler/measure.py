@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from fusion_rl.compiler.schedules import make_schedule
-from fusion_rl.compiler.store import MeasurementKey, MeasurementRecord, MeasurementStore, library_versions
+from fusion_rl.compiler.store import STATUSES, MeasurementKey, MeasurementRecord, MeasurementStore, library_versions
 from fusion_rl.compiler.target import TargetSpec, parse_target
 from fusion_rl.compiler.timing import TimingProtocol
 from fusion_rl.compiler.worker import FAULTS, CompareJob, MeasureJob, Worker, run_any
@@ -52,6 +52,10 @@ class Measurer:
     isolate:
         Run builds and timings in a worker process with ``timeout_s`` (default). ``False`` runs
         them in this process: faster to start, but a TVM crash takes the caller with it.
+    retry:
+        Statuses of stored records to measure again instead of serving, e.g.
+        ``("crashed", "timeout")`` after a fix (a crash is otherwise remembered, so a search or
+        training run does not pay for it twice). The new record replaces the old one.
     """
 
     target: str | TargetSpec = "host"
@@ -61,11 +65,16 @@ class Measurer:
     protocol: TimingProtocol = field(default_factory=TimingProtocol)
     isolate: bool = True
     timeout_s: float = 600.0
+    retry: tuple[str, ...] = ()
     stats: MeasureStats = field(default_factory=MeasureStats)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.timeout_s, (int, float)) and math.isfinite(self.timeout_s) and self.timeout_s > 0):
             raise ConfigError(f"timeout_s must be a finite number of seconds > 0, got {self.timeout_s!r}")
+        unknown = set(self.retry) - set(STATUSES) - {"ok"}
+        if unknown or "ok" in self.retry:
+            raise ConfigError(f"retry: statuses to re-measure must be among {sorted(set(STATUSES) - {'ok'})}, "
+                              f"got {sorted(self.retry)}")
         self.spec = parse_target(self.target)
         # Validates the provider name and options up front (bad budget, unknown name).
         self.provider = make_schedule(self.schedule, **self.schedule_kwargs)
@@ -103,7 +112,8 @@ class Measurer:
         key = self.key(model, plan)
         if self.store is not None and fault is None:
             record = self.store.get(key)
-            if record is not None and (not per_kernel or record.kernel_times_ms is not None):
+            if record is not None and record.status not in self.retry \
+                    and (not per_kernel or record.kernel_times_ms is not None):
                 self.stats.hits += 1
                 return record
         job = MeasureJob(
