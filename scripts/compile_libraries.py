@@ -6,6 +6,7 @@ Usage: python scripts/compile_libraries.py experiments/compile_libraries/config.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,8 @@ def main() -> int:
     args = parser.parse_args()
     cfg, spec, protocol, schedules = load_experiment(args.config)
     out = args.config.parent
-    command = f"python scripts/compile_libraries.py {args.config}"
+    pin = os.environ.get("FUSION_RL_HOST_MCPU")  # a host CPU override must be reproduced too
+    command = (f"FUSION_RL_HOST_MCPU={pin} " if pin else "") + f"python scripts/compile_libraries.py {args.config}"
     sections = [
         "# Compile libraries on the same machine\n",
         f"Machine: {machine_description(spec.num_threads)}; target `{spec.key}`.  ",

@@ -9,6 +9,7 @@ results.md and results.json beside it.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 import time
@@ -36,7 +37,9 @@ def main() -> int:
         "# Fusion effects: measured tables\n",
         f"Machine: {machine_description(spec.num_threads)}; target `{spec.key}`; protocol "
         f"`{protocol.key}` (median of {protocol.repeat} repeats, spread = IQR).  ",
-        f"Command: `python scripts/fusion_effects.py {args.config}`\n",
+        "Command: `" + (f"FUSION_RL_HOST_MCPU={os.environ['FUSION_RL_HOST_MCPU']} "
+                        if os.environ.get("FUSION_RL_HOST_MCPU") else "")
+        + f"python scripts/fusion_effects.py {args.config}`\n",
         "`kernel sum` is the sum of per-kernel times (each kernel re-run on its live inputs); the "
         "rest of the end-to-end time is VM dispatch, allocation and thread-pool wake-ups.\n",
     ]
