@@ -393,8 +393,8 @@ def write_report(out_dir: Path, cfg: dict[str, Any], env_spec: Any, runs: list[P
     L.append("Raw rows (every plan's median, spread, kernels, bytes, plan hash): [results.json](results.json).\n")
     (out_dir / "README.md").write_text("\n".join(L))
     (out_dir / "summary.json").write_text(json.dumps(
-        {"runs": [str(r) for r in runs], "budget": budget, "summary": summary, "times": times,
-         "training": stats, "parity": [{"seed": p["seed"], "point": p["point"]} for p in parity]}, indent=1, default=str))
+        {"runs": [rel(r) for r in runs], "budget": budget, "summary": summary, "times": times,
+         "training": [{**st, "run_dir": rel(st["run_dir"])} for st in stats], "parity": [{"seed": p["seed"], "point": p["point"]} for p in parity]}, indent=1, default=str))
 
 
 # --------------------------------------------------------------------------------------------
@@ -639,6 +639,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = evaluate(runs, cases, search, rules=tuple(cfg.get("rules", ("unfused", "tvm", "tensorrt", "aggressive"))),
                     ablations=ablations)
     eval_s = time.time() - t0
+    for r in rows:  # committed reports name runs relative to the repository, not this machine
+        if r.get("run_dir"):
+            r["run_dir"] = rel(r["run_dir"])
     (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
     plot_heldout([r for r in rows if r["split"] != "train"], out_dir / "speedups.png")
 

@@ -122,7 +122,6 @@ def write_config(tmp_path: Path, **overrides) -> Path:
 def script_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")])
-    env.setdefault("FUSION_RL_CACHE", "/tmp/frl_cache")
     env["WANDB_SILENT"] = "true"
     return env
 
