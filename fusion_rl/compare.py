@@ -164,17 +164,10 @@ def load_experiment(path: str | Path) -> tuple[dict[str, Any], Any, TimingProtoc
 
     Unknown keys are a :class:`~fusion_rl.errors.ConfigError` naming them.
     """
-    import yaml
-
-    from fusion_rl.errors import ConfigError, describe_yaml_error
+    from fusion_rl.errors import ConfigError, read_yaml
 
     path = Path(path)
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read experiment config {path}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {describe_yaml_error(exc)}") from None
+    cfg = read_yaml(path, "experiment config")
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: expected a mapping of {sorted(EXPERIMENT_KEYS)}")
     unknown = set(cfg) - EXPERIMENT_KEYS

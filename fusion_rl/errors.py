@@ -8,6 +8,10 @@ other exception is a bug in fusion_rl.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Any
+
 
 class FusionRLError(Exception):
     """Base class of every error fusion_rl raises for bad input or an unusable environment."""
@@ -65,3 +69,18 @@ def describe_yaml_error(exc: Exception) -> str:
     if mark is not None:
         return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
     return problem
+
+
+def read_yaml(path: str | os.PathLike[str], what: str, hint: str = "") -> Any:
+    """Parse the YAML file ``path``; an unreadable file or invalid YAML is a one-line
+    :class:`ConfigError` naming ``what`` (e.g. "env spec") and the path, plus ``hint``."""
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}{hint}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML: {describe_yaml_error(exc)}") from None

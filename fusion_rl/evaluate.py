@@ -82,19 +82,16 @@ def load_policy(run_dir: str | Path) -> TrainedPolicy:
     """
     from sb3_contrib import MaskablePPO
 
-    from fusion_rl.policy.training import TrainConfig, latest_checkpoint
+    from fusion_rl.policy.training import TrainConfig, run_model_path
 
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise ConfigError(f"{run_dir}: not a run directory (no config.json); train one with `fusion-rl train`")
     config = TrainConfig.from_dict(json.loads(config_path.read_text()), str(config_path))
-    path = run_dir / "final_model.zip"
-    if not path.is_file():
-        latest = latest_checkpoint(run_dir)
-        if latest is None:
-            raise ConfigError(f"{run_dir}: no final_model.zip and no checkpoint; the run never finished a rollout")
-        path = latest[1]
+    path = run_model_path(run_dir)
+    if path is None:
+        raise ConfigError(f"{run_dir}: no final_model.zip and no checkpoint; the run never finished a rollout")
     model = MaskablePPO.load(path, device="cpu")
     return TrainedPolicy(run_dir=run_dir, config=config, model=model, checkpoint=path)
 

@@ -36,12 +36,11 @@ from typing import Any
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
 import numpy as np
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fusion_rl.errors import ConfigError, FusionRLError  # noqa: E402
+from fusion_rl.errors import ConfigError, FusionRLError, read_yaml  # noqa: E402
 from fusion_rl.evaluate import (  # noqa: E402
     Case, SearchSettings, equal_budget, evaluate, geomean, learning_curve, load_policy, parity_point,
     t_interval, training_stats,
@@ -596,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     from fusion_rl.policy.training import load_config
 
     t_start = time.time()
-    cfg = yaml.safe_load(args.config.read_text())
+    cfg = read_yaml(args.config, "transfer config")
     out_dir = args.out_dir or args.config.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     train_config_path = (REPO / cfg["train_config"]).resolve()

@@ -71,9 +71,9 @@ class Measurer:
     def __post_init__(self) -> None:
         if not (isinstance(self.timeout_s, (int, float)) and math.isfinite(self.timeout_s) and self.timeout_s > 0):
             raise ConfigError(f"timeout_s must be a finite number of seconds > 0, got {self.timeout_s!r}")
-        unknown = set(self.retry) - set(STATUSES) - {"ok"}
-        if unknown or "ok" in self.retry:
-            raise ConfigError(f"retry: statuses to re-measure must be among {sorted(set(STATUSES) - {'ok'})}, "
+        failures = set(STATUSES) - {"ok"}
+        if not set(self.retry) <= failures:
+            raise ConfigError(f"retry: statuses to re-measure must be among {sorted(failures)}, "
                               f"got {sorted(self.retry)}")
         self.spec = parse_target(self.target)
         # Validates the provider name and options up front (bad budget, unknown name).

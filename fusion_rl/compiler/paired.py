@@ -5,7 +5,9 @@ that last seconds (seen: resnet_tiny unfused under ``rules`` ran 0.387 ms for te
 0.224 ms for the next five, within one measurement). Records taken minutes apart in the store
 then differ by regime as much as by plan. Here the plans of a model are built once per round
 and timed repeat by repeat (:meth:`Measurer.compare`: repeat ``r`` of every plan before repeat
-``r + 1`` of any, order flipping), and rounds are repeated with fresh builds.
+``r + 1`` of any, order flipping), and rounds are repeated. Each round rebuilds its plans (a few
+seconds when the tuning database has their kernels; the executables are identical): the cost of
+keeping every round one self-contained worker job, which a crash or timeout costs alone.
 
 Two readings of "A beats B by more than k times the spread" are reported
 (:meth:`PairedComparison.verdict`):

@@ -20,7 +20,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Callable
 
 #: Faults a request can inject, to test that callers survive them (tests/test_faults.py).
 FAULTS = ("segfault", "hang_build", "hang_run", "exit", "raise")
@@ -61,84 +61,77 @@ def run_any(job: MeasureJob | CompareJob, models: dict | None = None) -> dict:
 def run_compare_job(job: CompareJob, models: dict | None = None) -> dict:
     """Build, verify and interleave-time ``job.plans``; ``times_ms`` holds one list per plan.
 
-    Any plan that fails to build or verify fails the whole comparison (status and error name
-    the plan): a comparison with a wrong or missing member means nothing.
+    Any plan that fails to build or verify fails the whole comparison (the error names the
+    plan): a comparison with a wrong or missing member means nothing.
     """
     from fusion_rl.compiler.build import compile_plan
-    from fusion_rl.compiler.schedules import make_schedule
-    from fusion_rl.compiler.target import parse_target
     from fusion_rl.compiler.timing import TimingProtocol, time_interleaved
     from fusion_rl.compiler.verify import verify_executable
-    from fusion_rl.errors import FusionRLError, VerificationError
     from fusion_rl.fusion.plan import FusionPlan
 
-    t0 = time.perf_counter()
-    result: dict[str, Any] = {"status": "failed", "times_ms": []}
-    try:
-        models = models if models is not None else {}
-        model = models.get(job.model) or models.setdefault(job.model, job.model.load())
-        spec = parse_target(job.target)
-        provider = make_schedule(job.schedule, **job.schedule_kwargs)
+    def body(result: dict[str, Any]) -> None:
+        model, target, provider = _setup(job, models)
         executables = []
         for data in job.plans:
             plan = FusionPlan.from_dict(data)
-            compiled = compile_plan(model, plan, spec.to_tvm(), provider)
-            try:
-                verify_executable(compiled.executable, model, f"plan {plan.hash}")
-            except VerificationError as exc:
-                result.update(status="wrong_output", error=f"plan {plan.hash}: {exc}")
-                return result
+            compiled = compile_plan(model, plan, target, provider)
+            verify_executable(compiled.executable, model, f"plan {plan.hash}")
             executables.append(compiled.executable)
         timings = time_interleaved(executables, model.inputs, job.protocol or TimingProtocol())
         result.update(status="ok", times_ms=[list(t.times_ms) for t in timings])
-    except FusionRLError as exc:
-        result.update(status="failed", error=str(exc))
-    except Exception as exc:  # a TVM-internal error must not end the worker
-        result.update(status="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
-    finally:
-        result["wall_s"] = time.perf_counter() - t0
-    return result
+
+    return _guarded(body, {"status": "failed", "times_ms": []})
 
 
 def run_job(job: MeasureJob, models: dict | None = None) -> dict:
     """Compile, verify and time ``job``; returns a result dict (never raises for bad plans)."""
     from fusion_rl.compiler.build import compile_plan
-    from fusion_rl.compiler.schedules import make_schedule
-    from fusion_rl.compiler.target import parse_target
     from fusion_rl.compiler.timing import TimingProtocol, kernel_times, time_executable
     from fusion_rl.compiler.verify import verify_executable
-    from fusion_rl.errors import FusionRLError, VerificationError
     from fusion_rl.fusion.plan import FusionPlan
 
-    t0 = time.perf_counter()
-    result: dict[str, Any] = {"status": "failed", "times_ms": [], "num_kernels": None}
-    try:
-        models = models if models is not None else {}
-        model = models.get(job.model)
-        if model is None:
-            model = models[job.model] = job.model.load()
+    def body(result: dict[str, Any]) -> None:
+        model, target, provider = _setup(job, models)
         plan = FusionPlan.from_dict(job.plan)
-        spec = parse_target(job.target)
-        provider = make_schedule(job.schedule, **job.schedule_kwargs)
         _inject(job.fault, "build")
-        compiled = compile_plan(model, plan, spec.to_tvm(), provider)
-        result["num_kernels"] = compiled.num_kernels
-        result["schedule_s"] = compiled.schedule_s
-        result["build_s"] = compiled.build_s
-        try:
-            report = verify_executable(compiled.executable, model, f"plan {plan.hash}")
-            result["verify"] = report.to_dict()
-        except VerificationError as exc:
-            result.update(status="wrong_output", error=str(exc))
-            return result
+        compiled = compile_plan(model, plan, target, provider)
+        result.update(num_kernels=compiled.num_kernels, schedule_s=compiled.schedule_s,
+                      build_s=compiled.build_s)
+        result["verify"] = verify_executable(compiled.executable, model, f"plan {plan.hash}").to_dict()
         _inject(job.fault, "run")
         timing = time_executable(compiled.executable, model.inputs, job.protocol or TimingProtocol())
         result.update(status="ok", times_ms=list(timing.times_ms))
         if job.per_kernel:
             result["kernel_times_ms"] = kernel_times(compiled.executable, model.inputs)
+
+    return _guarded(body, {"status": "failed", "times_ms": [], "num_kernels": None})
+
+
+def _setup(job: MeasureJob | CompareJob, models: dict | None) -> tuple[Any, Any, Any]:
+    """(model, TVM target, schedule provider) of a job; models are cached per worker."""
+    from fusion_rl.compiler.schedules import make_schedule
+    from fusion_rl.compiler.target import parse_target
+
+    models = models if models is not None else {}
+    model = models.get(job.model)
+    if model is None:
+        model = models[job.model] = job.model.load()
+    return model, parse_target(job.target).to_tvm(), make_schedule(job.schedule, **job.schedule_kwargs)
+
+
+def _guarded(body: Callable[[dict[str, Any]], None], result: dict[str, Any]) -> dict[str, Any]:
+    """Run ``body(result)``; a wrong output, a fusion_rl error or any TVM-internal error becomes
+    the result's status (a bad plan must not end the worker), and ``wall_s`` is always set."""
+    from fusion_rl.errors import FusionRLError, VerificationError
+
+    t0 = time.perf_counter()
+    try:
+        body(result)
+    except VerificationError as exc:
+        result.update(status="wrong_output", error=str(exc))
     except FusionRLError as exc:
         result.update(status="failed", error=str(exc))
-    except Exception as exc:  # a TVM-internal error on one plan must not end the worker
+    except Exception as exc:  # noqa: BLE001
         result.update(status="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
         result["traceback"] = traceback.format_exc(limit=8)
     finally:

@@ -31,7 +31,7 @@ from typing import Any, Mapping
 
 from fusion_rl.compiler.timing import TimingProtocol
 from fusion_rl.env.spaces import DEFAULT_MAX_EDGES, DEFAULT_MAX_NODES
-from fusion_rl.errors import ConfigError, describe_yaml_error
+from fusion_rl.errors import ConfigError, read_yaml
 
 #: Reward modes (see :mod:`fusion_rl.env.rewards`).
 REWARD_MODES = ("e2e", "kernel", "model")
@@ -105,18 +105,8 @@ class EnvSpec:
 
         :raises ConfigError: for a missing or unparsable file, or an invalid spec.
         """
-        import yaml
-
         path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read env spec {path}: {exc.strerror or exc}; "
-                              f"named specs live in {ENVS_DIR}") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"env spec {path} is not valid YAML: {describe_yaml_error(exc)}") from None
+        data = read_yaml(path, "env spec", f"; named specs live in {ENVS_DIR}")
         return cls.from_dict(data if data is not None else {}, str(path), path.resolve().parent)
 
     @classmethod

@@ -24,7 +24,7 @@ def export_run(
     from fusion_rl.compiler.store import library_versions
     from fusion_rl.graph.features import feature_schema
     from fusion_rl.policy.network import PolicyNetwork
-    from fusion_rl.policy.training import latest_checkpoint
+    from fusion_rl.policy.training import run_model_path
 
     run = Path(run_dir)
     config_path = run / "config.json"
@@ -34,12 +34,9 @@ def export_run(
     if config.get("env_spec"):
         # The run resolved it to an absolute path; a card must not name the exporting machine.
         config["env_spec"] = _portable(config["env_spec"])
-    model_path = run / "final_model.zip"
-    if not model_path.is_file():
-        latest = latest_checkpoint(run)
-        if latest is None:
-            raise ConfigError(f"{run} has neither final_model.zip nor a checkpoint to export")
-        model_path = latest[1]
+    model_path = run_model_path(run)
+    if model_path is None:
+        raise ConfigError(f"{run} has neither final_model.zip nor a checkpoint to export")
     # The run directory is our own training output, so loading its SB3 zip is trusted here;
     # the artifact written below is safetensors + JSON, which never unpickles.
     model = MaskablePPO.load(str(model_path), device="cpu")

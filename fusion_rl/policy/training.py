@@ -36,10 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from stable_baselines3.common.callbacks import BaseCallback
 
-from fusion_rl.errors import ConfigError, describe_yaml_error
+from fusion_rl.errors import ConfigError, read_yaml
 from fusion_rl.policy.config import from_mapping
 from fusion_rl.policy.policy import PPOConfig
 
@@ -113,12 +112,7 @@ class TrainConfig:
 def load_config(path: str | os.PathLike[str]) -> TrainConfig:
     """Read a YAML (or JSON) training config; paths in it are resolved (see :attr:`TrainConfig.env_spec`)."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read training config {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {describe_yaml_error(exc)}") from None
+    data = read_yaml(path, "training config")
     config = TrainConfig.from_dict(data if data is not None else {}, where=str(path))
     if config.env_spec:
         config.env_spec = str(_resolve(config.env_spec, path.parent))
@@ -170,6 +164,16 @@ def save_atomic(model: Any, path: Path) -> None:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def run_model_path(run_dir: str | os.PathLike[str]) -> Path | None:
+    """The model a run directory offers: ``final_model.zip``, else its newest checkpoint
+    (an interrupted run), else ``None``."""
+    final = Path(run_dir) / "final_model.zip"
+    if final.is_file():
+        return final
+    latest = latest_checkpoint(run_dir)
+    return latest[1] if latest is not None else None
 
 
 def latest_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[int, Path] | None:
