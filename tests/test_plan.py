@@ -79,6 +79,26 @@ def test_cycle_between_groups_is_rejected():
     assert {v.rule for v in report.errors} & {"non_convex", "cycle"}
 
 
+def test_cycle_with_a_group_downstream_of_it_is_named_not_raised():
+    """Groups A={1,4} and B={2,3} depend on each other; C={0} only hangs below A. After Kahn's
+    algorithm all three remain, and C (group 0) has no remaining successor: a walk along
+    successors from it found nothing to follow (StopIteration, issue 16)."""
+    from fusion_rl.graph.opgraph import OpEdge, OpGraph, OpNode
+
+    nodes = [OpNode(i, f"v{i}", "add", "add", 0, ((1, 4),), "float32", 4.0, 32, 16, 0)
+             for i in range(5)]
+    edges = [OpEdge(1, 2, 0, 16), OpEdge(3, 4, 0, 16), OpEdge(4, 0, 0, 16)]
+    g = OpGraph(nodes, edges, outputs=[0], name="cycle_above_a_sink")
+    plan = FusionPlan.from_groups([[0], [1, 4], [2, 3]], 5)
+    report = check_plan(g, plan)
+    assert [v.rule for v in report.errors] == ["cycle"]
+    cycle = report.errors[0]
+    assert cycle.group in (1, 2) and "groups 1 -> 2 -> 1" in cycle.message \
+        or "groups 2 -> 1 -> 2" in cycle.message, cycle.message
+    with pytest.raises(IllegalPlanError, match="depend on each other"):
+        require_legal(g, plan)
+
+
 def test_multi_anchor_groups_are_legal_but_flagged():
     report = require_legal(diamond(), FusionPlan.from_groups([[0, 1, 2, 3]], 4))
     assert report.legal

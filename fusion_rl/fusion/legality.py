@@ -230,14 +230,26 @@ def _quotient_cycle(num_groups: int, group_of: list[int], graph: OpGraph) -> lis
                 queue.append(b)
     if done == num_groups:
         return None
-    # Walk inside the remaining (cyclic) part until a group repeats.
+    # Every group Kahn's algorithm left has a predecessor that it also left (its in-degree
+    # counts only those), so walking *predecessors* inside the remainder must revisit a group,
+    # and the revisited stretch is a cycle. Walking successors is not safe: a remaining group
+    # downstream of a cycle can have no remaining successor.
     remaining = {g for g in range(num_groups) if indeg[g] > 0}
-    walk = [next(iter(remaining))]
+    pred: dict[int, list[int]] = {g: [] for g in remaining}
+    for a in remaining:
+        for b in succ[a]:
+            if b in remaining:
+                pred[b].append(a)
+    walk = [min(remaining)]
+    position = {walk[0]: 0}
     while True:
-        nxt = next(b for b in succ[walk[-1]] if b in remaining)
-        if nxt in walk:
-            return walk[walk.index(nxt):] + [nxt]
-        walk.append(nxt)
+        prev = min(pred[walk[-1]])
+        if prev in position:
+            cycle = walk[position[prev]:]  # each entry's successor precedes it in the walk
+            cycle.reverse()
+            return cycle + [cycle[0]]
+        position[prev] = len(walk)
+        walk.append(prev)
 
 
 def topological_group_order(plan: FusionPlan, graph: OpGraph) -> list[int]:
