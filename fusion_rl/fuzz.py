@@ -67,11 +67,15 @@ from fusion_rl.graph.opgraph import OpGraph
 
 #: The cheapest timing protocol: the fuzzer wants outputs, not latencies.
 FUZZ_PROTOCOL = TimingProtocol(repeat=1, min_repeat_ms=0, number=1, warmup=0)
-#: Small zoo models that compile in about a second each (CNNs, transformers, an MLP, a mixer).
-DEFAULT_MODELS = (
-    "mlp_tiny", "cnn_plain", "resnet_tiny", "se_cnn", "transformer_encoder", "gpt_tiny",
-    "vit_tiny", "convnext_tiny", "mobilenet_tiny", "mixer_tiny",
-)
+#: The zoo models that the fuzzer covers by default: every one (they compile in about a second
+#: each). A fixed subset once hid a legality-checker crash on the ``hf_*`` graphs (issue 16).
+def default_models() -> tuple[str, ...]:
+    """Every model of the built-in zoo, in registration order."""
+    from fusion_rl.graph.zoo import list_models
+
+    return tuple(entry.name for entry in list_models())
+
+
 DEFAULT_SCHEDULES = ("naive", "rules")
 #: Rule sets whose neighbourhoods are fuzzed (``mutant:<name>``).
 RULE_NAMES = ("unfused", "tvm", "tensorrt", "aggressive")
