@@ -20,7 +20,11 @@ from tvm.script import tirx as T  # noqa: E402
 from fusion_rl.compiler.schedules import rules  # noqa: E402
 from fusion_rl.compiler.schedules.rules import RulesSchedule  # noqa: E402
 
-TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
+from fusion_rl.compiler.schedules.base import SCHEDULE_ATTR, fallbacks, schedule_report  # noqa: E402
+from fusion_rl.compiler.target import parse_target  # noqa: E402
+
+# The host, detected: a fixed ``sapphirerapids`` target dies with SIGILL on a CPU without AVX-512.
+TARGET = parse_target("host").to_tvm()
 
 
 class _TinyCNN(torch.nn.Module):
@@ -179,24 +183,61 @@ def test_unschedulable_prim_func_is_left_as_is() -> None:
 
     mod = tvm.IRModule({"lowered": lowered})
     out = RulesSchedule().schedule(mod, TARGET)
-    assert tvm_ffi.structural_equal(out["lowered"], lowered)
+    assert tvm_ffi.structural_equal(out["lowered"].body, lowered.body)
+    reasons = fallbacks(schedule_report(out))
+    assert list(reasons) == ["lowered"] and "microkernel" in reasons["lowered"], reasons
 
 
 @pytest.mark.slow
 def test_failing_rule_falls_back_per_kernel(
     cnn: Models, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """If the anchor rule raises, conv kernels stay naive, others are still scheduled, no raise."""
+    """If every anchor rule raises, conv kernels stay naive and say why in the schedule report;
+    the others are still scheduled; nothing raises."""
     _, fused, x = cnn
 
     def broken(*_args: object, **_kwargs: object) -> set[str]:
         raise RuntimeError("simulated schedule failure")
 
     monkeypatch.setattr(rules, "_schedule_anchor", broken)
+    monkeypatch.setattr(rules.microkernel, "schedule_anchor", broken)
     out = RulesSchedule().schedule(fused, TARGET)
     before, after = _prim_funcs(fused), _prim_funcs(out)
+    report = schedule_report(out)
     for name, func in after.items():
         if "conv2d" in name:
-            assert tvm_ffi.structural_equal(func, before[name])
+            assert tvm_ffi.structural_equal(func.body, before[name].body)
+            assert report[name] == ("fallback: microkernel: simulated schedule failure; "
+                                    "tile: simulated schedule failure"), report[name]
+        else:
+            assert not report[name].startswith("fallback"), (name, report[name])
     monkeypatch.undo()
     np.testing.assert_allclose(_run(out, x), _run(fused, x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_micro_kernel_failure_falls_back_to_the_tile_rule_and_says_so(
+    cnn: Models, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel the micro-kernel rule cannot take still gets the register-tile rule, and the
+    report names both the rule used and why the better one failed."""
+    _, fused, x = cnn
+
+    def broken(*_args: object, **_kwargs: object) -> set[str]:
+        raise RuntimeError("no fit")
+
+    monkeypatch.setattr(rules.microkernel, "schedule_anchor", broken)
+    out = RulesSchedule().schedule(fused, TARGET)
+    report = schedule_report(out)
+    convs = [n for n in report if "conv2d" in n]
+    assert convs and all(report[n] == "tile (microkernel: no fit)" for n in convs), report
+    assert not fallbacks(report)
+    monkeypatch.undo()
+    np.testing.assert_allclose(_run(out, x), _run(fused, x), rtol=1e-4, atol=1e-4)
+
+
+def test_every_kernel_is_labelled() -> None:
+    """Each PrimFunc carries the rule that scheduled it (microkernel for a large matmul)."""
+    out = RulesSchedule().schedule(tvm.IRModule({"mm": _matmul(64, 64, 128)}), TARGET)
+    assert schedule_report(out) == {"mm": "microkernel"}
+    assert out["mm"].attrs[SCHEDULE_ATTR] == "microkernel"

@@ -74,6 +74,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_measure(args: argparse.Namespace) -> int:
+    from fusion_rl.compiler.schedules.base import fallbacks
     from fusion_rl.fusion.metrics import plan_metrics
 
     model = load(args)
@@ -102,6 +103,9 @@ def cmd_measure(args: argparse.Namespace) -> int:
         "intermediate_bytes": metrics.intermediate_bytes,
         "cached": cached,
         "error": record.error,
+        # Which schedule each kernel got; a kernel left as naive loops is never silent.
+        "kernel_schedules": record.kernel_schedules,
+        "fallbacks": fallbacks(record.kernel_schedules or {}),
     }
     if args.per_kernel:
         out["kernel_times_ms"] = record.kernel_times_ms
@@ -115,6 +119,10 @@ def cmd_measure(args: argparse.Namespace) -> int:
         )
         for name, ms in sorted((record.kernel_times_ms or {}).items(), key=lambda kv: -kv[1]):
             print(f"  {ms:9.4f} ms  {name}")
+    if not args.json:
+        for name, reason in out["fallbacks"].items():
+            print(f"warning: kernel {name} runs as naive loops (no schedule fitted): {reason}",
+                  file=sys.stderr)
     if record.status != "ok":
         print(f"error: measurement {record.status}: {record.error}", file=sys.stderr)
         return EXIT_USER_ERROR if record.status == "wrong_output" else EXIT_INTERNAL_ERROR

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import tvm
 from tvm import relax
 
-from fusion_rl.compiler.schedules.base import ScheduleProvider
+from fusion_rl.compiler.schedules.base import ScheduleProvider, schedule_report
 from fusion_rl.errors import CompileError, FusionRLError
 from fusion_rl.fusion.apply import apply_plan
 from fusion_rl.fusion.plan import FusionPlan
@@ -53,12 +53,17 @@ class CompiledPlan:
     num_kernels: int
     schedule_s: float  #: time spent by the schedule provider (tuning included)
     build_s: float
+    #: kernel name -> the schedule it got (:func:`~fusion_rl.compiler.schedules.base.schedule_report`)
+    schedules: dict[str, str]
 
 
 def compile_module(
     mod: tvm.IRModule, target: tvm.target.Target, schedule: ScheduleProvider
-) -> tuple["relax.VMExecutable", float, float]:
-    """Schedule and build an already-fused module; returns (executable, schedule_s, build_s)."""
+) -> tuple["relax.VMExecutable", float, float, dict[str, str]]:
+    """Schedule and build an already-fused module.
+
+    Returns (executable, schedule_s, build_s, kernel name -> schedule it got).
+    """
     t0 = time.perf_counter()
     try:
         scheduled = schedule.schedule(mod, target)
@@ -72,7 +77,7 @@ def compile_module(
             ex = tvm.compile(scheduled, target=target, relax_pipeline=lowering_pipeline(target))
     except Exception as exc:
         raise CompileError(f"TVM build failed: {_first_line(exc)}") from exc
-    return ex, t1 - t0, time.perf_counter() - t1
+    return ex, t1 - t0, time.perf_counter() - t1, schedule_report(scheduled)
 
 
 def compile_plan(
@@ -80,8 +85,8 @@ def compile_plan(
 ) -> CompiledPlan:
     """Apply ``plan`` to ``model`` (legality checked first), schedule and build it."""
     fused = apply_plan(model.mod, plan, model.graph)
-    ex, schedule_s, build_s = compile_module(fused, target, schedule)
-    return CompiledPlan(ex, fused, num_kernels(fused), schedule_s, build_s)
+    ex, schedule_s, build_s, schedules = compile_module(fused, target, schedule)
+    return CompiledPlan(ex, fused, num_kernels(fused), schedule_s, build_s, schedules)
 
 
 def _first_line(exc: BaseException) -> str:

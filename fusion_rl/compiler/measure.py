@@ -183,6 +183,7 @@ def _to_record(key: MeasurementKey, result: dict) -> MeasurementRecord:
     extra = {
         "num_kernels": result.get("num_kernels"),
         "kernel_times_ms": result.get("kernel_times_ms"),
+        "kernel_schedules": result.get("kernel_schedules"),
         "wall_s": float(result.get("wall_s", 0.0)),
     }
     if result["status"] == "ok":

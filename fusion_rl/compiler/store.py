@@ -41,7 +41,7 @@ from fusion_rl.errors import ConfigError, StoreError
 
 #: Version of the table layout below. Bump it (and add a migration or tell users to start a new
 #: store) whenever a column changes meaning or is added.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: kernel_schedules
 #: Marks a SQLite file as a fusion_rl store (``PRAGMA application_id``; ASCII "FuRL").
 APPLICATION_ID = 0x4675524C
 #: Allowed values of :attr:`MeasurementRecord.status`.
@@ -52,7 +52,7 @@ _SQLITE_MAGIC = b"SQLite format 3\x00"
 _KEY_COLUMNS = ("model_fingerprint", "plan_hash", "target", "provider", "budget", "versions", "protocol")
 _VALUE_COLUMNS = (
     "status", "median_ms", "spread_ms", "repeats", "times_ms", "num_kernels", "kernel_times_ms",
-    "error", "created", "wall_s",
+    "error", "created", "wall_s", "kernel_schedules",
 )
 _COLUMNS = _KEY_COLUMNS + _VALUE_COLUMNS
 
@@ -79,6 +79,7 @@ CREATE TABLE measurements (
     error             TEXT,
     created           REAL    NOT NULL,
     wall_s            REAL    NOT NULL,
+    kernel_schedules  TEXT,
     PRIMARY KEY ({", ".join(_KEY_COLUMNS)})
 ) WITHOUT ROWID;
 CREATE INDEX measurements_by_model_target ON measurements (model_fingerprint, target);
@@ -170,6 +171,8 @@ class MeasurementRecord:
     :param error: The failure message, for non-``ok`` statuses.
     :param created: Unix time of the measurement.
     :param wall_s: Wall seconds spent (schedule + build + verify + time).
+    :param kernel_schedules: Kernel name -> the schedule it got (``fallback: <reason>`` for a
+        kernel left as naive loops); ``None`` when the build did not get that far.
     """
 
     key: MeasurementKey
@@ -183,6 +186,7 @@ class MeasurementRecord:
     error: str | None = None
     created: float = dataclasses.field(default_factory=time.time)
     wall_s: float = 0.0
+    kernel_schedules: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -218,14 +222,16 @@ class MeasurementRecord:
         data = self.to_dict()
         data["times_ms"] = json.dumps(data["times_ms"])
         data["kernel_times_ms"] = None if self.kernel_times_ms is None else json.dumps(self.kernel_times_ms)
+        data["kernel_schedules"] = None if self.kernel_schedules is None else json.dumps(self.kernel_schedules)
         return tuple(data[name] for name in _COLUMNS)
 
     @classmethod
     def _from_row(cls, row: Sequence[Any]) -> MeasurementRecord:
         data = dict(zip(_COLUMNS, row))
         data["times_ms"] = json.loads(data["times_ms"])
-        if data["kernel_times_ms"] is not None:
-            data["kernel_times_ms"] = json.loads(data["kernel_times_ms"])
+        for name in ("kernel_times_ms", "kernel_schedules"):
+            if data[name] is not None:
+                data[name] = json.loads(data[name])
         return cls.from_dict(data)
 
 

@@ -74,7 +74,7 @@ def reference_outputs(model: Model) -> tuple[list[np.ndarray], str]:
         from fusion_rl.compiler.schedules.base import NaiveSchedule
 
         target = tvm.target.Target({"kind": "llvm"})
-        ex, _, _ = compile_module(model.mod, target, NaiveSchedule())
+        ex = compile_module(model.mod, target, NaiveSchedule())[0]
         result = (run_executable(ex, model.inputs), "tvm-unfused")
     model._reference = result  # type: ignore[attr-defined]
     return result

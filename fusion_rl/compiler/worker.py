@@ -96,7 +96,7 @@ def run_job(job: MeasureJob, models: dict | None = None) -> dict:
         _inject(job.fault, "build")
         compiled = compile_plan(model, plan, target, provider)
         result.update(num_kernels=compiled.num_kernels, schedule_s=compiled.schedule_s,
-                      build_s=compiled.build_s)
+                      build_s=compiled.build_s, kernel_schedules=compiled.schedules)
         result["verify"] = verify_executable(compiled.executable, model, f"plan {plan.hash}").to_dict()
         _inject(job.fault, "run")
         timing = time_executable(compiled.executable, model.inputs, job.protocol or TimingProtocol())

@@ -14,6 +14,32 @@ from typing import ClassVar
 import tvm
 
 
+#: PrimFunc attribute in which a provider records the schedule a kernel got: a rule name, or
+#: ``fallback: <reason>`` when the kernel was left as naive loops although it should not be.
+SCHEDULE_ATTR = "fusion_rl.schedule"
+
+
+def schedule_report(mod: tvm.IRModule) -> dict[str, str]:
+    """Kernel name -> the schedule it got (:data:`SCHEDULE_ATTR`; ``"naive"`` if none said).
+
+    ``fallback: ...`` entries are the kernels that run as naive loops against the provider's
+    intent; :func:`fallbacks` picks them out.
+    """
+    from tvm import tirx
+
+    report = {}
+    for gvar, func in mod.functions_items():
+        if isinstance(func, tirx.PrimFunc):
+            label = func.attrs.get(SCHEDULE_ATTR) if func.attrs is not None else None
+            report[gvar.name_hint] = str(label) if label is not None else "naive"
+    return dict(sorted(report.items()))
+
+
+def fallbacks(report: dict[str, str]) -> dict[str, str]:
+    """The kernels of a :func:`schedule_report` that fell back, with the reason."""
+    return {k: v.split(":", 1)[1].strip() for k, v in report.items() if v.startswith("fallback:")}
+
+
 class ScheduleProvider(abc.ABC):
     """Base class of schedule providers (``naive``, ``rules``, ``tuned``)."""
 

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir.schedule import LoopRV, SBlockRV, ScheduleError
-from tvm.target.codegen import llvm_get_vector_width
 
-from .base import ScheduleProvider
+from . import microkernel
+from .base import SCHEDULE_ATTR, ScheduleProvider
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class _Ctx:
 
     target: tvm.target.Target
     vector_bits: int
+    registers: int  #: vector registers (32 with AVX-512, 16 with AVX2)
 
     def lanes(self, dtype_bits: int) -> int:
         """Vector lanes of one register for elements of ``dtype_bits`` bits."""
@@ -72,6 +73,12 @@ class RulesSchedule(ScheduleProvider):
 
     name = "rules"
 
+    @property
+    def key(self) -> str:
+        # v2: packed micro-kernels (microkernel.py). Records of the v1 schedules must not be
+        # served for it, so the version is part of every measurement's key.
+        return "rules:v2"
+
     def schedule(self, mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         ctx = _make_ctx(target)
         out = mod.clone()  # never touch the caller's module (dlight edits modules in place)
@@ -82,9 +89,16 @@ class RulesSchedule(ScheduleProvider):
 
 
 def _make_ctx(target: tvm.target.Target) -> _Ctx:
-    """Vector width from LLVM's view of ``mcpu`` (512 bits for AVX-512, 256 for AVX2)."""
-    bits = int(llvm_get_vector_width(target)) if target.kind.name == "llvm" else -1
-    return _Ctx(target, bits if bits > 0 else 128)
+    """Vector width from the instruction sets LLVM enables for ``mcpu`` (512 bits with AVX-512,
+    256 with AVX/AVX2, else 128). ``llvm_get_vector_width`` is not used: it answers 512 for
+    ``znver3``, which has no AVX-512, and tiles sized for 32 registers spill on 16."""
+    bits = 128
+    if target.kind.name == "llvm":
+        from tvm.target import codegen
+
+        features = set(codegen.llvm_get_cpu_features(target))
+        bits = 512 if "avx512f" in features else 256 if "avx" in features else 128
+    return _Ctx(target, bits, 32 if bits == 512 else 16)
 
 
 def _is_scheduled(func: tirx.PrimFunc) -> bool:
@@ -92,25 +106,54 @@ def _is_scheduled(func: tirx.PrimFunc) -> bool:
 
 
 def schedule_prim_func(func: tirx.PrimFunc, ctx: _Ctx, name: str = "") -> tirx.PrimFunc:
-    """Schedule one PrimFunc; on any failure return ``func`` unchanged (never raise)."""
-    try:
-        sch = s_tir.Schedule(func)
-        _inline_injective(sch)
-        anchors = [b for b in _root_blocks(sch) if _is_mac(sch, b)]
-        if not anchors:
-            reduced = _try_dlight_reduction(sch, ctx)
-            if reduced is not None:
-                return reduced.mod["main"].with_attr("tirx.is_scheduled", True)
-        done: set[str] = set()
-        for anchor in anchors:
+    """Schedule one PrimFunc; never raises.
+
+    The result carries the attribute ``fusion_rl.schedule``: the rule that scheduled it
+    (``microkernel``, ``tile``, ``reduction``, ``elementwise``), or ``fallback: <reason>`` when
+    every rule failed and the kernel is left as naive loops (see :func:`schedule_report`).
+    """
+    reasons = []
+    for rule in ("microkernel", "tile"):
+        try:
+            sch, kind = _schedule_with(func, ctx, rule)
+        except Exception as err:  # noqa: BLE001 - a failed rule falls through to the next one
+            reasons.append(f"{rule}: {_first_line(err)}")
+            continue
+        out = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+        label = kind if not reasons else f"{kind} ({'; '.join(reasons)})"
+        return out.with_attr(SCHEDULE_ATTR, label)
+    log.debug("rules: kernel %s left unscheduled: %s", name, reasons)
+    return func.with_attr(SCHEDULE_ATTR, "fallback: " + "; ".join(reasons))
+
+
+def _schedule_with(func: tirx.PrimFunc, ctx: _Ctx, rule: str) -> tuple[s_tir.Schedule, str]:
+    """Apply the rules with anchors scheduled by ``rule``; returns the schedule and its kind."""
+    sch = s_tir.Schedule(func)
+    _inline_injective(sch)
+    anchors = [b for b in _root_blocks(sch) if _is_mac(sch, b)]
+    if not anchors:
+        reduced = _try_dlight_reduction(sch, ctx)
+        if reduced is not None:
+            return reduced, "reduction"
+        if rule != "microkernel":
+            raise ValueError("nothing left to try")
+    done: set[str] = set()
+    for anchor in anchors:
+        if rule == "microkernel":
+            lanes = ctx.lanes(_dtype_bits(sch, anchor))
+            done |= microkernel.schedule_anchor(sch, anchor, lanes, ctx.registers,
+                                                _MIN_PARALLEL_MACS)
+        else:
             done |= _schedule_anchor(sch, anchor, ctx)
-        for block in _root_blocks(sch):
-            if sch.get(block).name_hint not in done:
-                _parallel_vectorize(sch, block, ctx)
-        return sch.mod["main"].with_attr("tirx.is_scheduled", True)
-    except Exception as err:  # noqa: BLE001 - any schedule error means "leave the kernel naive"
-        log.debug("rules: kernel %s left unscheduled: %s", name, str(err).splitlines()[0:1])
-        return func
+    for block in _root_blocks(sch):
+        if sch.get(block).name_hint not in done:
+            _parallel_vectorize(sch, block, ctx)
+    return sch, (rule if anchors else "elementwise")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:200]
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,434 @@
+"""The register-tiled, packed schedule of a multiply-accumulate anchor (conv2d, matmul, dense).
+
+The anchor ``O[s...] += X[...] * W[...]`` is read as a GEMM-like micro-kernel, the design of
+BLAS libraries (GotoBLAS, MLAS) and of TOPI's x86 ``conv2d_NCHWc`` / ``dense_pack`` schedules:
+
+- the *vector axis* ``v`` is a spatial axis that only one operand (the *panel* operand ``W``)
+  depends on; the other operand ``X`` is then a scalar broadcast along it;
+- the *register axis* ``r`` is a spatial axis that ``W`` does not depend on, so one vector load
+  of ``W`` feeds ``rb`` FMAs (``rb`` rows x ``nv`` vectors of accumulators);
+- ``W`` is *packed*: copied once into a buffer where ``v`` is innermost and contiguous
+  (``[v_outer, reduction..., v_inner]``), so the micro-kernel streams it without strides, cache
+  set conflicts or gathers. Per panel inside the parallel loop when there are enough panels
+  (dense: ``K x N`` weights, every panel packed once), else whole at the kernel's start
+  (convolutions: weights are tiny next to their ``OH x OW`` reuse);
+- the accumulators live in a ``local`` tile whose layout is ``[r, v]``, written back once with
+  the elementwise epilogue (bias, batch norm, activation, residual) inlined into the write-back.
+
+Loop nest: ``parallel(outer tiles) / [pack] / reduction / r_inner (unrolled) / v_inner
+(vectorized)``. Depthwise convolutions (every spatial axis used by both operands or by ``X``
+only) use the same nest with ``v`` on ``X``'s contiguous axis and no packing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import s_tir, tirx
+from tvm.s_tir.schedule import LoopRV, SBlockRV, ScheduleError
+
+_DATA_PAR = tirx.IterVar.DataPar
+_REDUCE = tirx.IterVar.CommReduce
+#: Vector registers left for operands (panel vectors, the broadcast) beside the accumulators.
+_OPERAND_REGISTERS = 4
+#: Register-tile rows tried, best first (7 divides every ResNet-style feature map width).
+_ROW_BLOCKS = (8, 7, 6, 5, 4, 3, 2)
+
+
+class Unschedulable(ValueError):
+    """The anchor does not fit the micro-kernel; the message says why (reported upstream)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Roles of the anchor's loops: which axis is vectorized, which is register-blocked."""
+
+    v: int  #: index (among block iterators) of the vector axis
+    r: int | None  #: index of the register-block axis, or None
+    #: index among the two operands of the packed one; None: no packing; -1: depthwise (both
+    #: operands copied channels-last, :func:`schedule_depthwise`)
+    panel: int | None
+    vec: int  #: vector tile: elements of ``v`` per micro-kernel (a multiple of the lanes)
+    rows: int  #: register rows along ``r``
+
+
+def _vars(expr: tirx.PrimExpr) -> set[str]:
+    return {v.name for v in tirx.analysis.undefined_vars(expr, [])}
+
+
+def _extent(iv: tirx.IterVar) -> int | None:
+    ext = iv.dom.extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
+def analyze(stmt: tirx.SBlock, lanes: int, registers: int = 16) -> Layout:
+    """Pick the vector axis, register axis and packed operand of a MAC block (or raise)."""
+    out = stmt.writes[0].source
+    operands = [r for r in stmt.reads if not r.source.same_as(out)]
+    if len(operands) != 2:
+        raise Unschedulable(f"{len(operands)} operands, not 2")
+    uses = [set().union(*(_vars(rng.min) for rng in op.region)) for op in operands]
+    last = [_vars(op.region[-1].min) for op in operands]
+    names = [iv.var.name for iv in stmt.iter_vars]
+    spatial = [i for i, iv in enumerate(stmt.iter_vars)
+               if iv.iter_type == _DATA_PAR and (_extent(iv) or 0) > 1]
+    if not spatial:
+        raise Unschedulable("no spatial axis of constant extent > 1")
+
+    acc = registers - _OPERAND_REGISTERS
+
+    def vec_tile(ext: int) -> int:
+        for nv in (4, 3, 2, 1) if registers > 16 else (2, 1):  # prefer wide tiles: fewer broadcasts per FMA
+            if ext % (lanes * nv) == 0:
+                return lanes * nv
+        return 0
+
+    # 1. GEMM-like: a spatial axis used by exactly one operand; that operand is the panel.
+    best: tuple | None = None
+    for i in spatial:
+        owners = [k for k in (0, 1) if names[i] in uses[k]]
+        if len(owners) != 1:
+            continue
+        w = owners[0]
+        vec = vec_tile(_extent(stmt.iter_vars[i]))
+        if not vec:
+            continue
+        # Register axis: a spatial axis the panel ignores (its vector is reused across rows).
+        # Without one, packing buys nothing (each panel element is used once per output):
+        # that is a depthwise-like anchor, scheduled below.
+        rows_axes = [j for j in spatial if j != i and names[j] not in uses[w]]
+        if not rows_axes:
+            continue
+        score = (bool(rows_axes), i == spatial[-1], vec)
+        if best is None or score > best[0]:
+            best = (score, i, w, rows_axes)
+    if best is not None:
+        _, v, w, rows_axes = best
+        vec = vec_tile(_extent(stmt.iter_vars[v]))
+        r, rows = _pick_rows(stmt, rows_axes, vec // lanes, acc)
+        return Layout(v, r, w, vec, rows)
+    # 2. Depthwise: a channel axis that both operands index by itself (X[c, ...], W[c, ...]);
+    # vectorize it in a channels-last copy of both (see :func:`schedule_depthwise`).
+    for i in spatial:
+        ext = _extent(stmt.iter_vars[i])
+        if ext % lanes or not all(
+                any(_is_channel(rng.min, stmt.iter_vars[i]) for rng in op.region) for op in operands):
+            continue
+        x_only = [j for j in spatial if names[j] in uses[_x_operand(operands, names[i], uses)]
+                  and not any(names[j] in uses[k] for k in (0, 1)
+                              if k != _x_operand(operands, names[i], uses))]
+        r, rows = _pick_rows(stmt, x_only, 1, acc)
+        return Layout(i, r, -1, lanes, rows)
+    # 3. Otherwise: vectorize the innermost spatial axis that some operand reads
+    # contiguously; no packing, no reuse across rows (every axis is used by that operand).
+    for i in reversed(spatial):
+        if any(names[i] in last[k] and _stride_one(operands[k].region[-1].min, stmt.iter_vars[i])
+               for k in (0, 1)):
+            vec = vec_tile(_extent(stmt.iter_vars[i])) or _pow2_tile(_extent(stmt.iter_vars[i]), lanes)
+            if vec:
+                others = [j for j in spatial if j != i]
+                r, rows = _pick_rows(stmt, others[-1:], max(vec // lanes, 1), acc, cap=4)
+                return Layout(i, r, None, vec, rows)
+    raise Unschedulable("no axis to vectorize (no operand is contiguous along a spatial axis)")
+
+
+def _pow2_tile(ext: int | None, lanes: int) -> int:
+    f = lanes
+    while ext and f >= 4 and ext % f:
+        f //= 2
+    return f if ext and f >= 4 and ext % f == 0 else 0
+
+
+def _is_channel(index: tirx.PrimExpr, iv: tirx.IterVar) -> bool:
+    """Does ``index`` step by one with ``iv`` (``c``, or ``c + rc`` with a unit ``rc``)?"""
+    return iv.var.name in _vars(index) and _stride_one(index, iv)
+
+
+def _x_operand(operands: list, name: str, uses: list[set[str]]) -> int:
+    """The operand with more iterators (the data; the other is the depthwise filter)."""
+    return 0 if len(uses[0]) >= len(uses[1]) else 1
+
+
+def _stride_one(index: tirx.PrimExpr, iv: tirx.IterVar) -> bool:
+    """Is ``index`` = ``iv + (terms without iv)``? (contiguous along ``iv``)."""
+    from tvm.sym import Analyzer
+
+    at = []
+    for value in (0, 1):
+        ana = Analyzer()
+        ana.bind(iv.var, tirx.const(value, "int64"))  # legalized kernels index in int64
+        at.append(ana.simplify(index))
+    return bool(Analyzer().can_prove_equal(at[1] - at[0], 1))
+
+
+def _pick_rows(stmt: tirx.SBlock, axes: list[int], nvec: int, acc: int,
+               cap: int | None = None) -> tuple[int | None, int]:
+    """Innermost candidate axis and the largest row block dividing it within ``acc``
+    accumulator registers."""
+    limit = max(acc // max(nvec, 1), 1)
+    if cap:
+        limit = min(limit, cap)
+    for j in reversed(axes):
+        ext = _extent(stmt.iter_vars[j])
+        for rows in _ROW_BLOCKS:
+            if rows <= limit and ext and ext % rows == 0:
+                return j, rows
+    return (axes[-1], 1) if axes else (None, 1)
+
+
+def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers: int,
+                    min_work: int) -> set[str]:
+    """Schedule ``anchor`` (and its elementwise epilogue) as a packed micro-kernel.
+
+    Returns the names of the blocks it scheduled. Raises :class:`Unschedulable` or a TVM
+    ``ScheduleError`` when the anchor does not fit; the caller reports it.
+    """
+    stmt = sch.get(anchor)
+    loops = sch.get_loops(anchor)
+    if len(loops) != len(stmt.iter_vars):
+        raise Unschedulable("anchor loop nest is not one loop per block iterator")
+    lay = analyze(stmt, lanes, registers)
+    if lay.panel == -1:
+        return schedule_depthwise(sch, anchor, stmt, lay, lanes, min_work)
+    names = [iv.var.name for iv in stmt.iter_vars]
+    kinds = [iv.iter_type for iv in stmt.iter_vars]
+    exts = [_extent(iv) for iv in stmt.iter_vars]
+    work = 1
+    for e in exts:
+        work *= e or min_work
+
+    # Accumulator tile in registers, layout [.., r, v]; the epilogue joins its write-back.
+    out_block = _cache_accumulators(sch, anchor, stmt, lay)
+    # The packed copy is made while the anchor's loops are still plain (one per iterator):
+    # its loop order can only be permuted then.
+    pack = _make_pack(sch, anchor, stmt, lay) if lay.panel is not None else None
+
+    loops = sch.get_loops(anchor)
+    spatial = [i for i, k in enumerate(kinds) if k == _DATA_PAR]
+    reduce = [loops[i] for i, k in enumerate(kinds) if k == _REDUCE]
+    v_out, v_in = sch.split(loops[lay.v], factors=[None, lay.vec])
+    r_out = r_in = None
+    if lay.r is not None and lay.rows > 1:
+        r_out, r_in = sch.split(loops[lay.r], factors=[None, lay.rows])
+    elif lay.r is not None:
+        r_out = loops[lay.r]
+    others = [loops[i] for i in spatial if i not in (lay.v, lay.r)]
+    # Panel operand dependence: outer loops the panel ignores go *inside* the pack point.
+    if lay.panel is not None:
+        op = [r for r in stmt.reads if not r.source.same_as(stmt.writes[0].source)][lay.panel]
+        panel_vars = set().union(*(_vars(rng.min) for rng in op.region))
+        dep = [lp for i, lp in zip([i for i in spatial if i not in (lay.v, lay.r)], others)
+               if names[i] in panel_vars]
+        free = [lp for i, lp in zip([i for i in spatial if i not in (lay.v, lay.r)], others)
+                if names[i] not in panel_vars]
+    else:
+        dep, free = others, []
+    r_outer = [r_out] if r_out is not None else []
+    outer = dep + [v_out] + free + r_outer
+    inner = ([r_in] if r_in is not None else []) + [v_in]
+    sch.reorder(*outer, *reduce, *inner)
+    # Parallel: the panel loops if they offer enough tiles, else everything outside the
+    # reduction (then the panel is packed once, at the kernel's start).
+    head = dep + [v_out]
+    head_ext = 1
+    for lp in head:
+        head_ext *= _loop_extent(sch, lp) or 1
+    per_panel = lay.panel is not None and head_ext >= 8
+    par_loops = head if (per_panel or lay.panel is None and False) else outer
+    fused = sch.fuse(*par_loops) if len(par_loops) > 1 else par_loops[0]
+    if per_panel:
+        tile_loop = fused
+        rest = free + r_outer
+        acc_loop = sch.fuse(*rest) if len(rest) > 1 else (rest[0] if rest else fused)
+    else:
+        tile_loop = acc_loop = fused
+    if work >= min_work and (_loop_extent(sch, fused) or 2) > 1:
+        sch.parallel(fused)
+    if r_in is not None:
+        sch.unroll(r_in)
+    sch.vectorize(v_in)
+    done = {stmt.name_hint}
+    # Write-back (+ epilogue) at the accumulator tile, vectorized along v.
+    sch.reverse_compute_at(out_block, acc_loop, preserve_unit_loops=False)
+    wb_loops = sch.get_loops(out_block)
+    if wb_loops:
+        inner_wb = wb_loops[-1]
+        ext = _loop_extent(sch, inner_wb)
+        if ext and ext % 4 == 0 and ext <= 4 * lanes * 4 and not inner_wb.same_as(acc_loop):
+            sch.vectorize(inner_wb)
+    done.add(sch.get(out_block).name_hint)
+    if pack is not None:
+        done.add(_place_pack(sch, pack, tile_loop if per_panel else None))
+    if reduce:
+        done.add(sch.get(sch.decompose_reduction(anchor, reduce[0])).name_hint)
+    done.add(sch.get(anchor).name_hint)
+    return done
+
+
+def _index_map(fn, stmt: tirx.SBlock) -> tirx.IndexMap:
+    """An index map over all of ``stmt``'s block iterators, in their dtype."""
+    # Legalized Relax kernels index with int64 (TVM's default for ``from_func`` too).
+    return tirx.IndexMap.from_func(fn, ndim=len(stmt.iter_vars), index_dtype="int64")
+
+
+def _loop_extent(sch: s_tir.Schedule, loop: LoopRV) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
+def _cache_accumulators(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock, lay: Layout) -> SBlockRV:
+    """``local`` accumulators indexed in block-iterator order with ``v`` last; returns the
+    write-back block with every single-producer elementwise consumer inlined into it."""
+    spatial = [i for i, iv in enumerate(stmt.iter_vars) if iv.iter_type == _DATA_PAR]
+    perm = [i for i in spatial if i != lay.v] + [lay.v]
+
+    def index_map(*axes):  # maps *all* block iterators to the accumulator's index
+        return [axes[i] for i in perm]
+
+    wb = sch.reindex_cache_write(anchor, 0, "local", _index_map(index_map, stmt))
+    out_shape = [int(s) for s in stmt.writes[0].source.shape]
+    changed = True
+    while changed:
+        changed = False
+        for consumer in sch.get_consumers(wb):
+            c = sch.get(consumer)
+            if not c.writes or [int(s) for s in c.writes[0].source.shape] != out_shape:
+                continue
+            if any(iv.iter_type != _DATA_PAR for iv in c.iter_vars):
+                continue
+            try:
+                sch.reverse_compute_inline(consumer)
+                changed = True
+                break
+            except ScheduleError:
+                continue
+    return wb
+
+
+def _make_pack(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock, lay: Layout) -> SBlockRV:
+    """Copy the panel operand into ``[reduction/other..., v]`` order (contiguous ``v``)."""
+    out = stmt.writes[0].source
+    reads = list(stmt.reads)
+    idx = [i for i, r in enumerate(reads) if not r.source.same_as(out)][lay.panel]
+    # Index the copy by the block iterators the operand uses, v last.
+    used = set().union(*(_vars(rng.min) for rng in reads[idx].region))
+    ivs = [i for i, iv in enumerate(stmt.iter_vars) if iv.var.name in used]
+    perm = [i for i in ivs if i != lay.v] + [lay.v]
+    pack = sch.reindex_cache_read(anchor, idx, "global",
+                                  _index_map(lambda *a: [a[i] for i in perm], stmt))
+    # The copy's loops follow the anchor's iterator order; put v innermost so that the copy
+    # writes (and, for dense weights, reads) whole vectors instead of striding by a row.
+    order = [ivs.index(i) for i in perm]
+    if order != sorted(order):
+        sch.transform_block_layout(
+            pack, tirx.IndexMap.from_func(lambda *a: [a[k] for k in order], ndim=len(ivs),
+                                          index_dtype="int64"))
+    return pack
+
+
+def _place_pack(sch: s_tir.Schedule, pack: SBlockRV, at: LoopRV | None) -> str:
+    """Pack per panel under ``at`` (inside the parallel loop), or whole at the kernel's start
+    (parallel over its outer loop); vectorize the copy's innermost loop."""
+    if at is not None:
+        sch.compute_at(pack, at, preserve_unit_loops=False)
+    loops = sch.get_loops(pack)
+    if loops:
+        inner = loops[-1]
+        ext = _loop_extent(sch, inner)
+        if ext and ext % 4 == 0 and ext <= 256:
+            try:
+                sch.vectorize(inner)
+            except ScheduleError:
+                pass
+        if at is None and len(loops) > 1 and (_loop_extent(sch, loops[0]) or 1) > 1:
+            sch.parallel(loops[0])
+    return sch.get(pack).name_hint
+
+
+def schedule_depthwise(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock, lay: Layout,
+                       lanes: int, min_work: int) -> set[str]:
+    """Depthwise convolution, channels-last inside the kernel (ORT's MLAS does the same with
+    NCHWc): per block of ``lanes`` channels, the padded input is copied to ``[h, w, c]`` and the
+    filter to ``[kh, kw, c]``; each (kh, kw) step is then one vector load of input per output
+    vector and one filter vector shared by ``rows`` outputs, whatever the stride."""
+    names = [iv.var.name for iv in stmt.iter_vars]
+    kinds = [iv.iter_type for iv in stmt.iter_vars]
+    out = stmt.writes[0].source
+    operands = [i for i, r in enumerate(stmt.reads) if not r.source.same_as(out)]
+    uses = [set().union(*(_vars(rng.min) for rng in stmt.reads[i].region)) for i in operands]
+    xk = _x_operand([stmt.reads[i] for i in operands], names[lay.v], uses)
+    x_idx, w_idx = operands[xk], operands[1 - xk]
+    x_buf = stmt.reads[x_idx].source
+    c_dim = next(d for d, rng in enumerate(stmt.reads[x_idx].region)
+                 if _is_channel(rng.min, stmt.iter_vars[lay.v]))
+
+    out_block = _cache_accumulators(sch, anchor, stmt, lay)
+    # Filter: [reduction..., c] through the block iterators (a single point per iteration).
+    w_used = uses[1 - xk]
+    w_ivs = [i for i, iv in enumerate(stmt.iter_vars) if iv.var.name in w_used]
+    w_perm = [i for i in w_ivs if i != lay.v] + [lay.v]
+    w_pack = sch.reindex_cache_read(anchor, w_idx, "global",
+                                    _index_map(lambda *a: [a[i] for i in w_perm], stmt))
+    # Input: the buffer's own layout with the channel moved last, blocked by ``lanes``.
+    x_pack = sch.cache_read(anchor, x_idx, "global")
+    ndim = len(x_buf.shape)
+
+    def channels_last(*idx):
+        rest = [idx[d] for d in range(ndim) if d != c_dim]
+        return [idx[c_dim] // lanes, *rest, idx[c_dim] % lanes]
+
+    sch.transform_layout(x_pack, ("write", 0), channels_last)
+    producers = sch.get_producers(x_pack)
+    for p in producers:  # the padding block: computed while copying, not materialized
+        try:
+            sch.compute_inline(p)
+        except ScheduleError:
+            pass
+
+    loops = sch.get_loops(anchor)
+    spatial = [i for i, k in enumerate(kinds) if k == _DATA_PAR]
+    reduce = [loops[i] for i, k in enumerate(kinds) if k == _REDUCE]
+    v_out, v_in = sch.split(loops[lay.v], factors=[None, lay.vec])
+    r_out = r_in = None
+    if lay.r is not None and lay.rows > 1:
+        r_out, r_in = sch.split(loops[lay.r], factors=[None, lay.rows])
+    elif lay.r is not None:
+        r_out = loops[lay.r]
+    before = [loops[i] for i in spatial if i < lay.v]
+    after = [loops[i] for i in spatial if i > lay.v and i != lay.r]
+    rest = after + ([r_out] if r_out is not None else [])
+    sch.reorder(*before, v_out, *rest, *reduce, *([r_in] if r_in is not None else []), v_in)
+    head = sch.fuse(*before, v_out) if before else v_out
+    acc_loop = sch.fuse(*rest) if len(rest) > 1 else (rest[0] if rest else head)
+    work = 1
+    for iv in stmt.iter_vars:
+        work *= _extent(iv) or min_work
+    if work >= min_work and (_loop_extent(sch, head) or 2) > 1:
+        sch.parallel(head)
+    if r_in is not None:
+        sch.unroll(r_in)
+    for lp in reduce:
+        if (_loop_extent(sch, lp) or 99) <= 7:
+            sch.unroll(lp)
+    sch.vectorize(v_in)
+    sch.reverse_compute_at(out_block, acc_loop, preserve_unit_loops=False)
+    done = {stmt.name_hint, sch.get(out_block).name_hint}
+    sch.compute_at(x_pack, head, preserve_unit_loops=False)
+    _vectorize_inner(sch, x_pack)
+    sch.compute_at(w_pack, head, preserve_unit_loops=False)
+    _vectorize_inner(sch, w_pack)
+    done |= {sch.get(x_pack).name_hint, sch.get(w_pack).name_hint}
+    if reduce:
+        done.add(sch.get(sch.decompose_reduction(anchor, reduce[0])).name_hint)
+    done.add(sch.get(anchor).name_hint)
+    return done
+
+
+def _vectorize_inner(sch: s_tir.Schedule, block: SBlockRV) -> None:
+    loops = sch.get_loops(block)
+    ext = _loop_extent(sch, loops[-1]) if loops else None
+    if ext and ext % 4 == 0 and ext <= 256:
+        try:
+            sch.vectorize(loops[-1])
+        except ScheduleError:
+            pass
