@@ -139,6 +139,38 @@ def _pow2_tile(ext: int | None, lanes: int) -> int:
     return f if ext and f >= 4 and ext % f == 0 else 0
 
 
+def _einsum_padding(stmt: tirx.SBlock, lanes: int, registers: int) -> list[int] | None:
+    """Padding factors that make a matmul-like block's vector and row axes tile exactly, or
+    None when nothing needs padding (or the block is not an einsum: convolutions index with
+    ``oh * s + kh``, and their widths tile already)."""
+    regions = [*stmt.reads, *stmt.writes]
+    if not all(isinstance(r.min, (tirx.Var, tirx.IntImm)) for reg in regions for r in reg.region):
+        return None
+    out = stmt.writes[0].source
+    operands = [r for r in stmt.reads if not r.source.same_as(out)]
+    if len(operands) != 2:
+        return None
+    uses = [set().union(*(_vars(rng.min) for rng in op.region)) for op in operands]
+    names = [iv.var.name for iv in stmt.iter_vars]
+    spatial = [i for i, iv in enumerate(stmt.iter_vars)
+               if iv.iter_type == _DATA_PAR and (_extent(iv) or 0) > 1]
+    owned = [i for i in spatial if sum(names[i] in u for u in uses) == 1]
+    if not owned:
+        return None
+    v = owned[-1]
+    w = next(k for k in (0, 1) if names[v] in uses[k])
+    rows_axes = [j for j in spatial if j != v and names[j] not in uses[w]]
+    pad = [1] * len(stmt.iter_vars)
+    if _extent(stmt.iter_vars[v]) % lanes:
+        pad[v] = 2 * lanes if registers <= 16 else 4 * lanes
+    if rows_axes:
+        r = rows_axes[-1]
+        ext = _extent(stmt.iter_vars[r])
+        if not any(ext % rows == 0 for rows in _ROW_BLOCKS if rows >= 4):
+            pad[r] = 4
+    return pad if any(p > 1 for p in pad) else None
+
+
 def _is_channel(index: tirx.PrimExpr, iv: tirx.IterVar) -> bool:
     """Does ``index`` step by one with ``iv`` (``c``, or ``c + rc`` with a unit ``rc``)?"""
     return iv.var.name in _vars(index) and _stride_one(index, iv)
@@ -187,6 +219,12 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
     loops = sch.get_loops(anchor)
     if len(loops) != len(stmt.iter_vars):
         raise Unschedulable("anchor loop nest is not one loop per block iterator")
+    padding = _einsum_padding(stmt, lanes, registers)
+    if padding:
+        # Ragged extents (ViT's 197 tokens): compute on a padded copy rather than give up the
+        # vector or register tile; the copies in and out cost O(inputs + output).
+        sch.pad_einsum(anchor, padding)
+        stmt = sch.get(anchor)
     lay = analyze(stmt, lanes, registers)
     if lay.panel == -1:
         return schedule_depthwise(sch, anchor, stmt, lay, lanes, min_work)
