@@ -31,6 +31,7 @@ import logging
 from dataclasses import dataclass
 
 import tvm
+import tvm_ffi
 from tvm import s_tir, tirx
 from tvm.s_tir.schedule import LoopRV, SBlockRV, ScheduleError
 
@@ -183,7 +184,11 @@ def _is_mac(sch: s_tir.Schedule, block: SBlockRV) -> bool:
     a, b = strip(body.value.a), strip(body.value.b)
     for acc, prod in ((a, b), (b, a)):
         if isinstance(acc, tvm.ir.expr.TensorLoad) and acc.source.same_as(body.buffer):
-            return isinstance(prod, tirx.Mul)
+            if not isinstance(prod, tirx.Mul):
+                return False
+            # ``sum += d * d`` (a layer norm's variance) is a plain reduction, not an anchor:
+            # there is no second operand to pack or reuse.
+            return not tvm_ffi.structural_equal(prod.a, prod.b)
     return False
 
 
