@@ -14,7 +14,7 @@ from fusion_rl.cli import main
 from fusion_rl.compiler.build import compile_module
 from fusion_rl.compiler.schedules import make_schedule
 from fusion_rl.compiler.verify import reference_outputs, verify_executable
-from fusion_rl.env.spaces import EDGE_DIM, NODE_DIM
+from fusion_rl.decisions import EDGE_DIM, NODE_DIM
 from fusion_rl.export import PASS_NAME, LearnedFusion, LearnedPlanner, PolicyArtifactError, load_network
 from fusion_rl.export.artifact import CARD_FILE, WEIGHTS_FILE, PolicyCard, content_hash, save_artifact
 from fusion_rl.fusion.legality import check_plan
@@ -54,8 +54,7 @@ def test_artifact_round_trip_is_exact(policy_dir):
 
 
 def _some_observation():
-    from fusion_rl.env.decisions import DecisionProcess
-    from fusion_rl.env.observation import ObservationBuilder
+    from fusion_rl.decisions import DecisionProcess, ObservationBuilder
     from _tiny import diamond
 
     g = diamond()

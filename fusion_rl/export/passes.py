@@ -25,8 +25,7 @@ import tvm
 import tvm_ffi
 
 from fusion_rl.compiler.target import hardware_features, parse_target
-from fusion_rl.env.decisions import DecisionProcess
-from fusion_rl.env.observation import ObservationBuilder
+from fusion_rl.decisions import DecisionProcess, ObservationBuilder
 from fusion_rl.export.artifact import load_network
 from fusion_rl.fusion.apply import ApplyFusionPlan
 from fusion_rl.fusion.legality import check_plan
