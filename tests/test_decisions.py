@@ -56,3 +56,48 @@ def test_decision_options_round_trip_and_are_strict():
             DecisionOptions.from_dict({"max_mac_anchors": bad})
     with pytest.raises(ConfigError, match="expected a mapping"):
         DecisionOptions.from_dict([1])
+
+
+@pytest.mark.slow  # ~1 min: every zoo model is loaded and decided three ways (no compiling)
+def test_plugin_cli_and_env_make_the_same_plan_on_every_zoo_model(tmp_path, model_cache):
+    """One decision process for training, evaluation and the plugin: with the shipped policy,
+    `plan --policy`, the LearnedFusion pass and FusionEnv.decide (what evaluation runs, on the
+    env spec the policy was trained on) give the same plan on every zoo model. Plans only:
+    nothing is compiled or measured."""
+    import numpy as np
+    import torch
+
+    from fusion_rl.cli import main
+    from fusion_rl.env.fusion_env import FusionEnv
+    from fusion_rl.export import LearnedFusion
+    from fusion_rl.export.artifact import load_network
+    from fusion_rl.fusion.plan import FusionPlan
+    from fusion_rl.graph.zoo import ZOO
+
+    policy = REPO / "policies" / "default"
+    network, card = load_network(policy)
+    # The env takes its masks from the training spec, the plugin from the card: this test
+    # also checks that the two agree. Padding is raised so every zoo model fits (the network
+    # strips padding, so its logits do not depend on it).
+    env = FusionEnv(str(REPO / card["training"]["env_spec"]), max_nodes=256, max_edges=512,
+                    store=str(tmp_path / "store.sqlite"))
+    assert env.config.max_mac_anchors == 1  # the shipped policy trained with the anchor cap
+
+    @torch.no_grad()
+    def choose(obs: dict, mask: np.ndarray) -> int:  # deterministic masked action, as SB3's predict
+        logits = network({k: torch.as_tensor(v)[None] for k, v in obs.items()})[0].numpy()
+        return int(np.argmax(np.where(mask, logits, -np.inf)))
+
+    learned = LearnedFusion(str(policy), "host")
+    try:
+        for name in ZOO:
+            model = model_cache(name)
+            assert main(["plan", name, "--policy", str(policy), "-o", str(tmp_path / f"{name}.json")]) == 0
+            cli = FusionPlan.load(tmp_path / f"{name}.json")
+            learned(model.mod)
+            decided = env.decide(choose, name, "host")
+            assert cli.hash == learned.last_plan.hash == decided.hash, name
+            anchors = [sum(model.graph.nodes[n].is_mac_anchor for n in g) for g in cli.groups]
+            assert max(anchors) <= 1, name
+    finally:
+        env.close()
