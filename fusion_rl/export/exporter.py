@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fusion_rl.decisions.process import DecisionOptions
 from fusion_rl.errors import ConfigError
 from fusion_rl.export.artifact import PolicyCard, save_artifact
 
@@ -84,7 +85,7 @@ def _portable(path: str) -> str:
         return path
 
 
-def _decision_options(config: dict[str, Any]):
+def _decision_options(config: dict[str, Any]) -> DecisionOptions:
     """The decision options the run trained under: its env spec with its ``env_kwargs`` applied,
     exactly as :func:`fusion_rl.policy.training.make_env` built the env.
 
