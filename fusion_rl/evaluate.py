@@ -6,11 +6,17 @@ test time. The plan it produces is then measured once, through the same
 :class:`~fusion_rl.compiler.measure.Measurer` (and store) as every baseline, so all numbers in a
 report are comparable:
 
-- rule sets (:mod:`fusion_rl.fusion.rules`): ``unfused``, ``tvm``, ``tensorrt``, ``aggressive``;
+- rule sets (:mod:`fusion_rl.fusion.rules`): ``unfused``, ``tvm``, ``tensorrt``, ``aggressive``,
+  ``aggressive_1anchor``;
 - search (:mod:`fusion_rl.baselines.search`) at an *equal* budget and at ``multiplier`` x that
   budget (see :func:`equal_budget` for the convention), and the exhaustive oracle where asked;
 - beside every latency, the kernels launched and the intermediate bytes of the plan
   (:func:`fusion_rl.fusion.metrics.plan_metrics`), as Welder and Korch report fusion.
+
+Every row's speedup is given against ``tvm`` *and* against the best fixed rule of its split
+(:func:`fill_speedups`), and a policy whose plans equal one rule set's on every case it was
+evaluated on is marked ``collapsed_to`` that rule (:func:`collapsed_to`): a learned number
+that merely reproduces ``aggressive_1anchor`` has learned a bias, not a function of the graph.
 
 The library has no opinion on which models are "held out": :class:`Case` carries a ``split``
 label chosen by the caller (``scripts/transfer.py`` uses ``train``, ``heldout-model``,
@@ -41,9 +47,12 @@ __all__ = [
     "Case",
     "SearchSettings",
     "TrainedPolicy",
+    "best_rules",
+    "collapsed_to",
     "decide_plan",
     "equal_budget",
     "evaluate",
+    "fill_speedups",
     "geomean",
     "learning_curve",
     "load_policy",
@@ -53,7 +62,7 @@ __all__ = [
 ]
 
 #: Rule-set baselines measured on every case.
-RULE_BASELINES: tuple[str, ...] = ("unfused", "tvm", "tensorrt", "aggressive")
+RULE_BASELINES: tuple[str, ...] = ("unfused", "tvm", "tensorrt", "aggressive", "aggressive_1anchor")
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,7 +319,10 @@ def evaluate(
     ``decision_measurements`` (store misses while deciding: always 0, asserted). Search rows
     have ``method="<algo>@<budget>"``, ``measurements`` (spent by that search on this store) and
     ``evaluations``. Every row has ``latency_ms`` (median), ``spread_ms``, ``status``,
-    ``num_kernels``, ``intermediate_bytes`` and ``speedup_vs_tvm`` (filled at the end).
+    ``num_kernels``, ``intermediate_bytes``, and, filled at the end by :func:`fill_speedups`,
+    ``speedup_vs_tvm``, ``best_rule`` and ``speedup_vs_best_rule``. Policy rows (learned and
+    ablations) also have ``collapsed_to``: the rule set whose plans that policy reproduced on
+    every case, or ``None``.
 
     All runs must share one env spec's observation layout (``max_nodes``/``max_edges``); the
     first run's env spec sets the schedule provider, the timing protocol and the store.
@@ -387,12 +399,74 @@ def evaluate(
     finally:
         for decider in {id(d[2]): d[2] for d in deciders}.values():
             decider.close()
-    _fill_speedups(rows)
+    fill_speedups(rows, rules)
+    collapse = collapsed_to(rows, rules)
+    for r in rows:
+        if "run_dir" in r:
+            r["collapsed_to"] = collapse[(r["method"], r["run_dir"])]
     return rows
 
 
-def _fill_speedups(rows: list[dict[str, Any]]) -> None:
-    tvm = {(r["model"], r["target"]): r["latency_ms"] for r in rows if r["method"] == "tvm"}
+# --------------------------------------------------------------------------------------------
+# speedups against tvm and against the best fixed rule; collapse to a rule
+# --------------------------------------------------------------------------------------------
+
+
+def best_rules(rows: Sequence[dict[str, Any]], rules: Sequence[str] = RULE_BASELINES) -> dict[str, str | None]:
+    """Per split, the fixed rule set with the best geomean speedup over ``tvm`` on its cases.
+
+    One rule for the whole split, not the fastest rule per case: a fixed rule is what a user
+    deploys without measuring each model, while picking per case is a search. A rule counts
+    only if it has a latency on every case of the split (a rule that failed somewhere would
+    otherwise look better for skipping it); a split where none does maps to ``None``.
+    Needs ``speedup_vs_tvm`` on the rows (:func:`fill_speedups` fills it first).
+    """
+    cases: dict[str, set[tuple[str, str]]] = {}
     for r in rows:
-        ref = tvm.get((r["model"], r["target"]))
-        r["speedup_vs_tvm"] = (ref / r["latency_ms"]) if ref and r["latency_ms"] else None
+        cases.setdefault(r["split"], set()).add((r["model"], r["target"]))
+    out: dict[str, str | None] = {}
+    for split, split_cases in cases.items():
+        scores: dict[str, float] = {}
+        for rule in rules:
+            speedups = {(r["model"], r["target"]): r["speedup_vs_tvm"] for r in rows
+                        if r["split"] == split and r["method"] == rule and r.get("speedup_vs_tvm")}
+            if set(speedups) == split_cases:
+                scores[rule] = geomean(speedups.values())
+        out[split] = max(scores, key=scores.__getitem__) if scores else None
+    return out
+
+
+def fill_speedups(rows: list[dict[str, Any]], rules: Sequence[str] = RULE_BASELINES) -> None:
+    """Set ``speedup_vs_tvm``, ``best_rule`` (its split's, :func:`best_rules`) and
+    ``speedup_vs_best_rule`` on every row: reference latency / the row's latency, ``None``
+    where either is missing."""
+    latency = {(r["model"], r["target"], r["method"]): r["latency_ms"] for r in rows if r["method"] in rules}
+
+    def ratio(ref: float | None, ms: float | None) -> float | None:
+        return ref / ms if ref and ms else None
+
+    for r in rows:
+        r["speedup_vs_tvm"] = ratio(latency.get((r["model"], r["target"], "tvm")), r["latency_ms"])
+    best = best_rules(rows, rules)
+    for r in rows:
+        r["best_rule"] = best.get(r["split"])
+        r["speedup_vs_best_rule"] = ratio(latency.get((r["model"], r["target"], r["best_rule"])), r["latency_ms"])
+
+
+def collapsed_to(rows: Sequence[dict[str, Any]], rules: Sequence[str] = RULE_BASELINES
+                 ) -> dict[tuple[str, str], str | None]:
+    """For each policy (rows with a ``run_dir``, keyed by ``(method, run_dir)``): the first rule
+    set in ``rules`` whose plan equals the policy's on every case the policy decided, else
+    ``None`` (plan hashes ignore plan names). The policy's own speedups are then the rule's:
+    reports must say so rather than present them as learned."""
+    plans = {(r["model"], r["target"], r["method"]): r["plan_hash"] for r in rows if r["method"] in rules}
+    policies: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        if "run_dir" in r:
+            policies.setdefault((r["method"], r["run_dir"]), []).append(r)
+    out: dict[tuple[str, str], str | None] = {}
+    for key, own in policies.items():
+        out[key] = next((rule for rule in rules if all(
+            r["plan_hash"] is not None and plans.get((r["model"], r["target"], rule)) == r["plan_hash"]
+            for r in own)), None)
+    return out

@@ -13,7 +13,8 @@ import pytest
 
 from fusion_rl.compiler.measure import Measurer
 from fusion_rl.compiler.store import MeasurementStore
-from fusion_rl.env import ENV_ID, INVALID_ACTION_PENALTY, DecisionProcess, EnvSpec, FusionEnv, actions_for_plan, spaces
+from fusion_rl.decisions import ACTION_FUSE, DecisionOptions, DecisionProcess, actions_for_plan, graph_observation
+from fusion_rl.env import ENV_ID, INVALID_ACTION_PENALTY, EnvSpec, FusionEnv
 from fusion_rl.env.rewards import FAILURE_PENALTY
 from fusion_rl.errors import ConfigError, IllegalPlanError
 from fusion_rl.fusion.legality import check_plan
@@ -154,7 +155,7 @@ def test_unreachable_plan_raises(model_cache):
 
 def test_max_mac_anchors_masks_second_anchor(model_cache):
     graph = model_cache("mlp_tiny").graph
-    process = DecisionProcess(graph, max_mac_anchors=1)
+    process = DecisionProcess(graph, DecisionOptions(max_mac_anchors=1))
     while not process.done:
         process.decide(process.can_fuse())
     plan = process.plan()
@@ -266,10 +267,8 @@ def test_observation_dynamic_features_follow_the_plan():
 
 
 def test_observations_match_the_policy_helper():
-    """The env and fusion_rl.policy.obs.graph_observation (used to test policies offline)
+    """The env and fusion_rl.decisions.graph_observation (used to test policies offline)
     build the same observation for the same state."""
-    from fusion_rl.policy.obs import graph_observation
-
     env = no_measure_env()
     rng = np.random.default_rng(0)
     for name in ("mlp_tiny", "cnn_plain"):
@@ -304,7 +303,7 @@ def test_decide_replays_a_plan_without_measuring(store_path):
             plan = env.decide(lambda obs, mask: next(actions), name, "host", name="replayed")
             assert plan.hash == target.hash and plan.name == "replayed"
             # Always asking to fuse: masked FUSE is taken as KEEP, so the plan stays legal.
-            greedy = env.decide(lambda obs, mask: spaces.ACTION_FUSE, name, "host")
+            greedy = env.decide(lambda obs, mask: ACTION_FUSE, name, "host")
             assert check_plan(env.model(name).graph, greedy).legal and greedy.num_groups < greedy.num_nodes
         assert env.measurements_spent == 0 and not Path(store_path).exists()
         with pytest.raises(ConfigError):
@@ -465,7 +464,6 @@ def test_mask_forbids_a_cycle_through_a_group_entered_late():
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from test_plan import _two_convex_groups_in_a_cycle
 
-    from fusion_rl.env.decisions import DecisionProcess
     from fusion_rl.fusion.legality import check_plan
     from fusion_rl.fusion.plan import FusionPlan
 

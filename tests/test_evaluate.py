@@ -16,8 +16,8 @@ import pytest
 
 from fusion_rl.errors import ConfigError
 from fusion_rl.evaluate import (
-    RULE_BASELINES, Case, SearchSettings, decide_plan, equal_budget, evaluate, geomean, learning_curve,
-    load_policy, make_eval_env, parity_point, t_interval, training_stats,
+    RULE_BASELINES, Case, SearchSettings, best_rules, collapsed_to, decide_plan, equal_budget, evaluate,
+    fill_speedups, geomean, learning_curve, load_policy, make_eval_env, parity_point, t_interval, training_stats,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,6 +60,49 @@ def test_geomean_and_budget() -> None:
     assert geomean([4.0, None, float("inf")]) == pytest.approx(4.0)
     assert equal_budget([100, 60], 4, cap=None) == {"amortized": 20, "cap": None, "budget": 20}
     assert equal_budget([100, 60], 4, cap=8)["budget"] == 8
+
+
+def _row(model: str, method: str, ms: float | None, plan: str, split: str = "heldout-model", **extra) -> dict:
+    return {"model": model, "target": "host", "split": split, "method": method, "latency_ms": ms,
+            "plan_hash": plan, **extra}
+
+
+def test_speedups_against_the_best_fixed_rule_of_each_split() -> None:
+    """The best rule is the one best on the whole split (geomean), not the fastest per case;
+    a rule that failed on a case of the split cannot be it."""
+    rows = []
+    # model: (tvm, aggressive, aggressive_1anchor, tensorrt) latencies in ms
+    for model, (tvm, agg, agg1, trt) in {"a": (1.0, 1.0, 0.5, 0.1), "b": (1.0, 0.7, 0.8, None)}.items():
+        rows += [_row(model, "tvm", tvm, f"{model}-tvm"), _row(model, "aggressive", agg, f"{model}-agg"),
+                 _row(model, "aggressive_1anchor", agg1, f"{model}-agg1"), _row(model, "tensorrt", trt, f"{model}-trt")]
+    rows += [_row("a", "learned", 0.4, "a-own", run_dir="r0", seed=0), _row("b", "learned", 0.4, "b-own", run_dir="r0", seed=0)]
+    rows += [_row("c", "tvm", 2.0, "c-tvm", "train"), _row("c", "aggressive", 4.0, "c-agg", "train"),
+             _row("c", "learned", 1.0, "c-own", "train", run_dir="r0", seed=0)]
+    fill_speedups(rows)
+    assert best_rules(rows) == {"heldout-model": "aggressive_1anchor", "train": "tvm"}
+    by = {(r["model"], r["method"]): r for r in rows}
+    assert by[("b", "learned")]["speedup_vs_tvm"] == pytest.approx(2.5)
+    assert by[("b", "learned")]["best_rule"] == "aggressive_1anchor"
+    assert by[("b", "learned")]["speedup_vs_best_rule"] == pytest.approx(2.0)  # 0.8 / 0.4, not 0.7 / 0.4
+    assert by[("a", "learned")]["speedup_vs_best_rule"] == pytest.approx(1.25)
+    assert by[("c", "learned")]["best_rule"] == "tvm" and by[("c", "learned")]["speedup_vs_best_rule"] == 2.0
+    assert by[("b", "tensorrt")]["speedup_vs_tvm"] is None and by[("a", "tensorrt")]["speedup_vs_tvm"] == 10.0
+
+
+def test_a_policy_equal_to_a_rule_on_every_case_is_marked_collapsed() -> None:
+    rows = []
+    for model in ("a", "b"):
+        rows += [_row(model, "tvm", 1.0, f"{model}-tvm"), _row(model, "aggressive", 1.0, f"{model}-agg"),
+                 _row(model, "aggressive_1anchor", 1.0, f"{model}-agg1")]
+    # seed 0 reproduces aggressive_1anchor everywhere; seed 1 only on a; the ablation is aggressive.
+    rows += [_row("a", "learned", 1.0, "a-agg1", run_dir="r0"), _row("b", "learned", 1.0, "b-agg1", run_dir="r0"),
+             _row("a", "learned", 1.0, "a-agg1", run_dir="r1"), _row("b", "learned", 1.0, "b-own", run_dir="r1"),
+             _row("a", "learned-nocap", 1.0, "a-agg", run_dir="r2"), _row("b", "learned-nocap", 1.0, "b-agg", run_dir="r2")]
+    assert collapsed_to(rows) == {("learned", "r0"): "aggressive_1anchor", ("learned", "r1"): None,
+                                  ("learned-nocap", "r2"): "aggressive"}
+    # A failed plan (no hash) never counts as equal.
+    rows[-1]["plan_hash"] = None
+    assert collapsed_to(rows)[("learned-nocap", "r2")] is None
 
 
 def test_learning_curve_parity(tmp_path: Path) -> None:
@@ -108,6 +151,13 @@ def test_evaluate_rows_for_every_baseline(tiny_run: Path) -> None:
     assert all(r["decision_measurements"] == 0 and r["seed"] == 0 for r in learned)
     tvm = [r for r in rows if r["method"] == "tvm"]
     assert all(r["speedup_vs_tvm"] == pytest.approx(1.0) for r in tvm)
+    rule_plans = {(r["model"], r["target"], r["method"]): r["plan_hash"] for r in rows if r["method"] in RULE_BASELINES}
+    for r in rows:
+        assert r["best_rule"] in RULE_BASELINES and r["speedup_vs_best_rule"] is not None
+    for r in learned:  # the verdict is present, and a named rule really has the policy's plan
+        assert "collapsed_to" in r
+        if r["collapsed_to"] is not None:
+            assert rule_plans[(r["model"], r["target"], r["collapsed_to"])] == r["plan_hash"]
 
 
 def test_load_policy_errors(tmp_path: Path) -> None:
@@ -128,3 +178,35 @@ def test_cli_parses_and_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixt
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("error:") and "not a run directory" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_reports_the_best_rule_and_a_collapse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`fusion-rl evaluate` prints the speedup vs the best fixed rule beside the one vs tvm, and
+    names a seed that collapsed to a rule (rows from a stub: nothing is trained or measured)."""
+    import fusion_rl.evaluate
+    from fusion_rl.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    common = {"status": "ok", "num_kernels": 1, "intermediate_bytes": 0}
+
+    def fake_evaluate(run_dirs, cases, search, log=print, **kwargs):
+        rows = []
+        for model in ("a", "b"):
+            rows += [_row(model, "tvm", 1.0, f"{model}-tvm", **common),
+                     _row(model, "aggressive_1anchor", 0.5, f"{model}-agg1", **common),
+                     _row(model, "learned", 0.5, f"{model}-agg1", seed=0, run_dir=str(run), **common)]
+        fill_speedups(rows)
+        for r in rows:
+            if "run_dir" in r:
+                r["collapsed_to"] = collapsed_to(rows)[(r["method"], r["run_dir"])]
+        return rows
+
+    monkeypatch.setattr(fusion_rl.evaluate, "evaluate", fake_evaluate)
+    assert main(["evaluate", str(run), "--heldout-models", "a,b"]) == 0
+    out = capsys.readouterr().out
+    assert "speedup_vs_best_rule" in out
+    assert "vs tvm 2.000x, vs the best fixed rule (heldout-model: aggressive_1anchor) 1.000x" in out
+    assert f"seed 0 ({run}) collapsed to the fixed rule aggressive_1anchor" in out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -14,7 +15,8 @@ from fusion_rl.cli import main
 from fusion_rl.compiler.build import compile_module
 from fusion_rl.compiler.schedules import make_schedule
 from fusion_rl.compiler.verify import reference_outputs, verify_executable
-from fusion_rl.env.spaces import EDGE_DIM, NODE_DIM
+from fusion_rl.decisions import EDGE_DIM, NODE_DIM, DecisionOptions
+from fusion_rl.errors import ConfigError
 from fusion_rl.export import PASS_NAME, LearnedFusion, LearnedPlanner, PolicyArtifactError, load_network
 from fusion_rl.export.artifact import CARD_FILE, WEIGHTS_FILE, PolicyCard, content_hash, save_artifact
 from fusion_rl.fusion.legality import check_plan
@@ -25,7 +27,7 @@ from fusion_rl.policy.network import PolicyNetwork
 FEATURES = dict(node_dim=NODE_DIM, edge_dim=EDGE_DIM, hw_dim=10, hidden=16, heads=2, num_layers=2, hw_hidden=8)
 
 
-def _artifact(path, fuse_bias: float = 0.0):
+def _artifact(path, fuse_bias: float = 0.0, options: DecisionOptions = DecisionOptions()):
     torch.manual_seed(0)
     net = PolicyNetwork(FEATURES, [16])
     with torch.no_grad():  # bias the head so the plan has fused groups whatever the weights
@@ -34,6 +36,7 @@ def _artifact(path, fuse_bias: float = 0.0):
         architecture={"class": "fusion_rl.policy.network.PolicyNetwork", "kwargs": net.config},
         feature_schema=feature_schema(),
         observation={"max_nodes": 64, "max_edges": 128, "hw_dim": 10},
+        decisions=options.to_dict(),
         training={"models": ["test"]},
     )
     return save_artifact(path, net, card)
@@ -54,8 +57,7 @@ def test_artifact_round_trip_is_exact(policy_dir):
 
 
 def _some_observation():
-    from fusion_rl.env.decisions import DecisionProcess
-    from fusion_rl.env.observation import ObservationBuilder
+    from fusion_rl.decisions import DecisionProcess, ObservationBuilder
     from _tiny import diamond
 
     g = diamond()
@@ -89,6 +91,45 @@ def _edit_card(folder, edit, rehash: bool = False):
     if rehash:  # a consistent but incompatible artifact: the schema check must catch it
         card["content_hash"] = content_hash(card, (folder / WEIGHTS_FILE).read_bytes())
     (folder / CARD_FILE).write_text(json.dumps(card))
+
+
+def test_planner_enforces_the_decision_options_of_its_card(tmp_path, model_cache):
+    """The plugin masks as training did: a policy biased to fuse puts several conv/matmul
+    anchors in one group without a cap, and at most one under the card's max_mac_anchors: 1
+    (before the card recorded it, the plugin planned uncapped whatever the training)."""
+    graph = model_cache("resnet_tiny").graph
+    capped = LearnedPlanner(_artifact(tmp_path / "capped", 5.0, DecisionOptions(max_mac_anchors=1)))
+    free = LearnedPlanner(_artifact(tmp_path / "free", 5.0))
+    assert capped.options == DecisionOptions(max_mac_anchors=1) and free.options == DecisionOptions()
+
+    def most_anchors(plan) -> int:
+        return max(sum(graph.nodes[n].is_mac_anchor for n in g) for g in plan.groups)
+
+    capped_plan, free_plan = capped.plan(graph), free.plan(graph)
+    assert most_anchors(free_plan) > 1
+    assert most_anchors(capped_plan) == 1 and check_plan(graph, capped_plan).legal
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda c: c.pop("decisions"), "card.json has no 'decisions' field"),
+        (lambda c: c["decisions"].update(max_mac_anchors=0), "'max_mac_anchors' must be an int >= 1 or null"),
+        (lambda c: c["decisions"].update(fuse_all=True), "unknown decision option 'fuse_all'"),
+        (lambda c: c.update(decisions={}), "'max_mac_anchors' is not recorded"),
+    ],
+)
+def test_card_without_valid_decision_options_is_refused(tmp_path, policy_dir, capsys, edit, words):
+    """A card that does not say which masks its policy was trained under is refused, in one
+    line from the CLI, rather than run under a guess."""
+    target = tmp_path / "p"
+    shutil.copytree(policy_dir, target)
+    _edit_card(target, edit, rehash=True)
+    with pytest.raises(PolicyArtifactError, match=re.escape(words)):
+        LearnedPlanner(target)
+    assert main(["plan", "mlp_tiny", "--policy", str(target)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and words in err and len(err.splitlines()) == 1
 
 
 def test_cli_rejects_missing_policy_in_one_line(capsys, tmp_path):
@@ -154,6 +195,14 @@ def test_export_run_from_an_sb3_model(tmp_path):
     out = export_run(run, tmp_path / "policy")
     net, card = load_network(out)
     assert card["training"]["models"] == ["mlp_tiny", "cnn_plain"]
+    assert card["decisions"] == {"max_mac_anchors": None}  # envs/tiny.yaml has no cap
+    # The card records the options the run's env was really built with: spec plus env_kwargs.
+    (run / "config.json").write_text(json.dumps(
+        {"env_spec": "tiny", "seed": 0, "env_kwargs": {"max_mac_anchors": 1, "render_mode": None}}))
+    assert load_network(export_run(run, tmp_path / "capped"))[1]["decisions"] == {"max_mac_anchors": 1}
+    (run / "config.json").write_text(json.dumps({"env_spec": "no_such_spec", "seed": 0}))
+    with pytest.raises(ConfigError, match="decision options it trained under"):
+        export_run(run, tmp_path / "unknown")
     obs, _ = env.reset(seed=0)
     t_obs = {k: torch.as_tensor(v)[None] for k, v in obs.items()}
     with torch.no_grad():

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from fusion_rl.env.spaces import ACTION_FUSE, ACTION_KEEP, action_space, observation_space
+from fusion_rl.decisions import ACTION_FUSE, ACTION_KEEP, graph_observation
+from fusion_rl.env.spaces import action_space, observation_space
 from fusion_rl.errors import ConfigError
 from fusion_rl.policy.encoder import GraphEncoder, GraphFeaturesExtractor, obs_to_batch
 from fusion_rl.policy.layers import MLP, GATv2Block, add_reverse_edges
-from fusion_rl.policy.obs import graph_observation
 from fusion_rl.policy.policy import PPOConfig
 
 from _tiny import diamond

@@ -1,7 +1,7 @@
 """Training: the run directory, checkpoints, resume after ``kill -9``, and learning at all.
 
 Most tests train on :class:`FakeFusionEnv`: the real per-edge decision process
-(:class:`~fusion_rl.env.decisions.DecisionProcess`, masks included) over a hand-made 9-node
+(:class:`~fusion_rl.decisions.DecisionProcess`, masks included) over a hand-made 9-node
 graph, with a synthetic latency instead of a measurement, so they need no compiling and run in
 seconds. The tests on the real ``fusion_rl/Fusion-v0`` env are marked ``slow``.
 """
@@ -22,11 +22,10 @@ import numpy as np
 import pytest
 import yaml
 
-from fusion_rl.env.decisions import DecisionProcess
+from fusion_rl.decisions import DecisionProcess, graph_observation
 from fusion_rl.env.spaces import action_space, observation_space
 from fusion_rl.errors import ConfigError
 from fusion_rl.graph.opgraph import OpEdge, OpGraph, OpNode
-from fusion_rl.policy.obs import graph_observation
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent

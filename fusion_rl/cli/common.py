@@ -52,7 +52,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_plan_source(p: argparse.ArgumentParser, required: bool = True) -> None:
     src = p.add_mutually_exclusive_group(required=required)
-    src.add_argument("--rules", help="a rule set: unfused, tvm, tensorrt, aggressive")
+    src.add_argument("--rules", help="a rule set: unfused, tvm, tensorrt, aggressive, aggressive_1anchor")
     src.add_argument("--plan", type=Path, help="a plan JSON file (from `fusion-rl plan -o`)")
     src.add_argument("--policy", type=Path, help="an exported policy folder (policies/NAME)")
 

@@ -44,13 +44,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     from fusion_rl.cli.common import print_table
 
+    def ratio(x: float | None) -> str:
+        return f"{x:.3f}" if x else ""
+
     shown = [{**r, "latency_ms": f"{r['latency_ms']:.4f}" if r["latency_ms"] else r["status"],
-              "speedup_vs_tvm": f"{r['speedup_vs_tvm']:.3f}" if r["speedup_vs_tvm"] else "",
+              "speedup_vs_tvm": ratio(r["speedup_vs_tvm"]), "speedup_vs_best_rule": ratio(r["speedup_vs_best_rule"]),
               "seed": r.get("seed", "")} for r in rows]
     print_table(shown, ["model", "target", "split", "method", "seed", "latency_ms", "speedup_vs_tvm",
-                        "num_kernels", "intermediate_bytes"])
-    learned = [r["speedup_vs_tvm"] for r in rows if r["method"] == "learned"]
-    print(f"learned policy: geomean speedup vs tvm {geomean(learned):.3f}x over {len(learned)} (case, seed) pairs")
+                        "speedup_vs_best_rule", "num_kernels", "intermediate_bytes"])
+    learned = [r for r in rows if r["method"] == "learned"]
+    best = ", ".join(f"{split}: {rule}" for split, rule in dict.fromkeys((r["split"], r["best_rule"]) for r in rows))
+    print(f"learned policy: geomean speedup vs tvm {geomean(r['speedup_vs_tvm'] for r in learned):.3f}x, "
+          f"vs the best fixed rule ({best}) {geomean(r['speedup_vs_best_rule'] for r in learned):.3f}x, "
+          f"over {len(learned)} (case, seed) pairs")
+    for (seed, run), rule in {(r["seed"], r["run_dir"]): r["collapsed_to"] for r in learned}.items():
+        if rule is not None:
+            print(f"seed {seed} ({run}) collapsed to the fixed rule {rule}: its plans equal {rule}'s on every case")
     return 0
 
 
@@ -61,8 +70,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Evaluate trained runs (one per seed) zero-shot: the policy decides every edge with "
             "its deterministic masked action and spends no measurement; its plan is then measured "
-            "once. Rule sets (unfused, tvm, tensorrt, aggressive) and, with --search-budget, "
-            "search baselines are measured on the same store."
+            "once. Rule sets (unfused, tvm, tensorrt, aggressive, aggressive_1anchor) and, with "
+            "--search-budget, search baselines are measured on the same store. Speedups are given "
+            "against tvm and against the best fixed rule of each split; a seed whose plans equal a "
+            "rule set's on every case is reported as collapsed to it."
         ),
     )
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories (runs/...)")

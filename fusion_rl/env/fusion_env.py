@@ -13,9 +13,8 @@ from fusion_rl.compiler.measure import Measurer
 from fusion_rl.compiler.schedules import make_schedule
 from fusion_rl.compiler.store import MeasurementStore, default_store_path
 from fusion_rl.compiler.target import HardwareFeatures, TargetSpec, hardware_features, parse_target
+from fusion_rl.decisions import ACTION_FUSE, ACTION_KEEP, DecisionProcess, ObservationBuilder, actions_for_plan
 from fusion_rl.env import spaces
-from fusion_rl.env.decisions import DecisionProcess, actions_for_plan
-from fusion_rl.env.observation import ObservationBuilder
 from fusion_rl.env.plan_index import PlanIndex, plan_index_path
 from fusion_rl.env.rewards import FAILURE_PENALTY, CostModel, Reward, RewardContext, make_reward
 from fusion_rl.env.spec import EnvSpec
@@ -72,7 +71,7 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
 
     ## Observation Space
 
-    A padded ``Dict`` (see :mod:`fusion_rl.env.spaces`): ``node_features`` (static features of
+    A padded ``Dict`` (see :mod:`fusion_rl.decisions.layout`): ``node_features`` (static features of
     :mod:`fusion_rl.graph.features`, then group size, group-has-anchor, in-producer-group,
     in-consumer-group, all-inputs-decided), ``edge_index``, ``edge_features`` (static, then
     fused, decided, current), ``node_mask``, ``edge_mask``, ``group`` (each node's group label:
@@ -262,9 +261,9 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
 
     def actions_for_plan(self, plan: FusionPlan, model: str | None = None) -> list[int]:
         """The actions that make an episode on ``model`` (default: this episode's) end in
-        ``plan``; see :func:`fusion_rl.env.decisions.actions_for_plan`."""
+        ``plan``; see :func:`fusion_rl.decisions.actions_for_plan`."""
         entry = self._model_entry(model) if model is not None else self._current()
-        return actions_for_plan(entry.model.graph, plan, self.config.max_mac_anchors)
+        return actions_for_plan(entry.model.graph, plan, self.config.decision_options)
 
     def current_plan(self) -> FusionPlan:
         """The (partial) plan of this episode so far."""
@@ -292,7 +291,7 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
         process = entry.process
         while not process.done:
             action = int(np.asarray(choose(self._observation(), self.action_masks())).reshape(-1)[0])
-            process.decide(action == spaces.ACTION_FUSE and process.can_fuse())
+            process.decide(action == ACTION_FUSE and process.can_fuse())
         self._terminated = True
         return process.plan(name=name)
 
@@ -342,7 +341,7 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
         graph = model.graph
         cfg = self.config
         entry = _ModelEntry(
-            name=name, model=model, process=DecisionProcess(graph, cfg.max_mac_anchors),
+            name=name, model=model, process=DecisionProcess(graph, cfg.decision_options),
             tvm_plan=make_plan("tvm", model.mod, graph),
             observer=ObservationBuilder(graph, cfg.max_nodes, cfg.max_edges),
         )
@@ -358,7 +357,7 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
             isinstance(action, np.ndarray) and action.shape in ((), (1,)) and np.issubdtype(action.dtype, np.integer)
         ):
             value = int(np.asarray(action).reshape(()))
-            return {spaces.ACTION_KEEP: False, spaces.ACTION_FUSE: True}.get(value)
+            return {ACTION_KEEP: False, ACTION_FUSE: True}.get(value)
         return None
 
     def _finish(self, info: dict[str, Any]) -> float:

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fusion_rl.compiler.timing import TimingProtocol
-from fusion_rl.env.spaces import DEFAULT_MAX_EDGES, DEFAULT_MAX_NODES
+from fusion_rl.decisions.layout import DEFAULT_MAX_EDGES, DEFAULT_MAX_NODES
+from fusion_rl.decisions.process import DecisionOptions
 from fusion_rl.errors import ConfigError, read_yaml
 
 #: Reward modes (see :mod:`fusion_rl.env.rewards`).
@@ -132,6 +133,12 @@ class EnvSpec:
         return cls.from_dict(merged, source="env spec overrides")
 
     # ---- views -----------------------------------------------------------------------------
+    @property
+    def decision_options(self) -> DecisionOptions:
+        """The masks of the decision process this spec trains and evaluates under (what an
+        exported policy's card records and the plugin enforces)."""
+        return DecisionOptions(max_mac_anchors=self.max_mac_anchors)
+
     def to_dict(self) -> dict[str, Any]:
         """The YAML mapping of this spec (round-trips through :meth:`from_dict`)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

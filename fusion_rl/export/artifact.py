@@ -3,8 +3,8 @@
 Layout of ``policies/NAME/``::
 
     weights.safetensors   the network's tensors (a safe format: loading never unpickles)
-    card.json             architecture, feature schema, training suite, evaluation, versions,
-                          and a content hash over all of it
+    card.json             architecture, feature schema, decision options, training suite,
+                          evaluation, versions, and a content hash over all of it
 
 The network is rebuilt from ``card["architecture"]`` (a class under ``fusion_rl.policy`` and
 its constructor kwargs) and loaded with the weights; no SB3 and no gymnasium are needed.
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fusion_rl.decisions.process import DecisionOptions
 from fusion_rl.errors import ConfigError, FusionRLError
 
 CARD_FORMAT = 1
@@ -40,6 +41,8 @@ class PolicyCard:
     architecture: dict[str, Any]  #: {"class": "fusion_rl.policy.x.Y", "kwargs": {...}}
     feature_schema: dict[str, Any]
     observation: dict[str, Any]  #: max_nodes, max_edges, hw_dim of the trained network
+    #: :meth:`DecisionOptions.to_dict` of the decision process the policy was trained under
+    decisions: dict[str, Any]
     training: dict[str, Any] = field(default_factory=dict)  #: suite, targets, schedule, steps, command
     evaluation: dict[str, Any] = field(default_factory=dict)  #: results with their commands
     versions: dict[str, str] = field(default_factory=dict)
@@ -51,6 +54,7 @@ class PolicyCard:
             "architecture": self.architecture,
             "feature_schema": self.feature_schema,
             "observation": self.observation,
+            "decisions": self.decisions,
             "training": self.training,
             "evaluation": self.evaluation,
             "versions": self.versions,
@@ -119,6 +123,30 @@ def check_schema(card: dict[str, Any]) -> None:
             + ("" if theirs.get("version") != installed["version"] else " (same version, different features)")
             + "; re-export it from its run with this version, or install the matching fusion_rl"
         )
+
+
+def decision_options(card: dict[str, Any]) -> DecisionOptions:
+    """The decision options (masks) the card's policy was trained under, from ``card["decisions"]``.
+
+    A card without the field is refused rather than read with a default: the options decide
+    which fuses the policy may choose, and a guess (no cap) is exactly how a policy trained with
+    ``max_mac_anchors: 1`` once planned like ``aggressive`` in the plugin. Such a card predates
+    the field; re-exporting its run records it.
+
+    Raises
+    ------
+    PolicyArtifactError
+        If the field is missing, or is not a complete, valid set of options.
+    """
+    if "decisions" not in card:
+        raise PolicyArtifactError(
+            "card.json has no 'decisions' field, so the decision options the policy was trained with "
+            "(e.g. max_mac_anchors) are unknown; re-export it from its run (`fusion-rl export RUN_DIR -o DIR`)"
+        )
+    try:
+        return DecisionOptions.from_dict(card["decisions"], "card.json 'decisions'")
+    except ConfigError as exc:
+        raise PolicyArtifactError(str(exc)) from None
 
 
 def load_network(directory: str | os.PathLike) -> tuple["torch.nn.Module", dict[str, Any]]:

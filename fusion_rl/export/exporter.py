@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fusion_rl.decisions.process import DecisionOptions
 from fusion_rl.errors import ConfigError
 from fusion_rl.export.artifact import PolicyCard, save_artifact
 
@@ -31,6 +32,8 @@ def export_run(
     if not config_path.is_file():
         raise ConfigError(f"{run} is not a training run: config.json is missing")
     config = json.loads(config_path.read_text())
+    # Before the path is made portable: the run recorded where its spec was.
+    decisions = _decision_options(config)
     if config.get("env_spec"):
         # The run resolved it to an absolute path; a card must not name the exporting machine.
         config["env_spec"] = _portable(config["env_spec"])
@@ -63,6 +66,7 @@ def export_run(
             "max_edges": int(obs_space["edge_features"].shape[0]),
             "hw_dim": int(obs_space["hardware"].shape[0]),
         },
+        decisions=decisions.to_dict(),
         training=training,
         evaluation=dict(evaluation or {}),
         versions=dict(kv.split("=", 1) for kv in library_versions().split(";")),
@@ -79,6 +83,29 @@ def _portable(path: str) -> str:
         return str(Path(path).resolve().relative_to(root))
     except ValueError:
         return path
+
+
+def _decision_options(config: dict[str, Any]) -> DecisionOptions:
+    """The decision options the run trained under: its env spec with its ``env_kwargs`` applied,
+    exactly as :func:`fusion_rl.policy.training.make_env` built the env.
+
+    :raises ConfigError: if the spec cannot be read; a card without the options would be refused.
+    """
+    import dataclasses
+
+    from fusion_rl.env.spec import EnvSpec
+
+    kwargs = dict(config.get("env_kwargs") or {})
+    spec_keys = {f.name for f in dataclasses.fields(EnvSpec)}
+    overrides = {k: v for k, v in kwargs.items() if k in spec_keys}  # the rest are FusionEnv's own
+    try:
+        spec = EnvSpec.resolve(kwargs.get("spec", config.get("env_spec")), **overrides)
+    except (ConfigError, OSError) as exc:
+        raise ConfigError(
+            f"cannot export: the run's env spec cannot be read ({str(exc).splitlines()[0]}), so the "
+            "decision options it trained under (e.g. max_mac_anchors) are unknown"
+        ) from None
+    return spec.decision_options
 
 
 def _env_spec(path: str | None):

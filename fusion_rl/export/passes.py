@@ -2,7 +2,9 @@
 
 The policy proposes, legality disposes (as MLGO keeps correctness in the compiler): the policy
 only ever chooses among the moves the legality mask allows, and the final plan is checked again
-before it is applied; any group that fails the check is split back into single ops.
+before it is applied; any group that fails the check is split back into single ops. The masks are
+those the policy was trained under: the card's ``decisions`` options (e.g. ``max_mac_anchors``)
+build the same :class:`~fusion_rl.decisions.DecisionProcess` as training and ``FusionEnv.decide``.
 Numerics never change: the pass only regroups ``call_tir`` operators and fuses their TIR.
 
 Use it in a pipeline::
@@ -25,9 +27,8 @@ import tvm
 import tvm_ffi
 
 from fusion_rl.compiler.target import hardware_features, parse_target
-from fusion_rl.env.decisions import DecisionProcess
-from fusion_rl.env.observation import ObservationBuilder
-from fusion_rl.export.artifact import load_network
+from fusion_rl.decisions import DecisionProcess, ObservationBuilder
+from fusion_rl.export.artifact import decision_options, load_network
 from fusion_rl.fusion.apply import ApplyFusionPlan
 from fusion_rl.fusion.legality import check_plan
 from fusion_rl.fusion.plan import FusionPlan
@@ -38,11 +39,27 @@ PASS_NAME = "fusion_rl.transform.LearnedFusion"
 
 
 class LearnedPlanner:
-    """Runs an exported policy deterministically over an OpGraph and returns a legal plan."""
+    """Runs an exported policy deterministically over an OpGraph and returns a legal plan.
+
+    Parameters
+    ----------
+    policy_dir : path
+        An exported policy folder (``policies/NAME``).
+    target : str
+        The target the policy plans for (its hardware vector is an input of the policy).
+
+    Raises
+    ------
+    PolicyArtifactError
+        If the folder is not a valid policy artifact, or its card does not record the decision
+        options the policy was trained with.
+    """
 
     def __init__(self, policy_dir: str | os.PathLike, target: str = "host") -> None:
         self.policy_dir = str(policy_dir)
         self.network, self.card = load_network(policy_dir)
+        #: The masks of training (the card's ``decisions``), enforced on every plan.
+        self.options = decision_options(self.card)
         self.target = parse_target(target)
         self.hardware = hardware_features(self.target).as_vector()
         obs = self.card.get("observation") or {}
@@ -51,7 +68,7 @@ class LearnedPlanner:
 
     @torch.no_grad()
     def plan(self, graph: OpGraph) -> FusionPlan:
-        process = DecisionProcess(graph)
+        process = DecisionProcess(graph, self.options)
         if not graph.edges:
             return process.plan("learned")
         # The GNN strips padding, so a graph larger than the training padding is fine: pad it

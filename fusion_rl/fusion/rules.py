@@ -7,7 +7,12 @@ all of them are applied, compiled and measured by exactly the same code.
 - ``tvm``: TVM's own ``relax.transform.FuseOps``, read back group for group.
 - ``tensorrt``: conv/matmul + bias + activation epilogues, and elementwise chains
   (what TensorRT-style engines fuse).
-- ``aggressive``: the largest legal groups, merged greedily along edges.
+- ``aggressive``: the largest legal groups, merged greedily along edges (no anchor cap).
+- ``aggressive_1anchor``: the same greedy merge with at most one conv/matmul anchor per group,
+  the fusion TVM-style schedules are built for. It is exactly the plan a policy makes that
+  answers "fuse" on every decision under ``max_mac_anchors: 1``, so a learned policy trained
+  with that mask has *collapsed* to a fixed rule when its plans equal this one (or
+  ``aggressive`` without the mask); :mod:`fusion_rl.evaluate` reports that.
 """
 
 from __future__ import annotations
@@ -99,8 +104,22 @@ def aggressive(mod: tvm.IRModule, graph: OpGraph) -> FusionPlan:
     fusion, not a recommendation."""
     from fusion_rl.fusion.random_plans import grow_plan
 
-    order = sorted(range(len(graph.edges)), key=lambda k: (graph.edges[k].dst, graph.edges[k].src))
-    return grow_plan(graph, order, name="aggressive")
+    return grow_plan(graph, _decision_order(graph), name="aggressive")
+
+
+def aggressive_1anchor(mod: tvm.IRModule, graph: OpGraph) -> FusionPlan:
+    """:func:`aggressive` with at most one conv/matmul anchor per group: merge along every edge,
+    in program order, while the merged group stays legal and holds at most one anchor. Every
+    conv/matmul keeps its whole legal epilogue and prologue, but two never share a kernel."""
+    from fusion_rl.fusion.random_plans import grow_plan
+
+    return grow_plan(graph, _decision_order(graph), max_anchors=1, name="aggressive_1anchor")
+
+
+def _decision_order(graph: OpGraph) -> list[int]:
+    """Edges by (consumer, producer): the order the decision process asks about them, so that
+    the greedy rules equal "fuse on every decision"."""
+    return sorted(range(len(graph.edges)), key=lambda k: (graph.edges[k].dst, graph.edges[k].src))
 
 
 RULE_SETS: dict[str, RuleSet] = {
@@ -108,6 +127,7 @@ RULE_SETS: dict[str, RuleSet] = {
     "tvm": tvm_fuseops,
     "tensorrt": tensorrt,
     "aggressive": aggressive,
+    "aggressive_1anchor": aggressive_1anchor,
 }
 
 

@@ -1,7 +1,7 @@
 """The GNN encoder of the fusion policy, as an SB3 features extractor.
 
 :class:`GraphFeaturesExtractor` turns a batch of padded ``Dict`` observations (the contract of
-:mod:`fusion_rl.env.spaces`) into one fixed-size vector per observation, whatever the graph's
+:mod:`fusion_rl.decisions.layout`) into one fixed-size vector per observation, whatever the graph's
 size:
 
 1. :func:`obs_to_batch` strips the padding (``node_mask``, ``edge_mask``) into one PyG
@@ -23,15 +23,13 @@ from gymnasium import spaces
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import Tensor
 
+from fusion_rl.decisions.layout import OBSERVATION_KEYS
 from fusion_rl.policy.network import DecisionFeatures, GraphEncoder, obs_to_batch
 
 __all__ = ["GraphEncoder", "GraphFeaturesExtractor", "obs_to_batch", "REQUIRED_KEYS"]
 
-#: Observation keys the extractor reads (see :mod:`fusion_rl.env.spaces`).
-REQUIRED_KEYS = (
-    "node_features", "edge_index", "edge_features", "node_mask", "edge_mask", "group",
-    "decision", "hardware",
-)
+#: Observation keys the extractor reads (all of :mod:`fusion_rl.decisions.layout`'s).
+REQUIRED_KEYS = OBSERVATION_KEYS
 
 
 class GraphFeaturesExtractor(BaseFeaturesExtractor):

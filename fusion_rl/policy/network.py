@@ -28,7 +28,7 @@ def obs_to_batch(obs: dict[str, Tensor]) -> Batch:
     reaches the GNN.
 
     :param obs: Tensors with a leading batch dimension ``B``, keys as in
-        :func:`fusion_rl.env.spaces.observation_space`.
+        :mod:`fusion_rl.decisions.layout`.
     :returns: A ``Batch`` with ``x [n, NODE_DIM]``, ``edge_index [2, e]``, ``edge_attr [e,
         EDGE_DIM]``, ``batch [n]``, plus ``node_id [B, max_nodes]`` (batch position of each
         padded node id, -1 where padded) and ``num_graphs = B``.

@@ -97,7 +97,7 @@ def make_model(
 ) -> MaskablePPO:
     """A fresh ``MaskablePPO`` with the graph encoder, for ``env`` (a Gymnasium env or VecEnv).
 
-    :param env: Must expose the :mod:`fusion_rl.env.spaces` ``Dict`` observation and
+    :param env: Must expose the :mod:`fusion_rl.decisions.layout` ``Dict`` observation and
         ``action_masks()``.
     :param config: A :class:`PPOConfig` or its dict form (validated strictly).
     :param seed: Seeds torch, numpy and the env's action space (SB3's ``seed``).

@@ -1,4 +1,9 @@
-"""The per-edge decision process behind :class:`~fusion_rl.env.fusion_env.FusionEnv`, without Gym.
+"""The per-edge decision process: the one state machine behind training, evaluation and the plugin.
+
+:class:`~fusion_rl.env.fusion_env.FusionEnv` (training, ``FusionEnv.decide`` in evaluation) and
+:class:`~fusion_rl.export.passes.LearnedPlanner` (``plan --policy``, ``LearnedFusion``) both step
+a :class:`DecisionProcess` built with the same :class:`DecisionOptions`, so a policy sees the same
+states and the same masks wherever it runs. No gymnasium here.
 
 Edges are decided in topological order, sorted by (consumer, producer, tuple index). An edge
 whose two ends already share a group is skipped (marked decided without asking). Fusing merges
@@ -15,28 +20,89 @@ is convex: a path leaving a group and re-entering it would be a cycle of groups.
 
 from __future__ import annotations
 
-from collections import deque
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import numpy as np
 
-from fusion_rl.errors import IllegalPlanError, PlanMismatchError
+from fusion_rl.errors import ConfigError, IllegalPlanError, PlanMismatchError
 from fusion_rl.fusion.legality import PATTERN_OPAQUE, reaches_via_other
 from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.graph.opgraph import OpGraph
 
 
+@dataclass(frozen=True)
+class DecisionOptions:
+    """Every constraint and mask option of a :class:`DecisionProcess` beyond plan legality.
+
+    A policy has only learned to decide under the masks it was trained with, so these options
+    travel with it: the env spec sets them for training and evaluation
+    (:attr:`fusion_rl.env.spec.EnvSpec.decision_options`), the exporter writes them to the
+    policy card's ``decisions`` field, and :class:`~fusion_rl.export.passes.LearnedPlanner`
+    reads them back. A new option added here reaches all three through :meth:`to_dict` /
+    :meth:`from_dict`.
+
+    Parameters
+    ----------
+    max_mac_anchors : int or None
+        If set, forbid a fuse that puts more conv/matmul anchors than this in one group (legal,
+        but schedules break on them; DESIGN.md section 3). ``None``: no cap.
+    """
+
+    max_mac_anchors: int | None = None
+
+    def __post_init__(self) -> None:
+        v = self.max_mac_anchors
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ConfigError(f"decision option 'max_mac_anchors' must be an int >= 1 or null, got {v!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as a JSON-ready mapping (every field, ``None`` included)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "decision options") -> DecisionOptions:
+        """Options from :meth:`to_dict`'s mapping, strictly.
+
+        Every field must be present: an option that is not recorded is not known, and guessing
+        it is how a policy ends up deciding under masks it was never trained with.
+
+        Raises
+        ------
+        ConfigError
+            If ``data`` is not a mapping, lacks a field, has an unknown key or a bad value.
+        """
+        names = [f.name for f in fields(cls)]
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: expected a mapping with keys {names}, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ConfigError(f"{source}: unknown decision option {unknown[0]!r}; valid: {', '.join(names)}")
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise ConfigError(f"{source}: decision option {missing[0]!r} is not recorded")
+        try:
+            return cls(**{n: data[n] for n in names})
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+
 class DecisionProcess:
     """The state of one episode over one OpGraph: groups, decided edges, the current edge.
 
-    :param graph: The model's OpGraph (node ids are in program order, so every edge goes from
-        a smaller id to a larger one).
-    :param max_mac_anchors: If set, also forbid a fuse that puts more conv/matmul anchors than
-        this in one group (legal, but schedules break on them; DESIGN.md section 3).
+    Parameters
+    ----------
+    graph : OpGraph
+        The model's OpGraph (node ids are in program order, so every edge goes from a smaller id
+        to a larger one).
+    options : DecisionOptions
+        Masks beyond legality (default: none).
     """
 
-    def __init__(self, graph: OpGraph, max_mac_anchors: int | None = None) -> None:
+    def __init__(self, graph: OpGraph, options: DecisionOptions = DecisionOptions()) -> None:
         self.graph = graph
-        self.max_mac_anchors = max_mac_anchors
+        self.options = options
         n = len(graph)
         self.num_nodes = n
         self.num_edges = len(graph.edges)
@@ -130,9 +196,10 @@ class DecisionProcess:
         if self._opaque[s] or self._opaque[d]:
             return False  # opaque ops are always singletons, so only the two ends can be opaque
         a, b = int(self.label[s]), int(self.label[d])
-        if self.max_mac_anchors is not None:
+        cap = self.options.max_mac_anchors
+        if cap is not None:
             macs = int(self._mac[self.members[a]].sum() + self._mac[self.members[b]].sum())
-            if macs > self.max_mac_anchors:
+            if macs > cap:
                 return False
         return not self._reaches_via_other(a, b)
 
@@ -140,7 +207,7 @@ class DecisionProcess:
         return reaches_via_other(self._succ, self.label, self.members, a, b)
 
 
-def actions_for_plan(graph: OpGraph, plan: FusionPlan, max_mac_anchors: int | None = None) -> list[int]:
+def actions_for_plan(graph: OpGraph, plan: FusionPlan, options: DecisionOptions = DecisionOptions()) -> list[int]:
     """The actions (0 keep, 1 fuse) that drive a :class:`DecisionProcess` to ``plan``.
 
     Fuse an edge iff both ends are in one group of ``plan``. This reaches every legal plan whose
@@ -149,7 +216,7 @@ def actions_for_plan(graph: OpGraph, plan: FusionPlan, max_mac_anchors: int | No
 
     :raises PlanMismatchError: if the plan is for another model.
     :raises IllegalPlanError: if a needed fuse is masked (illegal plan, or over
-        ``max_mac_anchors``) or a group is not connected (unreachable by edge merges).
+        ``options.max_mac_anchors``) or a group is not connected (unreachable by edge merges).
     """
     if plan.num_nodes != len(graph) or (plan.fingerprint and plan.fingerprint != graph.fingerprint):
         raise PlanMismatchError(
@@ -157,7 +224,7 @@ def actions_for_plan(graph: OpGraph, plan: FusionPlan, max_mac_anchors: int | No
             f"({len(graph)} nodes, fingerprint {graph.fingerprint})"
         )
     target = plan.group_of()
-    process = DecisionProcess(graph, max_mac_anchors)
+    process = DecisionProcess(graph, options)
     actions: list[int] = []
     while not process.done:
         k = process.current
