@@ -165,3 +165,78 @@ def test_argparse_rejects_non_positive_trials():
         capture_output=True, text=True,
     )
     assert proc.returncode == 2 and "must be > 0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---- measure: head-to-head comparison of several plans ---------------------------------------
+
+QUICK_COMPARE = ["--rounds", "2", "--repeat", "2", "--min-repeat-ms", "1"]
+
+
+def test_measure_compares_plans_head_to_head(capsys, tmp_path):
+    plan = tmp_path / "agg.json"
+    assert run(capsys, "plan", "mlp_tiny", "--rules", "aggressive", "-o", str(plan))[0] == 0
+    code, out, err = run(capsys, "measure", "mlp_tiny", "--rules", "tvm,unfused", "--plan", str(plan),
+                         "--schedule", "naive", "--json", *QUICK_COMPARE)
+    assert code == 0, err
+    data = json.loads(out)
+    assert set(data) == {"model", "schedule", "target", "plans"}
+    assert data["model"] == "mlp_tiny" and data["schedule"] == "naive"
+    assert [p["name"] for p in data["plans"]] == ["tvm", "unfused", str(plan)]
+    for p in data["plans"]:
+        assert set(p) == {"name", "latency_ms", "spread_ms", "verified", "num_kernels",
+                          "speedup_vs_first", "speedup_spread"}
+        assert p["verified"] and p["latency_ms"] > 0 and p["spread_ms"] >= 0 and p["speedup_vs_first"] > 0
+    first, unfused, agg = data["plans"]
+    # The first plan against itself, repeat by repeat: exactly 1, with no spread.
+    assert first["speedup_vs_first"] == 1.0 and first["speedup_spread"] == 0.0
+    assert unfused["num_kernels"] > first["num_kernels"] >= agg["num_kernels"] >= 1
+
+
+def test_measure_keeps_the_command_line_order_of_sources(capsys):
+    code, out, err = run(capsys, "measure", "mlp_tiny", "--policy", "policies/default", "--rules", "unfused",
+                         "--schedule", "rules", *QUICK_COMPARE)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert "2 interleaved rounds" in lines[0] and "verified" in lines[0]
+    assert "speedup vs policies/default" in lines[1]
+    assert lines[3].split()[0] == "policies/default" and lines[3].split()[-2] == "1.000x"
+    assert lines[4].split()[0] == "unfused"
+
+
+def test_measure_of_one_plan_keeps_its_output(capsys):
+    code, out, err = run(capsys, "measure", "mlp_tiny", "--rules", "tvm", "--json", "--no-store",
+                         "--repeat", "2", "--min-repeat-ms", "1")
+    assert code == 0, err
+    data = json.loads(out)
+    assert "plans" not in data and data["plan"] == "tvm" and data["repeats"] == 2
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--rules", "tvm,unfused", "--rounds", "1"], ["--rounds must be >= 2"]),
+        (["--rules", "tvm", "--rounds", "3"], ["--rounds", "two or more plans"]),
+        (["--rules", "tvm,unfused", "--per-kernel"], ["--per-kernel"]),
+        (["--rules", "tvm,fastest"], ["unknown rule set 'fastest'"]),
+        ([], ["give a plan"]),
+    ],
+)
+def test_measure_comparison_bad_options(capsys, argv, words):
+    code, _, err = run(capsys, "measure", "mlp_tiny", "--no-store", *argv)
+    assert_one_line_error(code, err, *words)
+
+
+def test_measure_rejects_an_empty_rule_name():
+    proc = subprocess.run([sys.executable, "-m", "fusion_rl.cli", "measure", "mlp_tiny", "--rules", "tvm,,unfused"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "empty rule-set name" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_zoo_lists_both_suites_with_flops(capsys):
+    code, out, _ = run(capsys, "zoo", "--json")
+    rows = {m["name"]: m for m in json.loads(out)}
+    assert code == 0 and rows["mlp_tiny"]["suite"] == "tiny" and rows["bench_bert"]["suite"] == "bench"
+    assert all(isinstance(r["flops"], int) and r["flops"] > 0 for r in rows.values())
+    assert rows["bench_bert"]["flops"] > 500 * rows["hf_bert"]["flops"]
+    code, out, _ = run(capsys, "zoo", "--suite", "bench")
+    assert code == 0 and "bench_vit" in out and "mlp_tiny" not in out and "GFLOPs" in out

@@ -32,9 +32,10 @@ def cache_dir(tmp_path: Path) -> Path:
 
 
 def test_zoo_lists_enough_models_with_required_coverage() -> None:
-    entries = zoo.list_models()
+    entries = zoo.list_models("tiny")
     assert len(entries) >= 12
     assert [e.name for e in entries] == list(zoo.ZOO)
+    assert zoo.list_models() == entries + zoo.list_models("bench")
     assert REQUIRED_FAMILIES <= {e.family for e in entries}
     hf = [e for e in entries if e.source == "transformers"]
     assert len(hf) >= 2
@@ -46,7 +47,7 @@ def test_zoo_lists_enough_models_with_required_coverage() -> None:
 
 
 def test_mobile_family_uses_depthwise_convs() -> None:
-    for entry in zoo.list_models():
+    for entry in zoo.list_models("tiny"):
         if entry.family != "mobile_cnn":
             continue
         model, _ = zoo.build_torch(entry.name)
@@ -182,6 +183,80 @@ def test_export_onnx_uses_env_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 
 
 # ------------------------------------------------------------------------------------------
+# The bench suite: checked on tiny instances (size overrides), never built at default sizes
+# ------------------------------------------------------------------------------------------
+
+#: Size overrides that make each bench entry a tiny model of the same architecture.
+TINY_BENCH: dict[str, dict[str, object]] = {
+    "bench_resnet18": {"image_size": 32, "embedding_size": 8, "hidden_sizes": (8, 16), "depths": (1, 1)},
+    "bench_mobilenet_v2": {"image_size": 32, "width_percent": 35},
+    "bench_regnetx": {"image_size": 32, "embedding_size": 8, "hidden_sizes": (8, 16), "depths": (1, 1),
+                      "groups_width": 4},
+    "bench_convnext": {"image_size": 32, "hidden_sizes": (8, 16), "depths": (1, 1)},
+    "bench_bert": {"seq": 16, "vocab": 64, "hidden": 32, "heads": 4, "ff": 64, "layers": 1},
+    "bench_gpt2": {"seq": 16, "vocab": 64, "hidden": 32, "heads": 4, "layers": 1},
+    "bench_llama": {"seq": 16, "vocab": 64, "hidden": 32, "heads": 4, "kv_heads": 2, "ff": 64, "layers": 1},
+    "bench_vit": {"image_size": 32, "patch": 8, "hidden": 32, "heads": 4, "ff": 64, "layers": 1},
+}
+CNN_FAMILIES = {"residual_cnn", "mobile_cnn", "grouped_cnn", "convnext"}
+TRANSFORMER_FAMILIES = {"transformer", "decoder", "vit"}
+
+
+def test_bench_suite_is_separate_and_at_deployment_sizes() -> None:
+    bench = zoo.list_models("bench")
+    assert len(bench) >= 8 and set(TINY_BENCH) == {e.name for e in bench}
+    for e in bench:
+        assert e.name.startswith("bench_") and e.suite == "bench"
+        assert e.name in zoo.MODELS and e.name not in zoo.ZOO and zoo.get_entry(e.name) is e
+        assert e.defaults["batch"] == 1
+    cnns = [e for e in bench if e.family in CNN_FAMILIES]
+    assert {e.family for e in cnns} == CNN_FAMILIES
+    assert all(e.defaults["image_size"] == 224 for e in cnns)
+    texts = [e for e in bench if e.family in TRANSFORMER_FAMILIES]
+    assert {e.family for e in texts} == TRANSFORMER_FAMILIES
+    for e in texts:
+        if e.family == "vit":
+            assert (e.defaults["image_size"], e.defaults["patch"]) == (224, 16)
+        else:
+            assert e.defaults["seq"] == 128 and e.defaults["hidden"] == 768
+    assert all(e.suite == "tiny" and not e.name.startswith("bench_") for e in zoo.ZOO.values())
+    with pytest.raises(ConfigError, match="suite"):
+        zoo.list_models("huge")
+
+
+@pytest.mark.parametrize("name", sorted(TINY_BENCH))
+def test_bench_builders_make_tiny_instances(name: str) -> None:
+    model, inputs = zoo.build_torch(name, **TINY_BENCH[name])
+    assert sum(p.numel() for p in model.parameters()) < 500_000  # really a tiny instance
+    with torch.no_grad():
+        out = model(*inputs)
+    assert torch.isfinite(out).all()
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    if zoo.get_entry(name).family == "grouped_cnn":
+        assert any(1 < c.groups < c.in_channels for c in convs)
+    if zoo.get_entry(name).family in ("mobile_cnn", "convnext"):
+        assert any(c.groups == c.in_channels > 1 for c in convs)
+
+
+def test_flops_count_multiply_accumulates_twice() -> None:
+    # mlp_tiny: 64 -> 128 -> 128 -> 128 -> 10, batch 1.
+    assert zoo.flops("mlp_tiny") == 2 * (64 * 128 + 128 * 128 + 128 * 128 + 128 * 10)
+    assert zoo.flops("mlp_tiny", hidden=32) == 2 * (64 * 32 + 32 * 32 + 32 * 32 + 32 * 10)
+    # A 1-layer encoder of width h, ffn f, s tokens: QKV + out projections, two FFN matmuls and
+    # the two attention matmuls (embeddings are gathers, not counted).
+    s, h, f = 16, 32, 64
+    expected = 2 * (s * h * 3 * h + s * h * h + 2 * s * h * f + 2 * s * s * h)
+    assert zoo.flops("bench_bert", **TINY_BENCH["bench_bert"]) == expected
+
+
+def test_bench_flops_match_the_published_architectures() -> None:
+    # Counted on torch's meta device: shapes only, no weights are made.
+    gmacs = {name: zoo.flops(name) / 2e9 for name in ("bench_resnet18", "bench_mobilenet_v2")}
+    assert gmacs["bench_resnet18"] == pytest.approx(1.81, rel=0.01)  # ResNet-18 at 224x224
+    assert gmacs["bench_mobilenet_v2"] == pytest.approx(0.30, rel=0.01)  # MobileNetV2 1.0
+
+
+# ------------------------------------------------------------------------------------------
 # Slow tier: TVM import, legalization and numerics for every model
 # ------------------------------------------------------------------------------------------
 
@@ -232,7 +307,7 @@ def _binding_kinds(mod) -> tuple[int, list[str], int]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(zoo.ZOO))
-def test_model_imports_legalizes_and_matches_onnxruntime(name: str, cache_dir: Path) -> None:
+def test_model_imports_legalizes_and_matches_onnxruntime(name: str, cache_dir: Path, target) -> None:
     import onnxruntime as ort
     import tvm
     from tvm import relax
@@ -249,7 +324,6 @@ def test_model_imports_legalizes_and_matches_onnxruntime(name: str, cache_dir: P
         canon = relax.transform.CanonicalizeBindings()(mod)
         assert _binding_kinds(canon)[2] == 0
 
-    target = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
     vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
     out = vm["main"](*[tvm.runtime.tensor(a) for a in inputs.values()])
     got = out.numpy() if hasattr(out, "numpy") else out[0].numpy()
@@ -264,3 +338,46 @@ def test_model_imports_legalizes_and_matches_onnxruntime(name: str, cache_dir: P
         ref = model(*torch_inputs).numpy()
     np.testing.assert_allclose(expected, ref, rtol=1e-4, atol=1e-4)
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TINY_BENCH))
+def test_bench_tiny_instance_imports_and_matches_onnxruntime(name: str, cache_dir: Path, target) -> None:
+    """The bench builders' graphs (at tiny sizes) import, legalize, compile and match ORT on the
+    original export, through the shape-folded copy where the entry needs one."""
+    import onnxruntime as ort
+    import tvm
+    from tvm import relax
+
+    from fusion_rl.graph import importer
+
+    sizes = TINY_BENCH[name]
+    path = zoo.export_onnx(name, cache_dir=cache_dir, **sizes)
+    tvm_path = zoo.import_path(name, cache_dir=cache_dir, **sizes)
+    assert (tvm_path != path) == zoo.get_entry(name).fold_shapes
+    assert zoo.import_path(name, cache_dir=cache_dir, **sizes) == tvm_path  # cached
+    inputs = zoo.example_inputs(name, **sizes)
+
+    mod = importer.from_onnx(importer.load_onnx(tvm_path))
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(a) for a in inputs.values()])
+    got = out.numpy() if hasattr(out, "numpy") else out[0].numpy()
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (expected,) = sess.run(None, inputs)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    model, torch_inputs = zoo.build_torch(name, **sizes)
+    with torch.no_grad():
+        np.testing.assert_allclose(expected, model(*torch_inputs).numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_tf_same_padding_imports_only_after_folding(cache_dir: Path) -> None:
+    from fusion_rl.errors import ModelImportError
+    from fusion_rl.graph import importer
+
+    sizes = TINY_BENCH["bench_mobilenet_v2"]
+    path = zoo.export_onnx("bench_mobilenet_v2", cache_dir=cache_dir, **sizes)
+    with pytest.raises(ModelImportError, match="[Dd]ynamic"):
+        importer.from_onnx(importer.load_onnx(path))
+    folded = importer.load_onnx(zoo.import_path("bench_mobilenet_v2", cache_dir=cache_dir, **sizes))
+    assert not {"Shape", "Pad"} & {n.op_type for n in folded.graph.node}

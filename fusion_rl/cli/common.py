@@ -57,6 +57,54 @@ def add_plan_source(p: argparse.ArgumentParser, required: bool = True) -> None:
     src.add_argument("--policy", type=Path, help="an exported policy folder (policies/NAME)")
 
 
+class _CollectPlanSources(argparse.Action):
+    """Append ``(kind, value)`` to ``namespace.sources`` in command-line order; ``--rules``
+    takes a comma-separated list (``tvm,unfused``), one source per name."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        sources = list(getattr(namespace, "sources", None) or [])
+        if self.dest == "rules":
+            names = [n.strip() for n in str(values).split(",")]
+            if not all(names):
+                raise argparse.ArgumentError(self, f"empty rule-set name in '{values}'")
+            sources += [("rules", n) for n in names]
+        else:
+            sources.append((self.dest, values))
+        namespace.sources = sources
+
+
+def add_plan_sources(p: argparse.ArgumentParser) -> None:
+    """Plan sources that may be repeated and combined (``measure``): one plan measures it, two
+    or more compare them head to head. ``args.sources`` lists them in command-line order."""
+    p.set_defaults(sources=[])
+    p.add_argument("--rules", action=_CollectPlanSources, metavar="R1[,R2,...]",
+                   help="rule sets: unfused, tvm, tensorrt, aggressive (comma-separated)")
+    p.add_argument("--plan", type=Path, action=_CollectPlanSources, metavar="P.json",
+                   help="a plan JSON file (from `fusion-rl plan -o`); repeatable")
+    p.add_argument("--policy", type=Path, action=_CollectPlanSources, metavar="DIR",
+                   help="an exported policy folder (policies/NAME); repeatable")
+
+
+def single_source(args: argparse.Namespace) -> None:
+    """Set ``args.rules`` / ``args.plan`` / ``args.policy`` from the one entry of
+    ``args.sources``, as :func:`add_plan_source` would (None for the other two)."""
+    (kind, value), = args.sources
+    for name in ("rules", "plan", "policy"):
+        setattr(args, name, value if name == kind else None)
+
+
+def source_plan(args: argparse.Namespace, model, kind: str, value: Any):
+    """The plan of one ``(kind, value)`` source, checked legal."""
+    from fusion_rl.fusion.legality import require_legal
+
+    ns = argparse.Namespace(**vars(args))
+    for name in ("rules", "plan", "policy"):
+        setattr(ns, name, value if name == kind else None)
+    plan = make_plan_from_args(ns, model)
+    require_legal(model.graph, plan)
+    return plan
+
+
 def add_measure_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="host", help="target name (default: host); see docs")
     p.add_argument(
@@ -106,7 +154,8 @@ def plan_for(args: argparse.Namespace, model):
     return plan
 
 
-def measurer(args: argparse.Namespace):
+def measurer(args: argparse.Namespace, use_store: bool = True):
+    """The Measurer the options describe; ``use_store=False`` ignores --store (comparisons)."""
     from fusion_rl.compiler.measure import Measurer
     from fusion_rl.compiler.store import MeasurementStore, default_store_path
     from fusion_rl.compiler.timing import TimingProtocol
@@ -116,7 +165,7 @@ def measurer(args: argparse.Namespace):
         if args.schedule != "tuned":
             raise ConfigError("--trials only applies to --schedule tuned")
         kwargs["trials_per_task"] = args.trials
-    store = None if args.no_store else MeasurementStore(args.store or default_store_path())
+    store = None if args.no_store or not use_store else MeasurementStore(args.store or default_store_path())
     protocol = TimingProtocol(repeat=args.repeat, min_repeat_ms=args.min_repeat_ms)
     retry = tuple(s for s in getattr(args, "retry", "").split(",") if s)
     return Measurer(

@@ -11,12 +11,17 @@ from fusion_rl.cli.common import (
     add_measure_args,
     add_model_args,
     add_plan_source,
+    add_plan_sources,
     load,
     make_plan_from_args,
     measurer,
     plan_for,
     print_table,
+    positive,
+    single_source,
+    source_plan,
 )
+from fusion_rl.errors import ConfigError
 
 EXIT_USER_ERROR = 2  # the same codes as fusion_rl.cli (which imports this module)
 EXIT_INTERNAL_ERROR = 1
@@ -25,16 +30,21 @@ EXIT_INTERNAL_ERROR = 1
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
-    from fusion_rl.graph.zoo import list_models
+    from fusion_rl.graph.zoo import flops, list_models
 
     rows = [
-        {"name": e.name, "family": e.family, "source": e.source, "description": e.description}
-        for e in list_models()
+        {"name": e.name, "suite": e.suite, "family": e.family, "source": e.source,
+         "flops": flops(e.name), "description": e.description}
+        for e in list_models(args.suite)
     ]
     if args.json:
         print(json.dumps(rows))
     else:
-        print_table(rows, ["name", "family", "source", "description"])
+        for row in rows:
+            g = row["flops"] / 1e9
+            row["GFLOPs"] = f"{g:.3f}" if g >= 1e-3 else f"{g:.1e}"
+        print_table(rows, ["name", "suite", "family", "source", "GFLOPs", "description"])
+        print("GFLOPs: 2 x multiply-accumulates of convolutions and matrix products, batch 1")
     return 0
 
 
@@ -77,6 +87,13 @@ def cmd_measure(args: argparse.Namespace) -> int:
     from fusion_rl.compiler.schedules.base import fallbacks
     from fusion_rl.fusion.metrics import plan_metrics
 
+    if not args.sources:
+        raise ConfigError("give a plan to measure: --rules R[,R2,...], --plan P.json or --policy DIR")
+    if len(args.sources) > 1:
+        return _measure_head_to_head(args)
+    if args.rounds is not None:
+        raise ConfigError("--rounds applies to a head-to-head comparison; give two or more plans")
+    single_source(args)
     model = load(args)
     plan = plan_for(args, model)
     with measurer(args) as m:
@@ -129,6 +146,60 @@ def cmd_measure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _measure_head_to_head(args: argparse.Namespace) -> int:
+    """Two or more plans, timed in interleaved rounds with paired ratios (never the store).
+
+    Records taken at different times on a shared machine differ by the machine's regime as
+    much as by plan (fusion_rl/compiler/paired.py); so plans are compared repeat by repeat, and
+    each speedup is the median of per-repeat ratios against the first plan.
+    """
+    import numpy as np
+
+    from fusion_rl.compiler.paired import compare_interleaved
+
+    if args.per_kernel:
+        raise ConfigError("--per-kernel measures one plan; drop it to compare plans")
+    rounds = 3 if args.rounds is None else args.rounds
+    if rounds < 2:
+        raise ConfigError(f"--rounds must be >= 2 for paired ratios, got {rounds}")
+    model = load(args)
+    names = [str(value) for _, value in args.sources]
+    plans = {str(i): source_plan(args, model, kind, value)
+             for i, (kind, value) in enumerate(args.sources)}
+    with measurer(args, use_store=False) as m:
+        result = compare_interleaved(m, model, plans, rounds)
+    if result.failures:
+        status = next(iter(result.failures.values()))
+        print(f"error: comparison failed: {status}", file=sys.stderr)
+        return EXIT_USER_ERROR if status.startswith("wrong_output") else EXIT_INTERNAL_ERROR
+    rows = []
+    for label, name in zip(plans, names):
+        ratios = result.speedups("0", label)  # first plan's time / this plan's, repeat by repeat
+        q1, q2, q3 = np.percentile(ratios, [25, 50, 75])
+        rows.append({
+            "name": name,
+            "latency_ms": result.median_ms(label),
+            "spread_ms": result.iqr_ms(label),
+            "verified": True,  # every round verified every plan, or the comparison failed
+            "num_kernels": result.num_kernels.get(label),
+            "speedup_vs_first": float(q2),
+            "speedup_spread": float(q3 - q1),
+        })
+    out = {"model": model.name, "schedule": m.provider.name, "target": m.spec.key, "plans": rows}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    repeats = len(result.pooled_ms["0"])
+    print(f"{model.name} on {out['target']} ({out['schedule']}): {rounds} interleaved rounds, "
+          f"{repeats} paired repeats per plan; every output verified")
+    table = [{"plan": r["name"], "median ms": f"{r['latency_ms']:.4f}",
+              "IQR ms": f"{r['spread_ms']:.4f}", "kernels": r["num_kernels"],
+              f"speedup vs {names[0]} (IQR)": f"{r['speedup_vs_first']:.3f}x ({r['speedup_spread']:.3f})"}
+             for r in rows]
+    print_table(table, list(table[0]))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fusion_rl.demo import run_demo
 
@@ -138,7 +209,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("zoo", help="list the built-in models")
+    p = sub.add_parser("zoo", help="list the built-in models with their FLOPs")
+    p.add_argument("--suite", choices=("tiny", "bench"), default=None,
+                   help="only this suite: tiny (tests, training) or bench (deployment sizes)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_zoo)
 
@@ -150,11 +223,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("measure", help="compile, verify and time a plan")
+    p = sub.add_parser(
+        "measure", help="compile, verify and time a plan, or compare several head to head",
+        description="One plan: compile, verify and time it (served from the store when known). "
+                    "Two or more (--rules tvm,unfused, --plan and --policy may be combined and "
+                    "repeated): time them in --rounds interleaved rounds, never from the store, "
+                    "and report each one's median speedup over the first, repeat by repeat.")
     add_model_args(p)
-    add_plan_source(p)
+    add_plan_sources(p)
     add_measure_args(p)
-    p.add_argument("--per-kernel", action="store_true", help="also time each kernel")
+    p.add_argument("--rounds", type=positive(), default=None,
+                   help="rounds of a head-to-head comparison (default 3; each round rebuilds "
+                        "every plan and times them repeat by repeat)")
+    p.add_argument("--per-kernel", action="store_true", help="also time each kernel (one plan)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_measure)
 

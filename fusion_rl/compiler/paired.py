@@ -44,6 +44,7 @@ class PairedComparison:
     round_medians: dict[str, list[float]] = field(default_factory=dict)  #: label -> one per round
     pooled_ms: dict[str, list[float]] = field(default_factory=dict)  #: label -> every repeat
     failures: dict[str, str] = field(default_factory=dict)  #: label -> status of a failed round
+    num_kernels: dict[str, int] = field(default_factory=dict)  #: label -> kernels its build launches
 
     def median_ms(self, label: str) -> float:
         return float(np.median(self.pooled_ms[label]))
@@ -93,6 +94,7 @@ def compare_interleaved(measurer: Measurer, model: Model, plans: Mapping[str, Fu
         for label, times in zip(labels, result["times_ms"]):
             out.round_medians[label].append(float(np.median(times)))
             out.pooled_ms[label].extend(times)
+        out.num_kernels.update(zip(labels, result.get("num_kernels", [])))
     return out
 
 

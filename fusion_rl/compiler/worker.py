@@ -59,7 +59,8 @@ def run_any(job: MeasureJob | CompareJob, models: dict | None = None) -> dict:
 
 
 def run_compare_job(job: CompareJob, models: dict | None = None) -> dict:
-    """Build, verify and interleave-time ``job.plans``; ``times_ms`` holds one list per plan.
+    """Build, verify and interleave-time ``job.plans``; ``times_ms`` holds one list per plan,
+    ``num_kernels`` one count per plan.
 
     Any plan that fails to build or verify fails the whole comparison (the error names the
     plan): a comparison with a wrong or missing member means nothing.
@@ -71,14 +72,15 @@ def run_compare_job(job: CompareJob, models: dict | None = None) -> dict:
 
     def body(result: dict[str, Any]) -> None:
         model, target, provider = _setup(job, models)
-        executables = []
+        executables, kernels = [], []
         for data in job.plans:
             plan = FusionPlan.from_dict(data)
             compiled = compile_plan(model, plan, target, provider)
             verify_executable(compiled.executable, model, f"plan {plan.hash}")
             executables.append(compiled.executable)
+            kernels.append(compiled.num_kernels)
         timings = time_interleaved(executables, model.inputs, job.protocol or TimingProtocol())
-        result.update(status="ok", times_ms=[list(t.times_ms) for t in timings])
+        result.update(status="ok", times_ms=[list(t.times_ms) for t in timings], num_kernels=kernels)
 
     return _guarded(body, {"status": "failed", "times_ms": []})
 

@@ -92,6 +92,28 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
+def fold_static_shapes(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Write to ``dst`` a copy of ONNX file ``src`` with its static shape subgraphs folded.
+
+    An exporter that computes padding or reshapes from tensor shapes (``Shape -> Gather ->
+    ... -> Pad``, as TensorFlow-style "same" padding does) leaves subgraphs that TVM's ONNX
+    frontend imports as dynamic and rejects ("Dynamic pads are not supported yet"), although
+    every shape is static. ONNX Runtime's *basic* graph optimizations fold them into constants:
+    constant folding, redundant-node elimination and semantics-preserving fusions (such as a
+    constant Pad into the next Conv's pads), all of which emit standard ONNX operators only.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(dst)
+    opts.intra_op_num_threads = 1
+    try:
+        ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelImportError(f"ONNX Runtime could not fold the shapes of {src}: {_first_line(exc)}") from None
+
+
 def onnx_input_shapes(
     model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] | None = None
 ) -> dict[str, tuple[int, ...]]:
