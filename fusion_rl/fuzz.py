@@ -67,13 +67,21 @@ from fusion_rl.graph.opgraph import OpGraph
 
 #: The cheapest timing protocol: the fuzzer wants outputs, not latencies.
 FUZZ_PROTOCOL = TimingProtocol(repeat=1, min_repeat_ms=0, number=1, warmup=0)
-#: The zoo models that the fuzzer covers by default: every one (they compile in about a second
-#: each). A fixed subset once hid a legality-checker crash on the ``hf_*`` graphs (issue 16).
+#: The models that the fuzzer covers by default: every model of the tiny zoo (each compiles in
+#: about a second). A fixed subset once hid a legality-checker crash on the ``hf_*`` graphs
+#: (issue 16). ``bench_models()`` adds the deployment-size suite for the full fuzz.
 def default_models() -> tuple[str, ...]:
-    """Every model of the built-in zoo, in registration order."""
+    """Every model of the tiny zoo, in registration order."""
     from fusion_rl.graph.zoo import list_models
 
-    return tuple(entry.name for entry in list_models())
+    return tuple(entry.name for entry in list_models("tiny"))
+
+
+def bench_models() -> tuple[str, ...]:
+    """Every model of the bench suite (deployment sizes; for the full fuzz, never CI's)."""
+    from fusion_rl.graph.zoo import list_models
+
+    return tuple(entry.name for entry in list_models("bench"))
 
 
 DEFAULT_SCHEDULES = ("naive", "rules")

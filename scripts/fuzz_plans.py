@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fusion_rl.fuzz import DEFAULT_SCHEDULES, default_models, fuzz_plans  # noqa: E402
+from fusion_rl.fuzz import DEFAULT_SCHEDULES, bench_models, default_models, fuzz_plans  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plans", type=int, default=100, help="distinct legal plans in all (default 100)")
     p.add_argument("--partitions", type=int, default=None, help="arbitrary partitions for the legality fuzz (default plans/2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--models", nargs="+", default=list(default_models()),
-                   help="zoo names or .onnx paths (default: every zoo model)")
+    p.add_argument("--models", nargs="+", default=[*default_models(), *bench_models()],
+                   help="zoo names or .onnx paths (default: every tiny zoo model and the bench suite)")
     p.add_argument("--schedules", default=",".join(DEFAULT_SCHEDULES), help="comma-separated: naive,rules[,tuned]")
     p.add_argument("--out", type=Path, default=Path("runs/fuzz"), help="summary folder (default: runs/fuzz)")
     p.add_argument("--reproducers", type=Path, default=Path("reproducers"),
