@@ -291,6 +291,29 @@ def test_schema_version_mismatch(tmp_path) -> None:
         MeasurementStore(path)
 
 
+def test_schema_1_store_is_migrated_and_keeps_its_records(tmp_path) -> None:
+    """A store written before ``kernel_schedules`` existed opens, keeps every record, and
+    takes records with the new column."""
+    path = tmp_path / "m.sqlite"
+    old = make_record()
+    with MeasurementStore(path) as store:
+        store.put(old)
+    conn = sqlite3.connect(path)
+    conn.execute("ALTER TABLE measurements DROP COLUMN kernel_schedules")
+    conn.execute("UPDATE meta SET value = '1' WHERE name = 'schema_version'")
+    conn.commit()
+    conn.close()
+    with MeasurementStore(path) as store:
+        again = store.get(old.key)
+        assert again is not None and again.median_ms == old.median_ms and again.kernel_schedules is None
+        new = make_record(make_key(plan_hash="other"), kernel_schedules={"k": "microkernel"})
+        store.put(new)
+        assert store.get(new.key).kernel_schedules == {"k": "microkernel"}
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
+    conn.close()
+
+
 # ---- bad paths and failed writes --------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
+from fusion_rl.compiler.schedules import DEFAULT_SCHEDULE
 from fusion_rl.errors import ConfigError
 
 
@@ -108,7 +109,8 @@ def source_plan(args: argparse.Namespace, model, kind: str, value: Any):
 def add_measure_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="host", help="target name (default: host); see docs")
     p.add_argument(
-        "--schedule", default="naive", help="schedule provider: naive, rules, tuned (default naive)"
+        "--schedule", default=DEFAULT_SCHEDULE,
+        help=f"schedule provider: naive, rules, tuned (default {DEFAULT_SCHEDULE})"
     )
     p.add_argument(
         "--trials", type=positive(), default=None, help="trials per task for --schedule tuned"

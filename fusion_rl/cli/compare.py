@@ -9,6 +9,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from fusion_rl.compiler.schedules import DEFAULT_SCHEDULE
 from fusion_rl.cli.common import add_model_args, load, positive
 from fusion_rl.errors import ConfigError
 
@@ -20,7 +21,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from fusion_rl.compiler.target import parse_target
     from fusion_rl.compiler.timing import TimingProtocol
 
-    names = args.schedule.split(",") if args.schedule else ["naive", "rules", "tuned"]
+    names = args.schedule.split(",")
     for n in names:
         if n not in SCHEDULE_NAMES:
             raise ConfigError(f"unknown schedule provider '{n}'; choose from {', '.join(SCHEDULE_NAMES)}")
@@ -50,7 +51,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="rule sets x schedules beside ORT and torch")
     add_model_args(p)
-    p.add_argument("--schedule", help="comma-separated providers (default naive,rules,tuned)")
+    p.add_argument("--schedule", default=DEFAULT_SCHEDULE,
+                   help=f"comma-separated providers, e.g. naive,rules,tuned (default {DEFAULT_SCHEDULE})")
     p.add_argument("--trials", type=positive(), default=16, help="trials per task for tuned")
     p.add_argument("--target", default="host")
     p.add_argument("--repeat", type=positive(), default=7)

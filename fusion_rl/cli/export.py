@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fusion_rl.compiler.schedules import DEFAULT_SCHEDULE
 from fusion_rl.cli.common import add_model_args, load, plan_for
 from fusion_rl.errors import ConfigError, ModelImportError
 
@@ -122,7 +123,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--rules", help="a rule set instead of a policy")
     src.add_argument("--plan", type=Path, help="a plan JSON file instead of a policy")
     p.add_argument("--target", default="host")
-    p.add_argument("--schedule", default="rules", help="naive, rules or tuned (default rules)")
+    p.add_argument("--schedule", default=DEFAULT_SCHEDULE,
+                   help=f"naive, rules or tuned (default {DEFAULT_SCHEDULE})")
     p.add_argument("--trials", type=int, default=None, help="trials per task for tuned")
     p.add_argument("-o", "--output", type=Path, required=True, help="output library, e.g. model.so")
     p.set_defaults(func=cmd_compile)

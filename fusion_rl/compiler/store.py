@@ -354,6 +354,8 @@ class MeasurementStore:
         row = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
         if row is None:
             raise self._corrupt("no schema_version in its meta table")
+        if str(row[0]) == "1" and self._migrate_from_1(conn):
+            row = ("2",)
         if str(row[0]) != str(SCHEMA_VERSION):
             raise StoreError(
                 f"measurement store {self.path} has schema version {row[0]}, but this fusion_rl "
@@ -363,6 +365,24 @@ class MeasurementStore:
         columns = tuple(r[1] for r in conn.execute("PRAGMA table_info(measurements)"))
         if columns != _COLUMNS:
             raise self._corrupt(f"measurements table has columns {columns}, expected {_COLUMNS}")
+
+    @staticmethod
+    def _migrate_from_1(conn: sqlite3.Connection) -> bool:
+        """Schema 1 -> 2 adds the nullable ``kernel_schedules`` column; every record is kept
+        (old records just do not say which schedule each kernel got). False if the table is
+        not schema 1's (then the version check reports it)."""
+        columns = tuple(r[1] for r in conn.execute("PRAGMA table_info(measurements)"))
+        if columns != _COLUMNS[:-1]:
+            return False
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("ALTER TABLE measurements ADD COLUMN kernel_schedules TEXT")
+            conn.execute("UPDATE meta SET value = '2' WHERE name = 'schema_version'")
+            conn.execute("COMMIT")
+        except sqlite3.Error:
+            conn.execute("ROLLBACK")
+            raise
+        return True
 
     def _error(self, action: str, exc: sqlite3.Error) -> StoreError:
         """Translate an sqlite3 error into a StoreError that says what to do."""

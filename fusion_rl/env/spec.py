@@ -4,7 +4,7 @@ An env spec is a small YAML file in ``envs/`` (``envs/default.yaml``, ``envs/tin
 
     models: [mlp_tiny, cnn_plain]      # zoo names or .onnx paths (required, non-empty)
     targets: [host]                    # target names (fusion_rl.compiler.target)
-    schedule: naive                    # schedule provider: naive | rules | tuned
+    schedule: rules                    # schedule provider: naive | rules (default) | tuned
     schedule_kwargs: {}                # options of the provider, e.g. {trials_per_task: 16}
     reward: e2e                        # e2e | kernel | model (fusion_rl.env.rewards)
     max_nodes: 256                     # observation padding; larger models are refused
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from fusion_rl.compiler.schedules import DEFAULT_SCHEDULE
 from fusion_rl.compiler.timing import TimingProtocol
 from fusion_rl.decisions.layout import DEFAULT_MAX_EDGES, DEFAULT_MAX_NODES
 from fusion_rl.decisions.process import DecisionOptions
@@ -51,7 +52,7 @@ class EnvSpec:
 
     models: tuple[str, ...]
     targets: tuple[str, ...] = ("host",)
-    schedule: str = "naive"
+    schedule: str = DEFAULT_SCHEDULE
     schedule_kwargs: Mapping[str, Any] = field(default_factory=dict)
     reward: str = "e2e"
     max_nodes: int = DEFAULT_MAX_NODES

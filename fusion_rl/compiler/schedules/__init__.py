@@ -11,6 +11,9 @@ from fusion_rl.compiler.schedules.base import NaiveSchedule, ScheduleProvider
 from fusion_rl.errors import ConfigError
 
 SCHEDULE_NAMES = ("naive", "rules", "tuned")
+#: What every command, the env and the plugin use when no schedule is named: packed
+#: micro-kernels, no search (``naive`` makes every plan equally slow: fusion changes nothing).
+DEFAULT_SCHEDULE = "rules"
 
 
 def make_schedule(name: str, **kwargs: Any) -> ScheduleProvider:
@@ -36,4 +39,4 @@ def make_schedule(name: str, **kwargs: Any) -> ScheduleProvider:
     raise ConfigError(f"unknown schedule provider '{name}'; choose one of {', '.join(SCHEDULE_NAMES)}")
 
 
-__all__ = ["SCHEDULE_NAMES", "NaiveSchedule", "ScheduleProvider", "make_schedule"]
+__all__ = ["DEFAULT_SCHEDULE", "SCHEDULE_NAMES", "NaiveSchedule", "ScheduleProvider", "make_schedule"]
