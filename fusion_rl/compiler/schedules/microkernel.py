@@ -104,9 +104,16 @@ def analyze(stmt: tirx.SBlock, lanes: int, registers: int = 16) -> Layout:
             best = (score, i, w, rows_axes)
     if best is not None:
         _, v, w, rows_axes = best
-        vec = vec_tile(_extent(stmt.iter_vars[v]))
-        r, rows = _pick_rows(stmt, rows_axes, vec // lanes, acc)
-        return Layout(v, r, w, vec, rows)
+        # Vector width and rows together: the most accumulators that fit (a 7-wide feature
+        # map takes 7 rows of one vector, not 1 row of two), wider vectors on ties.
+        ext = _extent(stmt.iter_vars[v])
+        tiles = []
+        for nv in range(max(vec_tile(ext) // lanes, 1), 0, -1):
+            if ext % (nv * lanes) == 0:
+                r, rows = _pick_rows(stmt, rows_axes, nv, acc)
+                tiles.append((rows * nv, nv, r, rows))
+        _, nv, r, rows = max(tiles)
+        return Layout(v, r, w, nv * lanes, rows)
     # 2. Depthwise: a channel axis that both operands index by itself (X[c, ...], W[c, ...]);
     # vectorize it in a channels-last copy of both (see :func:`schedule_depthwise`).
     for i in spatial:
