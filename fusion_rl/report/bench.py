@@ -1,0 +1,202 @@
+"""The bench report (``experiments/bench/``): markdown tables, a plot, kernel classes, peak."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+#: Kernel classes, in report order: where the time of a model goes.
+CLASSES = ("conv", "matmul", "norm/softmax/pool", "other")
+
+
+def kernel_class(name: str) -> str:
+    """The class of a TVM kernel, from its (fused) name: the anchor decides."""
+    if "conv2d" in name:
+        return "conv"
+    if "matmul" in name or "dense" in name:
+        return "matmul"
+    if any(k in name for k in ("softmax", "layer_norm", "rms", "mean", "variance", "pool", "sum")):
+        return "norm/softmax/pool"
+    return "other"
+
+
+def ort_op_class(op_type: str) -> str:
+    """The class of an ONNX Runtime node (fused contrib ops included)."""
+    if "Conv" in op_type:
+        return "conv"
+    if any(k in op_type for k in ("MatMul", "Gemm", "Attention")):
+        return "matmul"
+    if any(k in op_type for k in ("Norm", "Softmax", "Pool", "Reduce")):
+        return "norm/softmax/pool"
+    return "other"
+
+
+def fp32_peak_gflops(spec: Any) -> tuple[float, str]:
+    """This machine's fp32 FMA peak for ``spec``'s threads, and how it was computed.
+
+    Peak = threads x FMA lanes per cycle x 2 FLOP x clock. FMA lanes per cycle: 32 on Intel
+    AVX-512 cores (two 512-bit FMA ports), 16 on AVX2 cores and on AMD Zen 4 (two 256-bit
+    pipes; 512-bit instructions are split). The clock is ``cpu MHz`` of /proc/cpuinfo (a VM
+    reports its nominal clock; turbo is not counted).
+    """
+    vendor, mhz, flags = "", 0.0, set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "vendor_id" and not vendor:
+                vendor = value.strip()
+            elif key == "cpu MHz" and not mhz:
+                mhz = float(value)
+            elif key == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    intel512 = vendor == "GenuineIntel" and "avx512f" in flags
+    lanes = 32 if intel512 else 16 if "fma" in flags else 8
+    peak = spec.num_threads * lanes * 2 * mhz / 1e3
+    note = (f"{spec.num_threads} threads x {lanes} fp32 FMA lanes/cycle x 2 FLOP x {mhz / 1e3:.2f} GHz "
+            f"({vendor or 'unknown vendor'}, {'AVX-512' if 'avx512f' in flags else 'AVX2' if 'avx2' in flags else 'SSE'})")
+    return peak, note
+
+
+def ort_class_times(model: Any, threads: int, runs: int = 10) -> dict[str, float]:
+    """ONNX Runtime (all graph optimizations) per-node time by class, ms per inference."""
+    import onnxruntime as ort
+
+    if model.onnx_model is None:
+        return {}
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.profile_file_prefix = os.path.join(tmp, "ort")
+        sess = ort.InferenceSession(model.onnx_model.SerializeToString(), opts,
+                                    providers=["CPUExecutionProvider"])
+        feeds = dict(zip([i.name for i in sess.get_inputs()], model.inputs))
+        for _ in range(runs + 1):
+            sess.run(None, feeds)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    # The first run pays one-time allocations: count the ``runs`` after it only.
+    starts = sorted(ev["ts"] for ev in events if ev.get("name") == "model_run")
+    cutoff = starts[1] if len(starts) > 1 else 0
+    totals: dict[str, float] = {}
+    for ev in events:
+        if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time") \
+                and ev.get("ts", 0) >= cutoff:
+            cls = ort_op_class(ev.get("args", {}).get("op_name", ""))
+            totals[cls] = totals.get(cls, 0.0) + ev.get("dur", 0) / 1e3
+    return {k: v / runs for k, v in totals.items()}
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def write_markdown(results: dict[str, Any], path: Path) -> None:
+    """results.md: latency, GFLOP/s and % of peak per system; head-to-head speedups; classes."""
+    peak = results["peak_gflops"]
+    rules = sorted({r for m in results["models"] for r in m["tvm"]},
+                   key=lambda r: ["unfused", "tvm", "tensorrt", "aggressive"].index(r)
+                   if r in ("unfused", "tvm", "tensorrt", "aggressive") else 9)
+    runtimes = sorted({r for m in results["models"] for r in m["runtimes"]})
+    lines = [
+        "# Bench suite: deployment sizes, default schedule",
+        "",
+        f"Machine: {results['machine']}; target `{results['target']}`; schedule "
+        f"`{results['schedule']}`; protocol `{results['protocol']}`; TVM plans timed head to head "
+        f"in {results['rounds']} interleaved rounds. fp32 peak {peak:.0f} GFLOP/s "
+        f"({results['peak_note']}).",
+        "",
+        f"Command: `{results['command']}` (generated; do not edit).",
+        "",
+        "## Latency (median ms, IQR in brackets)",
+        "",
+        "| model | GFLOP | " + " | ".join(f"TVM {r}" for r in rules) + " | " + " | ".join(runtimes)
+        + " | best TVM / ORT |",
+        "|---|---|" + "---|" * (len(rules) + len(runtimes) + 1),
+    ]
+    for m in results["models"]:
+        cells = [f"{_fmt(m['tvm'][r]['latency_ms'])} ({_fmt(m['tvm'][r]['spread_ms'])})"
+                 if r in m["tvm"] else "failed" for r in rules]
+        rt = [f"{_fmt(m['runtimes'][r]['latency_ms'])} ({_fmt(m['runtimes'][r]['spread_ms'])})"
+              if m["runtimes"].get(r, {}).get("status") == "ok" else m["runtimes"].get(r, {}).get("status", "—")
+              for r in runtimes]
+        ort = m["runtimes"].get("ort", {}).get("latency_ms")
+        best = m["tvm"].get(m.get("best_rules", ""), {}).get("latency_ms")
+        ratio = f"{best / ort:.2f}x ({m['best_rules']})" if best and ort else "—"
+        lines.append(f"| {m['model']} | {m['gflop']:.2f} | " + " | ".join(cells) + " | "
+                     + " | ".join(rt) + f" | {ratio} |")
+    lines += ["", "## Head to head: speedup over `unfused` (median of paired per-repeat ratios, IQR)", "",
+              "| model | " + " | ".join(rules[1:]) + " |", "|---|" + "---|" * (len(rules) - 1)]
+    for m in results["models"]:
+        cells = [f"{m['tvm'][r]['speedup_vs_unfused']:.3f} ({m['tvm'][r]['speedup_spread']:.3f})"
+                 if r in m["tvm"] else "—" for r in rules[1:]]
+        lines.append(f"| {m['model']} | " + " | ".join(cells) + " |")
+    lines += ["", f"## Throughput: GFLOP/s and % of the {peak:.0f} GFLOP/s peak", "",
+              "| model | best TVM | " + " | ".join(runtimes) + " |", "|---|---|" + "---|" * len(runtimes)]
+    for m in results["models"]:
+        def rate(ms: float | None) -> str:
+            if not ms:
+                return "—"
+            g = m["gflop"] / (ms / 1e3)
+            return f"{g:.0f} ({100 * g / peak:.0f}%)" if peak else f"{g:.0f}"
+        best = m["tvm"].get(m.get("best_rules", ""), {}).get("latency_ms")
+        lines.append(f"| {m['model']} | {rate(best)} | " + " | ".join(
+            rate(m["runtimes"].get(r, {}).get("latency_ms") if m["runtimes"].get(r, {}).get("status") == "ok" else None)
+            for r in runtimes) + " |")
+    lines += ["", "## Where the time goes: TVM's best plan vs ONNX Runtime, ms per class",
+              "", "Per-kernel sums (each kernel re-run alone on its live inputs) and ONNX Runtime's "
+              "node profile; they do not add up to end-to-end time exactly.", "",
+              "| model | " + " | ".join(f"{c}: TVM / ORT" for c in CLASSES) + " |",
+              "|---|" + "---|" * len(CLASSES)]
+    for m in results["models"]:
+        t, o = m.get("tvm_classes_ms", {}), m.get("ort_classes_ms", {})
+        lines.append(f"| {m['model']} | " + " | ".join(
+            f"{_fmt(t.get(c))} / {_fmt(o.get(c))}" for c in CLASSES) + " |")
+    lines += ["", "## Preparation (one time per model) and fallbacks", "",
+              "| model | ops | export + import s | head-to-head wall s | kernels without a schedule |",
+              "|---|---|---|---|---|"]
+    for m in results["models"]:
+        fb = [k for k, v in (m.get("kernel_schedules") or {}).items() if v.startswith("fallback")]
+        lines.append(f"| {m['model']} | {m['ops']} | {m['prep_s']:.1f} | {_fmt(m.get('compare_s'), 0)} | "
+                     f"{len(fb)} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(results: dict[str, Any], path: Path) -> None:
+    """bench.png: every system's latency relative to ONNX Runtime (lower is faster)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m in results["models"] if m["runtimes"].get("ort", {}).get("latency_ms")]
+    systems = ["TVM unfused", "TVM best rule set", "ORT no graph opts", "torch eager", "torch.compile"]
+    keys = [("tvm", "unfused"), ("tvm", None), ("runtimes", "ort-noopt"),
+            ("runtimes", "torch-eager"), ("runtimes", "torch-compile")]
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(models) + 3), 5))
+    width = 0.8 / len(systems)
+    for k, (label, (kind, key)) in enumerate(zip(systems, keys)):
+        vals = []
+        for m in models:
+            ort = m["runtimes"]["ort"]["latency_ms"]
+            entry = m[kind].get(key if key else m.get("best_rules", ""), {})
+            ms = entry.get("latency_ms") if (kind == "tvm" or entry.get("status") == "ok") else None
+            vals.append(ms / ort if ms else float("nan"))
+        ax.bar([i + (k - len(systems) / 2 + 0.5) * width for i in range(len(models))], vals, width,
+               label=label)
+    ax.axhline(1.0, color="black", lw=1, ls="--", label="ONNX Runtime (all graph opts) = 1")
+    ax.set_xticks(range(len(models)))
+    ax.set_xticklabels([m["model"].removeprefix("bench_") for m in models], rotation=20, ha="right")
+    ax.set_ylabel("latency / ONNX Runtime latency (log scale; lower is faster)")
+    ax.set_yscale("log")
+    ax.set_title(f"Bench suite, batch 1, {results['target']}, schedule {results['schedule']}")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,110 @@
+"""Regenerate experiments/bench/: the bench suite at deployment sizes, TVM beside the runtimes.
+
+Usage: python scripts/bench.py experiments/bench/config.yaml [--models NAME ...]
+
+For each bench model, on this machine:
+1. preparation: export + import wall time (the default schedule needs no tuning);
+2. TVM, every configured rule set under the default schedule, timed *head to head*
+   (interleaved rounds; paired per-repeat ratios against ``unfused``);
+3. ONNX Runtime (graph optimizations on / off), torch eager and torch.compile, verified;
+4. per-kernel times of TVM's best plan and ONNX Runtime's per-node profile, grouped by
+   kernel class, to show where the remaining gap is;
+then writes results.json, results.md and bench.png beside the config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from fusion_rl.baselines.runtimes import run_runtime  # noqa: E402
+from fusion_rl.compare import machine_description  # noqa: E402
+from fusion_rl.compiler.measure import Measurer  # noqa: E402
+from fusion_rl.compiler.paired import compare_interleaved  # noqa: E402
+from fusion_rl.compiler.schedules import DEFAULT_SCHEDULE  # noqa: E402
+from fusion_rl.compiler.target import parse_target  # noqa: E402
+from fusion_rl.compiler.timing import TimingProtocol  # noqa: E402
+from fusion_rl.errors import read_yaml  # noqa: E402
+from fusion_rl.fusion.rules import make_plan  # noqa: E402
+from fusion_rl.graph import zoo  # noqa: E402
+from fusion_rl.graph.model import load_model  # noqa: E402
+from fusion_rl.report.bench import (  # noqa: E402
+    fp32_peak_gflops, kernel_class, ort_class_times, write_markdown, write_plot,
+)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--models", nargs="+", help="override the config's model list")
+    args = parser.parse_args()
+    cfg = read_yaml(args.config, "bench config")
+    out_dir = args.config.parent
+    spec = parse_target(cfg["target"])
+    protocol = TimingProtocol(repeat=cfg["repeat"], min_repeat_ms=cfg["min_repeat_ms"])
+    peak, peak_note = fp32_peak_gflops(spec)
+    results = {"machine": machine_description(spec.num_threads), "target": spec.key,
+               "schedule": DEFAULT_SCHEDULE, "peak_gflops": peak, "peak_note": peak_note,
+               "protocol": protocol.key, "rounds": cfg["rounds"],
+               "command": f"python scripts/bench.py {args.config}", "models": []}
+    for name in args.models or cfg["models"]:
+        print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
+        # 1. Preparation: the export and import a new user pays once per model.
+        t0 = time.perf_counter()
+        model = load_model(name)
+        prep_s = time.perf_counter() - t0
+        gflop = zoo.flops(name) / 1e9
+        row = {"model": name, "family": zoo.get_entry(name).family, "gflop": gflop,
+               "ops": len(model.graph), "prep_s": prep_s, "tvm": {}, "runtimes": {}}
+        # 2. TVM rule sets, head to head (fresh builds each round, never from a store).
+        plans = {r: make_plan(r, model.mod, model.graph) for r in cfg["rules"]}
+        t0 = time.perf_counter()
+        with Measurer(spec, DEFAULT_SCHEDULE, store=None, protocol=protocol,
+                      timeout_s=cfg["timeout_s"]) as m:
+            paired = compare_interleaved(m, model, plans, cfg["rounds"])
+            row["compare_s"] = time.perf_counter() - t0
+            if paired.failures:
+                row["failures"] = paired.failures
+            else:
+                first = cfg["rules"][0]
+                for rules in plans:
+                    ratios = paired.speedups(first, rules)
+                    row["tvm"][rules] = {
+                        "latency_ms": paired.median_ms(rules), "spread_ms": paired.iqr_ms(rules),
+                        "kernels": paired.num_kernels.get(rules),
+                        "speedup_vs_unfused": float(np.median(ratios)),
+                        "speedup_spread": float(np.subtract(*np.percentile(ratios, [75, 25]))),
+                    }
+                best = min(row["tvm"], key=lambda r: row["tvm"][r]["latency_ms"])
+                row["best_rules"] = best
+                # 4. Where the time goes: per-kernel times of the best plan, by class.
+                record = m.measure(model, plans[best], per_kernel=True)
+                by_class: dict[str, float] = {}
+                for kernel, ms in (record.kernel_times_ms or {}).items():
+                    by_class[kernel_class(kernel)] = by_class.get(kernel_class(kernel), 0.0) + ms
+                row["tvm_classes_ms"] = by_class
+                row["kernel_schedules"] = record.kernel_schedules
+        # 3. The runtimes on the same inputs, verified against the same reference.
+        for runtime in cfg["runtimes"]:
+            res = run_runtime(runtime, model, protocol, threads=spec.num_threads)
+            row["runtimes"][runtime] = {"status": res.status, "latency_ms": res.median_ms,
+                                        "spread_ms": res.spread_ms, "setup_s": res.setup_s,
+                                        "error": res.error}
+        row["ort_classes_ms"] = ort_class_times(model, spec.num_threads)
+        results["models"].append(row)
+        (out_dir / "results.json").write_text(json.dumps(results, indent=1))  # partial runs too
+    write_markdown(results, out_dir / "results.md")
+    write_plot(results, out_dir / "bench.png")
+    print(f"wrote {out_dir}/results.json, results.md, bench.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
