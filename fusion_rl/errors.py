@@ -84,3 +84,15 @@ def read_yaml(path: str | os.PathLike[str], what: str, hint: str = "") -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{what} {path} is not valid YAML: {describe_yaml_error(exc)}") from None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first informative line of a (possibly multi-line TVM) exception message, for
+    one-line ``error:`` output and schedule reports (at most 300 characters)."""
+    text = str(exc).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # TVM errors often start with a traceback banner; prefer the line that says what failed.
+    for ln in lines:
+        if "Error" in ln or "error" in ln or "Check failed" in ln:
+            return ln[:300]
+    return (lines[0] if lines else type(exc).__name__)[:300]

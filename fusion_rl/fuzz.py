@@ -60,6 +60,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from fusion_rl.compiler.timing import TimingProtocol
+from fusion_rl.errors import first_line
 from fusion_rl.fusion.legality import check_plan
 from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.fusion.random_plans import mutate_plan, random_plan
@@ -563,19 +564,19 @@ def force_fuse(model: Any, plan: FusionPlan) -> tuple[Any, str]:
         finally:
             apply_mod._item_order = original
     except Exception as exc:  # noqa: BLE001
-        raise _ForceFailure("group", _first_line(exc)) from None
+        raise _ForceFailure("group", first_line(exc)) from None
     try:
         # TVM 0.27 raises for an ill-formed module (and returns None, not True, otherwise).
         ok = relax.analysis.well_formed(grouped)
     except Exception as exc:  # noqa: BLE001
-        raise _ForceFailure("well_formed", _first_line(exc)) from None
+        raise _ForceFailure("well_formed", first_line(exc)) from None
     if ok is False:
         raise _ForceFailure("well_formed", "relax.analysis.well_formed rejected the grouped module")
     try:
         fused = relax.transform.FuseTIR()(grouped)
         fused = relax.transform.DeadCodeElimination()(fused)
     except Exception as exc:  # noqa: BLE001
-        raise _ForceFailure("fusetir", _first_line(exc)) from None
+        raise _ForceFailure("fusetir", first_line(exc)) from None
     del tvm
     return fused, "fusetir"
 
@@ -599,11 +600,11 @@ def _force_one(model: Any, plan: FusionPlan, provider: str, target: Any) -> dict
     try:
         ex = compile_module(fused, target, make_schedule(provider))[0]
     except Exception as exc:  # noqa: BLE001
-        return {"outcome": "build", "error": _first_line(exc)}
+        return {"outcome": "build", "error": first_line(exc)}
     try:
         actual = run_executable(ex, model.inputs)
     except Exception as exc:  # noqa: BLE001
-        return {"outcome": "run", "error": _first_line(exc)}
+        return {"outcome": "run", "error": first_line(exc)}
     expected, ref = reference_outputs(model)
     report = compare(actual, expected, ref)
     if not report.ok:
@@ -864,11 +865,6 @@ def _split(total: int, parts: int) -> list[int]:
     base, extra = divmod(total, max(parts, 1))
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
-
-def _first_line(exc: BaseException) -> str:
-    from fusion_rl.graph.importer import _first_line as first
-
-    return first(exc)
 
 
 def _main(argv: Sequence[str]) -> int:

@@ -16,10 +16,13 @@ import pytest
 import tvm
 from tvm import relax
 
-from fusion_rl.compiler.schedules.tuned import TunedSchedule, count_anchors
+from fusion_rl.compiler.schedules.metaschedule import count_anchors
+from fusion_rl.compiler.schedules.tuned import TunedSchedule
+from fusion_rl.compiler.target import parse_target
 from fusion_rl.errors import ConfigError, StoreError
 
-TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
+# The detected host: a fixed AVX-512 target dies with SIGILL on a CPU without it.
+TARGET = parse_target("host").to_tvm()
 TRIALS = 4
 
 
@@ -182,11 +185,11 @@ def test_database_folder_is_locked_while_tuning(tmp_path):
     import fcntl
     import threading
 
-    from fusion_rl.compiler.schedules.tuned import _exclusive
+    from fusion_rl.compiler.schedules.tuned import exclusive
 
     folder = tmp_path / "db"
     entered = threading.Event()
-    with _exclusive(folder):
+    with exclusive(folder):
         with open(folder / ".lock", "a") as other:
             with pytest.raises(BlockingIOError):
                 fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -209,7 +212,8 @@ with bb.function("main", [table, idx]):
     with bb.dataflow():
         out = bb.emit_output(bb.emit_te(topi.take, table, idx, axis=0))
     bb.emit_func_output(out)
-target = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
+from fusion_rl.compiler.target import parse_target
+target = parse_target("host").to_tvm()
 provider = TunedSchedule(trials_per_task=4, database_dir=sys.argv[1])
 provider.schedule(bb.get(), target)
 print("trials", provider.trials_run)

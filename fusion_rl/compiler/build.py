@@ -14,7 +14,7 @@ import tvm
 from tvm import relax
 
 from fusion_rl.compiler.schedules.base import ScheduleProvider, schedule_report
-from fusion_rl.errors import CompileError, FusionRLError
+from fusion_rl.errors import CompileError, FusionRLError, first_line
 from fusion_rl.fusion.apply import apply_plan
 from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.graph.model import Model
@@ -70,13 +70,13 @@ def compile_module(
     except FusionRLError:
         raise
     except Exception as exc:
-        raise CompileError(f"schedule provider '{schedule.name}' failed: {_first_line(exc)}") from exc
+        raise CompileError(f"schedule provider '{schedule.name}' failed: {first_line(exc)}") from exc
     t1 = time.perf_counter()
     try:
         with target:
             ex = tvm.compile(scheduled, target=target, relax_pipeline=lowering_pipeline(target))
     except Exception as exc:
-        raise CompileError(f"TVM build failed: {_first_line(exc)}") from exc
+        raise CompileError(f"TVM build failed: {first_line(exc)}") from exc
     return ex, t1 - t0, time.perf_counter() - t1, schedule_report(scheduled)
 
 
@@ -88,8 +88,3 @@ def compile_plan(
     ex, schedule_s, build_s, schedules = compile_module(fused, target, schedule)
     return CompiledPlan(ex, fused, num_kernels(fused), schedule_s, build_s, schedules)
 
-
-def _first_line(exc: BaseException) -> str:
-    from fusion_rl.graph.importer import _first_line as first
-
-    return first(exc)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import tvm
 from tvm import relax
 
-from fusion_rl.errors import CompileError
+from fusion_rl.errors import CompileError, first_line
 from fusion_rl.fusion.legality import require_legal
 from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.graph.opgraph import OpGraph, extract_opgraph
@@ -97,7 +97,7 @@ def apply_plan(mod: tvm.IRModule, plan: FusionPlan, graph: OpGraph | None = None
     except FusionRLError:
         raise
     except Exception as exc:  # a TVM-internal failure on a plan that legality accepted
-        raise CompileError(f"applying plan {plan.hash} failed inside TVM: {_first_line(exc)}") from exc
+        raise CompileError(f"applying plan {plan.hash} failed inside TVM: {first_line(exc)}") from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,8 +310,3 @@ def _substitute(expr, vmap: dict, consts: bool = False):
         return relax.Call(expr.op, args, expr.attrs, expr.ty_args)
     return expr
 
-
-def _first_line(exc: BaseException) -> str:
-    from fusion_rl.graph.importer import _first_line as first
-
-    return first(exc)

@@ -21,7 +21,7 @@ import onnx
 import tvm
 from tvm import relax
 
-from fusion_rl.errors import ConfigError, DynamicShapeError, ModelImportError, UnsupportedOperatorError
+from fusion_rl.errors import ConfigError, DynamicShapeError, ModelImportError, UnsupportedOperatorError, first_line
 
 #: Passes that turn an imported Relax module into one ``call_tir`` per operator, with pattern
 #: kinds, constants folded. This is the prefix of TVM's CPU pipeline *before* FuseOps.
@@ -44,7 +44,7 @@ def legalize(mod: tvm.IRModule) -> tvm.IRModule:
             mod = seq(mod)
     except Exception as exc:  # TVM raises its own internal error types
         raise UnsupportedOperatorError(
-            f"TVM could not legalize the model: {_first_line(exc)}"
+            f"TVM could not legalize the model: {first_line(exc)}"
         ) from None
     check_legalized(mod)
     return mod
@@ -82,13 +82,13 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path))
     except Exception as exc:
-        raise ModelImportError(f"{path} is not a valid ONNX file: {_first_line(exc)}") from None
+        raise ModelImportError(f"{path} is not a valid ONNX file: {first_line(exc)}") from None
     if not model.graph.node:
         raise ModelImportError(f"{path} has no operators (empty or non-ONNX protobuf)")
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
-        raise ModelImportError(f"{path} is malformed ONNX: {_first_line(exc)}") from None
+        raise ModelImportError(f"{path} is malformed ONNX: {first_line(exc)}") from None
     return model
 
 
@@ -111,7 +111,7 @@ def fold_static_shapes(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     try:
         ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise ModelImportError(f"ONNX Runtime could not fold the shapes of {src}: {_first_line(exc)}") from None
+        raise ModelImportError(f"ONNX Runtime could not fold the shapes of {src}: {first_line(exc)}") from None
 
 
 def onnx_input_shapes(
@@ -165,7 +165,7 @@ def from_onnx(
             warnings.simplefilter("ignore")  # the frontend warns about every renamed input
             mod = _tvm_from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
     except Exception as exc:
-        raise ModelImportError(f"TVM's ONNX frontend failed: {_first_line(exc)}") from None
+        raise ModelImportError(f"TVM's ONNX frontend failed: {first_line(exc)}") from None
     return legalize(mod)
 
 
@@ -190,7 +190,7 @@ def torch_to_onnx(module: "torch.nn.Module", example_inputs: Sequence["torch.Ten
                 module.eval(), tuple(example_inputs), buf, dynamo=False, opset_version=17
             )
         except Exception as exc:
-            raise ModelImportError(f"torch.onnx.export failed: {_first_line(exc)}") from None
+            raise ModelImportError(f"torch.onnx.export failed: {first_line(exc)}") from None
     return onnx.load_from_string(buf.getvalue())
 
 
@@ -252,13 +252,3 @@ def check_legalized(mod: tvm.IRModule) -> None:
     if not has_op:
         raise ModelImportError("the model has no operators left to fuse after legalization")
 
-
-def _first_line(exc: BaseException) -> str:
-    """The first informative line of a (possibly multi-line TVM) exception message."""
-    text = str(exc).strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    # TVM errors often start with a traceback banner; prefer the line that says what failed.
-    for ln in lines:
-        if "Error" in ln or "error" in ln or "Check failed" in ln:
-            return ln[:300]
-    return (lines[0] if lines else type(exc).__name__)[:300]

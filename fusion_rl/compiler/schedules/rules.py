@@ -28,6 +28,7 @@ A kernel that fails any step falls back to its unscheduled form (logged at debug
 from __future__ import annotations
 
 import logging
+from fusion_rl.errors import first_line
 from dataclasses import dataclass
 
 import tvm
@@ -118,7 +119,7 @@ def schedule_prim_func(func: tirx.PrimFunc, ctx: _Ctx, name: str = "") -> tirx.P
         try:
             sch, kind = _schedule_with(func, ctx, rule)
         except Exception as err:  # noqa: BLE001 - a failed rule falls through to the next one
-            reasons.append(f"{rule}: {_first_line(err)}")
+            reasons.append(f"{rule}: {first_line(err)}")
             continue
         out = sch.mod["main"].with_attr("tirx.is_scheduled", True)
         label = kind if not reasons else f"{kind} ({'; '.join(reasons)})"
@@ -151,10 +152,6 @@ def _schedule_with(func: tirx.PrimFunc, ctx: _Ctx, rule: str) -> tuple[s_tir.Sch
             _parallel_vectorize(sch, block, ctx)
     return sch, (rule if anchors else "elementwise")
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:200]
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,18 +10,7 @@ on-disk JSON database does not already hold, and applies the database kernel by 
 kernel is tuned once per (target, budget) and then reused across runs and fusion plans. Kernels
 the shared database cannot serve are tuned one by one in ``.../own/`` (see below).
 
-Why it is fast here
--------------------
-* ``LocalBuilder``/``LocalRunner`` start popen workers that each import ``tvm.s_tir.tensor_intrin``
-  and time out. We build (``LocalBuilder``'s own ``default_build``) and time
-  (``run_evaluator_common``) in-process, keeping each ``runtime.Module`` in memory.
-* In-process, ``tvm.s_tir.tensor_intrin`` is still imported once (``default_build`` does it). It
-  parses ~500 TVMScript functions, each calling ``inspect.stack()``, which scans ``sys.modules``
-  for every frame. Measured with torch and fusion_rl loaded (~1,970 modules, 2 shared cores):
-  stock 118-128 s, with :func:`_cheap_stack` 6-8 s. So the patch stays; it is installed only
-  around that one import and restored after (:func:`_import_tensor_intrin`).
-* Evolutionary search scores a population of ``min(512, max(64, 32 * trials))`` candidates
-  (512 is MetaSchedule's default, reached at 16 trials): tiny test budgets stay cheap.
+It runs here thanks to the in-process builder and runner of :mod:`.metaschedule`.
 
 Task granularity: why every distinct fused kernel gets its own tuning by default
 ------------------------------------------------------------------------------
@@ -33,19 +22,9 @@ Task granularity: why every distinct fused kernel gets its own tuning by default
   tuned trace is replayed on the others with their epilogues. Cheaper (resnet_tiny's fused plans
   then cost ~2 s of tuning instead of ~60 s), and it *is* correct: replay onto a fused variant
   gave outputs matching the naive kernels (max abs err 4.8e-7). But it is not *fast*: the
-  epilogue is placed by a trace tuned for another kernel. Measured 2026-11-26 on an idle
-  machine, fresh databases, 16 trials per task, ``sapphirerapids``, 2 threads (median of 9, IQR):
-
-  ============  ===================  ===================  =======================
-  model, plan   anchor-block         structural           kernel sums (ab / st)
-  ============  ===================  ===================  =======================
-  resnet_tiny   unfused 0.345 (.078) unfused 0.234 (.011)
-  resnet_tiny   tvm 0.254 (.011)     tvm 0.180 (.011)     0.225 / 0.156 ms
-  cnn_plain     tvm 0.146 (.039)     tvm 0.070 (.002)     0.083 / 0.047 ms
-  ============  ===================  ===================  =======================
-
-  (A second anchor-block database, tuned on a loaded machine, gave resnet_tiny unfused 0.471 ms:
-  at 16 trials MetaSchedule's outcome varies between tuning runs, so compare plans within one
+  epilogue is placed by a trace tuned for another kernel: on resnet_tiny and cnn_plain its fused
+  plans measured 1.4-2x slower than with ``structural`` databases (at 16 trials MetaSchedule's
+  outcome also varies between tuning runs, so compare plans within one
   database.) So fusion decisions are measured under ``structural`` tuning, which is what the plan would
   get in deployment. ``anchor-block`` stays available for cheap exploration; the two are
   different providers in the measurement store (:attr:`TunedSchedule.key`).
@@ -62,7 +41,7 @@ Task granularity: why every distinct fused kernel gets its own tuning by default
   the tuner prefers them. Cause (DESIGN.md): conv #2's padding block is computed under conv #1's
   tiles and its border is left unwritten; whether that shows depends on what the reused memory
   held before. Hence: each multi-anchor kernel is tuned alone in a ``structural`` database, then
-  checked against its naive kernel on random inputs (:func:`_kernel_matches`, alternating runs so
+  checked against its naive kernel on random inputs (:func:`kernel_matches`, alternating runs so
   each one reads memory the other dirtied). A wrong or untunable kernel gets the fallback schedule
   (below), is logged and is remembered in ``untunable.json`` so later calls do not retry it. The check is a test, not a
   proof: plans must still be verified end to end (DESIGN.md section 4).
@@ -81,37 +60,30 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import inspect
 import json
-import linecache
 import logging
 import os
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import tvm
 import tvm_ffi
 from tvm import relax
-from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
-from tvm.s_tir.meta_schedule.builder import BuilderInput, BuilderResult, PyBuilder
-from tvm.s_tir.meta_schedule.builder.local_builder import default_build
-from tvm.s_tir.meta_schedule.runner import (
-    EvaluatorConfig,
-    PyRunner,
-    RunnerFuture,
-    RunnerInput,
-    RunnerResult,
-)
-from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common, run_evaluator_common
+from tvm.s_tir.meta_schedule.runner import EvaluatorConfig
 
 from fusion_rl.compiler.schedules.base import ScheduleProvider
-from fusion_rl.errors import ConfigError, StoreError
+from fusion_rl.compiler.schedules.metaschedule import (
+    InProcessBuilder,
+    InProcessRunner,
+    ModuleCache,
+    count_anchors,
+    import_tensor_intrin,
+    kernel_matches,
+)
+from fusion_rl.errors import ConfigError, StoreError, first_line
 
 log = logging.getLogger(__name__)
 #: MetaSchedule's per-task search log (DEBUG); kept off stdout unless configured.
@@ -119,203 +91,6 @@ _MS_LOG = logging.getLogger(__name__ + ".search")
 
 _MODULE_EQUALITIES = ("anchor-block", "structural", "ignore-tensor")
 _FALLBACKS = ("rules", "naive")
-
-
-# ----------------------------------------------------------------------------- fix 2: inspect
-
-
-def _cheap_stack(context: int = 1) -> list[inspect.FrameInfo]:
-    """``inspect.stack`` without ``getmodule``: source lines come straight from ``linecache``.
-
-    TVMScript's parser only reads ``frame``, ``lineno`` and ``code_context[0]`` of the top frames;
-    the stock version resolves every frame's module by scanning ``sys.modules``.
-    """
-    frame = sys._getframe(1)  # noqa: SLF001 - skip this function's own frame, like inspect.stack
-    out: list[inspect.FrameInfo] = []
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        line = linecache.getline(filename, frame.f_lineno) if context > 0 else ""
-        out.append(
-            inspect.FrameInfo(
-                frame, filename, frame.f_lineno, frame.f_code.co_name,
-                [line] if line else None, 0 if line else None, positions=None,
-            )
-        )
-        frame = frame.f_back
-    return out
-
-
-def _import_tensor_intrin() -> None:
-    """Import ``tvm.s_tir.tensor_intrin`` once, with ``inspect.stack`` patched only meanwhile."""
-    if "tvm.s_tir.tensor_intrin" in sys.modules:
-        return
-    original = inspect.stack
-    inspect.stack = _cheap_stack  # type: ignore[assignment]
-    try:
-        import tvm.s_tir.tensor_intrin  # noqa: F401  # pylint: disable=import-outside-toplevel
-    finally:
-        inspect.stack = original
-
-
-# ----------------------------------------------------------------------------- fix 1: in-process
-
-
-class _ModuleCache:
-    """Built modules keyed by a fake artifact path; the runner pops them (thread-safe)."""
-
-    def __init__(self) -> None:
-        self._mods: dict[str, tvm.runtime.Module] = {}
-        self._lock = threading.Lock()
-        self._next = 0
-
-    def put(self, mod: tvm.runtime.Module) -> str:
-        with self._lock:
-            key = f"inprocess://{self._next}"
-            self._next += 1
-            self._mods[key] = mod
-        return key
-
-    def pop(self, key: str) -> tvm.runtime.Module | None:
-        with self._lock:
-            return self._mods.pop(key, None)
-
-
-@derived_object
-class _InProcessBuilder(PyBuilder):
-    """Build candidates in this process with ``LocalBuilder``'s own ``default_build``."""
-
-    def __init__(self, cache: _ModuleCache) -> None:
-        super().__init__()
-        self.cache = cache
-
-    def build(self, build_inputs: list[BuilderInput]) -> list[BuilderResult]:
-        results = []
-        for inp in build_inputs:
-            try:
-                rt_mod = default_build(inp.mod, inp.target, None)
-                results.append(BuilderResult(self.cache.put(rt_mod), None))
-            except Exception as err:  # noqa: BLE001 - a failed candidate is data, not a crash
-                results.append(BuilderResult(None, f"in-process build failed: {err}"))
-        return results
-
-
-@derived_object
-class _InProcessRunner(PyRunner):
-    """Time built candidates in this process with MetaSchedule's own evaluator helper."""
-
-    def __init__(self, cache: _ModuleCache, config: EvaluatorConfig) -> None:
-        super().__init__()
-        self.cache = cache
-        self.config = config
-        random_fill = tvm.get_global_func("tvm.contrib.random.random_fill_for_measure")
-
-        def fill(arr: tvm.runtime.Tensor) -> None:
-            # MetaSchedule's runners random-fill *every* buffer, index tensors included: a
-            # gather (``take`` of an embedding, in gpt_tiny) then reads out of bounds and the
-            # process segfaults (TVM warns "Fast mode segfaults when there are out-of-bounds
-            # indices"). Integer buffers get zeros, always in range, as in _kernel_matches.
-            if str(arr.dtype).startswith(("float", "bfloat")):
-                random_fill(arr)
-            else:
-                arr.copyfrom(np.zeros([int(d) for d in arr.shape], dtype=str(arr.dtype)))
-
-        self._fill = fill
-
-    def run(self, runner_inputs: list[RunnerInput]) -> list[RunnerFuture]:
-        futures = []
-        dev = tvm.cpu()
-        for inp in runner_inputs:
-            rt_mod = self.cache.pop(inp.artifact_path)
-            try:
-                if rt_mod is None:
-                    raise RuntimeError(f"no built module for {inp.artifact_path}")
-                args = alloc_argument_common(
-                    self._fill, dev, [a.as_json() for a in inp.args_info], 1
-                )
-                res = RunnerResult(run_evaluator_common(rt_mod, dev, self.config, args), None)
-            except Exception as err:  # noqa: BLE001
-                res = RunnerResult(None, f"in-process run failed: {err}")
-            # Bind ``res`` now: the future is polled later, after the loop has moved on.
-            futures.append(RunnerFuture(lambda: True, lambda r=res: r))
-        return futures
-
-
-# ----------------------------------------------------------------------------- anchors
-
-
-def _has_mul(expr: tvm.tirx.Expr) -> bool:
-    """Whether a reduction update is a sum of products (through adds, subs and casts)."""
-    if isinstance(expr, tvm.tirx.Mul):
-        return True
-    if isinstance(expr, (tvm.tirx.Add, tvm.tirx.Sub)):
-        return _has_mul(expr.a) or _has_mul(expr.b)
-    if isinstance(expr, tvm.tirx.Cast):
-        return _has_mul(expr.value)
-    return False
-
-
-def count_anchors(prim_func: tvm.tirx.PrimFunc) -> int:
-    """Number of multiply-accumulate reduction blocks (conv, matmul, dense) in ``prim_func``.
-
-    Plain reductions (sum, max of a softmax or a pooling) are not anchors: MetaSchedule's
-    anchor-trace replay handles those, and FuseOps also never puts two MAC blocks in one group.
-    """
-    try:
-        sch = tvm.s_tir.Schedule(tvm.IRModule({"main": prim_func}))
-        stack = list(sch.get_child_blocks(sch.get_sblock("root")))
-    except Exception:  # noqa: BLE001 - already lowered (no root block): nothing to schedule
-        return 0
-    count = 0
-    while stack:
-        rv = stack.pop()
-        block = sch.get(rv)
-        stack.extend(sch.get_child_blocks(rv))
-        reduces = any(iv.iter_type == tvm.tirx.IterVar.CommReduce for iv in block.iter_vars)
-        body = block.body
-        if reduces and isinstance(body, tvm.tirx.BufferStore) and _has_mul(body.value):
-            count += 1
-    return count
-
-
-# ----------------------------------------------------------------------------- verification
-
-
-def _kernel_matches(naive: tvm.tirx.PrimFunc, scheduled: tvm.tirx.PrimFunc,
-                    target: tvm.target.Target, seed: int, rounds: int = 2) -> bool:
-    """Run both kernels on the same random arguments and compare every buffer afterwards.
-
-    Why: MetaSchedule never checks values, and a tuned multi-anchor kernel can leave part of an
-    intermediate (a conv's zero border) unwritten. Whether that shows depends on what the
-    reused workspace memory held before, so the kernels alternate for ``rounds`` rounds, each
-    reusing memory the other one dirtied. Integer buffers are zero-filled (in-range indices).
-    """
-    try:
-        return _compare_kernels(naive, scheduled, target, seed, rounds)
-    except Exception as err:  # noqa: BLE001 - a kernel that cannot even run is not "correct"
-        log.warning("tuned: verifying a kernel failed (%s)", _first_line(err))
-        return False
-
-
-def _compare_kernels(naive: tvm.tirx.PrimFunc, scheduled: tvm.tirx.PrimFunc,
-                     target: tvm.target.Target, seed: int, rounds: int) -> bool:
-    libs = [tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
-                        target=target)["main"] for f in (naive, scheduled)]
-    infos = [info.as_json() for info in ms.arg_info.ArgInfo.from_prim_func(naive)]
-    rng = np.random.default_rng(seed)
-    for _ in range(rounds):
-        host = [rng.uniform(-1.0, 1.0, [int(d) for d in shape]).astype(str(dtype))
-                if str(dtype).startswith("float") else np.zeros([int(d) for d in shape], str(dtype))
-                for _, dtype, shape in infos]
-        outs = []
-        for lib in libs:
-            args = [tvm.runtime.tensor(a.copy()) for a in host]
-            lib(*args)
-            outs.append([a.numpy() for a in args])
-        for ref, got in zip(*outs):
-            scale = max(float(np.max(np.abs(ref))) if ref.size else 0.0, 1.0)
-            if not np.allclose(got, ref, rtol=1e-3, atol=1e-4 * scale, equal_nan=True):
-                return False
-    return True
 
 
 # ----------------------------------------------------------------------------- provider
@@ -372,7 +147,7 @@ class TunedSchedule(ScheduleProvider):
         # One process at a time per database: JSONDatabase appends records that point at
         # workloads by line number, so two processes tuning into one folder interleave their
         # appends and corrupt it (seen here: a search and an experiment sharing the cache).
-        with _exclusive(folder):
+        with exclusive(folder):
             out = self._schedule(mod, target, folder)
         if self.fallback == "rules":
             from fusion_rl.compiler.schedules.rules import RulesSchedule
@@ -420,7 +195,7 @@ class TunedSchedule(ScheduleProvider):
                 continue
             new = _apply(func, target, structural)
             if new is not None and anchors[gv] > 1 and key not in verified:
-                if _kernel_matches(func, new, target, self.seed):
+                if kernel_matches(func, new, target, self.seed):
                     verified.add(key)
                 else:
                     log.warning("tuned: %s has %d anchors and its tuned schedule computes "
@@ -444,8 +219,8 @@ class TunedSchedule(ScheduleProvider):
         attrs = task.dispatched[0]["main"].attrs
         if attrs is not None and attrs.get("tirx.is_scheduled", False):
             return False  # scheduled by someone else: not ours to tune
-        _import_tensor_intrin()
-        cache = _ModuleCache()
+        import_tensor_intrin()
+        cache = ModuleCache()
         before = len(database)
         try:
             with tempfile.TemporaryDirectory(prefix="fusion_rl_ms_") as work_dir:
@@ -467,8 +242,8 @@ class TunedSchedule(ScheduleProvider):
                     max_trials_global=self.trials_per_task,
                     max_trials_per_task=self.trials_per_task,
                     num_trials_per_iter=min(64, self.trials_per_task),
-                    builder=_InProcessBuilder(cache),
-                    runner=_InProcessRunner(cache, EvaluatorConfig(number=3, repeat=1,
+                    builder=InProcessBuilder(cache),
+                    runner=InProcessRunner(cache, EvaluatorConfig(number=3, repeat=1,
                                                                    min_repeat_ms=40)),
                     database=database,
                     # Not the default list: its RemoveBuildArtifact would rmtree(dirname(path)).
@@ -478,17 +253,13 @@ class TunedSchedule(ScheduleProvider):
                 )
         except Exception as err:  # noqa: BLE001 - a task that cannot be tuned stays naive
             log.warning("tuned: tuning %s failed (%s); it gets the fallback schedule", task.task_name,
-                        _first_line(err))
+                        first_line(err))
         self.trials_run += len(database) - before
         return database.query_tuning_record(task.dispatched[0], task.target, "main") is not None
 
 
 # ----------------------------------------------------------------------------- helpers
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 def _check_writable(path: Path) -> None:
@@ -503,7 +274,7 @@ def _check_writable(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _exclusive(folder: Path) -> Iterator[None]:
+def exclusive(folder: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` (an flock on ``folder/.lock``) while inside."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "a") as handle:
@@ -529,7 +300,7 @@ def _open_database(folder: Path, equality: str) -> ms.database.JSONDatabase:
     except Exception as err:  # noqa: BLE001
         stamp = time.strftime("%Y%m%d-%H%M%S")
         log.warning("tuned: database %s does not load (%s); moved aside, re-tuning",
-                    folder, _first_line(err))
+                    folder, first_line(err))
         for path in paths.values():
             if os.path.exists(path):
                 os.replace(path, f"{path}.corrupt-{stamp}")
@@ -546,7 +317,7 @@ def _apply(func: tvm.tirx.PrimFunc, target: tvm.target.Target,
         with target, database:
             new = relax.transform.MetaScheduleApplyDatabase()(tvm.IRModule({"main": func}))["main"]
     except Exception as err:  # noqa: BLE001 - an unschedulable kernel stays naive
-        log.info("tuned: the database's schedule does not apply (%s)", _first_line(err))
+        log.info("tuned: the database's schedule does not apply (%s)", first_line(err))
         return None
     scheduled = new.attrs is not None and bool(new.attrs.get("tirx.is_scheduled", False))
     return new if scheduled else None
