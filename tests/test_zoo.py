@@ -163,6 +163,26 @@ def test_export_onnx_caches_and_keys_on_sizes_and_seed(
     assert sorted(p.suffix for p in cache_dir.iterdir()) == [".onnx"] * 3
 
 
+def test_cache_key_hashes_the_whole_graph_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Builders use layers from sibling modules: an edit anywhere in fusion_rl/graph must
+    # invalidate cached exports, not only an edit of the catalogue.
+    zoo._zoo_source_digest.cache_clear()
+    before = zoo._zoo_source_digest()
+    real = Path.read_bytes
+
+    def edited(self: Path) -> bytes:
+        return real(self) + (b"# edited" if self.name == "opgraph.py" else b"")
+
+    monkeypatch.setattr(Path, "read_bytes", edited)
+    zoo._zoo_source_digest.cache_clear()
+    try:
+        assert zoo._zoo_source_digest() != before
+    finally:
+        monkeypatch.undo()
+        zoo._zoo_source_digest.cache_clear()
+    assert zoo._zoo_source_digest() == before
+
+
 def test_export_onnx_failure_leaves_no_partial_file(
     cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

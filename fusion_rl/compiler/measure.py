@@ -153,6 +153,15 @@ class Measurer:
             self.stats.failures += 1
         return result
 
+    def run_job(self, job: Any, model: Model) -> dict:
+        """Run another worker job (e.g. a :class:`~fusion_rl.compiler.worker.KernelJob`) on
+        this measurer's worker and target threads; never stored, counted as one miss."""
+        result = self._run(job, model)
+        self.stats.misses += 1
+        if result["status"] != "ok":
+            self.stats.failures += 1
+        return result
+
     def _run(self, job: MeasureJob | CompareJob, model: Model) -> dict:
         if not self.isolate:
             self._models.setdefault(job.model, model)

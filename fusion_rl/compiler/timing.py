@@ -118,6 +118,38 @@ def time_interleaved(
     return [Timing(tuple(t)) for t in times]
 
 
+def time_kernels(
+    funcs: dict[str, "tvm.tirx.PrimFunc"],
+    arg_specs: dict[str, Sequence[tuple[tuple[int, ...], str]]],
+    target: tvm.target.Target,
+    protocol: TimingProtocol = TimingProtocol(),
+    seed: int = 0,
+) -> dict[str, list[float]]:
+    """Time each scheduled PrimFunc alone: ms of every repeat, by the key of ``funcs``.
+
+    All are compiled in one module (one LLVM build). ``arg_specs[key]`` lists each parameter's
+    (shape, dtype), inputs then outputs, as the Relax call site passes them. Float arguments
+    are uniform in [-1, 1]; integer and bool ones are zero, so index inputs (gathers) stay in
+    range. Each kernel runs ``protocol.warmup`` times untimed, then ``protocol.repeat`` repeats
+    of at least ``protocol.min_repeat_ms``.
+    """
+    dev = tvm.cpu()
+    mod = tvm.IRModule({key: f.with_attr("global_symbol", key) for key, f in funcs.items()})
+    lib = tvm.compile(mod, target=target).jit()
+    rng = np.random.default_rng(seed)
+    times: dict[str, list[float]] = {}
+    for key in funcs:
+        args = [tvm.runtime.tensor(rng.uniform(-1.0, 1.0, shape).astype(dtype)
+                                   if dtype.startswith("float") else np.zeros(shape, dtype), dev)
+                for shape, dtype in arg_specs[key]]
+        for _ in range(protocol.warmup):
+            lib[key](*args)
+        evaluator = lib.time_evaluator(key, dev, number=protocol.number, repeat=protocol.repeat,
+                                       min_repeat_ms=protocol.min_repeat_ms)
+        times[key] = [float(t) * 1e3 for t in evaluator(*args).results]
+    return times
+
+
 def kernel_times(
     ex: "relax.VMExecutable",
     inputs: Sequence[np.ndarray],

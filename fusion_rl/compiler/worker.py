@@ -53,9 +53,46 @@ class CompareJob:
     protocol: Any = None
 
 
-def run_any(job: MeasureJob | CompareJob, models: dict | None = None) -> dict:
-    """Run a job of either kind (the worker's dispatch)."""
+@dataclass(frozen=True)
+class KernelJob:
+    """Time some kernels of one plan alone (:mod:`fusion_rl.compiler.kernel_table`); picklable.
+
+    ``kernels`` holds ``(key, PrimFunc name in the fused module, arg specs)`` per kernel.
+    """
+
+    model: Any
+    plan: dict
+    target: Any
+    schedule: str
+    schedule_kwargs: dict = field(default_factory=dict)
+    protocol: Any = None
+    kernels: tuple = ()
+
+
+def run_any(job: MeasureJob | CompareJob | KernelJob, models: dict | None = None) -> dict:
+    """Run a job of any kind (the worker's dispatch)."""
+    if isinstance(job, KernelJob):
+        return run_kernel_job(job, models)
     return run_compare_job(job, models) if isinstance(job, CompareJob) else run_job(job, models)
+
+
+def run_kernel_job(job: KernelJob, models: dict | None = None) -> dict:
+    """Apply and schedule ``job.plan`` as a build would, then compile and time only the
+    requested kernels, each alone; ``times_ms`` maps each key to its repeats."""
+    from fusion_rl.compiler.timing import TimingProtocol, time_kernels
+    from fusion_rl.fusion.apply import apply_plan
+    from fusion_rl.fusion.plan import FusionPlan
+
+    def body(result: dict[str, Any]) -> None:
+        model, target, provider = _setup(job, models)
+        fused = apply_plan(model.mod, FusionPlan.from_dict(job.plan), model.graph)
+        scheduled = provider.schedule(fused, target)  # the whole module: providers see plans
+        funcs = {key: scheduled[name] for key, name, _ in job.kernels}
+        specs = {key: spec for key, _, spec in job.kernels}
+        times = time_kernels(funcs, specs, target, job.protocol or TimingProtocol())
+        result.update(status="ok", times_ms=times)
+
+    return _guarded(body, {"status": "failed", "times_ms": {}})
 
 
 def run_compare_job(job: CompareJob, models: dict | None = None) -> dict:

@@ -1,0 +1,274 @@
+"""A table of fused kernels timed alone, and plan latency estimated from it.
+
+Plans of one model share most of their kernels (a conv+bias+relu group recurs in many plans),
+so each distinct kernel is timed once and kept: keyed by its structural hash (the PrimFunc after
+fusion and ``FuseTIR``, before scheduling: equal hashes are the same loops on the same shapes,
+in any plan or model), the target, the schedule provider and its budget, library versions and
+the kernel timing protocol. A plan's latency is then estimated without building it::
+
+    estimate = sum of its launched kernels' times + launches x launch_ms
+
+``launch_ms`` is the per-launch cost that kernels timed alone do not see (VM dispatch, memory
+planning, thread-pool wake-ups), fitted by least squares from end-to-end measurements with
+:meth:`KernelTable.calibrate`. Reshapes that the lowering turns into views are not launches
+(as in :func:`fusion_rl.compiler.build.num_kernels`).
+
+Timing a plan's new kernels (:meth:`KernelTable.ensure`) applies and schedules the whole plan,
+as a build would, but compiles and times only the kernels missing from the table, in the
+measurer's worker process. Kernels are not verified: an estimate is not a measurement.
+
+>>> with KernelTable(target="host", schedule="rules") as table:  # doctest: +SKIP
+...     table.calibrate([(model, plan, e2e_ms) for plan, e2e_ms in measured])
+...     table.estimate(model, other_plan).latency_ms
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import tvm
+import tvm_ffi
+from tvm import relax
+
+from fusion_rl.compiler.measure import Measurer
+from fusion_rl.compiler.store import default_store_path, library_versions
+from fusion_rl.compiler.timing import TimingProtocol
+from fusion_rl.compiler.worker import KernelJob
+from fusion_rl.errors import ConfigError, MeasurementError, StoreError
+from fusion_rl.fusion.apply import apply_plan
+from fusion_rl.fusion.plan import FusionPlan
+from fusion_rl.graph.model import Model
+
+#: Kernels are timed shorter than plans: there are many, and each runs alone on hot caches.
+KERNEL_PROTOCOL = TimingProtocol(repeat=5, min_repeat_ms=10, warmup=1)
+#: Marks a SQLite file as a fusion_rl kernel table (``PRAGMA application_id``; ASCII "FuRK").
+APPLICATION_ID = 0x4675524B
+_KEY = ("target", "provider", "budget", "versions", "protocol")
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS kernels (
+    kernel TEXT NOT NULL, {", ".join(f"{c} {'INTEGER' if c == 'budget' else 'TEXT'} NOT NULL" for c in _KEY)},
+    name TEXT NOT NULL, median_ms REAL NOT NULL, spread_ms REAL NOT NULL, times_ms TEXT NOT NULL,
+    created REAL NOT NULL, PRIMARY KEY (kernel, {", ".join(_KEY)})) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS calibration (
+    {", ".join(f"{c} {'INTEGER' if c == 'budget' else 'TEXT'} NOT NULL" for c in _KEY)},
+    launch_ms REAL NOT NULL, samples INTEGER NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY ({", ".join(_KEY)})) WITHOUT ROWID;
+"""
+_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+
+
+def default_table_path() -> Path:
+    """``kernels.sqlite`` beside the measurement store (``$FUSION_RL_CACHE`` or ~/.cache)."""
+    return default_store_path().with_name("kernels.sqlite")
+
+
+@dataclass(frozen=True)
+class KernelSite:
+    """One kernel launch of a plan: structural hash, PrimFunc name, (shape, dtype) per arg."""
+
+    kernel: str
+    name: str
+    args: tuple[tuple[tuple[int, ...], str], ...]
+
+
+@dataclass(frozen=True)
+class PlanEstimate:
+    """``latency_ms = kernel_ms + launches * launch_ms``."""
+
+    latency_ms: float
+    kernel_ms: float  #: sum over launches of each kernel's time alone
+    launches: int
+    launch_ms: float  #: the calibrated per-launch cost (0.0 before any calibration)
+    timed: int  #: kernels timed to make this estimate (0 when all were in the table)
+
+
+def plan_kernels(model: Model, plan: FusionPlan) -> list[KernelSite]:
+    """The kernels ``plan`` launches, in order (a shared kernel once per launch)."""
+    fused = apply_plan(model.mod, plan, model.graph)
+    lowered = relax.transform.RewriteDataflowReshape()(fused)  # views are not launches
+    sites, hashes = [], {}
+    for block in lowered["main"].body.blocks:
+        for binding in block.bindings:
+            call = binding.value
+            if not (isinstance(call, relax.Call) and call.op == _CALL_TIR):
+                continue
+            gv = call.args[0]
+            if gv.name_hint not in hashes:
+                hashes[gv.name_hint] = f"{tvm_ffi.structural_hash(fused[gv]) & (2**64 - 1):016x}"
+            out = call.ty_args[0]
+            types = [a.ty for a in call.args[1].fields] + list(getattr(out, "fields", [out]))
+            args = tuple((tuple(int(d) for d in t.shape.values), str(t.dtype)) for t in types)
+            sites.append(KernelSite(hashes[gv.name_hint], gv.name_hint, args))
+    return sites
+
+
+class KernelTable:
+    """Kernel times for one (target, schedule provider), kept in a SQLite file.
+
+    Parameters
+    ----------
+    path:
+        The table file (default :func:`default_table_path`); created if absent.
+    target, schedule, schedule_kwargs, timeout_s, isolate:
+        As for :class:`~fusion_rl.compiler.measure.Measurer`, which runs the timing jobs.
+    protocol:
+        How each kernel is timed (part of the key).
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, target: Any = "host",
+                 schedule: str = "rules", schedule_kwargs: dict[str, Any] | None = None,
+                 protocol: TimingProtocol = KERNEL_PROTOCOL, timeout_s: float = 600.0,
+                 isolate: bool = True) -> None:
+        self.measurer = Measurer(target, schedule, dict(schedule_kwargs or {}), store=None,
+                                 protocol=protocol, timeout_s=timeout_s, isolate=isolate)
+        m = self.measurer
+        self.key = (m.spec.key, m.provider.key, m.provider.budget, library_versions(), protocol.key)
+        self.path = Path(path or default_table_path()).expanduser()
+        self.timed = 0  #: kernels this instance has timed (what the table saves is the rest)
+        self._sites: dict[tuple[str, str], list[KernelSite]] = {}
+        self._db = self._open()
+
+    # ---- the table ----------------------------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            app = db.execute("PRAGMA application_id").fetchone()[0]
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if tables and (app != APPLICATION_ID or not {"kernels", "calibration"} <= tables):
+                db.close()
+                raise StoreError(f"{self.path} is not a fusion_rl kernel table; move it aside or "
+                                 "give another path")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            db.executescript(_SCHEMA)
+            return db
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open kernel table {self.path}: {exc}") from exc
+
+    def times(self, kernels: Sequence[str]) -> dict[str, float]:
+        """Median ms of each of ``kernels`` that the table holds for this key."""
+        out: dict[str, float] = {}
+        where = " AND ".join(f"{c} = ?" for c in _KEY)
+        for k in set(kernels):
+            row = self._db.execute(f"SELECT median_ms FROM kernels WHERE kernel = ? AND {where}",
+                                   (k, *self.key)).fetchone()
+            if row is not None:
+                out[k] = float(row[0])
+        return out
+
+    def __len__(self) -> int:
+        where = " AND ".join(f"{c} = ?" for c in _KEY)
+        return int(self._db.execute(f"SELECT COUNT(*) FROM kernels WHERE {where}", self.key).fetchone()[0])
+
+    @property
+    def launch_ms(self) -> float:
+        """The calibrated per-launch cost for this key; 0.0 before :meth:`calibrate`."""
+        where = " AND ".join(f"{c} = ?" for c in _KEY)
+        row = self._db.execute(f"SELECT launch_ms FROM calibration WHERE {where}", self.key).fetchone()
+        return 0.0 if row is None else float(row[0])
+
+    # ---- plans --------------------------------------------------------------------------------
+
+    def kernels(self, model: Model, plan: FusionPlan) -> list[KernelSite]:
+        """:func:`plan_kernels`, remembered per (model, plan)."""
+        key = (model.fingerprint, plan.hash)
+        if key not in self._sites:
+            self._sites[key] = plan_kernels(model, plan)
+        return self._sites[key]
+
+    def ensure(self, model: Model, plan: FusionPlan) -> int:
+        """Time the kernels of ``plan`` that the table lacks; returns how many were timed.
+
+        Raises
+        ------
+        MeasurementError
+            If the plan could not be scheduled or a kernel could not be built or run.
+        """
+        sites = self.kernels(model, plan)
+        known = self.times([s.kernel for s in sites])
+        todo = {s.kernel: s for s in sites if s.kernel not in known}
+        if not todo:
+            return 0
+        job = KernelJob(model=model.ref, plan=plan.to_dict(), target=self.measurer.spec,
+                        schedule=self.measurer.schedule,
+                        schedule_kwargs=dict(self.measurer.schedule_kwargs),
+                        protocol=self.measurer.protocol,
+                        kernels=tuple((k, s.name, s.args) for k, s in todo.items()))
+        result = self.measurer.run_job(job, model)
+        if result["status"] != "ok":
+            raise MeasurementError(f"timing kernels of plan {plan.hash} on {model.name}: "
+                                   f"{result['status']}: {result.get('error')}")
+        rows = []
+        for k, times in result["times_ms"].items():
+            q1, q2, q3 = np.percentile(times, [25, 50, 75])
+            rows.append((k, *self.key, todo[k].name, float(q2), float(q3 - q1), json.dumps(times),
+                         time.time()))
+        self._write("INSERT OR REPLACE INTO kernels VALUES (" + ", ".join("?" * 11) + ")", rows)
+        self.timed += len(rows)
+        return len(rows)
+
+    def estimate(self, model: Model, plan: FusionPlan) -> PlanEstimate:
+        """The plan's estimated latency, timing its missing kernels first."""
+        timed = self.ensure(model, plan)
+        sites = self.kernels(model, plan)
+        known = self.times([s.kernel for s in sites])
+        kernel_ms = float(sum(known[s.kernel] for s in sites))
+        launch = self.launch_ms
+        return PlanEstimate(kernel_ms + len(sites) * launch, kernel_ms, len(sites), launch, timed)
+
+    def calibrate(self, samples: Sequence[tuple[Model, FusionPlan, float]]) -> float:
+        """Fit and keep ``launch_ms`` from ``(model, plan, end-to-end ms)`` samples.
+
+        Least squares of ``e2e - kernel_ms = launch_ms * launches`` (through the origin: no
+        kernels, no cost) in *relative* error, each sample weighted by ``1 / e2e**2``: the
+        estimator is judged by percentage error, and in absolute terms the largest model's
+        noise would decide the cost for every model. Returns the fitted value.
+        """
+        if not samples:
+            raise ConfigError("calibrate needs at least one (model, plan, end-to-end ms) sample")
+        n, gap, w = [], [], []
+        for model, plan, e2e_ms in samples:
+            est = self.estimate(model, plan)
+            n.append(est.launches)
+            gap.append(float(e2e_ms) - est.kernel_ms)
+            w.append(1.0 / max(float(e2e_ms), 1e-9) ** 2)
+        n_arr, gap_arr, w_arr = np.asarray(n, float), np.asarray(gap), np.asarray(w)
+        launch_ms = float((w_arr * n_arr) @ gap_arr / max(float((w_arr * n_arr) @ n_arr), 1e-30))
+        self._write("INSERT OR REPLACE INTO calibration VALUES (" + ", ".join("?" * 8) + ")",
+                    [(*self.key, launch_ms, len(samples), time.time())])
+        return launch_ms
+
+    def _write(self, sql: str, rows: list[tuple]) -> None:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(sql, rows)
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise StoreError(f"cannot write to kernel table {self.path}: {exc}") from exc
+
+    # ---- lifetime -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.measurer.close()
+        self._db.close()
+
+    def __enter__(self) -> "KernelTable":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["KERNEL_PROTOCOL", "KernelSite", "KernelTable", "PlanEstimate", "default_table_path",
+           "plan_kernels"]

@@ -1,0 +1,101 @@
+"""The kernel table: each distinct kernel timed once, plans estimated from it (no timed asserts)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from fusion_rl.compiler.build import num_kernels
+from fusion_rl.compiler.kernel_table import KernelTable, plan_kernels
+from fusion_rl.compiler.store import MeasurementStore
+from fusion_rl.compiler.timing import TimingProtocol
+from fusion_rl.errors import ConfigError, MeasurementError, StoreError
+from fusion_rl.fusion.apply import apply_plan
+from fusion_rl.fusion.plan import FusionPlan
+from fusion_rl.fusion.rules import make_plan
+
+QUICK = TimingProtocol(repeat=2, min_repeat_ms=1, warmup=1)
+
+
+def _table(path, schedule: str = "naive", isolate: bool = False) -> KernelTable:
+    return KernelTable(path, target="host", schedule=schedule, protocol=QUICK, isolate=isolate)
+
+
+def _distinct(model, plan) -> set[str]:
+    return {s.kernel for s in plan_kernels(model, plan)}
+
+
+def test_a_plan_that_shares_kernels_times_only_its_new_ones(model_cache, tmp_path):
+    model = model_cache("mlp_tiny")
+    unfused = make_plan("unfused", model.mod, model.graph)
+    tvm_plan = make_plan("tvm", model.mod, model.graph)
+    # The tvm plan's first fused group, every other op alone: one kernel the unfused plan lacks.
+    first = tvm_plan.fused_groups[0]
+    partial = FusionPlan.from_groups([first] + [(n,) for n in range(len(model.graph)) if n not in first],
+                                     len(model.graph), model.fingerprint, "partial")
+    assert len(_distinct(model, partial) - _distinct(model, unfused)) == 1
+    with _table(tmp_path / "k.sqlite", isolate=True) as table:  # through the worker process
+        assert table.ensure(model, unfused) == len(_distinct(model, unfused)) > 0
+        assert table.ensure(model, unfused) == 0
+        size = len(table)
+        assert table.ensure(model, partial) == 1 and len(table) == size + 1
+        assert table.timed == size + 1
+        assert table.measurer.stats.misses == 2  # one worker job per plan with new kernels
+
+
+def test_estimate_is_kernel_sum_plus_calibrated_launch_cost(model_cache, tmp_path):
+    model = model_cache("mlp_tiny")
+    plans = [make_plan(r, model.mod, model.graph) for r in ("unfused", "tvm")]
+    with _table(tmp_path / "k.sqlite") as table:
+        before = [table.estimate(model, p) for p in plans]
+        assert all(e.launch_ms == 0.0 and e.latency_ms == e.kernel_ms > 0 for e in before)
+        assert before[0].timed > 0 and before[0].launches == len(plan_kernels(model, plans[0]))
+        times = table.times([s.kernel for s in plan_kernels(model, plans[1])])
+        assert before[1].kernel_ms == pytest.approx(sum(times[s.kernel] for s in plan_kernels(model, plans[1])))
+        # End-to-end times that are exactly kernels + 0.01 ms per launch calibrate to 0.01.
+        samples = [(model, p, e.kernel_ms + 0.01 * e.launches) for p, e in zip(plans, before)]
+        assert table.calibrate(samples) == pytest.approx(0.01)
+        after = table.estimate(model, plans[1])
+        assert after.timed == 0 and after.launch_ms == pytest.approx(0.01)
+        assert after.latency_ms == pytest.approx(after.kernel_ms + 0.01 * after.launches)
+        # A much slower sample with a large gap does not decide the cost (relative weighting).
+        outlier = [(model, plans[0], before[0].kernel_ms + 0.01 * before[0].launches),
+                   (model, plans[1], 1000.0)]
+        assert table.calibrate(outlier) == pytest.approx(0.01, rel=1e-3)
+        table.calibrate(samples)
+    with _table(tmp_path / "k.sqlite") as again:  # kept on disk: nothing to time, same calibration
+        assert again.ensure(model, plans[0]) == 0 and again.launch_ms == pytest.approx(0.01)
+    with _table(tmp_path / "k.sqlite", schedule="rules") as rules:  # another schedule, another key
+        assert rules.launch_ms == 0.0 and rules.ensure(model, plans[1]) == len(_distinct(model, plans[1]))
+
+
+def test_launches_are_the_kernels_a_build_runs(model_cache):
+    model = model_cache("transformer_encoder")  # has reshapes, which become views
+    for rules in ("unfused", "tvm"):
+        plan = make_plan(rules, model.mod, model.graph)
+        sites = plan_kernels(model, plan)
+        assert len(sites) == num_kernels(apply_plan(model.mod, plan, model.graph))
+        assert all(s.args and all(isinstance(d, str) for _, d in s.args) for s in sites)
+    # The same kernel is the same hash in any plan: a shared PrimFunc, launched several times.
+    unfused = plan_kernels(model, make_plan("unfused", model.mod, model.graph))
+    assert len({s.kernel for s in unfused}) < len(unfused)
+
+
+def test_bad_table_files_and_inputs(model_cache, tmp_path, monkeypatch):
+    with MeasurementStore(tmp_path / "m.sqlite"):
+        pass
+    with pytest.raises(StoreError, match="not a fusion_rl kernel table"):
+        _table(tmp_path / "m.sqlite")
+    (tmp_path / "t.sqlite").write_text("not a database at all, " * 100)
+    with pytest.raises(StoreError):
+        _table(tmp_path / "t.sqlite")
+    model = model_cache("mlp_tiny")
+    with _table(tmp_path / "k.sqlite") as table:
+        with pytest.raises(ConfigError):
+            table.calibrate([])
+        monkeypatch.setattr(table.measurer, "run_job", lambda job, m: {"status": "crashed", "error": "boom"})
+        with pytest.raises(MeasurementError, match="crashed: boom"):
+            table.ensure(model, make_plan("tvm", model.mod, model.graph))
+        assert len(table) == 0
+    assert sqlite3.connect(tmp_path / "k.sqlite").execute("PRAGMA application_id").fetchone()[0] != 0
