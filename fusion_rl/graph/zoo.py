@@ -28,7 +28,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,7 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fusion_rl.errors import ConfigError, UnknownModelError
+from fusion_rl.errors import ConfigError, OutputError, UnknownModelError
+from fusion_rl.io import output_dir, write_atomic
 
 __all__ = [
     "ONNX_OPSET",
@@ -994,8 +994,8 @@ def export_onnx(
     The file is cached under ``cache_dir`` (default :func:`default_cache_dir`) by a key of
     (name, sizes, seed, torch version, opset, transformers version for HF models, and a digest
     of this module's source); a second call with the same key returns the cached
-    path without exporting again. The file is written to a temporary name and moved into place
-    with ``os.replace``, so an interrupted export never leaves a truncated model behind.
+    path without exporting again. The file is written with :func:`fusion_rl.io.write_atomic`
+    (temp file, rename), so an interrupted export never leaves a truncated model behind.
     """
     entry = get_entry(name)
     merged = _resolve_sizes(entry, sizes)
@@ -1004,11 +1004,13 @@ def export_onnx(
     if path.is_file():
         return path
 
-    module, inputs = build_torch(name, seed=seed, **merged)
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}-", suffix=".onnx.tmp", dir=directory)
-    os.close(fd)
     try:
+        output_dir(directory, "model cache folder")
+    except OutputError as exc:
+        raise ConfigError(f"{exc}; point FUSION_RL_CACHE at a writable folder") from None
+    module, inputs = build_torch(name, seed=seed, **merged)
+
+    def export(tmp: Path) -> None:
         with warnings.catch_warnings(), torch.no_grad():
             # The legacy (TorchScript) exporter is deprecated but is faster and yields plain
             # static graphs, which is what the TVM importer handles best.
@@ -1018,19 +1020,14 @@ def export_onnx(
             torch.onnx.export(
                 module,
                 inputs,
-                tmp_name,
+                str(tmp),
                 dynamo=False,
                 opset_version=ONNX_OPSET,
                 input_names=list(entry.input_names),
                 output_names=["output"],
                 do_constant_folding=True,
             )
-        os.replace(tmp_name, path)
-    except BaseException:
-        # Also on KeyboardInterrupt: never leave temp files to accumulate in the cache.
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
+
+    # A temp file renamed into place (also on KeyboardInterrupt no temp file is left).
+    write_atomic(path, export, what="model cache file")
     return path
