@@ -30,8 +30,8 @@ from fusion_rl.errors import ConfigError, FusionRLError
 from fusion_rl.io import read_bounded, read_json, write_atomic
 from fusion_rl.policy.network import PolicyNetwork
 
-__all__ = ["SNAPSHOT_FORMAT", "PolicySnapshot", "check_observation", "load_snapshot", "load_weights",
-           "save_snapshot", "snapshot_paths"]
+__all__ = ["NETWORK_CLASS", "SNAPSHOT_FORMAT", "PolicySnapshot", "build_network", "check_observation",
+           "load_snapshot", "load_weights", "save_snapshot", "snapshot_paths"]
 
 SNAPSHOT_FORMAT = 1
 #: The only network class a snapshot or a policy card may name.
