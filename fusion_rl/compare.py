@@ -5,9 +5,7 @@ one model and machine, in one run. Produces rows, a markdown table and a PNG bar
 
 from __future__ import annotations
 
-import json
 import platform
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,6 +19,7 @@ from fusion_rl.fusion.metrics import plan_metrics
 from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.fusion.rules import RULE_SETS, make_plan
 from fusion_rl.graph.model import Model
+from fusion_rl.io import dumps_json, output_dir, write_atomic
 
 
 @dataclass
@@ -123,8 +122,10 @@ def bar_chart(rows: Sequence[CompareRow], path: str | Path, title: str = "") -> 
     ax.set_title(title)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), what="chart")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -143,11 +144,10 @@ def machine_description(threads: int) -> str:
 
 
 def write_report(rows: Sequence[CompareRow], out_dir: str | Path, name: str, header: str) -> tuple[Path, Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(out_dir, "--out folder")
     md = out / f"{name}.md"
-    md.write_text(header + "\n" + to_markdown(rows, name))
-    (out / f"{name}.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    write_atomic(md, header + "\n" + to_markdown(rows, name), what="report")
+    write_atomic(out / f"{name}.json", dumps_json([asdict(r) for r in rows], indent=1), what="report")
     png = bar_chart(rows, out / f"{name}.png", name)
     return md, png
 
@@ -164,7 +164,8 @@ def load_experiment(path: str | Path) -> tuple[dict[str, Any], Any, TimingProtoc
 
     Unknown keys are a :class:`~fusion_rl.errors.ConfigError` naming them.
     """
-    from fusion_rl.errors import ConfigError, read_yaml
+    from fusion_rl.errors import ConfigError
+    from fusion_rl.io import read_yaml
 
     path = Path(path)
     cfg = read_yaml(path, "experiment config")

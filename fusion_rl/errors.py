@@ -9,7 +9,6 @@ other exception is a bug in fusion_rl.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 
@@ -61,29 +60,17 @@ class ConfigError(FusionRLError):
     """A config file, target name, provider name or CLI option is invalid."""
 
 
-def describe_yaml_error(exc: Exception) -> str:
-    """PyYAML's error in one line: the problem and where (its own message spans several
-    lines with a caret diagram, which a CLI error must not)."""
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    mark = getattr(exc, "problem_mark", None)
-    if mark is not None:
-        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
-    return problem
+class OutputError(FusionRLError):
+    """An output cannot be written without clobbering something (a folder, a device, a pipe)
+    or its folder is missing; see :func:`fusion_rl.io.write_atomic`."""
 
 
 def read_yaml(path: str | os.PathLike[str], what: str, hint: str = "") -> Any:
-    """Parse the YAML file ``path``; an unreadable file or invalid YAML is a one-line
-    :class:`ConfigError` naming ``what`` (e.g. "env spec") and the path, plus ``hint``."""
-    import yaml
+    """See :func:`fusion_rl.io.read_yaml`, which bounds and checks the file (kept here for
+    existing imports)."""
+    from fusion_rl.io import read_yaml as read
 
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}{hint}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{what} {path} is not valid YAML: {describe_yaml_error(exc)}") from None
+    return read(path, what, hint)
 
 
 def first_line(exc: BaseException) -> str:

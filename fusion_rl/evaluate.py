@@ -72,12 +72,12 @@ RULE_BASELINES: tuple[str, ...] = ("unfused", "tvm", "tensorrt", "aggressive", "
 
 @dataclass
 class TrainedPolicy:
-    """A trained run: its directory, config and the loaded ``MaskablePPO``."""
+    """A trained run: its directory, config and its policy snapshot (safetensors + JSON)."""
 
     run_dir: Path
     config: Any  #: :class:`fusion_rl.policy.training.TrainConfig`
-    model: Any  #: ``sb3_contrib.MaskablePPO``
-    checkpoint: Path
+    model: Any  #: :class:`fusion_rl.policy.snapshot.PolicySnapshot` (SB3's ``predict``)
+    checkpoint: Path  #: the snapshot's description file
 
     @property
     def seed(self) -> int:
@@ -85,24 +85,24 @@ class TrainedPolicy:
 
 
 def load_policy(run_dir: str | Path) -> TrainedPolicy:
-    """Load a run directory's ``final_model.zip`` (else its latest checkpoint).
+    """Load a run directory's final policy snapshot (else its latest checkpoint's).
 
-    :raises ConfigError: if ``run_dir`` is not a run directory or holds no model.
+    Only ``config.json`` and the ``.safetensors`` + ``.json`` snapshot are read; the SB3 zips
+    are pickles and are never loaded here (see :mod:`fusion_rl.policy.snapshot`).
+
+    :raises ConfigError: if ``run_dir`` is not a run directory or holds no snapshot.
     """
-    from sb3_contrib import MaskablePPO
-
-    from fusion_rl.policy.training import TrainConfig, run_model_path
+    from fusion_rl.io import read_json
+    from fusion_rl.policy.snapshot import load_snapshot
+    from fusion_rl.policy.training import TrainConfig, run_snapshot
 
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise ConfigError(f"{run_dir}: not a run directory (no config.json); train one with `fusion-rl train`")
-    config = TrainConfig.from_dict(json.loads(config_path.read_text()), str(config_path))
-    path = run_model_path(run_dir)
-    if path is None:
-        raise ConfigError(f"{run_dir}: no final_model.zip and no checkpoint; the run never finished a rollout")
-    model = MaskablePPO.load(path, device="cpu")
-    return TrainedPolicy(run_dir=run_dir, config=config, model=model, checkpoint=path)
+    config = TrainConfig.from_dict(read_json(config_path, "run config", ConfigError, 1 << 20), str(config_path))
+    path = run_snapshot(run_dir)
+    return TrainedPolicy(run_dir=run_dir, config=config, model=load_snapshot(path), checkpoint=path)
 
 
 def make_eval_env(config: Any, **overrides: Any):

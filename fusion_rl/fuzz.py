@@ -46,6 +46,7 @@ Run it with ``scripts/fuzz_plans.py``.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -65,6 +66,7 @@ from fusion_rl.fusion.legality import check_plan
 from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.fusion.random_plans import mutate_plan, random_plan
 from fusion_rl.graph.opgraph import OpGraph
+from fusion_rl.io import dumps_json, output_dir, write_atomic
 
 #: The cheapest timing protocol: the fuzzer wants outputs, not latencies.
 FUZZ_PROTOCOL = TimingProtocol(repeat=1, min_repeat_ms=0, number=1, warmup=0)
@@ -404,11 +406,10 @@ class FuzzReport:
         return "\n".join(lines) + "\n"
 
     def write(self, out: str | os.PathLike) -> tuple[Path, Path]:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = output_dir(out, "fuzz report folder")
         js, md = out / "summary.json", out / "summary.md"
-        js.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        md.write_text(self.markdown())
+        write_atomic(js, dumps_json(self.to_dict(), indent=1) + "\n", what="fuzz summary")
+        write_atomic(md, self.markdown(), what="fuzz summary")
         return js, md
 
 
@@ -435,35 +436,34 @@ def save_reproducer(
     from fusion_rl.compiler.verify import reference_outputs
     from fusion_rl.graph.importer import input_specs
 
-    folder = Path(root) / f"{model.name}-{plan.hash}-{provider}"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = output_dir(Path(root) / f"{model.name}-{plan.hash}-{provider}", "reproducer folder")
     if model.onnx_model is not None:
-        (folder / "model.onnx").write_bytes(model.onnx_model.SerializeToString())
-    plan.save(folder / "plan.json")
+        write_atomic(folder / "model.onnx", model.onnx_model.SerializeToString(), what="reproducer")
+    plan.save(folder / "plan.json", what="reproducer")
     names = [s[0] for s in input_specs(model.mod)]
-    np.savez(folder / "inputs.npz", **{n: a for n, a in zip(names, model.inputs)})
+    _write_npz(folder / "inputs.npz", **{n: a for n, a in zip(names, model.inputs)})
     expected, reference = reference_outputs(model)
-    np.savez(folder / "expected.npz", *expected)
+    _write_npz(folder / "expected.npz", *expected)
     meta = {
         "model": model.name, "model_ref": {"kind": model.ref.kind, "spec": model.ref.spec, "seed": model.ref.seed},
         "fingerprint": model.fingerprint, "plan_hash": plan.hash, "provider": provider,
         "status": status, "error": error, "source": source, "reference": reference,
         "forced": forced, "created": time.time(),
     }
-    (folder / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    write_atomic(folder / "meta.json", dumps_json(meta, indent=1) + "\n", what="reproducer")
     cmd = '"${PYTHON:-python}" -m fusion_rl.fuzz reproduce "$(dirname "$0")"'
-    (folder / "repro.sh").write_text(
+    write_atomic(folder / "repro.sh", (
         "#!/bin/sh\n# Recompiles the plan and compares with expected.npz; exit 1 if the mismatch "
         "reproduces.\n# Run from the repository root; PYTHON defaults to `python` (set it to the "
         "venv's, e.g. PYTHON=.venv/bin/python).\n" + cmd + (" --force" if forced else "") + "\n"
-    )
+    ), what="reproducer")
     (folder / "repro.sh").chmod(0o755)
-    (folder / "README.md").write_text(
+    write_atomic(folder / "README.md", 
         f"# {model.name} / plan {plan.hash} / schedule {provider}\n\n"
         f"Status: **{status}** ({source}). Error: {error}\n\n"
         f"Reproduce from the repository root: `PYTHON=.venv/bin/python sh {folder}/repro.sh` "
-        f"(or `python -m fusion_rl.fuzz reproduce {folder}{' --force' if forced else ''}`).\n"
-    )
+        f"(or `python -m fusion_rl.fuzz reproduce {folder}{' --force' if forced else ''}`).\n",
+        what="reproducer")
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "fusion_rl.fuzz", "reproduce", str(folder), "--write-actual"]
@@ -476,8 +476,14 @@ def save_reproducer(
     except subprocess.TimeoutExpired:
         meta["reproduce_exit"] = None
         meta["reproduce_verdict"] = f"timed out after {actual_timeout_s:.0f} s"
-    (folder / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    write_atomic(folder / "meta.json", dumps_json(meta, indent=1) + "\n", what="reproducer")
     return folder
+
+
+def _write_npz(path: Path, *arrays: np.ndarray, **named: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, *arrays, **named)
+    write_atomic(path, buffer.getvalue(), what="reproducer")
 
 
 def reproduce(folder: str | os.PathLike, write_actual: bool = False, force: bool = False) -> tuple[bool, str]:
@@ -505,7 +511,7 @@ def reproduce(folder: str | os.PathLike, write_actual: bool = False, force: bool
     except Exception as exc:  # noqa: BLE001 - any failure here is the reproduced finding
         return True, f"REPRODUCED: compile/run failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
     if write_actual:
-        np.savez(folder / "actual.npz", *actual)
+        _write_npz(folder / "actual.npz", *actual)
     report = compare(actual, expected, meta.get("reference", ""))
     if report.ok:
         return False, f"NOT reproduced: outputs match (max abs err {report.max_abs_err:.3g})"

@@ -15,6 +15,7 @@ from pathlib import Path
 from fusion_rl.baselines.runtimes import RUNTIMES
 from fusion_rl.compare import compare_model, load_experiment, machine_description, to_markdown, write_report
 from fusion_rl.fusion.rules import RULE_SETS, make_plan
+from fusion_rl.io import write_atomic
 from fusion_rl.compiler.store import MeasurementStore, default_store_path
 from fusion_rl.graph.model import load_model
 
@@ -54,7 +55,7 @@ def main() -> int:
             sections.append(to_markdown(rows, f"{name} ({len(model.graph)} ops)"))
             sections.append(f"![{name}]({name}.png)\n\nwall time {time.perf_counter() - t0:.0f} s\n")
             print(f"{name}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    (out / "README.md").write_text("\n".join(sections))
+    write_atomic(out / "README.md", "\n".join(sections), what="report")
     return 0
 
 

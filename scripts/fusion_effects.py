@@ -24,6 +24,7 @@ from fusion_rl.compiler.store import MeasurementStore, default_store_path
 from fusion_rl.fusion.metrics import plan_metrics
 from fusion_rl.fusion.rules import RULE_SETS, make_plan
 from fusion_rl.graph.model import load_model
+from fusion_rl.io import write_atomic
 
 
 def main() -> int:
@@ -83,8 +84,8 @@ def main() -> int:
             lines.append("")
         lines += significance(cfg, spec, protocol, schedules, rows)
     out = args.config.parent
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    write_atomic(out / "results.md", "\n".join(lines) + "\n", what="report")
+    write_atomic(out / "results.json", json.dumps(rows, indent=1), what="report")
     return 0
 
 

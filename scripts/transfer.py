@@ -40,7 +40,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fusion_rl.errors import ConfigError, FusionRLError, read_yaml  # noqa: E402
+from fusion_rl.errors import ConfigError, FusionRLError  # noqa: E402
+from fusion_rl.io import read_yaml, write_atomic  # noqa: E402
 from fusion_rl.evaluate import (  # noqa: E402
     RULE_BASELINES, Case, SearchSettings, equal_budget, evaluate, fill_speedups, geomean, learning_curve, load_policy,
     parity_point, t_interval, training_stats,
@@ -125,7 +126,7 @@ def plot_curves(runs: list[Path], window: int, out: Path) -> list[dict[str, Any]
         ax.legend()
     fig.suptitle("Learning curves (training suite, host, rules schedule)")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), what="chart")
     plt.close(fig)
     return parity
 
@@ -156,7 +157,7 @@ def plot_heldout(rows: list[dict[str, Any]], out: Path) -> None:
     ax.set_ylabel("speedup vs tvm rules")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), what="chart")
     plt.close(fig)
 
 
@@ -408,11 +409,11 @@ def write_report(out_dir: Path, cfg: dict[str, Any], env_spec: Any, runs: list[P
                  f"tvm {fmt(by.get((r['model'], r['target'], 'tvm'), {}).get('latency_ms'))} ms.")
     L.append("")
     L.append("Raw rows (every plan's median, spread, kernels, bytes, plan hash): [results.json](results.json).\n")
-    (out_dir / "README.md").write_text("\n".join(L))
-    (out_dir / "summary.json").write_text(json.dumps(
+    write_atomic(out_dir / "README.md", "\n".join(L), what="report")
+    write_atomic(out_dir / "summary.json", json.dumps(
         {"runs": [rel(r) for r in runs], "budget": budget, "summary": summary, "times": times,
          "collapsed_to": {str(seed): rule for seed, rule in collapsed.items()},
-         "training": [{**st, "run_dir": rel(st["run_dir"])} for st in stats], "parity": [{"seed": p["seed"], "point": p["point"]} for p in parity]}, indent=1, default=str))
+         "training": [{**st, "run_dir": rel(st["run_dir"])} for st in stats], "parity": [{"seed": p["seed"], "point": p["point"]} for p in parity]}, indent=1, default=str), what="report")
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,7 +517,7 @@ def metaschedule_table(cfg: dict[str, Any], runs: list[Path], env_spec: Any, out
         L.append(f"- Geomean speedup of learned+MS over tvm+MS, {label}: **{fmt(geomean(speedups[key]), '.3f')}×** "
                  f"over {len(speedups[key])} models.")
     L.append(f"\nGoal: ≥ 1.10× on held-out models. Total wall time of this table: {time.time() - t_all:.0f} s.\n")
-    (out_dir / "metaschedule.md").write_text("\n".join(L))
+    write_atomic(out_dir / "metaschedule.md", "\n".join(L), what="report")
 
 
 def entry_graph(env: Any, name: str) -> Any:
@@ -661,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:  # committed reports name runs relative to the repository, not this machine
         if r.get("run_dir"):
             r["run_dir"] = rel(r["run_dir"])
-    (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
+    write_atomic(out_dir / "results.json", json.dumps(rows, indent=1), what="report")
     plot_heldout([r for r in rows if r["split"] != "train"], out_dir / "speedups.png")
 
     # 6. Report.
@@ -670,12 +671,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.remeasure > 0:
         t0 = time.time()
         again = remeasure(rows, env_spec, args.remeasure, ("heldout-model",))
-        (out_dir / "remeasured.json").write_text(json.dumps(again, indent=1))
+        write_atomic(out_dir / "remeasured.json", json.dumps(again, indent=1), what="report")
         section = remeasure_section(again, args.remeasure, argv_list)
         section.append(f"Re-measurement wall time: {time.time() - t0:.0f} s.\n")
         text = (out_dir / "README.md").read_text()
         marker = "## Held-out models (training target)"
-        (out_dir / "README.md").write_text(text.replace(marker, "\n".join(section) + "\n" + marker, 1))
+        write_atomic(out_dir / "README.md", text.replace(marker, "\n".join(section) + "\n" + marker, 1), what="report")
     print(f"wrote {out_dir / 'README.md'} ({time.time() - t_start:.0f} s)")
     return 0
 

@@ -164,7 +164,7 @@ def test_load_policy_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not a run directory"):
         load_policy(tmp_path / "missing")
     (tmp_path / "config.json").write_text(json.dumps({"env_spec": "tiny", "wandb": "disabled"}))
-    with pytest.raises(ConfigError, match="no final_model.zip"):
+    with pytest.raises(ConfigError, match="neither final_model.json nor a checkpoint"):
         load_policy(tmp_path)
 
 

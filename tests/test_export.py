@@ -72,7 +72,7 @@ def _some_observation():
         (lambda d: (d / CARD_FILE).write_text("{oops"), "not valid JSON"),
         (lambda d: (d / WEIGHTS_FILE).write_bytes((d / WEIGHTS_FILE).read_bytes()[:-4] + b"\0\0\0\0"), "content hash mismatch"),
         (lambda d: _edit_card(d, lambda c: c["training"].update(models=["other"])), "content hash mismatch"),
-        (lambda d: _edit_card(d, lambda c: c["architecture"].update({"class": "os.system"}), rehash=True), "outside"),
+        (lambda d: _edit_card(d, lambda c: c["architecture"].update({"class": "os.system"}), rehash=True), "not one of the classes"),
         (lambda d: _edit_card(d, lambda c: c["feature_schema"].update(version=99), rehash=True), "feature schema v99"),
         (lambda d: _edit_card(d, lambda c: c["feature_schema"]["node_features"].pop(), rehash=True), "different features"),
     ],
@@ -183,6 +183,7 @@ def test_export_run_from_an_sb3_model(tmp_path):
     import fusion_rl.env  # noqa: F401  (registers the env)
     from fusion_rl.export.exporter import export_run
     from fusion_rl.policy.policy import make_model
+    from fusion_rl.policy.training import save_checkpoint
 
     env = gym.make("fusion_rl/Fusion-v0", spec="tiny", reward="e2e", store=str(tmp_path / "s.sqlite"))
     model = make_model(env, {"n_steps": 8, "batch_size": 8,
@@ -190,7 +191,7 @@ def test_export_run_from_an_sb3_model(tmp_path):
                        seed=0)
     run = tmp_path / "run"
     run.mkdir()
-    model.save(run / "final_model.zip")
+    save_checkpoint(model, run / "final_model.zip")  # the zip and its safetensors + JSON snapshot
     (run / "config.json").write_text(json.dumps({"env_spec": "tiny", "seed": 0}))
     out = export_run(run, tmp_path / "policy")
     net, card = load_network(out)

@@ -218,8 +218,8 @@ def test_ppo_config_defaults_are_xrlflow():
         ({"n_steps": 1.5}, "expected an integer"),
         ({"gamma": True}, "expected a number"),
         ({"net_arch": 64}, "expected a list"),
-        ({"features_extractor": "no.such.Class"}, "cannot import"),
-        ({"features_extractor": "torch.nn.Linear"}, "not a subclass"),
+        ({"features_extractor": "no.such.Class"}, "not a registered features extractor"),
+        ({"features_extractor": "torch.nn.Linear"}, "not a registered features extractor"),
     ],
 )
 def test_ppo_config_rejects_bad_values(bad, message):

@@ -155,6 +155,13 @@ def test_train_script_smoke(tmp_path):
     assert steps[0] >= 64 and steps[-1] == 192, steps
     assert not list((run / "checkpoints").glob(".*tmp"))  # no temp file left behind
     assert (run / "final_model.zip").is_file()
+    # Beside every zip, the actor in files that never execute: what export and evaluate read.
+    for zip_path in [run / "final_model.zip", *(run / "checkpoints").glob("step_*.zip")]:
+        assert zip_path.with_suffix(".safetensors").is_file() and zip_path.with_suffix(".json").is_file()
+    from fusion_rl.policy.snapshot import load_snapshot
+    from fusion_rl.policy.training import run_snapshot
+
+    assert load_snapshot(run_snapshot(run)).num_timesteps == 192
 
     episodes = [json.loads(line) for line in (run / "episodes.jsonl").read_text().splitlines()]
     assert len(episodes) >= 192 // 9  # at most 9 decisions per episode

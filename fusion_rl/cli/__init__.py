@@ -19,6 +19,7 @@ import sys
 from typing import Sequence
 
 from fusion_rl.errors import FusionRLError
+from fusion_rl.io import one_line
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
@@ -40,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Text from files (names, ops, paths) reaches the terminal: a character the encoding
+    # cannot take (a lone surrogate) is escaped, never an exception halfway through a line.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s")
@@ -50,7 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FusionRLError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        # One line whatever the message holds: a newline or an ANSI escape from a crafted file
+        # must not fake a second line or recolour the terminal.
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -59,5 +67,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"internal error: {type(exc).__name__}: {first[:300]} (rerun with --debug)", file=sys.stderr)
+        print(f"internal error: {type(exc).__name__}: {one_line(first[:300])} (rerun with --debug)", file=sys.stderr)
         return EXIT_INTERNAL_ERROR

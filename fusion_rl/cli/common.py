@@ -144,7 +144,8 @@ def make_plan_from_args(args: argparse.Namespace, model):
         from fusion_rl.export import LearnedPlanner
 
         return LearnedPlanner(args.policy, getattr(args, "target", "host")).plan(model.graph)
-    return FusionPlan.load(args.plan)
+    # The model's size is known: a plan of another size is refused before it is built.
+    return FusionPlan.load(args.plan, len(model.graph), model.fingerprint)
 
 
 def plan_for(args: argparse.Namespace, model):

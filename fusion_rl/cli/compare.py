@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from dataclasses import asdict
@@ -12,6 +11,7 @@ from pathlib import Path
 from fusion_rl.compiler.schedules import DEFAULT_SCHEDULE
 from fusion_rl.cli.common import add_model_args, load, positive
 from fusion_rl.errors import ConfigError
+from fusion_rl.io import dumps_json
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -32,7 +32,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     store = None if args.no_store else MeasurementStore(args.store or default_store_path())
     rows = compare_model(model, schedules, spec.name, store, protocol)
     if args.json:
-        print(json.dumps([asdict(r) for r in rows]))
+        print(dumps_json([asdict(r) for r in rows]))
     else:
         print(to_markdown(rows, f"{model.name} on {spec.key}"))
     if args.out:

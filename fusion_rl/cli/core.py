@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from fusion_rl.cli.common import (
@@ -22,6 +23,7 @@ from fusion_rl.cli.common import (
     source_plan,
 )
 from fusion_rl.errors import ConfigError
+from fusion_rl.io import dumps_json, one_line
 
 EXIT_USER_ERROR = 2  # the same codes as fusion_rl.cli (which imports this module)
 EXIT_INTERNAL_ERROR = 1
@@ -54,8 +56,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     model = load(args)
     plan = make_plan_from_args(args, model)
     report = check_plan(model.graph, plan)
-    if args.output:
-        plan.save(args.output)
+    if args.output and report.legal:  # an illegal plan is reported, never written
+        plan.save(args.output, what="-o")
     groups = [
         {"group": gi, "ops": [model.graph.nodes[i].op for i in g], "nodes": list(g)}
         for gi, g in enumerate(plan.groups)
@@ -70,7 +72,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         }
         if report.legal:
             out["metrics"] = plan_metrics(model.graph, plan).to_dict()
-        print(json.dumps(out))
+        print(dumps_json(out))
     else:
         print(f"{model.graph.summary()}\n{plan}")
         for g in groups:
@@ -127,7 +129,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
     if args.per_kernel:
         out["kernel_times_ms"] = record.kernel_times_ms
     if args.json:
-        print(json.dumps(out))
+        print(dumps_json(out))  # strict JSON: a non-finite number becomes null, never Infinity
     elif record.status == "ok":
         print(
             f"{model.name} / {out['plan']} on {out['target']} ({out['schedule']}): "
@@ -141,7 +143,12 @@ def cmd_measure(args: argparse.Namespace) -> int:
             print(f"warning: kernel {name} runs as naive loops (no schedule fitted): {reason}",
                   file=sys.stderr)
     if record.status != "ok":
-        print(f"error: measurement {record.status}: {record.error}", file=sys.stderr)
+        where = ""
+        if cached:  # a remembered failure: say so, and how to measure again
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(record.created))
+            where = (f" (remembered in the store from {when}, not measured now; "
+                     f"rerun with --retry {record.status} to measure again)")
+        print(f"error: measurement {record.status}{where}: {one_line(str(record.error))}", file=sys.stderr)
         return EXIT_USER_ERROR if record.status == "wrong_output" else EXIT_INTERNAL_ERROR
     return 0
 
@@ -187,7 +194,7 @@ def _measure_head_to_head(args: argparse.Namespace) -> int:
         })
     out = {"model": model.name, "schedule": m.provider.name, "target": m.spec.key, "plans": rows}
     if args.json:
-        print(json.dumps(out))
+        print(dumps_json(out))
         return 0
     repeats = len(result.pooled_ms["0"])
     print(f"{model.name} on {out['target']} ({out['schedule']}): {rounds} interleaved rounds, "

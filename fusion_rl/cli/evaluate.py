@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from fusion_rl.cli.common import positive
+from fusion_rl.io import dumps_json, write_atomic
 
 
 def _names(text: str) -> list[str]:
@@ -38,9 +38,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
     rows = evaluate(args.runs, cases, search, log=log)
     if args.output:
-        args.output.write_text(json.dumps(rows, indent=1))
+        write_atomic(args.output, dumps_json(rows, indent=1), what="-o")
     if args.json:
-        print(json.dumps(rows))
+        print(dumps_json(rows))
         return 0
     from fusion_rl.cli.common import print_table
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import shlex
 import sys
@@ -13,6 +14,10 @@ import numpy as np
 from fusion_rl.compiler.schedules import DEFAULT_SCHEDULE
 from fusion_rl.cli.common import add_model_args, load, plan_for
 from fusion_rl.errors import ConfigError, ModelImportError
+from fusion_rl.io import check_output, read_json, write_atomic
+
+#: Element types a library's inputs may have (what the zoo and ONNX importer produce).
+_INPUT_DTYPES = ("float16", "float32", "float64", "int8", "int32", "int64", "uint8", "bool")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -20,10 +25,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     evaluation = {}
     if args.evaluation:
-        try:
-            evaluation = json.loads(Path(args.evaluation).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"--evaluation {args.evaluation}: {exc}") from None
+        evaluation = read_json(args.evaluation, "--evaluation file", ConfigError, 1 << 20)
+        if not isinstance(evaluation, dict):
+            raise ConfigError(f"--evaluation {args.evaluation}: expected a JSON object of results")
     command = "fusion-rl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     out = export_run(args.run_dir, args.output, evaluation, command, args.train_command or "")
     card = json.loads((out / "card.json").read_text())
@@ -34,20 +38,23 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     from fusion_rl.compiler.build import compile_plan
     from fusion_rl.compiler.schedules import make_schedule
-    from fusion_rl.compiler.target import parse_target
+    from fusion_rl.compiler.target import parse_target, require_runnable
     from fusion_rl.compiler.verify import verify_executable
     from fusion_rl.fusion.metrics import plan_metrics
     from fusion_rl.graph.importer import input_specs
 
+    out = Path(args.output)
+    check_output(out, "-o")  # before the compile, not after it
+    check_output(f"{out}.json", "-o sidecar")
     model = load(args)
     spec = parse_target(args.target)
+    require_runnable(spec)  # the library is verified by running it here
     plan = plan_for(args, model)
     kwargs = {"trials_per_task": args.trials} if args.schedule == "tuned" and args.trials else {}
     compiled = compile_plan(model, plan, spec.to_tvm(), make_schedule(args.schedule, **kwargs))
     report = verify_executable(compiled.executable, model, plan.name or "plan")
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    compiled.executable.export_library(str(out))
+    # The temp path keeps the .so extension, which export_library reads to pick the format.
+    write_atomic(out, lambda tmp: compiled.executable.export_library(str(tmp)), what="-o")
     sidecar = {
         "model": model.name,
         "fingerprint": model.fingerprint,
@@ -56,7 +63,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         "plan": plan.to_dict(),
         "inputs": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in input_specs(model.mod)],
     }
-    Path(f"{out}.json").write_text(json.dumps(sidecar, indent=1))
+    write_atomic(f"{out}.json", json.dumps(sidecar, indent=1), what="-o sidecar")
     m = plan_metrics(model.graph, plan)
     print(
         f"{model.name}: {len(model.graph)} ops -> {compiled.num_kernels} kernels "
@@ -67,6 +74,51 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sidecar_inputs(path: Path) -> list[dict] | None:
+    """The input specs in a library's ``.so.json``, checked: names, positive integer shapes,
+    known dtypes, and a total size that fits in memory (random inputs are allocated from it)."""
+    import math
+
+    import psutil
+
+    if not path.is_file():
+        return None
+    data = read_json(path, "library sidecar", ConfigError, 1 << 20)
+    inputs = data.get("inputs") if isinstance(data, dict) else None
+    if not isinstance(inputs, list) or not 1 <= len(inputs) <= 1024:
+        raise ConfigError(f"{path}: 'inputs' must be a list of input specs (made by `fusion-rl compile`)")
+    need = 0
+    for i, spec in enumerate(inputs):
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        dtype = spec.get("dtype") if isinstance(spec, dict) else None
+        if not isinstance(shape, list) or len(shape) > 16 or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
+            raise ConfigError(f"{path}: input {i} needs a shape of at most 16 positive integers")
+        if dtype not in _INPUT_DTYPES:
+            raise ConfigError(f"{path}: input {i} has dtype {str(dtype)[:40]!r}, not one of {', '.join(_INPUT_DTYPES)}")
+        need += math.prod(shape) * np.dtype(dtype).itemsize
+    free = psutil.virtual_memory().available
+    if need > free // 2:
+        raise ConfigError(f"{path}: its inputs need {need / 2**30:.1f} GiB, more than half the "
+                          f"{free / 2**30:.1f} GiB of free memory")
+    return inputs
+
+
+def _load_input(path: str, want: dict | None) -> np.ndarray:
+    """A ``.npy`` array (never a pickle), mapped first so a header claiming a huge shape is
+    compared with the library's before anything is read into memory."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise ConfigError(f"--input {path} is not a .npy array: {str(exc).splitlines()[0][:200]}") from None
+    if not isinstance(array, np.ndarray):
+        raise ConfigError(f"--input {path} is not a single .npy array")
+    if want is not None and (list(array.shape) != want["shape"] or str(array.dtype) != want["dtype"]):
+        raise ConfigError(f"--input {path} is {str(array.dtype)}{list(array.shape)}, the library takes "
+                          f"{want['dtype']}{want['shape']}")
+    return np.ascontiguousarray(array)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import tvm
     from tvm import relax
@@ -75,24 +127,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not lib_path.is_file():
         raise ModelImportError(f"library not found: {lib_path}")
     sidecar_path = Path(f"{lib_path}.json")
-    specs = json.loads(sidecar_path.read_text())["inputs"] if sidecar_path.is_file() else None
+    specs = _sidecar_inputs(sidecar_path)
     if args.input:
-        arrays = []
-        for path in args.input:
-            try:
-                arrays.append(np.load(path))
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"--input {path} is not a .npy array: {exc}") from None
+        if specs is not None and len(args.input) != len(specs):
+            raise ConfigError(f"give {len(specs)} --input files, one per input of the library; got {len(args.input)}")
+        arrays = [_load_input(p, specs[i] if specs else None) for i, p in enumerate(args.input)]
     elif specs is not None:
         rng = np.random.default_rng(args.seed)
         arrays = [rng.standard_normal(s["shape"]).astype(s["dtype"]) if "float" in s["dtype"]
                   else rng.integers(0, 8, s["shape"]).astype(s["dtype"]) for s in specs]
     else:
         raise ConfigError(f"give --input files: {sidecar_path} (input shapes) is missing")
-    if specs is not None:
-        want = [tuple(s["shape"]) for s in specs]
-        if [a.shape for a in arrays] != want:
-            raise ConfigError(f"inputs have shapes {[a.shape for a in arrays]}, the model takes {want}")
+    if args.output:
+        check_output(_npy_name(args.output), "--output")
     try:
         lib = tvm.runtime.load_module(str(lib_path))
     except Exception as exc:
@@ -101,11 +148,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = vm["main"](*[tvm.runtime.tensor(a) for a in arrays])
     outs = [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
     if args.output:
-        np.save(args.output, outs[0])
+        buffer = io.BytesIO()
+        np.save(buffer, outs[0], allow_pickle=False)
+        write_atomic(_npy_name(args.output), buffer.getvalue(), what="--output")
     for i, o in enumerate(outs):
         print(f"output {i}: shape {o.shape} dtype {o.dtype} mean {float(o.mean()):.6g} "
               f"max {float(o.max()):.6g}")
     return 0
+
+
+def _npy_name(path: Path) -> Path:
+    """``np.save``'s naming: ``.npy`` is appended unless the name has it."""
+    return path if str(path).endswith(".npy") else Path(f"{path}.npy")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
 from fusion_rl.cli.common import add_measure_args, add_model_args, load, measurer, positive
+from fusion_rl.io import dumps_json
 
 ALGOS = ("random", "greedy", "annealing", "exhaustive")
 
@@ -32,7 +32,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             f"({result.failures} failed); check `fusion-rl measure {args.model} --rules unfused`"
         )
     if args.output:
-        result.best_plan.save(args.output)
+        result.best_plan.save(args.output, what="-o")
     tvm_ms = tvm_record.median_ms if tvm_record.status == "ok" else None
     metrics = plan_metrics(model.graph, result.best_plan)
     out = {
@@ -57,7 +57,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         "history": [[s, None if math.isinf(b) else b] for s, b in result.history],
     }
     if args.json:
-        print(json.dumps(out))
+        print(dumps_json(out))
         return 0
     print(
         f"{model.name}: {args.algo} search on {out['target']} ({out['schedule']}), seed {args.seed}: "

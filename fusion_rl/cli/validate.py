@@ -14,11 +14,11 @@ bad RESULT.json or option.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from fusion_rl.cli.common import parse_shapes, positive
 from fusion_rl.errors import ConfigError, PlanMismatchError
+from fusion_rl.io import dumps_json
 
 EXIT_HOLDS = 0
 EXIT_DOES_NOT_HOLD = 1
@@ -46,11 +46,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
         )
 
     if args.plan is not None:
-        plan = FusionPlan.load(args.plan)
+        plan = FusionPlan.load(args.plan, len(model.graph), model.fingerprint)
     elif args.rules:
         plan = make_plan(args.rules, model.mod, model.graph)
     elif result.plan is not None:
-        plan = FusionPlan.from_dict(result.plan)
+        plan = FusionPlan.from_dict(result.plan, len(model.graph), model.fingerprint)
     elif isinstance(m.get("plan"), str) and m["plan"] in RULE_SETS:
         plan = make_plan(m["plan"], model.mod, model.graph)
     else:
@@ -92,7 +92,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                "target": m["target"], "schedule": m["schedule"], "budget": m["budget"],
                "protocol": protocol.key, "new_times_ms": record.times_ms, **verdict.to_dict(),
                "verdict": verdict.line(what)}
-        print(json.dumps(out))
+        print(dumps_json(out))
     else:
         print(verdict.line(what))
     return EXIT_HOLDS if verdict.holds else EXIT_DOES_NOT_HOLD

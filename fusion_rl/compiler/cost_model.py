@@ -39,6 +39,7 @@ import numpy as np
 
 from fusion_rl.errors import ConfigError
 from fusion_rl.fusion.plan import FusionPlan
+from fusion_rl.io import read_json, write_atomic
 from fusion_rl.graph.features import NODE_FEATURE_NAMES, NUM_NODE_FEATURES, _log, feature_schema, node_features
 from fusion_rl.graph.opgraph import OpGraph
 
@@ -296,21 +297,15 @@ class LatencyCostModel:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict()) + "\n")
-        os.replace(tmp, path)  # atomic: a killed save never leaves half a model
-        return path
+        """Write the model through :func:`fusion_rl.io.write_atomic` (never half a model)."""
+        return write_atomic(path, json.dumps(self.to_dict()) + "\n", what="cost model")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LatencyCostModel":
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"cost model file not found: {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cost model file {path} is not valid JSON: {exc}") from None
+        if not os.path.lexists(path):
+            raise ConfigError(f"cost model file not found: {path}")
+        data = read_json(path, "cost model file", ConfigError, 256 << 20)
         return cls.from_dict(data, source=str(path))
 
     @classmethod

@@ -4,17 +4,24 @@
 get a latency. Every measurement is a :class:`~fusion_rl.compiler.store.MeasurementRecord` keyed
 by (model fingerprint, plan hash, target, schedule provider, budget, library versions, timing
 protocol); an identical request is served from the store and costs nothing.
+
+A failure is remembered too (a crash is not paid for twice), but only for requests that would
+have failed the same way: its key also holds the timeout (:meth:`Measurer.failure_key`), so a
+run with ``--timeout 0.001`` never poisons a later run with the default timeout. Failures that
+say nothing about the plan (the worker killed from outside, the model file changed during the
+measurement) are not stored at all.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from fusion_rl.compiler.schedules import make_schedule
 from fusion_rl.compiler.store import STATUSES, MeasurementKey, MeasurementRecord, MeasurementStore, library_versions
-from fusion_rl.compiler.target import TargetSpec, parse_target
+from fusion_rl.compiler.target import TargetSpec, parse_target, require_runnable
 from fusion_rl.compiler.timing import TimingProtocol
 from fusion_rl.compiler.worker import FAULTS, CompareJob, MeasureJob, Worker, run_any
 from fusion_rl.errors import ConfigError
@@ -93,9 +100,25 @@ class Measurer:
             protocol=self.protocol.key,
         )
 
+    def failure_key(self, key: MeasurementKey) -> MeasurementKey:
+        """Where a failed measurement of ``key`` is stored: the key plus this measurer's
+        timeout, because a timeout (or a crash under memory pressure) is a verdict on the
+        request, not only on the plan."""
+        return dataclasses.replace(key, protocol=f"{key.protocol};timeout={self.timeout_s:g}s")
+
+    def _lookup(self, key: MeasurementKey) -> MeasurementRecord | None:
+        if self.store is None:
+            return None
+        record = self.store.get(key)
+        if record is not None and record.status == "ok":
+            return record
+        # A failure under the plain key was stored by a fusion_rl that did not key failures by
+        # their timeout: it may come from another timeout, so it is measured again.
+        return self.store.get(self.failure_key(key))
+
     def cached(self, model: Model, plan: FusionPlan) -> MeasurementRecord | None:
-        """The stored record for this plan, if any; never measures."""
-        return self.store.get(self.key(model, plan)) if self.store is not None else None
+        """The stored record this request would be served, if any; never measures."""
+        return self._lookup(self.key(model, plan))
 
     def measure(
         self, model: Model, plan: FusionPlan, per_kernel: bool = False, fault: str | None = None
@@ -111,13 +134,15 @@ class Measurer:
         require_legal(model.graph, plan)
         key = self.key(model, plan)
         if self.store is not None and fault is None:
-            record = self.store.get(key)
+            record = self._lookup(key)
             if record is not None and record.status not in self.retry \
                     and (not per_kernel or record.kernel_times_ms is not None):
                 self.stats.hits += 1
                 return record
+        self._require_runnable()
         job = MeasureJob(
             model=model.ref,
+            fingerprint=model.fingerprint,
             plan=plan.to_dict(),
             target=self.spec,
             schedule=self.schedule,
@@ -128,12 +153,19 @@ class Measurer:
         )
         result = self._run(job, model)
         self.stats.misses += 1
-        record = _to_record(key, result)
+        record = _to_record(key if result["status"] == "ok" else self.failure_key(key), result)
         if record.status != "ok":
             self.stats.failures += 1
-        if self.store is not None and fault is None:
+        if self.store is not None and fault is None and not result.get("transient"):
             self.store.put(record)
         return record
+
+    def _require_runnable(self) -> None:
+        """Refuse, before anything runs or is stored, a target this CPU cannot execute (its
+        code would die with SIGILL); checked once per measurer."""
+        if not getattr(self, "_runnable", False):
+            require_runnable(self.spec)
+            self._runnable = True
 
     def compare(self, model: Model, plans: Sequence[FusionPlan]) -> dict[str, Any]:
         """Time ``plans`` of ``model`` repeat by repeat in one build (never from the store).
@@ -144,7 +176,8 @@ class Measurer:
         """
         for plan in plans:
             require_legal(model.graph, plan)
-        job = CompareJob(model=model.ref, plans=tuple(p.to_dict() for p in plans), target=self.spec,
+        self._require_runnable()
+        job = CompareJob(model=model.ref, fingerprint=model.fingerprint, plans=tuple(p.to_dict() for p in plans), target=self.spec,
                          schedule=self.schedule, schedule_kwargs=dict(self.schedule_kwargs),
                          protocol=self.protocol)
         result = self._run(job, model)
@@ -164,7 +197,7 @@ class Measurer:
 
     def _run(self, job: MeasureJob | CompareJob, model: Model) -> dict:
         if not self.isolate:
-            self._models.setdefault(job.model, model)
+            self._models.setdefault((job.model, job.fingerprint), model)
             from fusion_rl.compiler.target import threads_env
 
             with threads_env(self.spec):

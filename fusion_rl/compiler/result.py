@@ -31,7 +31,6 @@ results report (a 10x tampered latency, or a 1.1-1.3x fusion win, stands out).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from fusion_rl.errors import ConfigError
+from fusion_rl.io import dumps_json, read_json, write_atomic
 
 RESULT_FORMAT = "fusion_rl.result/1"
 #: Fields a measurement must have to be validated (all printed by ``fusion-rl measure --json``).
@@ -72,11 +72,8 @@ class Result:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        os.replace(tmp, path)
-        return path
+        """Write the bundle through :func:`fusion_rl.io.write_atomic`."""
+        return write_atomic(path, dumps_json(self.to_dict(), indent=1) + "\n", what="result bundle")
 
 
 def load_result(path: str | os.PathLike) -> Result:
@@ -86,12 +83,9 @@ def load_result(path: str | os.PathLike) -> Result:
         mistyped fields, a failed measurement).
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"result file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"result file {path} is not valid JSON: {str(exc).splitlines()[0]}") from None
+    if not os.path.lexists(path):
+        raise ConfigError(f"result file not found: {path}")
+    data = read_json(path, "result file", ConfigError, 64 << 20)
     if not isinstance(data, dict):
         raise ConfigError(f"result file {path} must hold a JSON object (the output of `fusion-rl measure --json`)")
     if data.get("format") == RESULT_FORMAT:

@@ -38,6 +38,7 @@ from typing import Any, ClassVar, Iterable, Sequence
 import numpy as np
 
 from fusion_rl.errors import ConfigError, StoreError
+from fusion_rl.io import parse_json
 
 #: Version of the table layout below. Bump it (and add a migration or tell users to start a new
 #: store) whenever a column changes meaning or is added.
@@ -227,11 +228,18 @@ class MeasurementRecord:
 
     @classmethod
     def _from_row(cls, row: Sequence[Any]) -> MeasurementRecord:
+        """A record from a table row; a damaged row (invalid JSON in a column, non-numeric
+        times) raises :class:`StoreError`, never a bare JSON or type error."""
         data = dict(zip(_COLUMNS, row))
-        data["times_ms"] = json.loads(data["times_ms"])
-        for name in ("kernel_times_ms", "kernel_schedules"):
-            if data[name] is not None:
-                data[name] = json.loads(data[name])
+        what = f"the record of plan {str(data.get('plan_hash'))[:20]}"
+        data["times_ms"] = parse_json(str(data["times_ms"]), f"{what}: times_ms", StoreError)
+        if not isinstance(data["times_ms"], list) or not all(
+                isinstance(t, (int, float)) and not isinstance(t, bool) for t in data["times_ms"]):
+            raise StoreError(f"{what}: times_ms is not a list of numbers")
+        if data["kernel_times_ms"] is not None:
+            data["kernel_times_ms"] = parse_json(str(data["kernel_times_ms"]), f"{what}: kernel_times_ms", StoreError)
+        if data["kernel_schedules"] is not None:
+            data["kernel_schedules"] = parse_json(str(data["kernel_schedules"]), f"{what}: kernel_schedules", StoreError)
         return cls.from_dict(data)
 
 
@@ -413,7 +421,13 @@ class MeasurementStore:
             row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM measurements WHERE {where}", _key_values(key)).fetchone()
         except sqlite3.Error as exc:
             raise self._error("cannot read", exc) from exc
-        return None if row is None else MeasurementRecord._from_row(row)
+        return None if row is None else self._record(row)
+
+    def _record(self, row: Sequence[Any]) -> MeasurementRecord:
+        try:
+            return MeasurementRecord._from_row(row)
+        except StoreError as exc:
+            raise self._corrupt(f"{exc}") from None
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, MeasurementKey) and self.get(key) is not None
@@ -466,7 +480,7 @@ class MeasurementStore:
             rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM measurements {where} ORDER BY created", params).fetchall()
         except sqlite3.Error as exc:
             raise self._error("cannot read", exc) from exc
-        return [MeasurementRecord._from_row(row) for row in rows]
+        return [self._record(row) for row in rows]
 
     def __len__(self) -> int:
         try:

@@ -177,6 +177,16 @@ def parse_target(name: str | TargetSpec) -> TargetSpec:
     )
 
 
+def check_target_name(name: Any) -> str:
+    """Check that ``name`` is a target :func:`parse_target` accepts, without detecting the
+    host or a GPU (so a config can be validated on any machine); returns the name."""
+    if not isinstance(name, str):
+        raise ConfigError(f"a target name must be a string, got {name!r}")
+    if name.strip() not in TARGET_NAMES:
+        parse_target(name)  # the free forms; raises ConfigError for anything else
+    return name
+
+
 # --------------------------------------------------------------------------------------------
 # Host and CUDA detection
 # --------------------------------------------------------------------------------------------
@@ -227,20 +237,50 @@ _ISA_FLAGS = {
 }
 
 
-def _runs_on(mcpu: str, flags: set[str]) -> bool:
-    """Whether code compiled for ``mcpu`` only uses instruction sets the CPU with ``flags`` has.
-
-    Why: on AMD Zen 4 (this project's machine) ``sapphirerapids`` code died with SIGILL on a
-    ``{vex} vpdpwssd`` (AVX-VNNI) that LLVM emitted in an fp32 transformer kernel.
-    """
+def _missing_isa(mcpu: str, flags: set[str]) -> list[str] | None:
+    """The instruction sets code for ``mcpu`` may use that the CPU with ``flags`` lacks
+    (LLVM's names, sorted); ``None`` when LLVM cannot say (no LLVM, unknown name)."""
     try:
         import tvm
         from tvm.target import codegen
 
         features = set(codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": mcpu})))
     except Exception:  # noqa: BLE001 - no LLVM, or LLVM does not know the name
-        return False
-    return all(_ISA_FLAGS[f] in flags for f in features if f in _ISA_FLAGS)
+        return None
+    return sorted(f for f in features if f in _ISA_FLAGS and _ISA_FLAGS[f] not in flags)
+
+
+def _runs_on(mcpu: str, flags: set[str]) -> bool:
+    """Whether code compiled for ``mcpu`` only uses instruction sets the CPU with ``flags`` has.
+
+    Why: on AMD Zen 4 (this project's machine) ``sapphirerapids`` code died with SIGILL on a
+    ``{vex} vpdpwssd`` (AVX-VNNI) that LLVM emitted in an fp32 transformer kernel.
+    """
+    return _missing_isa(mcpu, flags) == []
+
+
+def require_runnable(spec: TargetSpec, cpuinfo_path: str | os.PathLike[str] = "/proc/cpuinfo") -> None:
+    """Refuse, in one line, to *run* code for an LLVM target whose instructions this CPU lacks.
+
+    Compiling for such a target is fine (cross-compilation); measuring, verifying or running
+    its code here would die with SIGILL, and a measurement would store that crash. Where
+    ``/proc/cpuinfo`` lists no flags (not Linux, not x86) nothing is checked.
+
+    :raises ConfigError: naming the target and the missing instruction sets.
+    """
+    if spec.kind != "llvm" or platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return
+    flags, model = _read_cpuinfo(cpuinfo_path)
+    if not flags:
+        return
+    missing = _missing_isa(str(spec.mcpu), flags)
+    if missing:
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise ConfigError(
+            f"target {spec.name} ({spec.mcpu}) uses instructions this CPU ({model or 'unknown'}) lacks: "
+            f"{shown}; its code would die with SIGILL here. Measure it on a machine that has them, or "
+            "choose a target this CPU runs (e.g. host)"
+        )
 
 
 def detect_host_mcpu(cpuinfo_path: str | os.PathLike[str] = "/proc/cpuinfo") -> str:
@@ -704,13 +744,14 @@ def _cuda_features(spec: TargetSpec, hostname: str, cpu_model: str) -> HardwareF
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write via a temp file + rename so a concurrent reader never sees half a file."""
+    """Write through :func:`fusion_rl.io.write_atomic` so a concurrent reader never sees half a file."""
+    from fusion_rl.errors import OutputError
+    from fusion_rl.io import write_atomic
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, path)
-    except OSError:
+        write_atomic(path, json.dumps(data, indent=1, sort_keys=True), what="hardware cache file")
+    except (OSError, OutputError):
         # The cache is an optimization: an unwritable cache dir means measuring next time,
         # not failing the caller.
         pass

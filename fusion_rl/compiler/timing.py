@@ -35,8 +35,14 @@ class TimingProtocol:
     def __post_init__(self) -> None:
         from fusion_rl.errors import ConfigError
 
-        if self.repeat < 1 or self.number < 1 or self.min_repeat_ms < 0 or self.warmup < 0:
-            raise ConfigError(f"invalid timing protocol {self}")
+        fields = (self.repeat, self.min_repeat_ms, self.number, self.warmup)
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in fields):
+            raise ConfigError(f"invalid timing protocol {self}: every field must be an integer")
+        # Upper bounds keep a config from asking for a measurement that never ends.
+        if not (1 <= self.repeat <= 1000 and 1 <= self.number <= 10**6 and 0 <= self.min_repeat_ms <= 60_000
+                and 0 <= self.warmup <= 1000):
+            raise ConfigError(f"invalid timing protocol {self}: need 1 <= repeat <= 1000, 1 <= number <= 1e6, "
+                              "0 <= min_repeat_ms <= 60000, 0 <= warmup <= 1000")
 
     @property
     def key(self) -> str:

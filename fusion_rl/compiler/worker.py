@@ -22,8 +22,14 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
+from fusion_rl.errors import FusionRLError
+
 #: Faults a request can inject, to test that callers survive them (tests/test_faults.py).
 FAULTS = ("segfault", "hang_build", "hang_run", "exit", "raise")
+
+
+class ModelChangedError(FusionRLError):
+    """The model a worker loaded is not the one the caller measures (its file changed)."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,7 @@ class MeasureJob:
     protocol: Any = None  #: fusion_rl.compiler.timing.TimingProtocol
     per_kernel: bool = False
     fault: str | None = None  #: one of FAULTS, for fault-injection tests only
+    fingerprint: str = ""  #: the model the caller measures; the worker checks it loaded that one
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,7 @@ class CompareJob:
     schedule: str
     schedule_kwargs: dict = field(default_factory=dict)
     protocol: Any = None
+    fingerprint: str = ""  #: as in MeasureJob
 
 
 @dataclass(frozen=True)
@@ -152,9 +160,15 @@ def _setup(job: MeasureJob | CompareJob, models: dict | None) -> tuple[Any, Any,
     from fusion_rl.compiler.target import parse_target
 
     models = models if models is not None else {}
-    model = models.get(job.model)
+    model = models.get((job.model, job.fingerprint))
     if model is None:
-        model = models[job.model] = job.model.load()
+        model = job.model.load()
+        if job.fingerprint and model.fingerprint != job.fingerprint:
+            # The file behind the reference changed since the caller loaded it: a result here
+            # would be stored under the other model's fingerprint.
+            raise ModelChangedError(f"the model changed during the measurement (loaded {model.fingerprint}, "
+                                    f"expected {job.fingerprint}); measure again")
+        models[(job.model, job.fingerprint)] = model
     return model, parse_target(job.target).to_tvm(), make_schedule(job.schedule, **job.schedule_kwargs)
 
 
@@ -166,6 +180,8 @@ def _guarded(body: Callable[[dict[str, Any]], None], result: dict[str, Any]) -> 
     t0 = time.perf_counter()
     try:
         body(result)
+    except ModelChangedError as exc:
+        result.update(status="failed", error=str(exc), transient=True)  # not a verdict on the plan
     except VerificationError as exc:
         result.update(status="wrong_output", error=str(exc))
     except FusionRLError as exc:
@@ -247,14 +263,17 @@ class Worker:
         wall = time.perf_counter() - t0
         if timed_out:
             self.kill()
-            return {"status": "timeout", "error": f"no result within {timeout_s:.0f} s", "wall_s": wall}
+            return {"status": "timeout", "error": f"no result within {timeout_s:g} s", "wall_s": wall}
+        transient = False
         try:
             code = self._proc.wait(timeout=10)  # a crash handler may still be printing
             what = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            # Killed from outside (the OOM killer, a user): says nothing about the plan.
+            transient = code in (-signal.SIGKILL, -signal.SIGTERM, -signal.SIGINT)
         except subprocess.TimeoutExpired:
             what = "closed its pipe"
         self.kill()
-        return {"status": "crashed", "error": f"worker died ({what})", "wall_s": wall}
+        return {"status": "crashed", "error": f"worker died ({what})", "wall_s": wall, "transient": transient}
 
     def kill(self) -> None:
         if self.alive:

@@ -41,6 +41,10 @@ from fusion_rl.graph.features import NUM_EDGE_FEATURES, NUM_NODE_FEATURES
 
 DEFAULT_MAX_NODES = 256
 DEFAULT_MAX_EDGES = 512
+#: Largest padding an env spec or a saved policy may ask for: observations are allocated at
+#: this size before any model is looked at (65536 x NODE_DIM floats is 15 MiB).
+MAX_PADDED_NODES = 1 << 16
+MAX_PADDED_EDGES = 1 << 18
 
 #: Dynamic node features appended to the static ones.
 DYNAMIC_NODE = (

@@ -17,8 +17,9 @@ import sqlite3
 from pathlib import Path
 from typing import Iterable
 
-from fusion_rl.errors import StoreError
+from fusion_rl.errors import FusionRLError, StoreError
 from fusion_rl.fusion.plan import FusionPlan
+from fusion_rl.io import parse_json
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS plans (
@@ -88,9 +89,14 @@ class PlanIndex:
                     f"WHERE plan_hash IN ({', '.join('?' for _ in chunk)})", chunk,
                 ).fetchall()
                 for plan_hash, fingerprint, num_nodes, groups in rows:
-                    out[plan_hash] = FusionPlan.from_groups(json.loads(groups), num_nodes, fingerprint)
+                    out[plan_hash] = FusionPlan.from_dict(
+                        {"groups": parse_json(str(groups), f"plan index {self.path}", StoreError),
+                         "num_nodes": num_nodes, "fingerprint": fingerprint})
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read the plan index {self.path}: {exc}") from exc
+        except FusionRLError as exc:  # a damaged row: the index is a cache, so say how to drop it
+            raise StoreError(f"the plan index {self.path} holds a bad plan ({exc}); it is a cache "
+                             "beside the measurement store, so moving it aside is safe") from None
         return out
 
     def close(self) -> None:

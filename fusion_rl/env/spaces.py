@@ -10,7 +10,12 @@ from __future__ import annotations
 import numpy as np
 from gymnasium import spaces
 
-from fusion_rl.decisions.layout import DEFAULT_MAX_EDGES, DEFAULT_MAX_NODES, EDGE_DIM, NODE_DIM
+from fusion_rl.decisions.layout import (
+    DEFAULT_MAX_EDGES,
+    DEFAULT_MAX_NODES,
+    EDGE_DIM,
+    NODE_DIM,
+)
 
 
 def observation_space(

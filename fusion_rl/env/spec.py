@@ -24,6 +24,7 @@ paths are relative to the YAML file's folder.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +32,10 @@ from typing import Any, Mapping
 
 from fusion_rl.compiler.schedules import DEFAULT_SCHEDULE
 from fusion_rl.compiler.timing import TimingProtocol
-from fusion_rl.decisions.layout import DEFAULT_MAX_EDGES, DEFAULT_MAX_NODES
+from fusion_rl.decisions.layout import DEFAULT_MAX_EDGES, DEFAULT_MAX_NODES, MAX_PADDED_EDGES, MAX_PADDED_NODES
 from fusion_rl.decisions.process import DecisionOptions
-from fusion_rl.errors import ConfigError, read_yaml
+from fusion_rl.errors import ConfigError
+from fusion_rl.io import read_yaml
 
 #: Reward modes (see :mod:`fusion_rl.env.rewards`).
 REWARD_MODES = ("e2e", "kernel", "model")
@@ -41,6 +43,9 @@ REWARD_MODES = ("e2e", "kernel", "model")
 ENVS_DIR = Path(__file__).resolve().parents[2] / "envs"
 
 _PROTOCOL_KEYS = ("repeat", "min_repeat_ms", "number", "warmup")
+#: Longest per-measurement timeout a spec may set (a day): longer is a typo, and infinity would
+#: let one hung build stall training forever.
+MAX_TIMEOUT_S = 86_400
 
 
 @dataclass(frozen=True)
@@ -172,15 +177,15 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "schedule_kwargs": (lambda v: isinstance(v, Mapping) and all(isinstance(k, str) for k in v),
                         "a mapping of provider options"),
     "reward": (lambda v: v in REWARD_MODES, f"one of {', '.join(REWARD_MODES)}"),
-    "max_nodes": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
-    "max_edges": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    "max_nodes": (lambda v: _is_int(v) and 1 <= v <= MAX_PADDED_NODES, f"an int in 1..{MAX_PADDED_NODES}"),
+    "max_edges": (lambda v: _is_int(v) and 1 <= v <= MAX_PADDED_EDGES, f"an int in 1..{MAX_PADDED_EDGES}"),
     "store": (lambda v: v is None or isinstance(v, (str, os.PathLike)), "a path or null"),
     "protocol": (lambda v: isinstance(v, (Mapping, TimingProtocol)), "a mapping with repeat, min_repeat_ms"),
     "isolate": (lambda v: isinstance(v, bool), "true or false"),
-    "timeout_s": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
-                  "a number of seconds > 0"),
+    "timeout_s": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                  and 0 < v <= MAX_TIMEOUT_S, f"a finite number of seconds in (0, {MAX_TIMEOUT_S}]"),
     "cost_model": (lambda v: v is None or isinstance(v, (str, os.PathLike)), "a path or null"),
-    "max_mac_anchors": (lambda v: v is None or (_is_int(v) and v >= 1), "an int >= 1 or null"),
+    "max_mac_anchors": (lambda v: v is None or (_is_int(v) and 1 <= v <= MAX_PADDED_NODES), "an int >= 1 or null"),
 }
 
 
@@ -206,9 +211,28 @@ def _validate(data: dict[str, Any], source: str) -> dict[str, Any]:
             if not _is_int(v) or v < 0:
                 raise ConfigError(f"{source}: key 'protocol.{k}' must be an int >= 0, got {v!r}")
         data = {**data, "protocol": dict(protocol)}
+        TimingProtocol(**protocol)  # its upper bounds too
     elif isinstance(protocol, TimingProtocol):
         data = {**data, "protocol": {k: getattr(protocol, k) for k in _PROTOCOL_KEYS}}
+    _check_names(data, source)
     return data
+
+
+def _check_names(data: dict[str, Any], source: str) -> None:
+    """Targets, schedule and its options are checked now, not at the first measurement
+    (minutes into a training run): unknown names, a negative trial budget, bad options."""
+    from fusion_rl.compiler.schedules import check_schedule
+    from fusion_rl.compiler.target import check_target_name
+
+    for target in data.get("targets", ()):
+        try:
+            check_target_name(target)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: key 'targets': {exc}") from None
+    try:
+        check_schedule(data.get("schedule", "naive"), dict(data.get("schedule_kwargs") or {}))
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: key 'schedule': {exc}") from None
 
 
 def _resolve_path(value: str | os.PathLike, base: Path) -> str:

@@ -6,16 +6,22 @@ Layout of ``policies/NAME/``::
     card.json             architecture, feature schema, decision options, training suite,
                           evaluation, versions, and a content hash over all of it
 
-The network is rebuilt from ``card["architecture"]`` (a class under ``fusion_rl.policy`` and
-its constructor kwargs) and loaded with the weights; no SB3 and no gymnasium are needed.
-Tampering with either file changes the content hash and is rejected; a card whose feature schema
-differs from the installed feature extractor is rejected with the two versions named.
+A policy folder is meant to be shared, so it is untrusted input and loading it executes
+nothing: the card names data, never code. ``architecture.class`` must be the one network class
+this package registers (:data:`~fusion_rl.policy.snapshot.NETWORK_CLASS`; it is compared, not
+imported), its ``kwargs`` are checked against that class's schema (types and ranges), the
+observation sizes are bounded, and the weights load only through safetensors. Files are read
+with size limits. No SB3 and no gymnasium are needed.
+
+The content hash (SHA-256 over the card and the weights) is a check against accidental damage
+(a truncated copy, a hand edit), **not a signature**: anyone can recompute it, so it says
+nothing about who made the folder. A card whose feature schema differs from the installed
+feature extractor is rejected with the two versions named.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -24,12 +30,13 @@ from typing import Any
 
 from fusion_rl.decisions.process import DecisionOptions
 from fusion_rl.errors import ConfigError, FusionRLError
+from fusion_rl.io import output_dir, read_bounded, read_json, write_atomic
 
 CARD_FORMAT = 1
 WEIGHTS_FILE = "weights.safetensors"
 CARD_FILE = "card.json"
-#: Only classes from these packages may be named in a card (a card is untrusted input).
-ALLOWED_MODULES = ("fusion_rl.policy.",)
+#: Largest card read (the shipped one is 6 KiB; evaluation tables make cards grow).
+MAX_CARD_BYTES = 4 << 20
 
 
 class PolicyArtifactError(FusionRLError):
@@ -38,7 +45,7 @@ class PolicyArtifactError(FusionRLError):
 
 @dataclass
 class PolicyCard:
-    architecture: dict[str, Any]  #: {"class": "fusion_rl.policy.x.Y", "kwargs": {...}}
+    architecture: dict[str, Any]  #: {"class": NETWORK_CLASS, "kwargs": {...}}
     feature_schema: dict[str, Any]
     observation: dict[str, Any]  #: max_nodes, max_edges, hw_dim of the trained network
     #: :meth:`DecisionOptions.to_dict` of the decision process the policy was trained under
@@ -63,7 +70,8 @@ class PolicyCard:
 
 
 def content_hash(card: dict[str, Any], weights: bytes) -> str:
-    """sha256 over the card (without its own hash) and the weight bytes."""
+    """sha256 over the card (without its own hash) and the weight bytes: a damage check that
+    anyone can recompute, not a signature."""
     body = {k: v for k, v in card.items() if k != "content_hash"}
     h = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
     h.update(weights)
@@ -71,24 +79,23 @@ def content_hash(card: dict[str, Any], weights: bytes) -> str:
 
 
 def save_artifact(directory: str | os.PathLike, network: "torch.nn.Module", card: PolicyCard) -> Path:
-    """Write weights and card atomically (temp files, then rename)."""
+    """Write weights and card, each through :func:`fusion_rl.io.write_atomic`."""
     from safetensors.torch import save
 
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(directory, "policy folder")
     weights = save({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()})
     data = card.to_dict()
     data["content_hash"] = content_hash(data, weights)
-    for name, blob in ((WEIGHTS_FILE, weights), (CARD_FILE, (json.dumps(data, indent=1) + "\n").encode())):
-        tmp = out / f".{name}.tmp"
-        tmp.write_bytes(blob)
-        os.replace(tmp, out / name)
+    write_atomic(out / WEIGHTS_FILE, weights, what="policy weights")
+    write_atomic(out / CARD_FILE, json.dumps(data, indent=1) + "\n", what="policy card")
     card.content_hash = data["content_hash"]
     return out
 
 
 def read_card(directory: str | os.PathLike) -> tuple[dict[str, Any], bytes]:
-    """The card and the weight bytes, checked for presence, format and content hash."""
+    """The card and the weight bytes, checked for presence, size, format and content hash."""
+    from fusion_rl.policy.snapshot import MAX_WEIGHTS_BYTES
+
     folder = Path(directory)
     if not folder.is_dir():
         raise PolicyArtifactError(f"policy folder not found: {folder}")
@@ -96,13 +103,11 @@ def read_card(directory: str | os.PathLike) -> tuple[dict[str, Any], bytes]:
     for p in (card_path, weights_path):
         if not p.is_file():
             raise PolicyArtifactError(f"{folder} is not a policy artifact: {p.name} is missing")
-    try:
-        card = json.loads(card_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PolicyArtifactError(f"{card_path} is not valid JSON: {exc}") from None
+    card = read_json(card_path, "policy card", PolicyArtifactError, MAX_CARD_BYTES)
     if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
-        raise PolicyArtifactError(f"{card_path}: unsupported card format {card.get('format') if isinstance(card, dict) else card!r}")
-    weights = weights_path.read_bytes()
+        shown = card.get("format") if isinstance(card, dict) else type(card).__name__
+        raise PolicyArtifactError(f"{card_path}: unsupported card format {str(shown)[:40]!r}")
+    weights = read_bounded(weights_path, "policy weights", PolicyArtifactError, MAX_WEIGHTS_BYTES)
     if card.get("content_hash") != content_hash(card, weights):
         raise PolicyArtifactError(
             f"{folder}: content hash mismatch; card.json or {WEIGHTS_FILE} was modified after export"
@@ -115,12 +120,14 @@ def check_schema(card: dict[str, Any]) -> None:
     from fusion_rl.graph.features import feature_schema
 
     installed = feature_schema()
-    theirs = card.get("feature_schema") or {}
+    theirs = card.get("feature_schema")
+    theirs = theirs if isinstance(theirs, dict) else {}
     if theirs != installed:
+        version = theirs.get("version", "?")
         raise PolicyArtifactError(
-            f"policy was trained on feature schema v{theirs.get('version', '?')} but this fusion_rl "
+            f"policy was trained on feature schema v{str(version)[:20]} but this fusion_rl "
             f"extracts v{installed['version']}"
-            + ("" if theirs.get("version") != installed["version"] else " (same version, different features)")
+            + ("" if version != installed["version"] else " (same version, different features)")
             + "; re-export it from its run with this version, or install the matching fusion_rl"
         )
 
@@ -150,20 +157,25 @@ def decision_options(card: dict[str, Any]) -> DecisionOptions:
 
 
 def load_network(directory: str | os.PathLike) -> tuple["torch.nn.Module", dict[str, Any]]:
-    """Rebuild the network named by the card and load its weights (eval mode)."""
-    from safetensors.torch import load
+    """Rebuild the network the card describes and load its weights (eval mode).
+
+    Nothing named in the card is imported or called (see the module docstring); the returned
+    card's ``observation`` is the checked one.
+    """
+    from fusion_rl.compiler.target import HardwareFeatures
+    from fusion_rl.env.spaces import EDGE_DIM, NODE_DIM
+    from fusion_rl.policy.snapshot import build_network, check_observation, load_weights
 
     card, weights = read_card(directory)
     check_schema(card)
-    arch = card.get("architecture") or {}
-    cls_path = str(arch.get("class", ""))
-    if not cls_path.startswith(ALLOWED_MODULES):
-        raise PolicyArtifactError(f"card names class '{cls_path}', outside {ALLOWED_MODULES}")
-    module_name, _, cls_name = cls_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), cls_name)
-        network = cls(**dict(arch.get("kwargs") or {}))
-        network.load_state_dict(load(weights))
-    except (ImportError, AttributeError, TypeError, RuntimeError, ConfigError) as exc:
-        raise PolicyArtifactError(f"cannot rebuild the policy network {cls_path}: {exc}".splitlines()[0]) from None
+    where = f"{Path(directory) / CARD_FILE}"
+    network = build_network(card.get("architecture"), where, PolicyArtifactError)
+    features = network.config["features"]
+    want = (NODE_DIM, EDGE_DIM, len(HardwareFeatures.FEATURE_NAMES))
+    if (features["node_dim"], features["edge_dim"], features["hw_dim"]) != want:
+        raise PolicyArtifactError(
+            f"{where}: the network takes {features['node_dim']} node, {features['edge_dim']} edge and "
+            f"{features['hw_dim']} hardware features; this fusion_rl observes {want[0]}, {want[1]} and {want[2]}")
+    card["observation"] = check_observation(card.get("observation"), features["hw_dim"], where, PolicyArtifactError)
+    load_weights(network, weights, f"{Path(directory) / WEIGHTS_FILE}", PolicyArtifactError)
     return network.eval(), card

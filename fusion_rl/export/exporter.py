@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 from fusion_rl.decisions.process import DecisionOptions
 from fusion_rl.errors import ConfigError
 from fusion_rl.export.artifact import PolicyCard, save_artifact
+from fusion_rl.policy.snapshot import NETWORK_CLASS
 
 
 def export_run(
@@ -19,36 +19,35 @@ def export_run(
     command: str = "",
     train_command: str = "",
 ) -> Path:
-    """Write ``out_dir/{weights.safetensors, card.json}`` from the run's final model."""
-    from sb3_contrib import MaskablePPO
+    """Write ``out_dir/{weights.safetensors, card.json}`` from the run's final policy.
 
+    Reads the run's ``config.json`` and its policy snapshot (safetensors + JSON, see
+    :mod:`fusion_rl.policy.snapshot`); the SB3 zips are pickles and are never loaded here.
+    """
     from fusion_rl.compiler.store import library_versions
     from fusion_rl.graph.features import feature_schema
-    from fusion_rl.policy.network import PolicyNetwork
-    from fusion_rl.policy.training import run_model_path
+    from fusion_rl.io import read_json
+    from fusion_rl.policy.snapshot import load_snapshot
+    from fusion_rl.policy.training import run_snapshot
 
     run = Path(run_dir)
     config_path = run / "config.json"
     if not config_path.is_file():
         raise ConfigError(f"{run} is not a training run: config.json is missing")
-    config = json.loads(config_path.read_text())
+    config = read_json(config_path, "run config", ConfigError, 1 << 20)
+    if not isinstance(config, dict):
+        raise ConfigError(f"{config_path}: a run config must be a JSON object")
     # Before the path is made portable: the run recorded where its spec was.
     decisions = _decision_options(config)
-    if config.get("env_spec"):
+    if isinstance(config.get("env_spec"), str):
         # The run resolved it to an absolute path; a card must not name the exporting machine.
         config["env_spec"] = _portable(config["env_spec"])
-    model_path = run_model_path(run)
-    if model_path is None:
-        raise ConfigError(f"{run} has neither final_model.zip nor a checkpoint to export")
-    # The run directory is our own training output, so loading its SB3 zip is trusted here;
-    # the artifact written below is safetensors + JSON, which never unpickles.
-    model = MaskablePPO.load(str(model_path), device="cpu")
-    network = PolicyNetwork.from_sb3(model)
-    obs_space = model.observation_space
+    snapshot = load_snapshot(run_snapshot(run))
+    network = snapshot.network
     training = {
         "run": run.name,
-        "checkpoint": model_path.name,
-        "timesteps": int(model.num_timesteps),
+        "checkpoint": snapshot.path.name,
+        "timesteps": snapshot.num_timesteps,
         "env_spec": config.get("env_spec"),
         "seed": config.get("seed"),
         "config": config,
@@ -59,13 +58,9 @@ def export_run(
         training.update(models=list(spec.models), targets=list(spec.targets),
                         schedule=spec.schedule, reward=spec.reward)
     card = PolicyCard(
-        architecture={"class": f"{PolicyNetwork.__module__}.{PolicyNetwork.__name__}", "kwargs": network.config},
+        architecture={"class": NETWORK_CLASS, "kwargs": network.config},
         feature_schema=feature_schema(),
-        observation={
-            "max_nodes": int(obs_space["node_features"].shape[0]),
-            "max_edges": int(obs_space["edge_features"].shape[0]),
-            "hw_dim": int(obs_space["hardware"].shape[0]),
-        },
+        observation=dict(snapshot.observation),
         decisions=decisions.to_dict(),
         training=training,
         evaluation=dict(evaluation or {}),
@@ -108,8 +103,8 @@ def _decision_options(config: dict[str, Any]) -> DecisionOptions:
     return spec.decision_options
 
 
-def _env_spec(path: str | None):
-    if not path:
+def _env_spec(path: Any):
+    if not isinstance(path, str) or not path:
         return None
     from fusion_rl.env.spec import EnvSpec
 

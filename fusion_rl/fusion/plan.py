@@ -10,8 +10,13 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from fusion_rl.errors import IllegalPlanError, PlanMismatchError
+from fusion_rl.io import check_text, read_json, write_atomic
 
 PLAN_FORMAT_VERSION = 1
+#: Most operators a plan may partition (the zoo's largest model has a few hundred).
+MAX_NODES = 1 << 20
+#: Largest plan file read (a plan of MAX_NODES singletons is about 10 MiB).
+MAX_PLAN_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,13 @@ class FusionPlan:
         fingerprint: str = "",
         name: str = "",
     ) -> "FusionPlan":
-        """Canonicalize (sort ids in a group, sort groups by first id) and check it partitions."""
+        """Canonicalize (sort ids in a group, sort groups by first id) and check it partitions.
+
+        Nothing is allocated by ``num_nodes`` itself: a plan claiming 10**12 nodes is refused by
+        its size, not by building a set of that many ids.
+        """
+        if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or not 0 <= num_nodes <= MAX_NODES:
+            raise IllegalPlanError(f"plan 'num_nodes' must be an integer in 0..{MAX_NODES}, got {num_nodes!r}")
         canon = sorted((tuple(sorted(int(i) for i in g)) for g in groups), key=lambda g: g[:1])
         canon = [g for g in canon if g]
         seen: dict[int, int] = {}
@@ -51,10 +62,12 @@ class FusionPlan:
                 if nid in seen:
                     raise IllegalPlanError(f"node {nid} is in two groups ({seen[nid]} and {gi})")
                 seen[nid] = gi
-        missing = sorted(set(range(num_nodes)) - set(seen))
-        if missing:
+        if len(seen) != num_nodes:
+            # Every id is in range and none repeats, so some of 0..num_nodes-1 are missing; the
+            # first ten lie within the first len(seen) + 10 ids.
+            missing = [i for i in range(min(num_nodes, len(seen) + 10)) if i not in seen][:10]
             raise IllegalPlanError(
-                f"nodes {missing[:10]}{'...' if len(missing) > 10 else ''} are in no group"
+                f"nodes {missing}{'...' if num_nodes - len(seen) > 10 else ''} are in no group"
             )
         return cls(tuple(canon), num_nodes, fingerprint, name)
 
@@ -118,42 +131,51 @@ class FusionPlan:
         }
 
     @classmethod
-    def from_dict(cls, data: Any) -> "FusionPlan":
+    def from_dict(cls, data: Any, num_nodes: int | None = None, fingerprint: str | None = None) -> "FusionPlan":
+        """A plan from its JSON form (untrusted: every field is checked).
+
+        :param num_nodes: The node count of the model the plan is for, when known: a plan of
+            another size is refused before anything is built from its groups.
+        :param fingerprint: That model's fingerprint, when known: a plan made for another model
+            is refused naming both.
+        :raises IllegalPlanError: for a malformed plan, or a name that is not printable text.
+        :raises PlanMismatchError: for a plan of another model or size.
+        """
         if not isinstance(data, dict):
             raise IllegalPlanError("a plan must be a JSON object with 'groups' and 'num_nodes'")
         if data.get("format", PLAN_FORMAT_VERSION) != PLAN_FORMAT_VERSION:
-            raise IllegalPlanError(f"unsupported plan format {data.get('format')!r}")
+            raise IllegalPlanError(f"unsupported plan format {str(data.get('format'))[:20]!r}")
+        # The name and fingerprint are printed; a newline or an ANSI escape in them could fake
+        # "legal" or "error:" lines on a terminal.
+        name = check_text(data.get("name", ""), "plan 'name'", IllegalPlanError)
+        plan_fp = check_text(data.get("fingerprint", ""), "plan 'fingerprint'", IllegalPlanError, 128)
+        if fingerprint and plan_fp and plan_fp != fingerprint:
+            raise PlanMismatchError(f"plan is for model {plan_fp}, not this model ({fingerprint})")
         groups = data.get("groups")
-        num_nodes = data.get("num_nodes")
-        if not isinstance(groups, list) or not all(
+        size = data.get("num_nodes")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise IllegalPlanError("plan 'num_nodes' must be a non-negative integer")
+        if num_nodes is not None and size != num_nodes:
+            raise PlanMismatchError(f"plan has {size} nodes, the model has {num_nodes} (is the plan for another model?)")
+        if size > MAX_NODES:
+            raise IllegalPlanError(f"plan 'num_nodes' is {size}, more than the {MAX_NODES} this fusion_rl plans for")
+        if not isinstance(groups, list) or len(groups) > size or not all(
             isinstance(g, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in g)
             for g in groups
         ):
             raise IllegalPlanError("plan 'groups' must be a list of lists of integer node ids")
-        if not isinstance(num_nodes, int) or isinstance(num_nodes, bool) or num_nodes < 0:
-            raise IllegalPlanError("plan 'num_nodes' must be a non-negative integer")
-        return cls.from_groups(
-            groups, num_nodes, str(data.get("fingerprint", "")), str(data.get("name", ""))
-        )
+        return cls.from_groups(groups, size, plan_fp, name)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        os.replace(tmp, path)  # atomic: a killed save never leaves half a plan
-        return path
+    def save(self, path: str | os.PathLike, what: str = "plan file") -> Path:
+        """Write the plan as JSON through :func:`fusion_rl.io.write_atomic` (a killed save never
+        leaves half a plan; a symlink is written through; a folder or device is refused)."""
+        return write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n", what=what)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "FusionPlan":
-        path = Path(path)
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise IllegalPlanError(f"plan file not found: {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise IllegalPlanError(f"plan file {path} is not valid JSON: {exc}") from None
-        except RecursionError:
-            raise IllegalPlanError(f"plan file {path} is nested too deeply to be a plan") from None
-        except OSError as exc:
-            raise IllegalPlanError(f"cannot read plan file {path}: {exc.strerror or exc}") from None
-        return cls.from_dict(data)
+    def load(cls, path: str | os.PathLike, num_nodes: int | None = None,
+             fingerprint: str | None = None) -> "FusionPlan":
+        """Read a plan file (at most :data:`MAX_PLAN_BYTES`; see :meth:`from_dict`)."""
+        if not os.path.lexists(path):
+            raise IllegalPlanError(f"plan file not found: {path}")
+        data = read_json(path, "plan file", IllegalPlanError, MAX_PLAN_BYTES)
+        return cls.from_dict(data, num_nodes, fingerprint)

@@ -75,8 +75,14 @@ def check_size(model: onnx.ModelProto, shape_dict: Mapping[str, Sequence[int]]) 
 def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
     """Read and check an ONNX file, with a one-line error for anything malformed."""
     path = Path(path)
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        raise ModelImportError(f"ONNX file not found: {path}") from None
+    except OSError as exc:  # a symlink loop, a file where a folder should be, no permission
+        raise ModelImportError(f"cannot read ONNX file {path}: {exc.strerror or exc}") from None
     if not path.is_file():
-        raise ModelImportError(f"ONNX file not found: {path}")
+        raise ModelImportError(f"ONNX file not found: {path} (it is not a file)")
     if path.stat().st_size == 0:
         raise ModelImportError(f"ONNX file is empty: {path}")
     try:
@@ -153,6 +159,7 @@ def from_onnx(
         model = load_onnx(model)
     shape_dict = onnx_input_shapes(model, shapes)
     check_size(model, shape_dict)
+    check_opsets(model)
     unsupported = _unsupported_onnx_ops(model)
     if unsupported:
         raise UnsupportedOperatorError(
@@ -218,11 +225,41 @@ def random_inputs(mod: tvm.IRModule, seed: int = 0) -> list[np.ndarray]:
 # --------------------------------------------------------------------------------------------
 
 
+#: The standard ONNX domain (both spellings).
+_STANDARD_DOMAINS = ("", "ai.onnx")
+#: Operators of ONNX Runtime's contrib domain that TVM's frontend converts as such; every other
+#: operator of that domain is refused like any unknown domain.
+_CONTRIB_OPS = {"com.microsoft": frozenset(
+    {"BiasGelu", "EmbedLayerNormalization", "FastGelu", "MatMulInteger16", "SkipLayerNormalization"})}
+
+
+def check_opsets(model: onnx.ModelProto) -> None:
+    """Refuse an opset newer than the installed ``onnx`` defines (TVM would silently pick the
+    newest converter it has, which may mean something else), naming it."""
+    newest = onnx.defs.onnx_opset_version()
+    for opset in model.opset_import:
+        if opset.domain in _STANDARD_DOMAINS and not 1 <= opset.version <= newest:
+            raise UnsupportedOperatorError(
+                f"the model imports ONNX opset {opset.version}, but this onnx ({onnx.__version__}) "
+                f"and TVM support opsets 1..{newest}; re-export it with an older opset"
+            )
+
+
 def _unsupported_onnx_ops(model: onnx.ModelProto) -> set[str]:
+    """Operators TVM cannot convert, and every operator outside the standard domain that is not
+    a known contrib op: TVM's frontend ignores the domain, so ``com.evil:Relu`` would become
+    the standard ``Relu``."""
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
     known = set(_get_convert_map())
-    return {node.op_type for node in model.graph.node if node.op_type not in known}
+    bad = set()
+    for node in model.graph.node:
+        if node.domain in _STANDARD_DOMAINS:
+            if node.op_type not in known or node.op_type in _CONTRIB_OPS["com.microsoft"]:
+                bad.add(node.op_type)
+        elif node.op_type not in _CONTRIB_OPS.get(node.domain, ()) or node.op_type not in known:
+            bad.add(f"{node.domain}:{node.op_type} (domain {node.domain!r} is not imported)")
+    return bad
 
 
 def check_legalized(mod: tvm.IRModule) -> None:

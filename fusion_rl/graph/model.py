@@ -105,8 +105,8 @@ def load_onnx_model(
     path: str | os.PathLike, shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0
 ) -> Model:
     shapes_key = tuple(sorted((k, tuple(int(d) for d in v)) for k, v in (shapes or {}).items()))
+    onnx_model = importer.load_onnx(path)  # first: it refuses a symlink loop, which resolve() raises on
     ref = ModelRef("onnx", str(Path(path).resolve()), seed, shapes_key or None)
-    onnx_model = importer.load_onnx(path)
     return _from_onnx_model(onnx_model, Path(path).stem, "onnx", ref, shapes)
 
 

@@ -9,14 +9,46 @@ so compiler users need neither SB3 nor gymnasium.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch_geometric.data import Batch
 from torch_geometric.nn import global_mean_pool
 
+from fusion_rl.errors import ConfigError
 from fusion_rl.policy.layers import MLP, GATv2Block, add_reverse_edges
 
 __all__ = ["DecisionFeatures", "GraphEncoder", "PolicyNetwork", "obs_to_batch"]
+
+#: Constructor arguments of :class:`DecisionFeatures` a saved network may give:
+#: name -> (type, smallest, largest, required). The bounds are far above any trained policy and
+#: keep a crafted file from asking for a network of terabytes before a weight is read.
+_FEATURE_ARGS: dict[str, tuple[type, float, float, bool]] = {
+    "node_dim": (int, 1, 4096, True),
+    "edge_dim": (int, 1, 4096, True),
+    "hw_dim": (int, 1, 4096, True),
+    "hidden": (int, 1, 1024, False),
+    "heads": (int, 1, 32, False),
+    "num_layers": (int, 1, 32, False),
+    "hw_hidden": (int, 1, 1024, False),
+    "bidirectional": (bool, 0, 1, False),
+    "dropout": (float, 0.0, 0.99, False),
+}
+#: Most hidden layers, and widest layer, of the actor MLP.
+_MAX_PI_LAYERS, _MAX_PI_WIDTH = 8, 4096
+
+
+def _check_arg(value: Any, kind: type, low: float, high: float, where: str) -> Any:
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise ConfigError(f"{where} must be {'a number' if kind is float else 'an integer'}, got {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(f"{where} must be in {low}..{high}, got {value!r}")
+    return kind(value)
 
 
 def obs_to_batch(obs: dict[str, Tensor]) -> Batch:
@@ -181,6 +213,36 @@ class PolicyNetwork(nn.Module):
 
     def forward(self, observations: dict[str, Tensor]) -> Tensor:
         return self.action(self.pi(self.features(observations)))
+
+    @classmethod
+    def check_config(cls, config: Any, where: str = "PolicyNetwork") -> dict[str, Any]:
+        """Validate a saved :attr:`config` (from a policy card or a run's policy file) against
+        the constructor's schema: known keys only, types and ranges, 2 actions (keep, fuse).
+
+        :returns: The keyword arguments of the constructor, as plain values.
+        :raises ConfigError: naming the first bad key.
+        """
+        if not isinstance(config, dict) or set(config) != {"features", "pi_arch", "num_actions"}:
+            raise ConfigError(f"{where} must be an object with exactly features, pi_arch and num_actions")
+        features = config["features"]
+        if not isinstance(features, dict):
+            raise ConfigError(f"{where}.features must be an object")
+        unknown = sorted(set(features) - set(_FEATURE_ARGS))
+        if unknown:
+            raise ConfigError(f"{where}.features has unknown key(s) {unknown}")
+        checked = {}
+        for name, (kind, low, high, required) in _FEATURE_ARGS.items():
+            if name in features:
+                checked[name] = _check_arg(features[name], kind, low, high, f"{where}.features.{name}")
+            elif required:
+                raise ConfigError(f"{where}.features.{name} is missing")
+        pi_arch = config["pi_arch"]
+        if not isinstance(pi_arch, list) or len(pi_arch) > _MAX_PI_LAYERS:
+            raise ConfigError(f"{where}.pi_arch must be a list of at most {_MAX_PI_LAYERS} layer widths")
+        widths = [_check_arg(w, int, 1, _MAX_PI_WIDTH, f"{where}.pi_arch[{i}]") for i, w in enumerate(pi_arch)]
+        if config["num_actions"] != 2 or isinstance(config["num_actions"], bool):
+            raise ConfigError(f"{where}.num_actions must be 2 (keep, fuse), got {config['num_actions']!r}")
+        return {"features": checked, "pi_arch": widths, "num_actions": 2}
 
     @classmethod
     def from_sb3(cls, model) -> "PolicyNetwork":

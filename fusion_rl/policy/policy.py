@@ -6,8 +6,10 @@ on top; the actor's two logits (keep / fuse) are masked with the env's ``action_
 fuse that legality forbids is never sampled (MLGO's split: the policy proposes, legality
 disposes).
 
-The extractor is chosen by class + kwargs, as SB3 does: :class:`PPOConfig` names it by dotted
-path, so a config file can swap in another encoder without code changes.
+The extractor is chosen by name + kwargs, as SB3 does by class: :class:`PPOConfig` names one of
+:data:`FEATURES_EXTRACTORS`. A config (and a run folder's ``config.json``, which ``evaluate``
+reads) names data, never an import path, so reading one imports nothing; Python code that wants
+another encoder registers it with :func:`register_features_extractor` first.
 
 Example
 -------
@@ -18,8 +20,7 @@ Example
 from __future__ import annotations
 
 import dataclasses
-import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,45 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from fusion_rl.errors import ConfigError
 from fusion_rl.policy.config import from_mapping
 
-__all__ = ["PPOConfig", "make_model", "resolve_class"]
+__all__ = ["FEATURES_EXTRACTORS", "PPOConfig", "make_model", "register_features_extractor", "resolve_extractor"]
+
+
+def _graph_features_extractor() -> type:
+    from fusion_rl.policy.encoder import GraphFeaturesExtractor
+
+    return GraphFeaturesExtractor
+
+
+#: Features extractors a config may name: name -> a function returning the class. A closed list
+#: that this package (and Python code through :func:`register_features_extractor`) fills; a
+#: config file can only pick from it.
+FEATURES_EXTRACTORS: dict[str, Callable[[], type]] = {
+    "fusion_rl.policy.encoder.GraphFeaturesExtractor": _graph_features_extractor,
+}
+
+
+def register_features_extractor(cls: type, name: str | None = None) -> str:
+    """Let configs name ``cls`` (a ``BaseFeaturesExtractor`` subclass); returns its name
+    (default ``module.Class``). Call it from your own code before building the config."""
+    if not (isinstance(cls, type) and issubclass(cls, BaseFeaturesExtractor)):
+        raise ConfigError(f"{cls!r} is not a subclass of BaseFeaturesExtractor")
+    key = name or f"{cls.__module__}.{cls.__qualname__}"
+    FEATURES_EXTRACTORS[key] = lambda: cls
+    return key
+
+
+def resolve_extractor(name: str, where: str = "features_extractor") -> type:
+    """The registered extractor class called ``name``; nothing outside the registry is imported."""
+    factory = FEATURES_EXTRACTORS.get(name) if isinstance(name, str) else None
+    if factory is None:
+        raise _unknown_extractor(name, where)
+    return factory()
+
+
+def _unknown_extractor(name: Any, where: str) -> ConfigError:
+    return ConfigError(f"{where}: {str(name)[:100]!r} is not a registered features extractor; choose one of "
+                       f"{', '.join(sorted(FEATURES_EXTRACTORS))} (or register one in Python with "
+                       "register_features_extractor)")
 
 
 @dataclass
@@ -55,7 +94,7 @@ class PPOConfig:
     normalize_advantage: bool = True
     #: Hidden sizes of the actor and the critic heads, on top of the shared extractor.
     net_arch: list[int] = field(default_factory=lambda: [64, 64])
-    #: Dotted path of a ``BaseFeaturesExtractor`` subclass.
+    #: Name of a registered ``BaseFeaturesExtractor`` subclass (:data:`FEATURES_EXTRACTORS`).
     features_extractor: str = "fusion_rl.policy.encoder.GraphFeaturesExtractor"
     features_extractor_kwargs: dict[str, Any] = field(
         default_factory=lambda: {"hidden": 32, "heads": 4, "num_layers": 5, "hw_hidden": 16}
@@ -68,23 +107,12 @@ class PPOConfig:
         config = from_mapping(cls, data or {}, where)
         if config.n_steps < 2 or config.batch_size < 2:
             raise ConfigError(f"{where}: n_steps and batch_size must be >= 2 (PPO normalizes advantages per batch)")
-        resolve_class(config.features_extractor, BaseFeaturesExtractor, f"{where}.features_extractor")
+        if config.features_extractor not in FEATURES_EXTRACTORS:  # checked by name: nothing imported
+            raise _unknown_extractor(config.features_extractor, f"{where}.features_extractor")
         return config
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def resolve_class(path: str, base: type, where: str = "class") -> type:
-    """Import ``"package.module.Class"`` and check that it subclasses ``base``."""
-    module_name, _, name = path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError):
-        raise ConfigError(f"{where}: cannot import {path!r}; give a dotted path like 'pkg.module.Class'") from None
-    if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise ConfigError(f"{where}: {path!r} is not a subclass of {base.__name__}")
-    return cls
 
 
 def make_model(
@@ -105,7 +133,7 @@ def make_model(
     """
     if not isinstance(config, PPOConfig):
         config = PPOConfig.from_dict(config)
-    extractor = resolve_class(config.features_extractor, BaseFeaturesExtractor, "ppo.features_extractor")
+    extractor = resolve_extractor(config.features_extractor, "ppo.features_extractor")
     policy_kwargs = dict(
         features_extractor_class=extractor,
         features_extractor_kwargs=dict(config.features_extractor_kwargs),

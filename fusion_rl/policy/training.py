@@ -9,7 +9,9 @@ A run directory ``runs/<env>__<exp>__<seed>__<time>/`` holds:
 ==========================  ===================================================================
 ``config.json``             the full, resolved config (what :func:`train` ran with)
 ``checkpoints/step_N.zip``  model + optimizer after ``N`` env steps, written via temp + rename
-``final_model.zip``         the model after ``total_timesteps``
+``checkpoints/step_N.{safetensors,json}``  the actor alone, in files that never execute
+                            (:mod:`fusion_rl.policy.snapshot`), written before the zip
+``final_model.zip``         the model after ``total_timesteps`` (and ``final_model.{safetensors,json}``)
 ``episodes.jsonl``          one line per finished episode: reward, latency, speedup vs ``tvm``,
                             measurements spent
 ``tb/``                     TensorBoard event files (SB3's logger + episode scalars)
@@ -21,6 +23,10 @@ checkpoint never holds half an update; a kill at any moment leaves the previous 
 checkpoint. :func:`train` with ``resume=run_dir`` reloads the config and the latest checkpoint,
 drops episode lines logged after it and continues to the same ``total_timesteps``. Latencies
 measured before the kill are in the measurement store, so resuming costs no measurement twice.
+
+Trust: an SB3 zip is a pickle, and loading it runs code. Only ``--resume`` loads one, and it
+says so: resume only run folders you made. ``fusion-rl export`` and ``fusion-rl evaluate`` read
+the ``.safetensors`` + ``.json`` snapshots and ``config.json`` (:func:`run_snapshot`), never a zip.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import io
 import json
 import os
 import re
+import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -38,7 +45,8 @@ from typing import Any
 import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
 
-from fusion_rl.errors import ConfigError, read_yaml
+from fusion_rl.errors import ConfigError
+from fusion_rl.io import read_json, read_yaml, write_atomic
 from fusion_rl.policy.config import from_mapping
 from fusion_rl.policy.policy import PPOConfig
 
@@ -48,7 +56,9 @@ __all__ = [
     "latest_checkpoint",
     "load_config",
     "make_env",
+    "run_snapshot",
     "save_atomic",
+    "save_checkpoint",
     "train",
 ]
 
@@ -147,33 +157,56 @@ def make_env(config: TrainConfig):
 def save_atomic(model: Any, path: Path) -> None:
     """Save an SB3 model to ``path`` so that ``path`` is either absent, old or complete.
 
-    The zip is built in memory, written to a hidden temp file in the same directory, flushed to
-    disk and renamed over ``path``: a kill at any point leaves at most a stray temp file.
+    The zip is built in memory and written with :func:`fusion_rl.io.write_atomic` (temp file,
+    fsync, rename): a kill at any point leaves at most a stray hidden temp file.
     """
     buffer = io.BytesIO()
     model.save(buffer)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(buffer.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    write_atomic(path, buffer.getvalue(), what="checkpoint")
+
+
+def save_checkpoint(model: Any, path: Path) -> None:
+    """The snapshot (:func:`fusion_rl.policy.snapshot.save_snapshot`), then the SB3 zip: a zip
+    on disk always has its safe snapshot beside it."""
+    from fusion_rl.policy.snapshot import save_snapshot
+
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+        save_snapshot(model, path)
+    except (ValueError, AttributeError) as exc:  # an extractor or head PolicyNetwork cannot copy
+        print(f"warning: no policy snapshot beside {path.name} ({exc}); export and evaluate will "
+              "refuse this run", file=sys.stderr, flush=True)
+    save_atomic(model, path)
 
 
-def run_model_path(run_dir: str | os.PathLike[str]) -> Path | None:
-    """The model a run directory offers: ``final_model.zip``, else its newest checkpoint
-    (an interrupted run), else ``None``."""
-    final = Path(run_dir) / "final_model.zip"
-    if final.is_file():
-        return final
-    latest = latest_checkpoint(run_dir)
-    return latest[1] if latest is not None else None
+def run_snapshot(run_dir: str | os.PathLike[str]) -> Path:
+    """The policy description a run offers for export and evaluation: ``final_model.json``,
+    else the newest ``checkpoints/step_N.json`` (an interrupted run). Never a zip.
+
+    :raises ConfigError: for a run without one; a run written before snapshots existed is told
+        how to get them without unpickling anything it does not trust.
+    """
+    run = Path(run_dir)
+    final = run / "final_model.zip"
+    if final.with_suffix(".json").is_file():
+        return final.with_suffix(".json")
+    steps = []
+    for p in (run / "checkpoints").glob("step_*.json"):
+        m = re.match(r"^step_(\d+)\.json$", p.name)
+        if m and p.with_suffix(".safetensors").is_file():
+            steps.append((int(m.group(1)), p))
+    if steps and not final.exists():
+        return max(steps)[1]
+    if final.exists() or latest_checkpoint(run) is not None:
+        raise ConfigError(
+            f"{run} has only SB3 zips (pickles), which export and evaluate never load: it was "
+            "written before runs saved their policy as safetensors + JSON. If you trust the run "
+            f"(you trained it), write those files with `fusion-rl train --resume {run}` (no further "
+            "training when it is complete); otherwise train it again"
+        )
+    raise ConfigError(f"{run} has neither final_model.json nor a checkpoint to read; the run never "
+                      "finished a rollout")
 
 
 def latest_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[int, Path] | None:
@@ -260,7 +293,7 @@ class TrainingCallback(BaseCallback):
 
     def save_checkpoint(self) -> Path:
         path = self.run_dir / "checkpoints" / f"step_{self.num_timesteps}.zip"
-        save_atomic(self.model, path)
+        save_checkpoint(self.model, path)
         self.last_checkpoint = self.num_timesteps
         return path
 
@@ -326,9 +359,7 @@ def _truncate_episodes(path: Path, step: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             continue  # a line cut by the kill
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(line + "\n" for line in kept), what="episode log")
 
 
 def run_name(config: TrainConfig) -> str:
@@ -378,12 +409,12 @@ def train(
         run_dir = Path(resume)
         if not (run_dir / "config.json").is_file():
             raise ConfigError(f"--resume {run_dir}: not a run directory (no config.json)")
-        config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()), f"{run_dir}/config.json")
+        config = TrainConfig.from_dict(read_json(run_dir / "config.json", "run config"), f"{run_dir}/config.json")
     else:
         config = config if config is not None else TrainConfig()
         run_dir = Path(runs_dir) / run_name(config)
         run_dir.mkdir(parents=True, exist_ok=False)
-        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        write_atomic(run_dir / "config.json", json.dumps(config.to_dict(), indent=2), what="run config")
     mode = wandb_mode or config.wandb
     if mode not in WANDB_MODES:
         raise ConfigError(f"wandb mode {mode!r} is not one of {WANDB_MODES}")
@@ -396,6 +427,8 @@ def train(
     # 3. Model: fresh, or the latest checkpoint (weights, optimizer state and step count).
     if checkpoint is not None:
         step, path = checkpoint
+        print(f"warning: --resume loads {path} with SB3, which unpickles it and so runs any code "
+              "in it; resume only run folders you trust (your own)", file=sys.stderr, flush=True)
         print(f"resuming {run_dir} from {path.name} at step {step}", flush=True)
         model = MaskablePPO.load(path, env=env, device=config.ppo.device, tensorboard_log=str(run_dir / "tb"))
         # A fresh stream per resume point: reproducible, and not a replay of the first steps.
@@ -408,7 +441,7 @@ def train(
     remaining = config.total_timesteps - model.num_timesteps
     if remaining <= 0:
         print(f"{run_dir} is already trained to {model.num_timesteps} steps", flush=True)
-        save_atomic(model, run_dir / "final_model.zip")
+        save_checkpoint(model, run_dir / "final_model.zip")
         env.close()
         return run_dir
 
@@ -421,8 +454,8 @@ def train(
     try:
         model.learn(remaining, callback=callback, reset_num_timesteps=checkpoint is None,
                     tb_log_name="ppo")
-        save_atomic(model, run_dir / "checkpoints" / f"step_{model.num_timesteps}.zip")
-        save_atomic(model, run_dir / "final_model.zip")
+        save_checkpoint(model, run_dir / "checkpoints" / f"step_{model.num_timesteps}.zip")
+        save_checkpoint(model, run_dir / "final_model.zip")
     finally:
         env.close()
         if wandb_run is not None:

@@ -5,7 +5,7 @@ The plan never knows which provider is used (see :mod:`.base`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from fusion_rl.compiler.schedules.base import NaiveSchedule, ScheduleProvider
 from fusion_rl.errors import ConfigError
@@ -39,4 +39,18 @@ def make_schedule(name: str, **kwargs: Any) -> ScheduleProvider:
     raise ConfigError(f"unknown schedule provider '{name}'; choose one of {', '.join(SCHEDULE_NAMES)}")
 
 
-__all__ = ["DEFAULT_SCHEDULE", "SCHEDULE_NAMES", "NaiveSchedule", "ScheduleProvider", "make_schedule"]
+def check_schedule(name: str, options: Mapping[str, Any]) -> None:
+    """Validate a provider name and its options as :func:`make_schedule` would, without building
+    the provider (``tuned`` would create its database folder)."""
+    if name == "tuned":
+        from fusion_rl.compiler.schedules.tuned import TunedSchedule
+
+        try:
+            TunedSchedule.check_options(**options)
+        except TypeError as exc:
+            raise ConfigError(f"bad options for schedule 'tuned': {exc}") from None
+        return
+    make_schedule(name, **options)
+
+
+__all__ = ["DEFAULT_SCHEDULE", "SCHEDULE_NAMES", "NaiveSchedule", "ScheduleProvider", "check_schedule", "make_schedule"]

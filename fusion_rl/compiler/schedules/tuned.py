@@ -103,15 +103,7 @@ class TunedSchedule(ScheduleProvider):
 
     def __init__(self, trials_per_task: int = 16, database_dir: str | Path | None = None,
                  module_equality: str = "structural", seed: int = 0, fallback: str = "rules") -> None:
-        if isinstance(trials_per_task, bool) or not isinstance(trials_per_task, int) \
-                or trials_per_task <= 0:
-            raise ConfigError("tuned: trials_per_task must be a positive int, "
-                              f"got {trials_per_task!r}")
-        if module_equality not in _MODULE_EQUALITIES:
-            raise ConfigError(f"tuned: module_equality must be one of {_MODULE_EQUALITIES}, "
-                              f"got {module_equality!r}")
-        if fallback not in _FALLBACKS:
-            raise ConfigError(f"tuned: fallback must be one of {_FALLBACKS}, got {fallback!r}")
+        self.check_options(trials_per_task, database_dir, module_equality, seed, fallback)
         if database_dir is None:
             cache = os.environ.get("FUSION_RL_CACHE")
             root = Path(cache) if cache else Path.home() / ".cache" / "fusion_rl"
@@ -124,6 +116,25 @@ class TunedSchedule(ScheduleProvider):
         #: Measured candidates committed by this provider (stays 0 on a full database hit).
         self.trials_run = 0
         _check_writable(self.database_dir)
+
+    @staticmethod
+    def check_options(trials_per_task: int = 16, database_dir: str | Path | None = None,
+                      module_equality: str = "structural", seed: int = 0, fallback: str = "rules") -> None:
+        """Validate the constructor's options without touching the disk (env specs are checked
+        with it when they are read)."""
+        if isinstance(trials_per_task, bool) or not isinstance(trials_per_task, int) \
+                or not 0 < trials_per_task <= 1_000_000:
+            raise ConfigError("tuned: trials_per_task must be a positive int (at most 1e6), "
+                              f"got {trials_per_task!r}")
+        if module_equality not in _MODULE_EQUALITIES:
+            raise ConfigError(f"tuned: module_equality must be one of {_MODULE_EQUALITIES}, "
+                              f"got {module_equality!r}")
+        if fallback not in _FALLBACKS:
+            raise ConfigError(f"tuned: fallback must be one of {_FALLBACKS}, got {fallback!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"tuned: seed must be an int, got {seed!r}")
+        if database_dir is not None and not isinstance(database_dir, (str, os.PathLike)):
+            raise ConfigError(f"tuned: database_dir must be a path, got {database_dir!r}")
 
     @property
     def budget(self) -> int:
@@ -337,7 +348,8 @@ class _KeySet:
         return key in self.keys
 
     def add(self, key: str) -> None:
+        from fusion_rl.io import write_atomic
+
         self.keys.add(key)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(sorted(self.keys)))
-        os.replace(tmp, self.path)  # atomic: parallel workers never read half a file
+        # Atomic, with a temp name of its own: parallel workers never read half a file.
+        write_atomic(self.path, json.dumps(sorted(self.keys)), what="tuning key set")

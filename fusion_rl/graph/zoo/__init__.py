@@ -33,7 +33,6 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -43,7 +42,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fusion_rl.errors import ConfigError, UnknownModelError
+from fusion_rl.errors import ConfigError, OutputError, UnknownModelError
+from fusion_rl.io import output_dir, write_atomic
 from fusion_rl.graph.zoo import bench, cnn, hf, mlp, transformer
 from fusion_rl.graph.zoo.blocks import SUITES, HFTensorOutput, ZooEntry, randomize_norm_stats
 
@@ -255,8 +255,8 @@ def export_onnx(
     The file is cached under ``cache_dir`` (default :func:`default_cache_dir`) by a key of
     (name, sizes, seed, torch version, opset, transformers version for HF models, and a digest
     of the ``fusion_rl.graph`` package's source); a second call with the same key returns the cached
-    path without exporting again. The file is written to a temporary name and moved into place
-    with ``os.replace``, so an interrupted export never leaves a truncated model behind.
+    path without exporting again. The file is written with :func:`fusion_rl.io.write_atomic`
+    (temp file, rename), so an interrupted export never leaves a truncated model behind.
     """
     entry = get_entry(name)
     merged = _resolve_sizes(entry, sizes)
@@ -265,11 +265,13 @@ def export_onnx(
     if path.is_file():
         return path
 
-    module, inputs = build_torch(name, seed=seed, **merged)
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}-", suffix=".onnx.tmp", dir=directory)
-    os.close(fd)
     try:
+        output_dir(directory, "model cache folder")
+    except OutputError as exc:
+        raise ConfigError(f"{exc}; point FUSION_RL_CACHE at a writable folder") from None
+    module, inputs = build_torch(name, seed=seed, **merged)
+
+    def export(tmp: Path) -> None:
         with warnings.catch_warnings(), torch.no_grad():
             # The legacy (TorchScript) exporter is deprecated but is faster and yields plain
             # static graphs, which is what the TVM importer handles best.
@@ -281,21 +283,16 @@ def export_onnx(
             torch.onnx.export(
                 module,
                 inputs,
-                tmp_name,
+                str(tmp),
                 dynamo=False,
                 opset_version=ONNX_OPSET,
                 input_names=list(entry.input_names),
                 output_names=["output"],
                 do_constant_folding=True,
             )
-        os.replace(tmp_name, path)
-    except BaseException:
-        # Also on KeyboardInterrupt: never leave temp files to accumulate in the cache.
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
+
+    # A temp file renamed into place (also on KeyboardInterrupt no temp file is left).
+    write_atomic(path, export, what="model cache file")
     return path
 
 
@@ -318,14 +315,7 @@ def import_path(name: str, cache_dir: str | Path | None = None, seed: int = 0, *
     folded = path.with_name(f"{path.stem}-ort{onnxruntime.__version__}.onnx")
     if folded.is_file():
         return folded
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}-", suffix=".onnx", dir=path.parent)
-    os.close(fd)
-    try:
-        fold_static_shapes(path, tmp_name)
-        os.replace(tmp_name, folded)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    write_atomic(folded, lambda tmp: fold_static_shapes(path, tmp), what="folded model cache file")
     return folded
 
 

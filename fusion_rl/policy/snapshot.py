@@ -1,0 +1,162 @@
+"""A run's policy in files that never execute: safetensors weights and a JSON description.
+
+SB3 saves a model as a zip whose ``data`` entry holds cloudpickled objects, so loading it runs
+whatever the pickle says. That is acceptable for ``--resume`` of one's own run and nowhere else.
+Training therefore writes, beside every ``final_model.zip`` and ``checkpoints/step_N.zip``::
+
+    final_model.safetensors   the actor network's tensors (safetensors: data only)
+    final_model.json          {"format": 1, "network": {"class": ..., "kwargs": ...},
+                               "observation": {"max_nodes", "max_edges", "hw_dim"},
+                               "num_timesteps": N}
+
+and ``fusion-rl export`` and ``fusion-rl evaluate`` read only these (:func:`load_snapshot`).
+The network class is not read from the file: :class:`~fusion_rl.policy.network.PolicyNetwork`
+is the only one, and its keyword arguments are checked against its schema before it is built.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fusion_rl.decisions.layout import MAX_PADDED_EDGES, MAX_PADDED_NODES
+from fusion_rl.errors import ConfigError, FusionRLError
+from fusion_rl.io import read_bounded, read_json, write_atomic
+from fusion_rl.policy.network import PolicyNetwork
+
+__all__ = ["NETWORK_CLASS", "SNAPSHOT_FORMAT", "PolicySnapshot", "build_network", "check_observation",
+           "load_snapshot", "load_weights", "save_snapshot", "snapshot_paths"]
+
+SNAPSHOT_FORMAT = 1
+#: The only network class a snapshot or a policy card may name.
+NETWORK_CLASS = f"{PolicyNetwork.__module__}.{PolicyNetwork.__name__}"
+#: Largest weights file read (the shipped policy's is 0.3 MiB).
+MAX_WEIGHTS_BYTES = 256 << 20
+
+
+def snapshot_paths(zip_path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """``(weights, description)`` beside an SB3 zip: ``X.zip`` -> ``X.safetensors``, ``X.json``."""
+    path = Path(zip_path)
+    return path.with_suffix(".safetensors"), path.with_suffix(".json")
+
+
+def check_observation(observation: Any, hw_dim: int, where: str,
+                      error: type[FusionRLError] = ConfigError) -> dict[str, int]:
+    """The observation sizes of a saved policy, bounded (they size arrays before any check of
+    the model runs) and consistent with its network's hardware width."""
+    if not isinstance(observation, dict):
+        raise error(f"{where}: 'observation' must be an object with max_nodes, max_edges, hw_dim")
+    out = {}
+    for key, high in (("max_nodes", MAX_PADDED_NODES), ("max_edges", MAX_PADDED_EDGES), ("hw_dim", 4096)):
+        value = observation.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+            raise error(f"{where}: observation.{key} must be an integer in 1..{high}, got {value!r}")
+        out[key] = value
+    if out["hw_dim"] != hw_dim:
+        raise error(f"{where}: observation.hw_dim {out['hw_dim']} differs from the network's {hw_dim}")
+    return out
+
+
+def build_network(architecture: Any, where: str, error: type[FusionRLError] = ConfigError) -> PolicyNetwork:
+    """The network an ``{"class": ..., "kwargs": ...}`` description names, built from checked
+    arguments. The class is compared with a fixed name, never imported: a file names data."""
+    if not isinstance(architecture, dict) or architecture.get("class") != NETWORK_CLASS:
+        name = architecture.get("class") if isinstance(architecture, dict) else architecture
+        raise error(f"{where} names network class {str(name)[:100]!r}, which is not one of the classes "
+                    f"fusion_rl registers ({NETWORK_CLASS}); a saved policy names data, never code")
+    try:
+        kwargs = PolicyNetwork.check_config(architecture.get("kwargs"), f"{where}: architecture.kwargs")
+    except ConfigError as exc:
+        raise error(str(exc)) from None
+    return PolicyNetwork(**kwargs)
+
+
+def load_weights(network: torch.nn.Module, blob: bytes, where: str,
+                 error: type[FusionRLError] = ConfigError) -> None:
+    """Load safetensors ``blob`` into ``network``: every name and shape must match exactly.
+
+    Only safetensors is read (a header and raw tensor bytes); a pickle, or any other format,
+    is refused, so a weights file can never run code.
+    """
+    from safetensors.torch import load
+
+    try:
+        tensors = load(blob)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own (Rust) error types
+        first = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise error(f"{where} is not a safetensors file ({first}); weights are read only from "
+                    "safetensors, never from a pickle") from None
+    try:
+        network.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise error(f"{where} does not fit the network it describes: {str(exc).splitlines()[0][:200]}") from None
+
+
+@dataclass
+class PolicySnapshot:
+    """A trained actor loaded from a run folder, with SB3's ``predict`` for evaluation."""
+
+    network: PolicyNetwork
+    observation: dict[str, int]
+    num_timesteps: int
+    path: Path  #: the description (``.json``)
+
+    @torch.no_grad()
+    def predict(self, observation: dict[str, np.ndarray], action_masks: np.ndarray | None = None,
+                deterministic: bool = True) -> tuple[np.ndarray, None]:
+        """The masked greedy action for one observation, as SB3's ``predict(deterministic=True)``
+        gives it (an action the mask forbids is never chosen)."""
+        if not deterministic:
+            raise ValueError("a policy snapshot only acts deterministically")
+        logits = self.network({k: torch.as_tensor(np.asarray(v))[None] for k, v in observation.items()})[0]
+        if action_masks is not None:
+            mask = torch.as_tensor(np.asarray(action_masks, dtype=bool).reshape(-1))
+            logits = torch.where(mask, logits, torch.full_like(logits, -torch.inf))
+        return np.array(int(torch.argmax(logits))), None
+
+
+def save_snapshot(model: Any, zip_path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Write the actor of MaskablePPO ``model`` beside ``zip_path`` (see the module docstring)."""
+    from safetensors.torch import save
+
+    network = PolicyNetwork.from_sb3(model)
+    space = model.observation_space
+    description = {
+        "format": SNAPSHOT_FORMAT,
+        "network": {"class": NETWORK_CLASS, "kwargs": network.config},
+        "observation": {"max_nodes": int(space["node_features"].shape[0]),
+                        "max_edges": int(space["edge_features"].shape[0]),
+                        "hw_dim": int(space["hardware"].shape[0])},
+        "num_timesteps": int(model.num_timesteps),
+    }
+    weights_path, json_path = snapshot_paths(zip_path)
+    write_atomic(weights_path, save({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}),
+                 what="policy weights")
+    write_atomic(json_path, json.dumps(description, indent=1) + "\n", what="policy description")
+    return weights_path, json_path
+
+
+def load_snapshot(json_path: str | os.PathLike[str]) -> PolicySnapshot:
+    """Read a snapshot written by :func:`save_snapshot`; nothing in it is imported or unpickled.
+
+    :raises ConfigError: one line naming the file and what is wrong with it.
+    """
+    json_path = Path(json_path)
+    weights_path = json_path.with_suffix(".safetensors")
+    data = read_json(json_path, "policy description", ConfigError, 1 << 20)
+    if not isinstance(data, dict) or data.get("format") != SNAPSHOT_FORMAT:
+        raise ConfigError(f"{json_path}: not a policy description of format {SNAPSHOT_FORMAT}")
+    network = build_network(data.get("network"), str(json_path))
+    observation = check_observation(data.get("observation"), network.config["features"]["hw_dim"], str(json_path))
+    steps = data.get("num_timesteps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ConfigError(f"{json_path}: num_timesteps must be an integer >= 0, got {steps!r}")
+    load_weights(network, read_bounded(weights_path, "policy weights", ConfigError, MAX_WEIGHTS_BYTES),
+                 str(weights_path))
+    return PolicySnapshot(network.eval(), observation, steps, json_path)
