@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from fusion_rl.compare import machine_description
+from fusion_rl.compiler.cost_model import spearman
 from fusion_rl.compiler.kernel_table import KernelTable
 from fusion_rl.compiler.measure import Measurer
 from fusion_rl.compiler.store import MeasurementStore, default_store_path
@@ -35,23 +36,6 @@ from fusion_rl.graph.model import load_model
 
 KEYS = {"models", "plans_per_model", "seed", "max_anchors", "target", "schedule", "trials_per_task",
         "repeat", "min_repeat_ms", "kernel_repeat", "kernel_min_repeat_ms", "timeout_s"}
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman rank correlation (average ranks for ties); nan for fewer than 3 points."""
-    if len(a) < 3:
-        return float("nan")
-
-    def ranks(x: list[float]) -> np.ndarray:
-        x = np.asarray(x, float)
-        order = np.argsort(x, kind="mergesort")
-        r = np.empty(len(x))
-        r[order] = np.arange(len(x))
-        for v in np.unique(x):  # ties share their mean rank
-            r[x == v] = r[x == v].mean()
-        return r
-
-    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
 def mape(est: list[float], real: list[float]) -> float:
