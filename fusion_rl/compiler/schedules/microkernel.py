@@ -16,8 +16,9 @@ BLAS libraries (GotoBLAS, MLAS) and of TOPI's x86 ``conv2d_NCHWc`` / ``dense_pac
   the elementwise epilogue (bias, batch norm, activation, residual) inlined into the write-back.
 
 Loop nest: ``parallel(outer tiles) / [pack] / reduction / r_inner (unrolled) / v_inner
-(vectorized)``. Depthwise convolutions (every spatial axis used by both operands or by ``X``
-only) use the same nest with ``v`` on ``X``'s contiguous axis and no packing.
+(vectorized)``. Depthwise convolutions (the channel axis indexes both operands) copy input and
+filter channels-last and vectorize the channels (:func:`schedule_depthwise`). Matmuls whose
+extents do not tile (ViT's 197 tokens) are padded first (``pad_einsum``).
 """
 
 from __future__ import annotations
@@ -279,7 +280,7 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
     for lp in head:
         head_ext *= _loop_extent(sch, lp) or 1
     per_panel = lay.panel is not None and head_ext >= 8
-    par_loops = head if (per_panel or lay.panel is None and False) else outer
+    par_loops = head if per_panel else outer
     fused = sch.fuse(*par_loops) if len(par_loops) > 1 else par_loops[0]
     if per_panel:
         tile_loop = fused
