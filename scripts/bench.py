@@ -8,7 +8,8 @@ For each bench model, on this machine:
    (interleaved rounds; paired per-repeat ratios against ``unfused``);
 3. ONNX Runtime (graph optimizations on / off), torch eager and torch.compile, verified;
 4. per-kernel times of TVM's best plan and ONNX Runtime's per-node profile, grouped by
-   kernel class, to show where the remaining gap is;
+   kernel class, to show where the remaining gap is, and the wall time of a new random plan
+   (compile, verify, time: what an env step or a search step costs);
 then writes results.json, results.md and bench.png beside the config.
 """
 
@@ -32,6 +33,7 @@ from fusion_rl.compiler.schedules import DEFAULT_SCHEDULE  # noqa: E402
 from fusion_rl.compiler.target import parse_target  # noqa: E402
 from fusion_rl.compiler.timing import TimingProtocol  # noqa: E402
 from fusion_rl.errors import read_yaml  # noqa: E402
+from fusion_rl.fusion.random_plans import random_plan  # noqa: E402
 from fusion_rl.fusion.rules import make_plan  # noqa: E402
 from fusion_rl.graph import zoo  # noqa: E402
 from fusion_rl.graph.model import load_model  # noqa: E402
@@ -91,6 +93,12 @@ def main() -> int:
                     by_class[kernel_class(kernel)] = by_class.get(kernel_class(kernel), 0.0) + ms
                 row["tvm_classes_ms"] = by_class
                 row["kernel_schedules"] = record.kernel_schedules
+                # A plan never seen before: compile, verify and time it from scratch.
+                fresh = random_plan(model.graph, np.random.default_rng(0), max_anchors=1)
+                t0 = time.perf_counter()
+                new = m.measure(model, fresh)
+                row["new_plan_s"] = time.perf_counter() - t0
+                row["new_plan_status"] = new.status
         # 3. The runtimes on the same inputs, verified against the same reference.
         for runtime in cfg["runtimes"]:
             res = run_runtime(runtime, model, protocol, threads=spec.num_threads)

@@ -159,12 +159,12 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         lines.append(f"| {m['model']} | " + " | ".join(
             f"{_fmt(t.get(c))} / {_fmt(o.get(c))}" for c in CLASSES) + " |")
     lines += ["", "## Preparation (one time per model) and fallbacks", "",
-              "| model | ops | export + import s | head-to-head wall s | kernels without a schedule |",
-              "|---|---|---|---|---|"]
+              "| model | ops | export + import s | head-to-head wall s | new plan: compile + verify + time s | kernels without a schedule |",
+              "|---|---|---|---|---|---|"]
     for m in results["models"]:
         fb = [k for k, v in (m.get("kernel_schedules") or {}).items() if v.startswith("fallback")]
         lines.append(f"| {m['model']} | {m['ops']} | {m['prep_s']:.1f} | {_fmt(m.get('compare_s'), 0)} | "
-                     f"{len(fb)} |")
+                     f"{_fmt(m.get('new_plan_s'), 1)} ({m.get('new_plan_status', '—')}) | {len(fb)} |")
     path.write_text("\n".join(lines) + "\n")
 
 
