@@ -56,9 +56,8 @@ def run_executable(
 
 def reference_outputs(model: Model) -> tuple[list[np.ndarray], str]:
     """The reference outputs of ``model`` on its example inputs (cached on the model)."""
-    cached = getattr(model, "_reference", None)
-    if cached is not None:
-        return cached
+    if model.reference is not None:
+        return model.reference
     if model.onnx_model is not None:
         import onnxruntime as ort
 
@@ -76,7 +75,7 @@ def reference_outputs(model: Model) -> tuple[list[np.ndarray], str]:
         target = tvm.target.Target({"kind": "llvm"})
         ex = compile_module(model.mod, target, NaiveSchedule())[0]
         result = (run_executable(ex, model.inputs), "tvm-unfused")
-    model._reference = result  # type: ignore[attr-defined]
+    model.reference = result
     return result
 
 
