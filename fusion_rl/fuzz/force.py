@@ -81,7 +81,7 @@ def force_one(model: Any, plan: FusionPlan, provider: str, target: Any) -> dict[
     """Force one plan in this process; returns ``{"outcome": stage or "ok", "error": ...}``."""
     from fusion_rl.compiler.build import compile_module
     from fusion_rl.compiler.schedules import make_schedule
-    from fusion_rl.compiler.verify import compare, reference_outputs, run_executable
+    from fusion_rl.compiler.verify import compare_outputs, reference_outputs, run_executable
 
     try:
         fused, _ = force_fuse(model, plan)
@@ -96,7 +96,7 @@ def force_one(model: Any, plan: FusionPlan, provider: str, target: Any) -> dict[
     except Exception as exc:  # noqa: BLE001
         return {"outcome": "run", "error": first_line(exc)}
     expected, ref = reference_outputs(model)
-    report = compare(actual, expected, ref)
+    report = compare_outputs(actual, expected, ref)
     if not report.ok:
         return {"outcome": "wrong_output", "error": f"max abs err {report.max_abs_err:.3g}"}
     return {"outcome": "ok", "error": None}

@@ -98,7 +98,7 @@ def reproduce(folder: str | os.PathLike, write_actual: bool = False, force: bool
     output, or an error while compiling). ``force`` skips the legality check (for plans found
     by the legality fuzzer).
     """
-    from fusion_rl.compiler.verify import compare, run_executable
+    from fusion_rl.compiler.verify import compare_outputs, run_executable
     from fusion_rl.compiler.target import parse_target
     from fusion_rl.graph.model import load_model
 
@@ -117,7 +117,7 @@ def reproduce(folder: str | os.PathLike, write_actual: bool = False, force: bool
         return True, f"REPRODUCED: compile/run failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
     if write_actual:
         _write_npz(folder / "actual.npz", *actual)
-    report = compare(actual, expected, meta.get("reference", ""))
+    report = compare_outputs(actual, expected, meta.get("reference", ""))
     if report.ok:
         return False, f"NOT reproduced: outputs match (max abs err {report.max_abs_err:.3g})"
     return True, f"REPRODUCED: wrong output, max abs err {report.max_abs_err:.3g} (max rel {report.max_rel_err:.3g})"
