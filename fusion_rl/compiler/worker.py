@@ -20,6 +20,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any, Callable
 
 from fusion_rl.errors import FusionRLError
@@ -204,6 +205,11 @@ def _inject(fault: str | None, stage: str) -> None:
     if fault == "raise" and stage == "build":
         raise RuntimeError("injected fault")
     if (fault == "hang_build" and stage == "build") or (fault == "hang_run" and stage == "run"):
+        # Say that the hang has begun, so a test can act on the hanging worker without guessing
+        # how long the stages before it take.
+        marker = os.environ.get("FUSION_RL_FAULT_MARKER")
+        if marker:
+            Path(marker).write_text(stage)
         while True:
             time.sleep(3600)
 
