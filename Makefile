@@ -24,9 +24,9 @@ demo: install
 test: install
 	$(PY) -m pytest -q -ra tests
 
-# The unit tiers only (no end-to-end compiles of the whole zoo): for the edit-test loop.
+# The unit tier only (no TVM build, no worker process; tiers: tests/conftest.py): for the edit-test loop.
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m unit tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from fusion_rl.baselines.runtimes import run_runtime  # noqa: E402
 from fusion_rl.compare import machine_description  # noqa: E402
 from fusion_rl.compiler.measure import Measurer  # noqa: E402
-from fusion_rl.compiler.paired import compare_interleaved  # noqa: E402
+from fusion_rl.compiler.paired import head_to_head  # noqa: E402
 from fusion_rl.compiler.schedules import DEFAULT_SCHEDULE  # noqa: E402
 from fusion_rl.compiler.target import parse_target  # noqa: E402
 from fusion_rl.compiler.timing import TimingProtocol  # noqa: E402
@@ -70,7 +70,7 @@ def main() -> int:
         t0 = time.perf_counter()
         with Measurer(spec, DEFAULT_SCHEDULE, store=None, protocol=protocol,
                       timeout_s=cfg["timeout_s"]) as m:
-            paired = compare_interleaved(m, model, plans, cfg["rounds"])
+            paired = head_to_head(m, model, plans, cfg["rounds"])
             row["compare_s"] = time.perf_counter() - t0
             if paired.failures:
                 row["failures"] = paired.failures

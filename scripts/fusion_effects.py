@@ -19,7 +19,7 @@ from pathlib import Path
 from fusion_rl.compare import load_experiment, machine_description
 from fusion_rl.compiler.kernels import group_kernel_times
 from fusion_rl.compiler.measure import Measurer
-from fusion_rl.compiler.paired import compare_interleaved
+from fusion_rl.compiler.paired import head_to_head
 from fusion_rl.compiler.store import MeasurementStore, default_store_path
 from fusion_rl.fusion.metrics import plan_metrics
 from fusion_rl.fusion.rules import RULE_SETS, make_plan
@@ -120,7 +120,7 @@ def significance(cfg: dict, spec, protocol, schedules, rows: list[dict]) -> list
         t0 = time.perf_counter()
         with Measurer(spec, "tuned", kwargs, store=None, protocol=protocol,
                       timeout_s=cfg.get("timeout_s", 1800)) as m:
-            cmp = compare_interleaved(m, model, plans, rounds)
+            cmp = head_to_head(m, model, plans, rounds)
         if cmp.failures:
             lines.append(f"| {name} | {best} | failed: {cmp.failures} |" + " |" * 9)
             continue

@@ -424,7 +424,7 @@ def write_report(out_dir: Path, cfg: dict[str, Any], env_spec: Any, runs: list[P
 def metaschedule_table(cfg: dict[str, Any], runs: list[Path], env_spec: Any, out_dir: Path, argv: list[str]) -> None:
     """``tvm`` rules + MetaSchedule vs learned fusion + MetaSchedule, same trials per task."""
     from fusion_rl.compiler.measure import Measurer
-    from fusion_rl.compiler.paired import compare_interleaved
+    from fusion_rl.compiler.paired import head_to_head
     from fusion_rl.compiler.store import MeasurementStore
     from fusion_rl.evaluate import decide_plan, make_eval_env
     from fusion_rl.fusion.metrics import plan_metrics
@@ -460,7 +460,7 @@ def metaschedule_table(cfg: dict[str, Any], runs: list[Path], env_spec: Any, out
                     and plans["tvm"].hash != plans["learned"].hash:
                 with Measurer(ms["target"], "tuned", {"trials_per_task": trials}, store=None,
                               protocol=env_spec.protocol, timeout_s=max(env_spec.timeout_s, 1200.0)) as fresh:
-                    res["retimed"] = compare_interleaved(fresh, model, plans, rounds)
+                    res["retimed"] = head_to_head(fresh, model, plans, rounds)
             lines.append((name, res))
     finally:
         measurer.close()
@@ -478,7 +478,7 @@ def metaschedule_table(cfg: dict[str, Any], runs: list[Path], env_spec: Any, out
          "is the wall time of the measurement job as recorded in the store (tuning the tasks not yet in the database, "
          "building, verifying and timing); `this run s` is what this invocation spent (≈0 when served from the store).\n",
          "`re-timed` compares the two plans again within one run (both built from the filled database, timed "
-         f"repeat by repeat, {int(ms.get('retime_rounds', 0))} rounds; `Measurer.compare`): the median per-repeat "
+         f"repeat by repeat, {int(ms.get('retime_rounds', 0))} rounds; `Measurer.time_together`): the median per-repeat "
          "speedup, its IQR, and the repeats the learned plan won. Held-out models are marked *.\n",
          "| model | tvm+MS ms (spread) | learned+MS ms (spread) | learned speedup | re-timed speedup (IQR, won) | "
          "tvm kernels | learned kernels | tvm tuning+build s | learned tuning+build s | this run s (tvm / learned) | "
@@ -534,11 +534,11 @@ def remeasure(rows: list[dict[str, Any]], env_spec: Any, rounds: int, splits: tu
 
     Store records were taken at different times (minutes apart), so two plans' medians may differ
     by machine regime rather than by plan. Here each case's plans are timed back to back,
-    ``rounds`` times, interleaved (:func:`~fusion_rl.compiler.paired.compare_interleaved`); a
+    ``rounds`` times, interleaved (:func:`~fusion_rl.compiler.paired.head_to_head`); a
     plan's latency is the median of its round medians. Returns one row per (case, method[, seed]) with ``latency_ms`` replaced.
     """
     from fusion_rl.compiler.measure import Measurer
-    from fusion_rl.compiler.paired import compare_interleaved
+    from fusion_rl.compiler.paired import head_to_head
     from fusion_rl.fusion.plan import FusionPlan
     from fusion_rl.graph.model import load_model
 
@@ -554,7 +554,7 @@ def remeasure(rows: list[dict[str, Any]], env_spec: Any, rounds: int, splits: tu
             if target not in measurers:
                 measurers[target] = Measurer(target, env_spec.schedule, dict(env_spec.schedule_kwargs), store=None,
                                              protocol=env_spec.protocol, isolate=True, timeout_s=env_spec.timeout_s)
-            times = compare_interleaved(measurers[target], model, plans, rounds).round_medians
+            times = head_to_head(measurers[target], model, plans, rounds).round_medians
             for r in case_rows:
                 t = times[r["plan_hash"]]
                 out.append({**r, "latency_ms": float(np.median(t)) if t else None,
@@ -576,7 +576,7 @@ def remeasure_section(rows: list[dict[str, Any]], rounds: int, argv: list[str]) 
          f"The tables below come from the store, whose records were taken minutes apart; on this 2-vCPU machine the "
          f"speed of the whole machine drifts between regimes lasting seconds, so records taken apart mix plan effects "
          f"with regime. Here every distinct plan of these cases was timed again without the store, {rounds} rounds; "
-         f"each round builds all the case's plans and times them repeat by repeat, interleaved (`Measurer.compare`). "
+         f"each round builds all the case's plans and times them repeat by repeat, interleaved (`Measurer.time_together`). "
          f"The cell is the median of the round medians (± max−min over rounds) and the speedup vs `tvm` in "
          f"parentheses. Search cells re-time the plan each search found (found on the store, so the re-timing also "
          f"removes search's winner's-curse advantage).\n",

@@ -469,6 +469,21 @@ def test_env_spec_missing_file_and_folder(tmp_path):
             spec.EnvSpec.from_yaml(path)
 
 
-def test_compile_error_type_exists():
-    # The typed error a TVM failure on an accepted plan becomes (see tests/test_fuzz.py).
-    assert issubclass(CompileError, FusionRLError)
+def test_tvm_failure_on_an_accepted_plan_is_a_one_line_compile_error(model_cache, monkeypatch):
+    """A failure inside TVM on a plan legality accepted becomes the typed CompileError, one line
+    (the fuzzer looks for such plans: tests/test_fuzz.py)."""
+    from fusion_rl.fusion import apply
+    from fusion_rl.fusion.rules import make_plan
+
+    model = model_cache("mlp_tiny")
+    plan = make_plan("tvm", model.mod, model.graph)
+
+    def broken_pass(plan, graph=None):
+        def run(mod):
+            raise RuntimeError("InternalError: Check failed: injected\nStack trace:\n  0: tvm::...")
+        return run
+
+    monkeypatch.setattr(apply, "ApplyFusionPlan", broken_pass)
+    with pytest.raises(CompileError, match=f"plan {plan.hash} failed inside TVM: InternalError") as info:
+        apply.apply_plan(model.mod, plan, model.graph)
+    assert isinstance(info.value, FusionRLError) and "\n" not in str(info.value)

@@ -349,7 +349,7 @@ def test_failed_measurement_gives_the_failure_penalty(store_path, monkeypatch):
     from fusion_rl.compiler.verify import reference_outputs
 
     expected, ref = reference_outputs(model)
-    monkeypatch.setattr(model, "_reference", ([e + 1.0 for e in expected], ref), raising=False)
+    monkeypatch.setattr(model, "reference", ([e + 1.0 for e in expected], ref))
     rewards, info = run_episode(env, [0] * 10)  # the unfused plan: not yet measured
     assert rewards[-1] == FAILURE_PENALTY and info["measurement_status"] == "wrong_output"
     assert info["latency_ms"] is None and "wrong output" in info["measurement_error"]

@@ -13,7 +13,6 @@ import os
 import signal
 import sqlite3
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -101,14 +100,10 @@ def test_worker_fault_costs_one_measurement(setup, fault, status, words, kills_w
     plan = plans.fresh()
     if fault.startswith("hang"):
         m.timeout_s = HANG_TIMEOUT_S
-    t0 = time.monotonic()
     record = m.measure(model, plan, fault=fault)
-    wall = time.monotonic() - t0
     assert record.status == status and record.median_ms is None
     for w in words:
         assert w in (record.error or ""), record.error
-    if fault.startswith("hang"):
-        assert HANG_TIMEOUT_S <= wall < HANG_TIMEOUT_S + 30
     if kills_worker:
         assert m._worker is None  # killed and dropped; the next job starts a fresh one
         with pytest.raises(ProcessLookupError):
@@ -121,9 +116,12 @@ def test_worker_fault_costs_one_measurement(setup, fault, status, words, kills_w
 
 
 @pytest.mark.slow
-def test_worker_killed_mid_measurement(setup):
+def test_worker_killed_mid_measurement(setup, tmp_path, monkeypatch):
     """SIGKILL from outside while the worker is timing (a hanging run stands in for a slow one)."""
     m, model, store, plans, baseline = setup
+    marker = tmp_path / "hanging"
+    monkeypatch.setenv("FUSION_RL_FAULT_MARKER", str(marker))
+    m.close()  # the next worker starts with the marker variable in its environment
     _survives(m, model, plans, store, _snapshot(store))
     before = _snapshot(store)
     m.timeout_s = 120.0
@@ -134,16 +132,17 @@ def test_worker_killed_mid_measurement(setup):
         result["record"] = m.measure(model, plans.fresh(), fault="hang_run")
 
     thread = threading.Thread(target=job)
-    t0 = time.monotonic()
     thread.start()
-    time.sleep(3.0)  # compile + verify of mlp_tiny take < 1 s in a warm worker: it is in the run
-    assert thread.is_alive()
+    # Wait for the worker to say it is inside the run (not for a guessed time).
+    while not marker.exists():
+        assert thread.is_alive(), result
+        thread.join(timeout=0.05)
+    assert marker.read_text() == "run"
     os.kill(pid, signal.SIGKILL)
-    thread.join(timeout=60)
-    assert not thread.is_alive()
+    thread.join()
     record = result["record"]
+    # "crashed" (not "timeout"): the kill was noticed at once, not after the 120 s timeout.
     assert record.status == "crashed" and "SIGKILL" in record.error
-    assert time.monotonic() - t0 < 60  # noticed at once, not after the 120 s timeout
     _survives(m, model, plans, store, before)
 
 

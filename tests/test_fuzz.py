@@ -70,7 +70,7 @@ def test_forced_cycle_fails(model_cache):
     """Two convex groups that depend on each other cannot be ordered: TVM rejects the program."""
     model = model_cache("resnet_tiny")
     rng = np.random.default_rng(0)
-    plan = next(p for p in (fuzz._cross_plan(model.graph, rng) for _ in range(50))
+    plan = next(p for p in (fuzz.cross_plan(model.graph, rng) for _ in range(50))
                 if p is not None and [v.rule for v in check_plan(model.graph, p).errors] == ["cycle"])
     out = fuzz.force_plans([("resnet_tiny", plan)], "naive", timeout_s=120)
     assert out[0]["outcome"] == "well_formed", out[0]
@@ -120,7 +120,7 @@ def test_reproducer_folder_reproduces_a_mismatch(model_cache, tmp_path, monkeypa
     with np.load(folder / "actual.npz") as actual:
         np.testing.assert_allclose(actual["arr_0"], expected[0], rtol=1e-3, atol=1e-4)
     proc = subprocess.run(["sh", str(folder / "repro.sh")], cwd=REPO_ROOT, capture_output=True, text=True,
-                          env={**fuzz._child_env(), "PYTHON": sys.executable})
+                          env={**fuzz.child_env(), "PYTHON": sys.executable})
     assert proc.returncode == 1 and "REPRODUCED" in proc.stdout
     # The untampered expectation: the same folder no longer reproduces.
     np.savez(folder / "expected.npz", *expected)
@@ -174,7 +174,7 @@ def test_cli_names_the_cycle_of_a_cyclic_plan(model_cache, tmp_path):
     """`fusion-rl plan hf_bert --plan <cyclic>`: one `error:` line naming the cycle, exit 2."""
     model = model_cache("hf_bert")
     rng = np.random.default_rng(0)
-    plan = next(p for p in (fuzz._cross_plan(model.graph, rng) for _ in range(200))
+    plan = next(p for p in (fuzz.cross_plan(model.graph, rng) for _ in range(200))
                 if p is not None and [v.rule for v in check_plan(model.graph, p).errors] == ["cycle"])
     path = plan.save(tmp_path / "cyclic.json")
     proc = subprocess.run([sys.executable, "-m", "fusion_rl.cli", "plan", "hf_bert", "--plan", str(path)],

@@ -170,21 +170,21 @@ def test_worker_dies_with_its_parent(tmp_path):
 
 
 @pytest.mark.parametrize("isolate", [False, True])
-def test_compare_times_plans_repeat_by_repeat(model_cache, isolate):
-    from fusion_rl.compiler.paired import compare_interleaved
+def test_time_together_times_plans_repeat_by_repeat(model_cache, isolate):
+    from fusion_rl.compiler.paired import head_to_head
 
     model = model_cache("mlp_tiny")
     plans = {r: make_plan(r, model.mod, model.graph) for r in ("unfused", "tvm")}
     with Measurer("host", "rules", store=None, protocol=QUICK, isolate=isolate) as m:
-        result = m.compare(model, list(plans.values()))
+        result = m.time_together(model, list(plans.values()))
         assert result["status"] == "ok" and [len(t) for t in result["times_ms"]] == [QUICK.repeat] * 2
         assert all(t > 0 for times in result["times_ms"] for t in times)
-        cmp = compare_interleaved(m, model, plans, rounds=2)
+        cmp = head_to_head(m, model, plans, rounds=2)
         assert not cmp.failures and len(cmp.pooled_ms["tvm"]) == 2 * QUICK.repeat
         assert m.stats.misses == 3
         other = model_cache("cnn_plain")
         with pytest.raises(PlanMismatchError):  # a plan of another model is refused up front
-            m.compare(model, [make_plan("tvm", other.mod, other.graph)])
+            m.time_together(model, [make_plan("tvm", other.mod, other.graph)])
 
 
 def test_retry_remeasures_a_remembered_crash(model_cache, store):

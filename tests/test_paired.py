@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from fusion_rl.compiler.paired import compare_interleaved
+from fusion_rl.compiler.paired import head_to_head
 from fusion_rl.errors import ConfigError
 
 
 class _ScriptedMeasurer:
-    """``compare`` returns base latency x the machine's regime, which changes every repeat."""
+    """``time_together`` returns base latency x the machine's regime, which changes every repeat."""
 
     store = None
 
@@ -18,7 +18,7 @@ class _ScriptedMeasurer:
         self.base, self.regimes, self.repeats, self.fail = base, regimes, repeats, fail
         self.calls: list[list[str]] = []
 
-    def compare(self, model, plans):
+    def time_together(self, model, plans):
         self.calls.append(list(plans))
         if self.fail:
             return {"status": "wrong_output", "error": "plan x: mismatch", "times_ms": []}
@@ -28,7 +28,7 @@ class _ScriptedMeasurer:
 
 def test_rounds_flip_the_plan_order_and_pool_repeats() -> None:
     m = _ScriptedMeasurer({"a": 1.0, "b": 2.0}, [1.0])
-    cmp = compare_interleaved(m, None, {"a": "a", "b": "b"}, rounds=3)
+    cmp = head_to_head(m, None, {"a": "a", "b": "b"}, rounds=3)
     assert m.calls == [["a", "b"], ["b", "a"], ["a", "b"]]
     assert cmp.round_medians == {"a": [1.0] * 3, "b": [2.0] * 3}
     assert len(cmp.pooled_ms["a"]) == 12 and cmp.speedups("b", "a") == [2.0] * 12
@@ -37,29 +37,29 @@ def test_rounds_flip_the_plan_order_and_pool_repeats() -> None:
 def test_paired_reading_cancels_a_shared_regime_unpaired_does_not() -> None:
     # Repeats alternate between a fast machine and a 1.7x slower one; the plan effect is 10 %.
     m = _ScriptedMeasurer({"unfused": 1.1, "fused": 1.0}, [1.0, 1.7])
-    v = compare_interleaved(m, None, {"unfused": "unfused", "fused": "fused"}, rounds=3).verdict("unfused", "fused")
+    v = head_to_head(m, None, {"unfused": "unfused", "fused": "fused"}, rounds=3).verdict("unfused", "fused")
     assert not v["unpaired"]  # the regime's spread swamps the 10 % gap
     assert v["paired"] and v["paired_speedup"] == pytest.approx(1.1) and v["paired_spread"] == pytest.approx(0.0)
     assert v["repeats_won"] == v["repeats"] == 12 and v["rounds_won"] == 3
 
 
 def test_a_real_effect_passes_both_and_no_effect_passes_neither() -> None:
-    big = compare_interleaved(_ScriptedMeasurer({"u": 3.0, "f": 1.0}, [1.0, 1.1]), None, {"u": "u", "f": "f"}, 2)
+    big = head_to_head(_ScriptedMeasurer({"u": 3.0, "f": 1.0}, [1.0, 1.1]), None, {"u": "u", "f": "f"}, 2)
     assert big.verdict("u", "f")["unpaired"] and big.verdict("u", "f")["paired"]
-    same = compare_interleaved(_ScriptedMeasurer({"u": 1.0, "f": 1.0}, [1.0, 1.3]), None, {"u": "u", "f": "f"}, 2)
+    same = head_to_head(_ScriptedMeasurer({"u": 1.0, "f": 1.0}, [1.0, 1.3]), None, {"u": "u", "f": "f"}, 2)
     assert not same.verdict("u", "f")["unpaired"] and not same.verdict("u", "f")["paired"]
 
 
 def test_a_failed_round_stops_and_is_reported() -> None:
     m = _ScriptedMeasurer({"a": 1.0, "b": 1.0}, [1.0], fail=True)
-    cmp = compare_interleaved(m, None, {"a": "a", "b": "b"}, rounds=3)
+    cmp = head_to_head(m, None, {"a": "a", "b": "b"}, rounds=3)
     assert len(m.calls) == 1 and set(cmp.failures) == {"a", "b"} and "wrong_output" in cmp.failures["a"]
 
 
 def test_bad_arguments() -> None:
     m = _ScriptedMeasurer({"a": 1.0}, [1.0])
     with pytest.raises(ConfigError, match="rounds"):
-        compare_interleaved(m, None, {"a": "a"}, rounds=1)
+        head_to_head(m, None, {"a": "a"}, rounds=1)
     m.store = object()
     with pytest.raises(ConfigError, match="without a store"):
-        compare_interleaved(m, None, {"a": "a"}, rounds=3)
+        head_to_head(m, None, {"a": "a"}, rounds=3)

@@ -505,11 +505,11 @@ def test_8_plan_name_with_escapes_cannot_fake_lines(capsys, tmp_path):
 
 def _missing_isa_target() -> str | None:
     """A named target whose instructions this CPU lacks, if any."""
-    from fusion_rl.compiler.target import _read_cpuinfo, _runs_on
+    from fusion_rl.compiler.target import read_cpuinfo, runs_on
 
-    flags, _ = _read_cpuinfo()
+    flags, _ = read_cpuinfo()
     for mcpu in ("sapphirerapids", "znver4", "skylake-avx512", "haswell"):
-        if flags and not _runs_on(mcpu, flags):
+        if flags and not runs_on(mcpu, flags):
             return f"llvm:{mcpu}:t1"
     return None
 

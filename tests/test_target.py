@@ -99,8 +99,8 @@ def test_vector_lanes_by_isa() -> None:
 
 def test_host_detection_returns_valid_named_mcpu() -> None:
     mcpu = detect_host_mcpu()
-    assert mcpu in tgt._MCPU_LADDER
-    assert tgt._llvm_accepts(mcpu)
+    assert mcpu in tgt.MCPU_LADDER
+    assert tgt.llvm_accepts(mcpu)
     host = parse_target("host")
     assert host.mcpu == mcpu and host.num_threads == tgt.host_num_threads() >= 1
     assert host.key == f"llvm-{mcpu}-t{host.num_threads}"
@@ -126,7 +126,7 @@ _ZEN4 = _ICE + " sse4a"  # AVX-512 with BF16/VNNI, but no AMX, AVX512-FP16 or VE
     ],
 )
 def test_host_mcpu_from_cpuinfo_flags(tmp_path, monkeypatch, flags: str, expected: str) -> None:
-    monkeypatch.setattr(tgt.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(tgt.host.platform, "machine", lambda: "x86_64")
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t: fpu\n")
     assert detect_host_mcpu(cpuinfo) == expected
@@ -180,7 +180,7 @@ def fake_bench(monkeypatch):
         calls.append(num_threads)
         return {"peak_gflops": 100.0 * num_threads, "mem_bw_gbs": 20.0}
 
-    monkeypatch.setattr(tgt, "run_microbenchmark", bench)
+    monkeypatch.setattr(tgt.hardware, "run_microbenchmark", bench)
     return calls
 
 
@@ -210,7 +210,7 @@ def test_features_measured_once_then_cached(tmp_path, fake_bench, monkeypatch) -
     hardware_features("x86-64-t1", cache_dir=tmp_path, refresh=True)
     assert fake_bench == [1, 2, 1]
     # Another machine (hostname) must not reuse this machine's numbers.
-    monkeypatch.setattr(tgt.socket, "gethostname", lambda: "other-host")
+    monkeypatch.setattr(tgt.hardware.socket, "gethostname", lambda: "other-host")
     hardware_features("x86-64-t1", cache_dir=tmp_path)
     assert fake_bench == [1, 2, 1, 1]
 

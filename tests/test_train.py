@@ -62,6 +62,10 @@ class FakeFusionEnv(gym.Env):
         self.observation_space = observation_space(len(HW), max_nodes, max_edges)
         self.action_space = action_space()
         self.reference = 5.0  # a "TVM" plan: 3 anchors + 2 leftover kernels
+        self.steps = 0
+        # FAKE_FUSION_HANG_AFTER=N: block forever after N steps, so a test can kill training
+        # in the middle without racing its end.
+        self.hang_after = int(os.environ.get("FAKE_FUSION_HANG_AFTER", "0"))
 
     def _obs(self) -> dict[str, np.ndarray]:
         p = self.process
@@ -82,6 +86,10 @@ class FakeFusionEnv(gym.Env):
         return self._obs(), {}
 
     def step(self, action):
+        self.steps += 1
+        if self.hang_after and self.steps > self.hang_after:
+            while True:  # stands in for a long run: only the test's kill -9 ends it
+                time.sleep(3600)
         fuse = bool(action) and self.process.can_fuse()
         self.process.decide(fuse)
         done = self.process.done
@@ -182,19 +190,24 @@ def test_resume_after_kill(tmp_path):
     cfg = write_config(tmp_path, total_timesteps=640, checkpoint_every=32)
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(cfg), "--runs-dir", str(runs),
-         "--no-progress"], env=script_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+         "--no-progress"], env={**script_env(), "FAKE_FUSION_HANG_AFTER": "128"}, cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     from fusion_rl.policy.training import latest_checkpoint
 
-    deadline = time.time() + 180
+    run = None
     try:
-        while time.time() < deadline and proc.poll() is None:
+        # The env blocks after 128 steps, so training cannot end before the kill: wait for a
+        # checkpoint (the generous deadline only stops a broken run from hanging the suite).
+        deadline = time.monotonic() + 600
+        while proc.poll() is None and time.monotonic() < deadline:
             run = next((p for p in runs.iterdir() if p.is_dir()), None) if runs.exists() else None
             ckpt = latest_checkpoint(run) if run else None
             if ckpt and ckpt[0] >= 96:
                 break
             time.sleep(0.05)
         assert proc.poll() is None, f"training ended before the kill: {proc.stderr.read()[-2000:]}"
+        assert ckpt and ckpt[0] >= 96, "no checkpoint at step 96 or later"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         if proc.poll() is None:

@@ -128,11 +128,18 @@ def test_bundle_carries_the_plan(capsys, tmp_path):
     one_line_error(code, err, "--plan")
     bundle = tmp_path / "bundle.json"
     code, out, err = run(capsys, "validate", str(result), "--plan", str(plan), "--save-bundle", str(bundle))
-    assert code in (0, 1) and out.startswith(("HOLDS", "DOES NOT HOLD")), err
+    _judged(code, out, err)
     loaded = load_result(bundle)
     assert loaded.plan is not None and loaded.model == "mlp_tiny" and loaded.protocol["repeat"] == 5
     code, out, err = run(capsys, "validate", str(bundle))
-    assert code in (0, 1) and "Traceback" not in err and out.startswith(("HOLDS", "DOES NOT HOLD"))
+    _judged(code, out, err)
+
+
+def _judged(code: int, out: str, err: str) -> None:
+    """A verdict was reached and the exit status says the same. Which verdict depends on machine
+    load (a fresh timing); the criterion itself is tested deterministically in test_criterion."""
+    assert "Traceback" not in err and out.startswith(("HOLDS", "DOES NOT HOLD")), err
+    assert code == (0 if out.startswith("HOLDS") else 1), (code, out)
 
 
 def test_wrong_plan_is_refused(capsys, measured):

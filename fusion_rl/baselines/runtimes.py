@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 
 from fusion_rl.compiler.timing import Timing, TimingProtocol
-from fusion_rl.compiler.verify import compare, reference_outputs
+from fusion_rl.compiler.verify import compare_outputs, reference_outputs
 from fusion_rl.graph.model import Model
 
 RUNTIMES = ("ort", "ort-noopt", "torch-eager", "torch-compile")
@@ -71,7 +71,7 @@ def run_runtime(
         return RuntimeResult(name, "failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
     expected, ref = reference_outputs(model)
     outputs = fn()
-    report = compare([np.asarray(o) for o in outputs], expected, ref)
+    report = compare_outputs([np.asarray(o) for o in outputs], expected, ref)
     if not report.ok:
         return RuntimeResult(name, "wrong_output", setup_s=setup_s, error=f"max abs err {report.max_abs_err:.3g}")
     return RuntimeResult(name, "ok", time_callable(fn, protocol), setup_s)

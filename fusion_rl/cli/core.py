@@ -162,7 +162,7 @@ def _measure_head_to_head(args: argparse.Namespace) -> int:
     """
     import numpy as np
 
-    from fusion_rl.compiler.paired import compare_interleaved
+    from fusion_rl.compiler.paired import head_to_head
 
     if args.per_kernel:
         raise ConfigError("--per-kernel measures one plan; drop it to compare plans")
@@ -174,7 +174,7 @@ def _measure_head_to_head(args: argparse.Namespace) -> int:
     plans = {str(i): source_plan(args, model, kind, value)
              for i, (kind, value) in enumerate(args.sources)}
     with measurer(args, use_store=False) as m:
-        result = compare_interleaved(m, model, plans, rounds)
+        result = head_to_head(m, model, plans, rounds)
     if result.failures:
         status = next(iter(result.failures.values()))
         print(f"error: comparison failed: {status}", file=sys.stderr)

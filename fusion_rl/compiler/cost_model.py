@@ -40,7 +40,7 @@ import numpy as np
 from fusion_rl.errors import ConfigError
 from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.io import read_json, write_atomic
-from fusion_rl.graph.features import NODE_FEATURE_NAMES, NUM_NODE_FEATURES, _log, feature_schema, node_features
+from fusion_rl.graph.features import NODE_FEATURE_NAMES, NUM_NODE_FEATURES, feature_schema, log_scale, node_features
 from fusion_rl.graph.opgraph import OpGraph
 
 COST_MODEL_FORMAT = 1
@@ -96,15 +96,15 @@ def group_features(graph: OpGraph, plan: FusionPlan, x: np.ndarray | None = None
         moved = bytes_in[gi] + out
         extra = (
             float(len(members)),
-            _log(len(members)),
+            log_scale(len(members)),
             float(sum(n.is_anchor for n in nodes)),
             float(sum(n.is_mac_anchor for n in nodes)),
-            _log(flops),
-            _log(bytes_in[gi]),
-            _log(out),
-            _log(kept),
-            _log(sum(n.weight_bytes for n in nodes)),
-            _log(flops / moved if moved > 0 else 0.0) * 4.0,
+            log_scale(flops),
+            log_scale(bytes_in[gi]),
+            log_scale(out),
+            log_scale(kept),
+            log_scale(sum(n.weight_bytes for n in nodes)),
+            log_scale(flops / moved if moved > 0 else 0.0) * 4.0,
         )
         sub = x[members]
         rows[gi, :NUM_NODE_FEATURES] = sub.sum(axis=0)

@@ -23,7 +23,7 @@ from fusion_rl.compiler.schedules import make_schedule
 from fusion_rl.compiler.store import STATUSES, MeasurementKey, MeasurementRecord, MeasurementStore, library_versions
 from fusion_rl.compiler.target import TargetSpec, parse_target, require_runnable
 from fusion_rl.compiler.timing import TimingProtocol
-from fusion_rl.compiler.worker import FAULTS, CompareJob, MeasureJob, Worker, run_any
+from fusion_rl.compiler.worker import FAULTS, InterleavedJob, MeasureJob, Worker, run_any
 from fusion_rl.errors import ConfigError
 from fusion_rl.fusion.legality import require_legal
 from fusion_rl.fusion.plan import FusionPlan
@@ -167,7 +167,7 @@ class Measurer:
             require_runnable(self.spec)
             self._runnable = True
 
-    def compare(self, model: Model, plans: Sequence[FusionPlan]) -> dict[str, Any]:
+    def time_together(self, model: Model, plans: Sequence[FusionPlan]) -> dict[str, Any]:
         """Time ``plans`` of ``model`` repeat by repeat in one build (never from the store).
 
         Returns ``{"status", "error", "times_ms": [one list per plan], "wall_s"}``; see
@@ -177,7 +177,7 @@ class Measurer:
         for plan in plans:
             require_legal(model.graph, plan)
         self._require_runnable()
-        job = CompareJob(model=model.ref, fingerprint=model.fingerprint, plans=tuple(p.to_dict() for p in plans), target=self.spec,
+        job = InterleavedJob(model=model.ref, fingerprint=model.fingerprint, plans=tuple(p.to_dict() for p in plans), target=self.spec,
                          schedule=self.schedule, schedule_kwargs=dict(self.schedule_kwargs),
                          protocol=self.protocol)
         result = self._run(job, model)
@@ -195,7 +195,7 @@ class Measurer:
             self.stats.failures += 1
         return result
 
-    def _run(self, job: MeasureJob | CompareJob, model: Model) -> dict:
+    def _run(self, job: MeasureJob | InterleavedJob, model: Model) -> dict:
         if not self.isolate:
             self._models.setdefault((job.model, job.fingerprint), model)
             from fusion_rl.compiler.target import threads_env

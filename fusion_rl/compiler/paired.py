@@ -4,13 +4,13 @@ Why: on this 2-vCPU machine the latency of the *same* kernel sequence drifts bet
 that last seconds (seen: resnet_tiny unfused under ``rules`` ran 0.387 ms for ten repeats, then
 0.224 ms for the next five, within one measurement). Records taken minutes apart in the store
 then differ by regime as much as by plan. Here the plans of a model are built once per round
-and timed repeat by repeat (:meth:`Measurer.compare`: repeat ``r`` of every plan before repeat
+and timed repeat by repeat (:meth:`Measurer.time_together`: repeat ``r`` of every plan before repeat
 ``r + 1`` of any, order flipping), and rounds are repeated. Each round rebuilds its plans (a few
 seconds when the tuning database has their kernels; the executables are identical): the cost of
 keeping every round one self-contained worker job, which a crash or timeout costs alone.
 
 Two readings of "A beats B by more than k times the spread" are reported
-(:meth:`PairedComparison.verdict`):
+(:meth:`HeadToHead.verdict`):
 
 * *unpaired*: ``median(B) - median(A) > k * max(IQR(A), IQR(B))`` over all pooled repeats;
 * *paired*: ``median(s) - 1 > k * IQR(s)`` where ``s`` are the per-repeat speedups B / A
@@ -37,7 +37,7 @@ def _iqr(values: list[float]) -> float:
 
 
 @dataclass
-class PairedComparison:
+class HeadToHead:
     """Timings of several plans of one model, taken in interleaved rounds."""
 
     rounds: int
@@ -72,22 +72,22 @@ class PairedComparison:
         }
 
 
-def compare_interleaved(measurer: Measurer, model: Model, plans: Mapping[str, FusionPlan],
-                        rounds: int) -> PairedComparison:
-    """``rounds`` x :meth:`Measurer.compare` of ``plans`` (fresh builds each round, plan order
+def head_to_head(measurer: Measurer, model: Model, plans: Mapping[str, FusionPlan],
+                 rounds: int) -> HeadToHead:
+    """``rounds`` x :meth:`Measurer.time_together` of ``plans`` (fresh builds each round, plan order
     flipping between rounds); never served from a store.
 
     :raises ConfigError: if ``measurer`` has a store (comparisons must be fresh timings; it is
         also a sign the caller meant :meth:`Measurer.measure`) or ``rounds`` < 2.
     """
     if measurer.store is not None:
-        raise ConfigError("compare_interleaved needs a Measurer without a store (store=None)")
+        raise ConfigError("head_to_head needs a Measurer without a store (store=None)")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 2:
         raise ConfigError(f"rounds must be an int >= 2, got {rounds!r}")
-    out = PairedComparison(rounds, {k: [] for k in plans}, {k: [] for k in plans})
+    out = HeadToHead(rounds, {k: [] for k in plans}, {k: [] for k in plans})
     for r in range(rounds):
         labels = list(plans) if r % 2 == 0 else list(reversed(plans))
-        result = measurer.compare(model, [plans[k] for k in labels])
+        result = measurer.time_together(model, [plans[k] for k in labels])
         if result["status"] != "ok":
             out.failures = {k: f"{result['status']}: {result.get('error') or ''}".strip() for k in labels}
             return out
@@ -98,4 +98,4 @@ def compare_interleaved(measurer: Measurer, model: Model, plans: Mapping[str, Fu
     return out
 
 
-__all__ = ["PairedComparison", "compare_interleaved"]
+__all__ = ["HeadToHead", "head_to_head"]

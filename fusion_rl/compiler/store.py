@@ -19,43 +19,36 @@ Guarantees, and why:
   :class:`StoreError` naming the path and the way out (move it aside); it is never recreated
   or overwritten. A failed write (disk full, lock timeout) is rolled back and raises
   :class:`StoreError`; committed records stay readable.
+
+The key and record types live in :mod:`fusion_rl.compiler.records` and are re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import math
 import os
 import sqlite3
 import stat
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Sequence
 
-import numpy as np
-
+from fusion_rl.compiler.records import (
+    COLUMNS,
+    KEY_COLUMNS,
+    STATUSES,
+    MeasurementKey,
+    MeasurementRecord,
+    key_values,
+    library_versions,
+)
 from fusion_rl.errors import ConfigError, StoreError
-from fusion_rl.io import parse_json
 
 #: Version of the table layout below. Bump it (and add a migration or tell users to start a new
 #: store) whenever a column changes meaning or is added.
 SCHEMA_VERSION = 2  # 2: kernel_schedules
 #: Marks a SQLite file as a fusion_rl store (``PRAGMA application_id``; ASCII "FuRL").
 APPLICATION_ID = 0x4675524C
-#: Allowed values of :attr:`MeasurementRecord.status`.
-STATUSES = ("ok", "failed", "timeout", "crashed", "wrong_output")
-
 _SQLITE_MAGIC = b"SQLite format 3\x00"
-
-_KEY_COLUMNS = ("model_fingerprint", "plan_hash", "target", "provider", "budget", "versions", "protocol")
-_VALUE_COLUMNS = (
-    "status", "median_ms", "spread_ms", "repeats", "times_ms", "num_kernels", "kernel_times_ms",
-    "error", "created", "wall_s", "kernel_schedules",
-)
-_COLUMNS = _KEY_COLUMNS + _VALUE_COLUMNS
 
 _SCHEMA = f"""
 CREATE TABLE meta (
@@ -81,7 +74,7 @@ CREATE TABLE measurements (
     created           REAL    NOT NULL,
     wall_s            REAL    NOT NULL,
     kernel_schedules  TEXT,
-    PRIMARY KEY ({", ".join(_KEY_COLUMNS)})
+    PRIMARY KEY ({", ".join(KEY_COLUMNS)})
 ) WITHOUT ROWID;
 CREATE INDEX measurements_by_model_target ON measurements (model_fingerprint, target);
 """
@@ -91,156 +84,6 @@ def default_store_path() -> Path:
     """``$FUSION_RL_CACHE/measurements.sqlite``, else ``~/.cache/fusion_rl/measurements.sqlite``."""
     root = os.environ.get("FUSION_RL_CACHE")
     return (Path(root) if root else Path.home() / ".cache" / "fusion_rl") / "measurements.sqlite"
-
-
-def library_versions() -> str:
-    """The ``versions`` key field for this environment, e.g.
-    ``"tvm=0.27.0.post1;ffi=0.1.14.post1;fusion_rl=0.1.0"``.
-
-    Read from package metadata, so TVM is not imported.
-    """
-    import fusion_rl
-
-    def version(dist: str) -> str:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return "none"
-
-    return f"tvm={version('apache-tvm')};ffi={version('apache-tvm-ffi')};fusion_rl={fusion_rl.__version__}"
-
-
-@dataclasses.dataclass(frozen=True)
-class MeasurementKey:
-    """Everything that determines a measurement's outcome; two equal keys are one measurement.
-
-    :param model_fingerprint: The model's fingerprint (graph + shapes + dtypes).
-    :param plan_hash: The fusion plan's canonical hash.
-    :param target: :attr:`fusion_rl.compiler.target.TargetSpec.key` (includes thread count).
-    :param provider: :attr:`fusion_rl.compiler.schedules.base.ScheduleProvider.key`: the provider's
-        name plus the options that change its schedules (``naive``, ``rules``,
-        ``tuned:structural``, ...).
-    :param budget: The provider's search budget (trials per task; 0 for none).
-    :param versions: Library versions (see :func:`library_versions`).
-    :param protocol: Timing protocol: ``fusion_rl.compiler.timing.TimingProtocol.key``, e.g.
-        ``"n1r7m50w2"`` (number 1, repeat 7, min_repeat_ms 50, warm-up 2).
-    """
-
-    model_fingerprint: str
-    plan_hash: str
-    target: str
-    provider: str
-    budget: int
-    versions: str
-    protocol: str
-
-    def __post_init__(self) -> None:
-        for name in _KEY_COLUMNS:
-            value = getattr(self, name)
-            if name == "budget":
-                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                    raise StoreError(f"measurement key: budget must be an int >= 0, got {value!r}")
-            elif not isinstance(value, str) or not value:
-                raise StoreError(f"measurement key: {name} must be a non-empty str, got {value!r}")
-
-    def digest(self) -> str:
-        """A stable short hash of the key (for file names and logs)."""
-        text = json.dumps(self.to_dict(), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MeasurementKey:
-        return cls(**{name: data[name] for name in _KEY_COLUMNS})
-
-
-@dataclasses.dataclass
-class MeasurementRecord:
-    """The outcome of measuring one :class:`MeasurementKey`.
-
-    :param key: What was measured.
-    :param status: One of :data:`STATUSES`. Only ``"ok"`` latencies may be compared.
-    :param median_ms: Median of ``times_ms`` (required for ``"ok"``; ``None`` if nothing ran).
-    :param spread_ms: Interquartile range of ``times_ms`` (75th minus 25th percentile, numpy's
-        linear interpolation): robust to the odd slow repeat, unlike the standard deviation.
-    :param repeats: Number of timed repeats (``len(times_ms)``).
-    :param times_ms: Every repeat's time (each the mean over ``number`` runs), in ms.
-    :param num_kernels: Kernels (PrimFunc calls) in the compiled plan.
-    :param kernel_times_ms: Optional per-kernel times, JSON-serializable (e.g. name -> ms).
-    :param error: The failure message, for non-``ok`` statuses.
-    :param created: Unix time of the measurement.
-    :param wall_s: Wall seconds spent (schedule + build + verify + time).
-    :param kernel_schedules: Kernel name -> the schedule it got (``fallback: <reason>`` for a
-        kernel left as naive loops); ``None`` when the build did not get that far.
-    """
-
-    key: MeasurementKey
-    status: str
-    median_ms: float | None = None
-    spread_ms: float | None = None
-    repeats: int = 0
-    times_ms: list[float] = dataclasses.field(default_factory=list)
-    num_kernels: int | None = None
-    kernel_times_ms: Any = None
-    error: str | None = None
-    created: float = dataclasses.field(default_factory=time.time)
-    wall_s: float = 0.0
-    kernel_schedules: dict[str, str] | None = None
-
-    def __post_init__(self) -> None:
-        if self.status not in STATUSES:
-            raise StoreError(f"measurement status must be one of {STATUSES}, got {self.status!r}")
-        if self.status == "ok" and (self.median_ms is None or not math.isfinite(self.median_ms)):
-            raise StoreError(f"an 'ok' measurement needs a finite median_ms, got {self.median_ms!r}")
-        self.times_ms = [float(t) for t in self.times_ms]
-
-    @classmethod
-    def from_times(cls, key: MeasurementKey, times_ms: Sequence[float], **fields: Any) -> MeasurementRecord:
-        """An ``ok`` record with median, spread (IQR) and repeats computed from ``times_ms``."""
-        times = np.asarray(times_ms, dtype=np.float64)
-        if times.size == 0:
-            raise StoreError("from_times needs at least one time")
-        q25, q50, q75 = np.percentile(times, [25, 50, 75])
-        return cls(
-            key=key, status=fields.pop("status", "ok"), median_ms=float(q50), spread_ms=float(q75 - q25),
-            repeats=int(times.size), times_ms=times.tolist(), **fields,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """A flat dict: the key's fields and the value fields side by side (one table row)."""
-        data = self.key.to_dict()
-        data.update({name: getattr(self, name) for name in _VALUE_COLUMNS})
-        data["times_ms"] = list(self.times_ms)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MeasurementRecord:
-        return cls(key=MeasurementKey.from_dict(data), **{name: data[name] for name in _VALUE_COLUMNS if name in data})
-
-    def _row(self) -> tuple[Any, ...]:
-        data = self.to_dict()
-        data["times_ms"] = json.dumps(data["times_ms"])
-        data["kernel_times_ms"] = None if self.kernel_times_ms is None else json.dumps(self.kernel_times_ms)
-        data["kernel_schedules"] = None if self.kernel_schedules is None else json.dumps(self.kernel_schedules)
-        return tuple(data[name] for name in _COLUMNS)
-
-    @classmethod
-    def _from_row(cls, row: Sequence[Any]) -> MeasurementRecord:
-        """A record from a table row; a damaged row (invalid JSON in a column, non-numeric
-        times) raises :class:`StoreError`, never a bare JSON or type error."""
-        data = dict(zip(_COLUMNS, row))
-        what = f"the record of plan {str(data.get('plan_hash'))[:20]}"
-        data["times_ms"] = parse_json(str(data["times_ms"]), f"{what}: times_ms", StoreError)
-        if not isinstance(data["times_ms"], list) or not all(
-                isinstance(t, (int, float)) and not isinstance(t, bool) for t in data["times_ms"]):
-            raise StoreError(f"{what}: times_ms is not a list of numbers")
-        if data["kernel_times_ms"] is not None:
-            data["kernel_times_ms"] = parse_json(str(data["kernel_times_ms"]), f"{what}: kernel_times_ms", StoreError)
-        if data["kernel_schedules"] is not None:
-            data["kernel_schedules"] = parse_json(str(data["kernel_schedules"]), f"{what}: kernel_schedules", StoreError)
-        return cls.from_dict(data)
 
 
 class MeasurementStore:
@@ -371,8 +214,8 @@ class MeasurementStore:
                 "(another --store path or $FUSION_RL_CACHE, or move this file aside)"
             )
         columns = tuple(r[1] for r in conn.execute("PRAGMA table_info(measurements)"))
-        if columns != _COLUMNS:
-            raise self._corrupt(f"measurements table has columns {columns}, expected {_COLUMNS}")
+        if columns != COLUMNS:
+            raise self._corrupt(f"measurements table has columns {columns}, expected {COLUMNS}")
 
     @staticmethod
     def _migrate_from_1(conn: sqlite3.Connection) -> bool:
@@ -380,7 +223,7 @@ class MeasurementStore:
         (old records just do not say which schedule each kernel got). False if the table is
         not schema 1's (then the version check reports it)."""
         columns = tuple(r[1] for r in conn.execute("PRAGMA table_info(measurements)"))
-        if columns != _COLUMNS[:-1]:
+        if columns != COLUMNS[:-1]:
             return False
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -416,16 +259,16 @@ class MeasurementStore:
 
     def get(self, key: MeasurementKey) -> MeasurementRecord | None:
         """The record stored under ``key``, or ``None``."""
-        where = " AND ".join(f"{c} = ?" for c in _KEY_COLUMNS)
+        where = " AND ".join(f"{c} = ?" for c in KEY_COLUMNS)
         try:
-            row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM measurements WHERE {where}", _key_values(key)).fetchone()
+            row = self._db.execute(f"SELECT {', '.join(COLUMNS)} FROM measurements WHERE {where}", key_values(key)).fetchone()
         except sqlite3.Error as exc:
             raise self._error("cannot read", exc) from exc
         return None if row is None else self._record(row)
 
     def _record(self, row: Sequence[Any]) -> MeasurementRecord:
         try:
-            return MeasurementRecord._from_row(row)
+            return MeasurementRecord.from_row(row)
         except StoreError as exc:
             raise self._corrupt(f"{exc}") from None
 
@@ -438,15 +281,15 @@ class MeasurementStore:
 
     def put_many(self, records: Iterable[MeasurementRecord]) -> None:
         """Insert several records in one transaction: all are committed, or none."""
-        rows = [r._row() for r in records]
-        placeholders = ", ".join("?" for _ in _COLUMNS)
+        rows = [r.to_row() for r in records]
+        placeholders = ", ".join("?" for _ in COLUMNS)
         db = self._db
         try:
             # IMMEDIATE takes the write lock up front, so two writers queue on busy_timeout
             # instead of one failing when it upgrades a read lock.
             db.execute("BEGIN IMMEDIATE")
             try:
-                db.executemany(f"INSERT OR REPLACE INTO measurements ({', '.join(_COLUMNS)}) VALUES ({placeholders})", rows)
+                db.executemany(f"INSERT OR REPLACE INTO measurements ({', '.join(COLUMNS)}) VALUES ({placeholders})", rows)
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
@@ -462,7 +305,7 @@ class MeasurementStore:
 
         :raises ConfigError: for an unknown filter name.
         """
-        allowed = (*_KEY_COLUMNS, "status")
+        allowed = (*KEY_COLUMNS, "status")
         unknown = sorted(set(filters) - set(allowed))
         if unknown:
             raise ConfigError(f"unknown measurement filter(s) {unknown}; valid: {', '.join(allowed)}")
@@ -477,7 +320,7 @@ class MeasurementStore:
                 params.append(value)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         try:
-            rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM measurements {where} ORDER BY created", params).fetchall()
+            rows = self._db.execute(f"SELECT {', '.join(COLUMNS)} FROM measurements {where} ORDER BY created", params).fetchall()
         except sqlite3.Error as exc:
             raise self._error("cannot read", exc) from exc
         return [self._record(row) for row in rows]
@@ -536,5 +379,7 @@ class MeasurementStore:
         return f"MeasurementStore({str(self.path)!r}, {state})"
 
 
-def _key_values(key: MeasurementKey) -> tuple[Any, ...]:
-    return tuple(getattr(key, name) for name in _KEY_COLUMNS)
+__all__ = [
+    "APPLICATION_ID", "SCHEMA_VERSION", "STATUSES", "MeasurementKey", "MeasurementRecord",
+    "MeasurementStore", "default_store_path", "library_versions",
+]

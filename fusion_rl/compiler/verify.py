@@ -56,9 +56,8 @@ def run_executable(
 
 def reference_outputs(model: Model) -> tuple[list[np.ndarray], str]:
     """The reference outputs of ``model`` on its example inputs (cached on the model)."""
-    cached = getattr(model, "_reference", None)
-    if cached is not None:
-        return cached
+    if model.reference is not None:
+        return model.reference
     if model.onnx_model is not None:
         import onnxruntime as ort
 
@@ -76,11 +75,16 @@ def reference_outputs(model: Model) -> tuple[list[np.ndarray], str]:
         target = tvm.target.Target({"kind": "llvm"})
         ex = compile_module(model.mod, target, NaiveSchedule())[0]
         result = (run_executable(ex, model.inputs), "tvm-unfused")
-    model._reference = result  # type: ignore[attr-defined]
+    model.reference = result
     return result
 
 
-def compare(actual: Sequence[np.ndarray], expected: Sequence[np.ndarray], reference: str = "") -> VerifyReport:
+def compare_outputs(actual: Sequence[np.ndarray], expected: Sequence[np.ndarray], reference: str = "") -> VerifyReport:
+    """Check ``actual`` outputs against ``expected`` ones (count, shapes, then values within tolerance).
+
+    ``reference`` names where ``expected`` came from (``"onnxruntime"``, ``"tvm-unfused"``) and is
+    carried into the report.
+    """
     if len(actual) != len(expected):
         return VerifyReport(False, float("inf"), float("inf"), reference)
     ok = True
@@ -104,7 +108,7 @@ def compare(actual: Sequence[np.ndarray], expected: Sequence[np.ndarray], refere
 def verify_executable(ex: "relax.VMExecutable", model: Model, what: str = "plan") -> VerifyReport:
     """Run ``ex`` on the model's inputs and compare with the reference; raise if wrong."""
     expected, reference = reference_outputs(model)
-    report = compare(run_executable(ex, model.inputs), expected, reference)
+    report = compare_outputs(run_executable(ex, model.inputs), expected, reference)
     if not report.ok:
         raise VerificationError(
             f"{what} on {model.name} gives wrong output: max abs error {report.max_abs_err:.3g} "

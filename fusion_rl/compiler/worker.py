@@ -20,6 +20,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any, Callable
 
 from fusion_rl.errors import FusionRLError
@@ -48,7 +49,7 @@ class MeasureJob:
 
 
 @dataclass(frozen=True)
-class CompareJob:
+class InterleavedJob:
     """Compile and verify several plans of one model, then time them repeat by repeat
     (:func:`fusion_rl.compiler.timing.time_interleaved`); picklable like :class:`MeasureJob`."""
 
@@ -77,11 +78,11 @@ class KernelJob:
     kernels: tuple = ()
 
 
-def run_any(job: MeasureJob | CompareJob | KernelJob, models: dict | None = None) -> dict:
+def run_any(job: MeasureJob | InterleavedJob | KernelJob, models: dict | None = None) -> dict:
     """Run a job of any kind (the worker's dispatch)."""
     if isinstance(job, KernelJob):
         return run_kernel_job(job, models)
-    return run_compare_job(job, models) if isinstance(job, CompareJob) else run_job(job, models)
+    return run_interleaved_job(job, models) if isinstance(job, InterleavedJob) else run_job(job, models)
 
 
 def run_kernel_job(job: KernelJob, models: dict | None = None) -> dict:
@@ -103,7 +104,7 @@ def run_kernel_job(job: KernelJob, models: dict | None = None) -> dict:
     return _guarded(body, {"status": "failed", "times_ms": {}})
 
 
-def run_compare_job(job: CompareJob, models: dict | None = None) -> dict:
+def run_interleaved_job(job: InterleavedJob, models: dict | None = None) -> dict:
     """Build, verify and interleave-time ``job.plans``; ``times_ms`` holds one list per plan,
     ``num_kernels`` one count per plan.
 
@@ -154,7 +155,7 @@ def run_job(job: MeasureJob, models: dict | None = None) -> dict:
     return _guarded(body, {"status": "failed", "times_ms": [], "num_kernels": None})
 
 
-def _setup(job: MeasureJob | CompareJob, models: dict | None) -> tuple[Any, Any, Any]:
+def _setup(job: MeasureJob | InterleavedJob, models: dict | None) -> tuple[Any, Any, Any]:
     """(model, TVM target, schedule provider) of a job; models are cached per worker."""
     from fusion_rl.compiler.schedules import make_schedule
     from fusion_rl.compiler.target import parse_target
@@ -204,6 +205,11 @@ def _inject(fault: str | None, stage: str) -> None:
     if fault == "raise" and stage == "build":
         raise RuntimeError("injected fault")
     if (fault == "hang_build" and stage == "build") or (fault == "hang_run" and stage == "run"):
+        # Say that the hang has begun, so a test can act on the hanging worker without guessing
+        # how long the stages before it take.
+        marker = os.environ.get("FUSION_RL_FAULT_MARKER")
+        if marker:
+            Path(marker).write_text(stage)
         while True:
             time.sleep(3600)
 
@@ -250,7 +256,7 @@ class Worker:
     def alive(self) -> bool:
         return self._proc.poll() is None
 
-    def run(self, job: MeasureJob | CompareJob, timeout_s: float) -> dict:
+    def run(self, job: MeasureJob | InterleavedJob, timeout_s: float) -> dict:
         """Send ``job``; wait at most ``timeout_s``. Kills the worker on timeout or crash."""
         t0 = time.perf_counter()
         try:
@@ -311,7 +317,7 @@ def _die_with_parent() -> None:
 
 if __name__ == "__main__":
     # Run the package's copy of this module, not ``__main__``'s: jobs arrive pickled as
-    # ``fusion_rl.compiler.worker.CompareJob``, and isinstance against ``__main__.CompareJob``
+    # ``fusion_rl.compiler.worker.InterleavedJob``, and isinstance against ``__main__.InterleavedJob``
     # would fail.
     from fusion_rl.compiler import worker as _package
 

@@ -163,7 +163,7 @@ def load_network(directory: str | os.PathLike) -> tuple["torch.nn.Module", dict[
     card's ``observation`` is the checked one.
     """
     from fusion_rl.compiler.target import HardwareFeatures
-    from fusion_rl.env.spaces import EDGE_DIM, NODE_DIM
+    from fusion_rl.decisions.layout import EDGE_DIM, NODE_DIM
     from fusion_rl.policy.snapshot import build_network, check_observation, load_weights
 
     card, weights = read_card(directory)

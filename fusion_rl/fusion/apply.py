@@ -59,7 +59,7 @@ class GroupByPlan:
         require_legal(graph, self.plan)
         if not self.plan.fused_groups:
             return mod
-        return _group_module(mod, self.plan, graph)
+        return group_module(mod, self.plan, graph)
 
 
 def ApplyFusionPlan(plan: FusionPlan, graph: OpGraph | None = None) -> tvm.transform.Pass:
@@ -103,7 +103,29 @@ def apply_plan(mod: tvm.IRModule, plan: FusionPlan, graph: OpGraph | None = None
 # --------------------------------------------------------------------------------------------
 
 
-def _group_module(mod: tvm.IRModule, plan: FusionPlan, graph: OpGraph) -> tvm.IRModule:
+def group_module(
+    mod: tvm.IRModule, plan: FusionPlan, graph: OpGraph, program_order_on_cycle: bool = False
+) -> tvm.IRModule:
+    """Group ``plan``'s fused groups into ``Primitive`` functions, *without* a legality check.
+
+    Parameters
+    ----------
+    mod
+        A legalized module whose ``main`` holds one dataflow block.
+    plan
+        The partition to emit; callers normally check it first (:class:`GroupByPlan` does).
+    graph
+        The OpGraph of ``mod`` (node ids in program order).
+    program_order_on_cycle
+        If the grouped items form a dependency cycle (a non-convex group), emit them in program
+        order instead of raising. The result is ill-formed on purpose: the fuzzer uses it to
+        force rejected plans through the build and see at which stage they fail.
+
+    Returns
+    -------
+    tvm.IRModule
+        The module with one private ``Primitive`` function per fused group, called from ``main``.
+    """
     main = mod["main"]
     if len(main.body.blocks) != 1 or not isinstance(main.body.blocks[0], relax.DataflowBlock):
         raise CompileError("expected main to hold exactly one dataflow block (legalize first)")
@@ -171,7 +193,12 @@ def _group_module(mod: tvm.IRModule, plan: FusionPlan, graph: OpGraph) -> tvm.IR
         first = plan.groups[item.group][0]
         gvars[id(item)] = _emit_group_function(bb, mod, item, reads[id(item)], outs, names, first)
 
-    order = _item_order(items, reads, item_of_var)
+    try:
+        order = _item_order(items, reads, item_of_var)
+    except CompileError:
+        if not program_order_on_cycle:
+            raise
+        order = sorted(items, key=lambda it: it.position)
     main_attrs = dict(main.attrs.items()) if main.attrs else {}
     with bb.function("main", list(main.params), attrs=main_attrs):
         with bb.dataflow():

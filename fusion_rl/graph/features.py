@@ -39,8 +39,12 @@ NUM_NODE_FEATURES = len(NODE_FEATURE_NAMES)
 NUM_EDGE_FEATURES = len(EDGE_FEATURE_NAMES)
 
 
-def _log(x: float) -> float:
-    # log2(1+x)/32 keeps every size up to 4 GiB (and 4 GFLOP) in [0, 1].
+def log_scale(x: float) -> float:
+    """``log2(1 + x) / 32``, negatives clipped to 0: the scale of every size and count feature.
+
+    It keeps every size up to 4 GiB (and 4 GFLOP) in [0, 1]; the cost model's group features
+    use the same scale so that node and group features are comparable.
+    """
     return math.log2(1.0 + max(0.0, float(x))) / 32.0
 
 
@@ -59,16 +63,16 @@ def node_features(graph: OpGraph) -> np.ndarray:
         numel = sum(math.prod(s) for s in n.shapes)
         moved = n.bytes_read + n.bytes_written
         row[k:k + 11] = (
-            _log(n.flops),
-            _log(n.bytes_read),
-            _log(n.bytes_written),
-            _log(n.weight_bytes),
-            _log(numel),
+            log_scale(n.flops),
+            log_scale(n.bytes_read),
+            log_scale(n.bytes_written),
+            log_scale(n.weight_bytes),
+            log_scale(numel),
             max((len(s) for s in n.shapes), default=0) / 8.0,
             min(len(n.shapes), 8) / 8.0,
             float(n.is_anchor),
             float(n.is_mac_anchor),
-            _log(n.flops / moved if moved else 0.0) * 4.0,
+            log_scale(n.flops / moved if moved else 0.0) * 4.0,
             float(n.id in outputs),
         )
     return x
@@ -79,7 +83,7 @@ def edge_index_and_features(graph: OpGraph) -> tuple[np.ndarray, np.ndarray]:
     if not graph.edges:
         return np.zeros((2, 0), dtype=np.int64), np.zeros((0, NUM_EDGE_FEATURES), dtype=np.float32)
     index = np.array([[e.src for e in graph.edges], [e.dst for e in graph.edges]], dtype=np.int64)
-    attr = np.array([[_log(e.bytes), min(e.index, 8) / 8.0] for e in graph.edges], dtype=np.float32)
+    attr = np.array([[log_scale(e.bytes), min(e.index, 8) / 8.0] for e in graph.edges], dtype=np.float32)
     return index, attr
 
 

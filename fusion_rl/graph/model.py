@@ -57,6 +57,9 @@ class Model:
     ref: ModelRef
     onnx_model: onnx.ModelProto | None = field(default=None, repr=False)
     source: str = "onnx"  #: "zoo", "onnx" or "torch"
+    #: Cached reference outputs and where they came from (``"onnxruntime"`` or ``"tvm-unfused"``);
+    #: filled by :func:`fusion_rl.compiler.verify.reference_outputs` on first use.
+    reference: tuple[list[np.ndarray], str] | None = field(default=None, repr=False, compare=False)
 
     @property
     def fingerprint(self) -> str:

@@ -211,13 +211,13 @@ def kernel_matches(naive: tvm.tirx.PrimFunc, scheduled: tvm.tirx.PrimFunc,
     reusing memory the other one dirtied. Integer buffers are zero-filled (in-range indices).
     """
     try:
-        return compare_kernels(naive, scheduled, target, seed, rounds)
+        return kernels_agree(naive, scheduled, target, seed, rounds)
     except Exception as err:  # noqa: BLE001 - a kernel that cannot even run is not "correct"
         log.warning("tuned: verifying a kernel failed (%s)", first_line(err))
         return False
 
 
-def compare_kernels(naive: tvm.tirx.PrimFunc, scheduled: tvm.tirx.PrimFunc,
+def kernels_agree(naive: tvm.tirx.PrimFunc, scheduled: tvm.tirx.PrimFunc,
                      target: tvm.target.Target, seed: int, rounds: int) -> bool:
     libs = [tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
                         target=target)["main"] for f in (naive, scheduled)]
