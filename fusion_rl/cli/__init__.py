@@ -29,10 +29,36 @@ EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 
 
+def version_text() -> str:
+    """``fusion-rl X (apache-tvm Y, ...)``: this package's version and those of the libraries
+    that decide what a measurement means, read from package metadata (nothing is imported)."""
+    from importlib import metadata
+
+    import fusion_rl
+
+    parts = []
+    for dist in ("apache-tvm", "apache-tvm-ffi", "torch", "onnxruntime"):
+        try:
+            parts.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{dist} not installed")
+    return f"fusion-rl {fusion_rl.__version__} ({', '.join(parts)})"
+
+
+class _Version(argparse.Action):
+    """``--version`` on one unwrapped line (argparse's own action wraps it to the terminal)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(version_text())
+        parser.exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fusion-rl", description="Learn and compare operator-fusion plans for TVM Relax."
     )
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="show the versions of fusion-rl, TVM, torch and ONNX Runtime")
     parser.add_argument(
         "--debug", action="store_true",
         help="show tracebacks of errors, debug logging and TVM's own log lines",
