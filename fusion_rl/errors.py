@@ -61,6 +61,43 @@ class ConfigError(FusionRLError):
     """A config file, target name, provider name or CLI option is invalid."""
 
 
+class MissingExtraError(FusionRLError):
+    """A feature needs a package of an optional extra (``[train]``, ``[hf]``) that is not installed."""
+
+
+def require_extra(what: str, extra: str, *modules: str) -> None:
+    """Raise :class:`MissingExtraError` unless every module in ``modules`` can be imported.
+
+    The core install (plan, measure, compile, the TVM pass) leaves out the training stack and
+    ``transformers``; a feature that needs them says which extra to install instead of failing
+    with an ImportError deep inside.
+
+    Parameters
+    ----------
+    what
+        The feature, named in the message (``"fusion-rl train"``).
+    extra
+        The extra that provides the modules (``"train"``).
+    modules
+        Top-level import names (``"stable_baselines3"``).
+    """
+    import importlib.util
+
+    missing = []
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a broken or blocked install counts as missing
+            found = False
+        if not found:
+            missing.append(name)
+    if missing:
+        raise MissingExtraError(
+            f"{what} needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+            f"installed: pip install 'fusion_rl[{extra}]'"
+        )
+
+
 def describe_yaml_error(exc: Exception) -> str:
     """PyYAML's error in one line: the problem and where (its own message spans several
     lines with a caret diagram, which a CLI error must not)."""

@@ -59,6 +59,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from fusion_rl import paths
 from fusion_rl.compiler.timing import TimingProtocol
 from fusion_rl.fusion.legality import check_plan
 from fusion_rl.fusion.plan import FusionPlan
@@ -514,7 +515,7 @@ def _compile(model: Any, plan: FusionPlan, provider: str, target: Any, force: bo
 
 
 def _child_env() -> dict[str, str]:
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(paths.IMPORT_ROOT)
     env = dict(os.environ)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("TVM_NUM_THREADS", "1")

@@ -15,7 +15,11 @@ from fusion_rl.errors import ConfigError, ModelImportError
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from fusion_rl.errors import require_extra
     from fusion_rl.export.exporter import export_run
+
+    # A run directory holds SB3 zips; a shipped policy folder itself needs neither.
+    require_extra("fusion-rl export", "train", "stable_baselines3", "sb3_contrib")
 
     evaluation = {}
     if args.evaluation:

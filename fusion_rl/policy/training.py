@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
 
+from fusion_rl import paths
+
 from fusion_rl.errors import ConfigError, read_yaml
 from fusion_rl.policy.config import from_mapping
 from fusion_rl.policy.policy import PPOConfig
@@ -54,7 +56,6 @@ __all__ = [
 
 WANDB_MODES = ("offline", "online", "disabled")
 _CHECKPOINT_RE = re.compile(r"^step_(\d+)\.zip$")
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -120,7 +121,12 @@ def load_config(path: str | os.PathLike[str]) -> TrainConfig:
 
 
 def _resolve(spec: str, config_dir: Path) -> Path:
-    candidates = [Path(spec), config_dir / spec, _REPO_ROOT / spec, _REPO_ROOT / "envs" / f"{spec}.yaml"]
+    candidates = [Path(spec), config_dir / spec]
+    if paths.REPO_ROOT is not None:
+        candidates.append(paths.REPO_ROOT / spec)
+    candidates.append(paths.ENVS_DIR / f"{spec}.yaml")
+    if Path(spec).parent == Path("envs"):  # "envs/tiny.yaml" from an installed wheel: its copy
+        candidates.append(paths.ENVS_DIR / Path(spec).name)
     for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
