@@ -1,4 +1,4 @@
-"""Where fusion_rl's own files are: the one place that looks at ``__file__``.
+"""Where fusion_rl's own files are: the one place that locates them from ``__file__``.
 
 fusion_rl runs in two layouts, and every data path must resolve in both:
 
