@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import textwrap
 import tomllib
 from pathlib import Path
 

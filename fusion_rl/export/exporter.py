@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from fusion_rl.decisions.process import DecisionOptions
-from fusion_rl.paths import relative_to_repo
 from fusion_rl.errors import ConfigError
 from fusion_rl.export.artifact import PolicyCard, save_artifact
+from fusion_rl.paths import relative_to_repo
 
 
 def export_run(
