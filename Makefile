@@ -15,7 +15,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	# The core is `pip install .`; the demo and the tests also train, evaluate and use hf_* models.
+	$(PY) -m pip install -q -e '.[dev,train,hf]'
 	touch $(STAMP)
 
 demo: install

@@ -11,13 +11,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from fusion_rl import paths
 from fusion_rl.compare import compare_model
 from fusion_rl.compiler.store import MeasurementStore, default_store_path
 from fusion_rl.compiler.timing import TimingProtocol
 from fusion_rl.fusion.rules import make_plan
 from fusion_rl.graph.model import load_model
 
-DEFAULT_POLICY = Path(__file__).resolve().parent.parent / "policies" / "default"
+DEFAULT_POLICY = paths.DEFAULT_POLICY
 DEMO_MODELS = ("resnet_tiny", "se_cnn", "mixer_tiny")
 
 

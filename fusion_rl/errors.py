@@ -65,6 +65,44 @@ class OutputError(FusionRLError):
     or its folder is missing; see :func:`fusion_rl.io.write_atomic`."""
 
 
+class MissingExtraError(FusionRLError):
+    """A feature needs a package of an optional extra (``[train]``, ``[hf]``) that is not installed."""
+
+
+def require_extra(what: str, extra: str, *modules: str) -> None:
+    """Raise :class:`MissingExtraError` unless every module in ``modules`` can be imported.
+
+    The core install (plan, measure, compile, the TVM pass) leaves out the training stack and
+    ``transformers``; a feature that needs them says which extra to install instead of failing
+    with an ImportError deep inside.
+
+    Parameters
+    ----------
+    what
+        The feature, named in the message (``"fusion-rl train"``).
+    extra
+        The extra that provides the modules (``"train"``).
+    modules
+        Top-level import names (``"stable_baselines3"``).
+    """
+    import importlib.util
+
+    missing = []
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a broken or blocked install counts as missing
+            found = False
+        if not found:
+            missing.append(name)
+    if missing:
+        raise MissingExtraError(
+            f"{what} needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+            f"installed: pip install 'fusion_rl[{extra}]'"
+        )
+
+
+
 def read_yaml(path: str | os.PathLike[str], what: str, hint: str = "") -> Any:
     """See :func:`fusion_rl.io.read_yaml`, which bounds and checks the file (kept here for
     existing imports)."""

@@ -107,7 +107,7 @@ def test_reproducer_folder_reproduces_a_mismatch(model_cache, tmp_path, monkeypa
 
     model = model_cache("mlp_tiny")
     expected, ref = reference_outputs(model)
-    monkeypatch.setattr(model, "_reference", ([e + 1.0 for e in expected], ref), raising=False)
+    monkeypatch.setattr(model, "reference", ([e + 1.0 for e in expected], ref), raising=False)
     plan = make_plan("tvm", model.mod, model.graph)
     folder = fuzz.save_reproducer(tmp_path / "reproducers", model, plan, "naive", "wrong_output",
                                   "injected", "test")

@@ -49,7 +49,7 @@ def test_each_key_field_separates_records(model_cache, store):
 def test_wrong_output_is_a_status_not_a_latency(model_cache, store, monkeypatch):
     model = model_cache("mlp_tiny")
     expected, ref = reference_outputs(model)
-    monkeypatch.setattr(model, "_reference", ([e + 1.0 for e in expected], ref), raising=False)
+    monkeypatch.setattr(model, "reference", ([e + 1.0 for e in expected], ref), raising=False)
     with Measurer("host", "naive", store=store, protocol=QUICK, isolate=False) as m:
         record = m.measure(model, make_plan("tvm", model.mod, model.graph))
     assert record.status == "wrong_output" and record.median_ms is None

@@ -8,6 +8,7 @@ seconds. The tests on the real ``fusion_rl/Fusion-v0`` env are marked ``slow``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -149,6 +150,7 @@ def only_run(runs: Path) -> Path:
 # ---- the script, end to end on the fake env ---------------------------------------------------
 
 
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="needs wandb (the [train] extra)")
 def test_train_script_smoke(tmp_path):
     runs = tmp_path / "runs"
     proc = run_script("--config", str(write_config(tmp_path)), "--runs-dir", str(runs), "--seed", "3",

@@ -6,6 +6,10 @@ discovered at start-up, so a new command is a new file. Command modules import h
 
 Every user error (bad model file, unknown name, illegal plan, bad option) prints one line,
 ``error: <what is wrong>``, and exits with status 2; ``--debug`` shows the traceback instead.
+
+TVM's own log lines (C++ ``LOG(WARNING)`` and the like, e.g. ``executable.cc:276: Warning: Scope
+Saving``) are routed to the ``tvm`` logger (:mod:`fusion_rl.tvm_log`) for the whole command,
+measurement workers included, and shown only with ``--debug``.
 """
 
 from __future__ import annotations
@@ -20,16 +24,46 @@ from typing import Sequence
 
 from fusion_rl.errors import FusionRLError
 from fusion_rl.io import one_line
+from fusion_rl.tvm_log import tvm_log_to_logging
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
+
+
+def version_text() -> str:
+    """``fusion-rl X (apache-tvm Y, ...)``: this package's version and those of the libraries
+    that decide what a measurement means, read from package metadata (nothing is imported)."""
+    from importlib import metadata
+
+    import fusion_rl
+
+    parts = []
+    for dist in ("apache-tvm", "apache-tvm-ffi", "torch", "onnxruntime"):
+        try:
+            parts.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{dist} not installed")
+    return f"fusion-rl {fusion_rl.__version__} ({', '.join(parts)})"
+
+
+class _Version(argparse.Action):
+    """``--version`` on one unwrapped line (argparse's own action wraps it to the terminal)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(version_text())
+        parser.exit(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fusion-rl", description="Learn and compare operator-fusion plans for TVM Relax."
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="show the versions of fusion-rl, TVM, torch and ONNX Runtime")
+    parser.add_argument(
+        "--debug", action="store_true",
+        help="show tracebacks of errors, debug logging and TVM's own log lines",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: (m.name != "core", m.name)):
         if info.name.startswith("_"):  # __main__ runs the CLI when imported
@@ -40,6 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when a record is emitted (it is
+    swapped while TVM's lines are captured, and by pytest's capture)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # Text from files (names, ops, paths) reaches the terminal: a character the encoding
     # cannot take (a lone surrogate) is escaped, never an exception halfway through a line.
@@ -48,7 +95,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s" if args.debug else "%(message)s",
+        handlers=[_CurrentStderr()],
+    )
+    # TVM's native lines are noise to a user (they warn about TVM internals, not about the
+    # model); they stay available to developers with --debug.
+    logging.getLogger("tvm").setLevel(logging.DEBUG if args.debug else logging.CRITICAL + 1)
+    with tvm_log_to_logging():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     # TVM uses one thread here unless told; measurement workers set their own from the target.
     os.environ.setdefault("TVM_NUM_THREADS", "2")
     try:

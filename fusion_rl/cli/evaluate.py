@@ -15,7 +15,9 @@ def _names(text: str) -> list[str]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from fusion_rl.errors import ConfigError
+    from fusion_rl.errors import ConfigError, require_extra
+
+    require_extra("fusion-rl evaluate", "train", "stable_baselines3", "sb3_contrib", "scipy")
     from fusion_rl.evaluate import Case, SearchSettings, evaluate, geomean
 
     for run in args.runs:

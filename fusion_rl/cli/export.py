@@ -21,7 +21,11 @@ _INPUT_DTYPES = ("float16", "float32", "float64", "int8", "int32", "int64", "uin
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from fusion_rl.errors import require_extra
     from fusion_rl.export.exporter import export_run
+
+    # A run directory holds SB3 zips; a shipped policy folder itself needs neither.
+    require_extra("fusion-rl export", "train", "stable_baselines3", "sb3_contrib")
 
     evaluation = {}
     if args.evaluation:
@@ -32,6 +36,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export_run(args.run_dir, args.output, evaluation, command, args.train_command or "")
     card = json.loads((out / "card.json").read_text())
     print(f"exported {args.run_dir} -> {out} (content hash {card['content_hash'][:16]})")
+    from fusion_rl.policy.training import log_policy_artifact
+
+    artifact = log_policy_artifact(args.run_dir, out, args.wandb)
+    if artifact is not None:
+        print(f"logged {out} to the run's W&B run as artifact {artifact}")
     return 0
 
 
@@ -168,6 +177,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="policy folder, e.g. policies/NAME")
     p.add_argument("--evaluation", type=Path, help="a JSON file of evaluation results for the card")
     p.add_argument("--train-command", help="the command that trained the run, for the card")
+    p.add_argument("--wandb", choices=("offline", "online", "disabled"), default=None,
+                   help="log the policy as a W&B artifact of the run (default: the run's own mode)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("compile", help="compile a model with a fusion policy (or rules) to a .so")

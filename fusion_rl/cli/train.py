@@ -29,8 +29,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> Path:
     """Load the config, apply the command-line overrides and train; returns the run directory."""
-    from fusion_rl.errors import ConfigError
-    from fusion_rl.policy.training import _REPO_ROOT, load_config, train
+    from fusion_rl.errors import ConfigError, require_extra
+    from fusion_rl.paths import REPO_ROOT
+
+    require_extra("fusion-rl train", "train", "stable_baselines3", "sb3_contrib", "tensorboard")
+    from fusion_rl.policy.training import load_config, train
 
     if args.resume is not None:
         overrides = [n for n in ("config", "seed", "total_timesteps", "exp_name") if getattr(args, n) is not None]
@@ -42,7 +45,9 @@ def run_from_args(args: argparse.Namespace) -> Path:
     else:
         path = args.config
         if path is None:
-            path = Path(DEFAULT_CONFIG) if Path(DEFAULT_CONFIG).exists() else _REPO_ROOT / DEFAULT_CONFIG
+            path = Path(DEFAULT_CONFIG)
+            if not path.exists() and REPO_ROOT is not None:
+                path = REPO_ROOT / DEFAULT_CONFIG
         config = load_config(path)
         if args.seed is not None:
             config.seed = args.seed

@@ -3,7 +3,7 @@
 End-to-end time uses the VM's ``time_evaluator`` on a saved closure (inputs bound once, so input
 conversion is not timed). Per-kernel times use ``vm.set_instrument``: TVM 0.27 has no VM
 profiler, so in the *before* hook each kernel is re-run on its live arguments and timed
-(DESIGN.md; the per-kernel sums matched end-to-end within 1-3 % there).
+(docs/design.md §7; the per-kernel sums matched end-to-end within 1-3 % there).
 """
 
 from __future__ import annotations

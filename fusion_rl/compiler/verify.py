@@ -1,7 +1,7 @@
 """Check a compiled plan's outputs against a reference before its latency may count.
 
 A wrong output is an error, never a latency: MetaSchedule has produced numerically wrong
-kernels for multi-anchor groups here (DESIGN.md), so every compiled plan is verified.
+kernels for multi-anchor groups here (docs/design.md §12), so every compiled plan is verified.
 
 The reference is ONNX Runtime on the model's ONNX graph (an independent implementation), or,
 where there is no ONNX graph, the unfused module with naive loops.

@@ -47,7 +47,7 @@ class DecisionOptions:
     ----------
     max_mac_anchors : int or None
         If set, forbid a fuse that puts more conv/matmul anchors than this in one group (legal,
-        but schedules break on them; DESIGN.md section 3). ``None``: no cap.
+        but schedules break on them; docs/design.md §12). ``None``: no cap.
     """
 
     max_mac_anchors: int | None = None

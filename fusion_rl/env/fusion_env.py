@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, SupportsFloat
+from typing import TYPE_CHECKING, Any, Callable, Mapping, SupportsFloat
 
 import gymnasium as gym
 import numpy as np
@@ -21,7 +21,11 @@ from fusion_rl.env.spec import EnvSpec
 from fusion_rl.errors import ConfigError
 from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.fusion.rules import make_plan
+from fusion_rl.graph.datasets import ModelDataset, zoo_dataset
 from fusion_rl.graph.model import Model, load_model
+
+if TYPE_CHECKING:
+    from fusion_rl.env.validation import ValidationResult
 
 #: Reward added for an invalid action (out of range, or FUSE where it is masked), which is then
 #: taken as KEEP. The same plan was reachable by a valid KEEP, so any penalty makes the invalid
@@ -107,7 +111,8 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
 
     * ``spec``: an :class:`~fusion_rl.env.spec.EnvSpec`, a YAML path, a name in ``envs/``
       (``"tiny"``), a mapping, or None for ``envs/default.yaml``.
-    * ``render_mode``: None or ``"ansi"``.
+    * ``render_mode``: None, ``"ansi"`` (one line: model, decisions, groups) or ``"ir"``
+      (prints the current plan's fused Relax module as TVMScript and returns it).
     * ``cost_model``: an object with ``predict(graph, plan) -> ms`` for ``reward: model``
       (default: load the spec's ``cost_model`` path).
     * ``invalid_action_penalty``, ``failure_penalty``: the two penalties above.
@@ -131,7 +136,7 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
     >>> env.close()
     """
 
-    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+    metadata = {"render_modes": ["ansi", "ir"], "render_fps": 4}
 
     def __init__(
         self,
@@ -146,7 +151,7 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
         # `self.spec` is Gymnasium's registration spec; ours is `self.config`.
         self.config = EnvSpec.resolve(spec, **overrides)
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ConfigError(f"render_mode {render_mode!r} is not supported; use None or 'ansi'")
+            raise ConfigError(f"render_mode {render_mode!r} is not supported; use None, 'ansi' or 'ir'")
         self.render_mode = render_mode
         self.invalid_action_penalty = float(invalid_action_penalty)
         cfg = self.config
@@ -235,8 +240,17 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
         return np.array([True, fuse], dtype=bool)
 
     def render(self) -> str | None:
-        if self.render_mode != "ansi" or self._entry is None:
+        """``"ansi"``: one line of state. ``"ir"``: the fused Relax module of the current
+        (partial) plan, printed and returned (CompilerGym's IR view)."""
+        if self._entry is None or self.render_mode not in ("ansi", "ir"):
             return None
+        if self.render_mode == "ir":
+            from fusion_rl.fusion.apply import ApplyFusionPlan
+
+            plan = self._entry.process.plan(name="render")
+            text = ApplyFusionPlan(plan)(self._entry.model.mod).script()
+            print(text)
+            return text
         process = self._entry.process
         fused = [g for g in process.members.values() if len(g) > 1]
         now = "done" if process.done else f"edge {int(process.src[process.current])} -> {int(process.dst[process.current])}"
@@ -268,6 +282,28 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
     def current_plan(self) -> FusionPlan:
         """The (partial) plan of this episode so far."""
         return self._current().process.plan()
+
+    def validate(self, check_latency: bool = False) -> ValidationResult:
+        """Re-verify the current plan, after CompilerGym's ``validate()``.
+
+        Checks legality, then builds the plan afresh (never from the store; isolated when the
+        spec says so) and compares its outputs with ONNX Runtime. With ``check_latency`` the
+        plan is also re-timed with the spec's protocol and its stored latency must still hold
+        (the criterion of ``fusion-rl validate``). See :mod:`fusion_rl.env.validation`.
+        """
+        from fusion_rl.env.validation import validate_plan
+
+        entry = self._current()
+        plan = entry.process.plan(name="validate")
+        stored = self.measurer(self._target_name).cached(entry.model, plan) if check_latency else None
+        return validate_plan(entry.model, plan, self._target_spec(self._target_name), self.config,
+                             stored=stored, check_latency=check_latency)
+
+    @property
+    def dataset(self) -> ModelDataset:
+        """The built-in models (every zoo suite) with their versions; any of them can be named
+        in ``reset(options={"model": ...})`` if it fits ``max_nodes``/``max_edges``."""
+        return zoo_dataset()
 
     def model(self, name: str) -> Model:
         """The loaded model ``name`` (raises :class:`ConfigError` when it does not fit the env)."""

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from fusion_rl import paths
 from fusion_rl.compiler.schedules import DEFAULT_SCHEDULE
 from fusion_rl.compiler.timing import TimingProtocol
 from fusion_rl.decisions.layout import DEFAULT_MAX_EDGES, DEFAULT_MAX_NODES, MAX_PADDED_EDGES, MAX_PADDED_NODES
@@ -39,8 +40,8 @@ from fusion_rl.io import read_yaml
 
 #: Reward modes (see :mod:`fusion_rl.env.rewards`).
 REWARD_MODES = ("e2e", "kernel", "model")
-#: Folder of the named specs shipped with the repository (``spec="tiny"`` -> ``envs/tiny.yaml``).
-ENVS_DIR = Path(__file__).resolve().parents[2] / "envs"
+#: Folder of the named specs shipped with fusion_rl (``spec="tiny"`` -> ``envs/tiny.yaml``).
+ENVS_DIR = paths.ENVS_DIR
 
 _PROTOCOL_KEYS = ("repeat", "min_repeat_ms", "number", "warmup")
 #: Longest per-measurement timeout a spec may set (a day): longer is a typo, and infinity would

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fusion_rl import paths
 from fusion_rl.decisions.process import DecisionOptions
 from fusion_rl.errors import ConfigError, FusionRLError
 from fusion_rl.io import output_dir, read_bounded, read_json, write_atomic
@@ -92,13 +93,49 @@ def save_artifact(directory: str | os.PathLike, network: "torch.nn.Module", card
     return out
 
 
+def resolve_policy_dir(directory: str | os.PathLike) -> Path:
+    """The policy folder ``directory`` names: a folder, or a shipped policy's name.
+
+    ``"default"`` and ``"policies/default"`` name the shipped policy wherever fusion_rl runs
+    (an installed wheel carries it as package data, see :mod:`fusion_rl.paths`); an existing
+    folder always wins.
+
+    Parameters
+    ----------
+    directory
+        A policy folder, ``NAME`` or ``policies/NAME``.
+
+    Returns
+    -------
+    Path
+        The folder (not yet checked to be a policy artifact: :func:`read_card` does that).
+    """
+    folder = Path(directory)
+    if folder.is_dir():
+        return folder
+    if folder.parent in (Path("."), Path("policies")) and (paths.POLICIES_DIR / folder.name).is_dir():
+        return paths.POLICIES_DIR / folder.name
+    return folder
+
+
+def shipped_policies() -> list[str]:
+    """Names of the policies shipped with fusion_rl (``policies/NAME`` with a card)."""
+    if not paths.POLICIES_DIR.is_dir():
+        return []
+    return sorted(p.parent.name for p in paths.POLICIES_DIR.glob(f"*/{CARD_FILE}"))
+
+
 def read_card(directory: str | os.PathLike) -> tuple[dict[str, Any], bytes]:
-    """The card and the weight bytes, checked for presence, size, format and content hash."""
+    """The card and the weight bytes, checked for presence, format and content hash.
+
+    ``directory`` may name a shipped policy (:func:`resolve_policy_dir`).
+    """
     from fusion_rl.policy.snapshot import MAX_WEIGHTS_BYTES
 
-    folder = Path(directory)
+    folder = resolve_policy_dir(directory)
     if not folder.is_dir():
-        raise PolicyArtifactError(f"policy folder not found: {folder}")
+        shipped = ", ".join(shipped_policies()) or "none"
+        raise PolicyArtifactError(f"policy folder not found: {folder} (shipped policies: {shipped})")
     card_path, weights_path = folder / CARD_FILE, folder / WEIGHTS_FILE
     for p in (card_path, weights_path):
         if not p.is_file():

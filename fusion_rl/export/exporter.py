@@ -9,6 +9,7 @@ from typing import Any
 from fusion_rl.decisions.process import DecisionOptions
 from fusion_rl.errors import ConfigError
 from fusion_rl.export.artifact import PolicyCard, save_artifact
+from fusion_rl.paths import relative_to_repo
 from fusion_rl.policy.snapshot import NETWORK_CLASS
 
 
@@ -73,11 +74,7 @@ def export_run(
 
 def _portable(path: str) -> str:
     """``path`` relative to the repository when it lies inside it, else unchanged."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        return str(Path(path).resolve().relative_to(root))
-    except ValueError:
-        return path
+    return relative_to_repo(path)
 
 
 def _decision_options(config: dict[str, Any]) -> DecisionOptions:

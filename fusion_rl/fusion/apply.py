@@ -151,7 +151,7 @@ def group_module(
         elif isinstance(value, relax.TupleGetItem) and value.tuple_value in item_of_var:
             owner = item_of_var[value.tuple_value]
             if owner.group is not None:
-                item = owner  # a TupleGetItem stays with its tuple producer (DESIGN.md)
+                item = owner  # a TupleGetItem stays with its tuple producer (docs/design.md §4)
         if item is None:
             item = _Item(position=pos)
             items.append(item)
@@ -247,7 +247,7 @@ def _emit_group_function(bb, mod, item: _Item, inputs: list, outputs: list, name
         raise CompileError(f"internal: kernel name {name} is not unique")
     names.add(name)
     # Every input, constants included, becomes a parameter: FuseTIR cannot keep a constant
-    # inside a Primitive function (DESIGN.md, legality).
+    # inside a Primitive function (docs/design.md §4).
     params = [relax.Var(f"p{i}", x.ty) for i, x in enumerate(inputs)]
     with bb.function(name, params, attrs={"Primitive": True}, private=True):
         with bb.dataflow():

@@ -16,7 +16,7 @@ Errors (the plan is rejected):
   because no schedule provider schedules opaque blocks, so fusing them only costs; externally
   called kernels without a single root block would really fail in FuseTIR.
 
-Warnings (legal, but measured to be dangerous; DESIGN.md section 3):
+Warnings (legal, but measured to be dangerous; docs/design.md §12):
 
 - ``multi_anchor``: two or more multiply-accumulate anchors (conv/matmul) in one group.
   MetaSchedule's anchor-trace application fails on them and its fallbacks were 12x slower or

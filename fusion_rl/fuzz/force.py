@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from fusion_rl import paths
 from fusion_rl.errors import first_line
 from fusion_rl.fusion.plan import FusionPlan
 
@@ -25,7 +26,7 @@ FORCE_STAGES = ("group", "well_formed", "fusetir", "build", "run", "wrong_output
 
 def child_env() -> dict[str, str]:
     """The environment of a fuzzer child: this checkout first on ``PYTHONPATH``, one TVM thread by default."""
-    root = str(Path(__file__).resolve().parents[2])
+    root = str(paths.IMPORT_ROOT)
     env = dict(os.environ)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("TVM_NUM_THREADS", "1")

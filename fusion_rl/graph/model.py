@@ -17,7 +17,7 @@ import onnx
 
 import tvm
 
-from fusion_rl.errors import ModelImportError, UnknownModelError
+from fusion_rl.errors import ModelImportError, UnknownModelError, require_extra
 from fusion_rl.graph import importer, zoo
 from fusion_rl.graph.opgraph import OpGraph, extract_opgraph
 
@@ -91,6 +91,8 @@ def load_model(
 
 
 def load_zoo_model(name: str, seed: int = 0) -> Model:
+    if zoo.ZOO[name].source == "transformers":
+        require_extra(f"zoo model {name}", "hf", "transformers")
     onnx_model = importer.load_onnx(zoo.export_onnx(name, seed=seed))
     # TVM may need a shape-folded copy (zoo.import_path); ONNX Runtime keeps the original export
     # as the reference, so the folding is verified with every compiled plan.

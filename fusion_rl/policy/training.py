@@ -18,6 +18,13 @@ A run directory ``runs/<env>__<exp>__<seed>__<time>/`` holds:
 ``wandb/``                  Weights & Biases files (offline by default; ``wandb sync`` later)
 ==========================  ===================================================================
 
+W&B follows SB3's own integration: ``wandb.init(sync_tensorboard=True)`` plus
+``wandb.integration.sb3.WandbCallback``, so everything SB3 writes to TensorBoard (``rollout/*``,
+``train/*``, ``time/fps``) and the ``episode/*`` scalars reach W&B without hand-written logging.
+Runs of one experiment (same env spec and ``exp_name``, any seed) share a W&B ``group``
+(``wandb_group`` overrides it). :func:`log_policy_artifact` attaches an exported policy folder to
+the run as a ``model`` artifact (``fusion-rl export`` calls it).
+
 Checkpoints are taken at the start of a rollout, when the last PPO update has finished, so a
 checkpoint never holds half an update; a kill at any moment leaves the previous complete
 checkpoint. :func:`train` with ``resume=run_dir`` reloads the config and the latest checkpoint,
@@ -45,7 +52,8 @@ from typing import Any
 import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
 
-from fusion_rl.errors import ConfigError
+from fusion_rl import paths
+from fusion_rl.errors import ConfigError, require_extra
 from fusion_rl.io import read_json, read_yaml, write_atomic
 from fusion_rl.policy.config import from_mapping
 from fusion_rl.policy.policy import PPOConfig
@@ -55,6 +63,7 @@ __all__ = [
     "TrainingCallback",
     "latest_checkpoint",
     "load_config",
+    "log_policy_artifact",
     "make_env",
     "run_snapshot",
     "save_atomic",
@@ -64,7 +73,6 @@ __all__ = [
 
 WANDB_MODES = ("offline", "online", "disabled")
 _CHECKPOINT_RE = re.compile(r"^step_(\d+)\.zip$")
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -87,6 +95,8 @@ class TrainConfig:
     #: ``offline`` (default: no network needed), ``online`` or ``disabled``.
     wandb: str = "offline"
     wandb_project: str = "fusion_rl"
+    #: W&B group gathering the seeds of one experiment; ``None``: ``<env>__<exp_name>``.
+    wandb_group: str | None = None
     #: Episodes in the running means of the progress bar.
     window: int = 20
     #: torch intra-op threads. The GNN runs on graphs of tens of nodes, where extra threads only
@@ -112,6 +122,11 @@ class TrainConfig:
         return asdict(self)
 
     @property
+    def group(self) -> str:
+        """The W&B group of this run: :attr:`wandb_group`, else ``<env>__<exp_name>``."""
+        return self.wandb_group or f"{self.env_name}__{self.exp_name}"
+
+    @property
     def env_name(self) -> str:
         """Short env name for run names: the spec file's stem, else the env id's name."""
         if self.env_spec:
@@ -130,7 +145,12 @@ def load_config(path: str | os.PathLike[str]) -> TrainConfig:
 
 
 def _resolve(spec: str, config_dir: Path) -> Path:
-    candidates = [Path(spec), config_dir / spec, _REPO_ROOT / spec, _REPO_ROOT / "envs" / f"{spec}.yaml"]
+    candidates = [Path(spec), config_dir / spec]
+    if paths.REPO_ROOT is not None:
+        candidates.append(paths.REPO_ROOT / spec)
+    candidates.append(paths.ENVS_DIR / f"{spec}.yaml")
+    if Path(spec).parent == Path("envs"):  # "envs/tiny.yaml" from an installed wheel: its copy
+        candidates.append(paths.ENVS_DIR / Path(spec).name)
     for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
@@ -249,26 +269,27 @@ def _episode_record(info: dict[str, Any], step: int, episode: int) -> dict[str, 
 
 
 class TrainingCallback(BaseCallback):
-    """Checkpoints, the episode log, TensorBoard/W&B episode scalars and the progress bar.
+    """Checkpoints, the episode log, TensorBoard episode scalars and the progress bar.
+
+    The episode scalars go to SB3's logger (TensorBoard), which W&B syncs; see the module
+    docstring.
 
     :param run_dir: The run directory.
     :param checkpoint_every: Env steps between checkpoints; taken at rollout start, i.e. after
         a whole PPO update.
     :param total_timesteps: For the progress bar.
     :param window: Episodes in the running means shown in the bar.
-    :param wandb_run: A W&B run to log episodes to, or ``None``.
     :param progress: Show a tqdm bar.
     """
 
     def __init__(
         self, run_dir: Path, checkpoint_every: int, total_timesteps: int, window: int = 20,
-        wandb_run: Any = None, progress: bool = True,
+        progress: bool = True,
     ) -> None:
         super().__init__()
         self.run_dir = run_dir
         self.checkpoint_every = checkpoint_every
         self.total_timesteps = total_timesteps
-        self.wandb_run = wandb_run
         self.progress = progress
         self.rewards: deque[float] = deque(maxlen=window)
         self.speedups: deque[float] = deque(maxlen=window)
@@ -297,14 +318,6 @@ class TrainingCallback(BaseCallback):
         self.last_checkpoint = self.num_timesteps
         return path
 
-    def _on_rollout_end(self) -> None:
-        # SB3 dumps the last update's train/* values only after the next rollout; they are
-        # still in the logger here, so W&B gets them without syncing TensorBoard files.
-        if self.wandb_run is not None:
-            train = {k: v for k, v in self.logger.name_to_value.items() if k.startswith("train/")}
-            if train:
-                self.wandb_run.log(train, step=self.num_timesteps)
-
     def _on_step(self) -> bool:
         if self.bar is not None:
             self.bar.update(self.num_timesteps - self.bar.n)
@@ -325,8 +338,6 @@ class TrainingCallback(BaseCallback):
                    if record[k] is not None}
         for key, value in scalars.items():
             self.logger.record_mean(f"episode/{key}", value)
-        if self.wandb_run is not None:
-            self.wandb_run.log({f"episode/{k}": v for k, v in scalars.items()}, step=self.num_timesteps)
         if self.bar is not None:
             postfix = {"reward": f"{np.mean(self.rewards):.3f}"}
             if self.speedups:
@@ -367,17 +378,90 @@ def run_name(config: TrainConfig) -> str:
     return f"{config.env_name}__{config.exp_name}__{config.seed}__{int(time.time())}"
 
 
-def _init_wandb(config: TrainConfig, run_dir: Path, mode: str) -> Any:
+def _wandb_id(run_dir: Path) -> str:
+    # Derived from the run directory, so a resumed run (and its export) append to the same run.
+    return re.sub(r"[^A-Za-z0-9_-]", "-", run_dir.name)[:64]
+
+
+def _init_wandb(config: TrainConfig, run_dir: Path, mode: str, job_type: str = "train") -> Any:
+    """A W&B run for ``run_dir`` (``None`` when disabled); TensorBoard is synced into it.
+
+    Must run before SB3 creates its TensorBoard writer (in ``learn``): ``sync_tensorboard``
+    patches the writer class.
+    """
     if mode == "disabled":
         return None
+    require_extra(f"W&B logging (wandb: {mode}; use disabled to train without it)", "train", "wandb")
     import wandb
 
-    # The run id is derived from the run directory so a resumed run appends to the same W&B run.
-    run_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_dir.name)[:64]
     return wandb.init(
-        project=config.wandb_project, name=run_dir.name, id=run_id, resume="allow",
-        dir=str(run_dir), mode=mode, config=config.to_dict(), settings=wandb.Settings(console="off"),
+        project=config.wandb_project, name=run_dir.name, id=_wandb_id(run_dir), resume="allow",
+        group=config.group, job_type=job_type, dir=str(run_dir), mode=mode,
+        config=config.to_dict(), sync_tensorboard=True, settings=wandb.Settings(console="off"),
     )
+
+
+def _finish_wandb(run: Any) -> None:
+    import wandb
+
+    run.finish()
+    # The TensorBoard patch outlives the run; a later run in this process (or a TensorBoard
+    # writer with W&B disabled) must not log into a finished one.
+    wandb.tensorboard.unpatch()
+
+
+def log_policy_artifact(run_dir: str | os.PathLike[str], policy_dir: str | os.PathLike[str],
+                        mode: str | None = None) -> str | None:
+    """Attach an exported policy folder to the run's W&B run as a ``model`` artifact.
+
+    Parameters
+    ----------
+    run_dir
+        The training run the policy was exported from (its ``config.json`` names the W&B
+        project, group and mode).
+    policy_dir
+        The exported policy folder (``weights.safetensors`` + ``card.json``).
+    mode
+        ``offline``, ``online`` or ``disabled``; ``None``: the run's own mode.
+
+    Returns
+    -------
+    str or None
+        The artifact's name, or None when W&B is disabled for the run.
+    """
+    run_dir, policy_dir = Path(run_dir), Path(policy_dir)
+    try:
+        config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()),
+                                       f"{run_dir}/config.json")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{run_dir}: cannot read config.json: {exc}") from None
+    mode = mode or config.wandb
+    if mode not in WANDB_MODES:
+        raise ConfigError(f"wandb mode {mode!r} is not one of {WANDB_MODES}")
+    if mode == "disabled":
+        return None
+    require_extra(f"W&B logging (wandb: {mode}; pass --wandb disabled to skip it)", "train", "wandb")
+    import wandb
+
+    card = json.loads((policy_dir / "card.json").read_text())
+    name = f"policy-{_wandb_id(run_dir)}"
+    run = wandb.init(
+        project=config.wandb_project, name=run_dir.name, id=_wandb_id(run_dir), resume="allow",
+        group=config.group, job_type="export", dir=str(run_dir), mode=mode,
+        settings=wandb.Settings(console="off"),
+    )
+    try:
+        artifact = wandb.Artifact(name, type="model", metadata={
+            "content_hash": card.get("content_hash"),
+            "feature_schema": (card.get("feature_schema") or {}).get("version"),
+            "decisions": card.get("decisions"),
+            "training": card.get("training"),
+        })
+        artifact.add_dir(str(policy_dir))
+        run.log_artifact(artifact)
+    finally:
+        run.finish()
+    return name
 
 
 def train(
@@ -447,8 +531,13 @@ def train(
 
     # 4. Logging: episode JSONL + TensorBoard (SB3's logger) + W&B, and the progress bar.
     wandb_run = _init_wandb(config, run_dir, mode)
-    callback = TrainingCallback(run_dir, config.checkpoint_every, config.total_timesteps,
-                                window=config.window, wandb_run=wandb_run, progress=progress)
+    callback: Any = TrainingCallback(run_dir, config.checkpoint_every, config.total_timesteps,
+                                     window=config.window, progress=progress)
+    if wandb_run is not None:
+        from stable_baselines3.common.callbacks import CallbackList
+        from wandb.integration.sb3 import WandbCallback
+
+        callback = CallbackList([callback, WandbCallback(verbose=0)])
 
     # 5. Learn. ``reset_num_timesteps=False`` keeps counting from the checkpoint's step.
     try:
@@ -459,5 +548,5 @@ def train(
     finally:
         env.close()
         if wandb_run is not None:
-            wandb_run.finish()
+            _finish_wandb(wandb_run)
     return run_dir

@@ -38,13 +38,13 @@ Task granularity: why every distinct fused kernel gets its own tuning by default
   gave 6.1e5 with a structural one and the anchor-block one was right; a 4-trial run on a 16x16
   net was wrong again, and a third kernel (3 convs) crashed the design space generator
   (``reverse-compute-at`` ScheduleError). The wrong schedules look *faster* (they skip work), so
-  the tuner prefers them. Cause (DESIGN.md): conv #2's padding block is computed under conv #1's
+  the tuner prefers them. Cause (docs/design.md §12): conv #2's padding block is computed under conv #1's
   tiles and its border is left unwritten; whether that shows depends on what the reused memory
   held before. Hence: each multi-anchor kernel is tuned alone in a ``structural`` database, then
   checked against its naive kernel on random inputs (:func:`kernel_matches`, alternating runs so
   each one reads memory the other dirtied). A wrong or untunable kernel gets the fallback schedule
   (below), is logged and is remembered in ``untunable.json`` so later calls do not retry it. The check is a test, not a
-  proof: plans must still be verified end to end (DESIGN.md section 4).
+  proof: plans must still be verified end to end (docs/design.md §7).
 
 Any kernel the database cannot schedule (tuning failed, a multi-anchor kernel computed wrong
 values, a trace did not replay) gets the ``rules`` schedule instead (``fallback="rules"``, the

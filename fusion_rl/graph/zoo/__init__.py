@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fusion_rl import paths
 from fusion_rl.errors import ConfigError, OutputError, UnknownModelError
 from fusion_rl.io import output_dir, write_atomic
 from fusion_rl.graph.zoo import bench, cnn, hf, mlp, transformer
@@ -221,7 +222,7 @@ def _zoo_source_digest() -> str:
     silently disagree with :func:`build_torch`. The whole graph package, not only the catalogue:
     builders import layers from sibling modules, and an edit there changes the export as much.
     """
-    root = Path(__file__).resolve().parents[1]
+    root = paths.PACKAGE_DIR / "graph"
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")
