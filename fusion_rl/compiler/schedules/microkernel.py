@@ -249,15 +249,7 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
     # its loop order can only be permuted then.
     pack = _make_pack(sch, anchor, stmt, lay) if lay.panel is not None else None
 
-    loops = sch.get_loops(anchor)
-    spatial = [i for i, k in enumerate(kinds) if k == _DATA_PAR]
-    reduce = [loops[i] for i, k in enumerate(kinds) if k == _REDUCE]
-    v_out, v_in = sch.split(loops[lay.v], factors=[None, lay.vec])
-    r_out = r_in = None
-    if lay.r is not None and lay.rows > 1:
-        r_out, r_in = sch.split(loops[lay.r], factors=[None, lay.rows])
-    elif lay.r is not None:
-        r_out = loops[lay.r]
+    loops, spatial, reduce, (v_out, v_in), (r_out, r_in) = _split_tile(sch, anchor, kinds, lay)
     others = [loops[i] for i in spatial if i not in (lay.v, lay.r)]
     # Panel operand dependence: outer loops the panel ignores go *inside* the pack point.
     if lay.panel is not None:
@@ -309,6 +301,24 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
         done.add(sch.get(sch.decompose_reduction(anchor, reduce[0])).name_hint)
     done.add(sch.get(anchor).name_hint)
     return done
+
+
+def _split_tile(sch: s_tir.Schedule, anchor: SBlockRV, kinds: list, lay: Layout) -> tuple:
+    """Split the vector axis by ``vec`` and the register axis by ``rows``.
+
+    Returns (loops before the split, spatial iterator indices, reduction loops, (v_outer,
+    v_inner), (r_outer or None, r_inner or None)).
+    """
+    loops = sch.get_loops(anchor)
+    spatial = [i for i, k in enumerate(kinds) if k == _DATA_PAR]
+    reduce = [loops[i] for i, k in enumerate(kinds) if k == _REDUCE]
+    v_out, v_in = sch.split(loops[lay.v], factors=[None, lay.vec])
+    r_out = r_in = None
+    if lay.r is not None and lay.rows > 1:
+        r_out, r_in = sch.split(loops[lay.r], factors=[None, lay.rows])
+    elif lay.r is not None:
+        r_out = loops[lay.r]
+    return loops, spatial, reduce, (v_out, v_in), (r_out, r_in)
 
 
 def _index_map(fn, stmt: tirx.SBlock) -> tirx.IndexMap:
@@ -431,15 +441,7 @@ def schedule_depthwise(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock,
         except ScheduleError:
             pass
 
-    loops = sch.get_loops(anchor)
-    spatial = [i for i, k in enumerate(kinds) if k == _DATA_PAR]
-    reduce = [loops[i] for i, k in enumerate(kinds) if k == _REDUCE]
-    v_out, v_in = sch.split(loops[lay.v], factors=[None, lay.vec])
-    r_out = r_in = None
-    if lay.r is not None and lay.rows > 1:
-        r_out, r_in = sch.split(loops[lay.r], factors=[None, lay.rows])
-    elif lay.r is not None:
-        r_out = loops[lay.r]
+    loops, spatial, reduce, (v_out, v_in), (r_out, r_in) = _split_tile(sch, anchor, kinds, lay)
     before = [loops[i] for i in spatial if i < lay.v]
     after = [loops[i] for i in spatial if i > lay.v and i != lay.r]
     rest = after + ([r_out] if r_out is not None else [])
