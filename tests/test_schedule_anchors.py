@@ -83,7 +83,7 @@ def test_rules_schedule_matches_onnx_runtime(name: str, target, tmp_path) -> Non
     path = tmp_path / f"{name}.onnx"
     torch.onnx.export(module, (torch.randn(*shape),), str(path), input_names=["input"], dynamo=False)
     model = load_model(str(path))
-    for rules in ("unfused", "tvm"):
+    for rules in ("unfused", "tvm", "aggressive"):
         plan = make_plan(rules, model.mod, model.graph)
         compiled = compile_plan(model, plan, target, make_schedule("rules"))
         verify_executable(compiled.executable, model, f"{name}/{rules}")  # raises if wrong
@@ -91,3 +91,18 @@ def test_rules_schedule_matches_onnx_runtime(name: str, target, tmp_path) -> Non
         anchors = {k: v for k, v in compiled.schedules.items()
                    if any(op in k for op in ("conv2d", "matmul", "dense"))}
         assert anchors and all(v == anchor_rule for v in anchors.values()), anchors
+
+
+def test_fuzzer_finding_builds_and_verifies(target, model_cache) -> None:
+    """A mobilenet_tiny plan from the plan fuzzer (boundary source: most of the network in one
+    group) failed to build under rules ("Buffer conv2d_nchw_intermediate is used before its
+    definition"): a write-back absorbed one consumer of a buffer that others still read."""
+    from pathlib import Path
+
+    from fusion_rl.fusion.plan import FusionPlan
+
+    model = model_cache("mobilenet_tiny")
+    plan = FusionPlan.load(Path(__file__).parent / "data" / "mobilenet_tiny_fuzz_684ab2b4.json")
+    compiled = compile_plan(model, plan, target, make_schedule("rules"))
+    verify_executable(compiled.executable, model, "fuzz finding 684ab2b4")
+    assert not fallbacks(compiled.schedules), compiled.schedules

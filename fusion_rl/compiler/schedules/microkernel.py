@@ -346,7 +346,11 @@ def _cache_accumulators(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock
     changed = True
     while changed:
         changed = False
-        for consumer in sch.get_consumers(wb):
+        consumers = sch.get_consumers(wb)
+        # Only a sole consumer joins the write-back: with several, inlining one of them left
+        # the others reading a buffer whose allocation was gone ("used before its
+        # definition" at build time; found by the plan fuzzer on a whole-network group).
+        for consumer in consumers if len(consumers) == 1 else []:
             c = sch.get(consumer)
             if not c.writes or [int(s) for s in c.writes[0].source.shape] != out_shape:
                 continue
