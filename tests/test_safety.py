@@ -28,6 +28,7 @@ import torch
 from onnx import TensorProto, helper
 
 from fusion_rl.cli import main
+from fusion_rl.compiler.schedules import DEFAULT_SCHEDULE
 from fusion_rl.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +104,8 @@ def policy(tmp_path) -> Path:
     torch.manual_seed(0)
     net = PolicyNetwork(dict(node_dim=NODE_DIM, edge_dim=EDGE_DIM, hw_dim=10, **FEATURES), [8])
     card = PolicyCard(architecture={"class": "fusion_rl.policy.network.PolicyNetwork", "kwargs": net.config},
-                      feature_schema=feature_schema(), observation={"max_nodes": 64, "max_edges": 128, "hw_dim": 10})
+                      feature_schema=feature_schema(), observation={"max_nodes": 64, "max_edges": 128, "hw_dim": 10},
+                      decisions={"max_mac_anchors": 1})
     return save_artifact(tmp_path / "policy", net, card)
 
 
@@ -349,7 +351,7 @@ def test_5_a_served_failure_names_the_store_and_retry(capsys, tmp_path, model_ca
     plan = make_plan("tvm", model.mod, model.graph)
     path = tmp_path / "m.sqlite"
     with MeasurementStore(path) as store:
-        m = Measurer("host", "naive", store=store)  # the CLI's defaults
+        m = Measurer("host", DEFAULT_SCHEDULE, store=store)  # the CLI's defaults
         key = m.key(model, plan)
         keys = {key, m.failure_key(key)} if hasattr(m, "failure_key") else {key}
         store.put_many([MeasurementRecord(key=k, status="crashed", error="worker died (signal SIGSEGV)") for k in keys])
@@ -376,7 +378,7 @@ def test_5_a_worker_killed_from_outside_is_not_stored(tmp_path, model_cache, mon
     monkeypatch.setattr(worker_mod.Worker, "run", killed_first)
     model = model_cache("mlp_tiny")
     with MeasurementStore(tmp_path / "m.sqlite") as store:
-        with Measurer("host", "naive", store=store) as m:
+        with Measurer("host", DEFAULT_SCHEDULE, store=store) as m:
             record = m.measure(model, make_plan("tvm", model.mod, model.graph))
         assert record.status == "crashed" and "SIGKILL" in record.error
         assert len(store) == 0
@@ -479,7 +481,7 @@ def test_7_store_record_holding_invalid_json(capsys, tmp_path, model_cache):
     model = model_cache("mlp_tiny")
     path = tmp_path / "m.sqlite"
     with MeasurementStore(path) as store:
-        key = Measurer("host", "naive", store=store).key(model, make_plan("tvm", model.mod, model.graph))
+        key = Measurer("host", DEFAULT_SCHEDULE, store=store).key(model, make_plan("tvm", model.mod, model.graph))
         store.put(MeasurementRecord.from_times(key, [1.0, 1.1]))
     with sqlite3.connect(path) as db:
         db.execute("UPDATE measurements SET times_ms = '{oops'")
@@ -552,7 +554,7 @@ def test_8_measure_json_is_always_valid_json(capsys, tmp_path, model_cache):
     model = model_cache("mlp_tiny")
     path = tmp_path / "m.sqlite"
     with MeasurementStore(path) as store:
-        key = Measurer("host", "naive", store=store).key(model, make_plan("tvm", model.mod, model.graph))
+        key = Measurer("host", DEFAULT_SCHEDULE, store=store).key(model, make_plan("tvm", model.mod, model.graph))
         record = MeasurementRecord.from_times(key, [1.0, 1.2])
         record.spread_ms = float("inf")
         store.put(record)

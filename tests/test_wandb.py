@@ -23,6 +23,21 @@ def _offline_runs(run_dir: Path) -> list[bytes]:
     return [p.read_bytes() for p in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))]
 
 
+def _settled_log(run_dir: Path, timeout_s: float = 60.0) -> bytes:
+    """The training run's record log once its size stops changing (W&B writes it from its
+    own service process, which may lag behind ``finish()`` on a loaded machine)."""
+    import time
+
+    deadline, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        (log,) = _offline_runs(run_dir)
+        if log == last and len(log) > 64:
+            return log
+        last = log
+        time.sleep(0.5)
+    return last or b""
+
+
 def test_group_gathers_the_seeds_of_an_experiment():
     a = TrainConfig(env_spec="envs/tiny.yaml", exp_name="sweep", seed=0)
     b = TrainConfig(env_spec="envs/tiny.yaml", exp_name="sweep", seed=7)
@@ -50,7 +65,9 @@ def test_offline_run_syncs_tensorboard_and_logs_the_policy_artifact(tmp_path, mo
     (init,) = calls
     assert init["mode"] == "offline" and init["sync_tensorboard"] is True
     assert init["group"] == "FakeFusion-v0__smoke" and init["job_type"] == "train"
-    (log,) = _offline_runs(run)
+    # W&B's service process writes the offline record log after finish() returns; wait for
+    # it to settle (bounded), rather than read a header-only file.
+    log = _settled_log(run)
     # SB3's rollout/* and time/* reach W&B only through the TensorBoard sync.
     for key in (b"rollout/ep_rew_mean", b"time/fps", b"train/value_loss", b"episode/reward"):
         assert key in log, key

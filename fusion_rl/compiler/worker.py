@@ -76,6 +76,7 @@ class KernelJob:
     schedule_kwargs: dict = field(default_factory=dict)
     protocol: Any = None
     kernels: tuple = ()
+    fingerprint: str = ""  #: as in MeasureJob
 
 
 def run_any(job: MeasureJob | InterleavedJob | KernelJob, models: dict | None = None) -> dict:
