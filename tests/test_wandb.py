@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fusion_rl.policy.training import TrainConfig, load_config, log_policy_artifact, train
+from fusion_rl.policy.tracking import log_policy_artifact
+from fusion_rl.policy.training import TrainConfig, load_config, train
 
 from test_train import write_config
 

@@ -36,7 +36,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export_run(args.run_dir, args.output, evaluation, command, args.train_command or "")
     card = json.loads((out / "card.json").read_text())
     print(f"exported {args.run_dir} -> {out} (content hash {card['content_hash'][:16]})")
-    from fusion_rl.policy.training import log_policy_artifact
+    from fusion_rl.policy.tracking import log_policy_artifact
 
     artifact = log_policy_artifact(args.run_dir, out, args.wandb)
     if artifact is not None:

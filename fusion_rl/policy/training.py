@@ -53,8 +53,9 @@ import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
 
 from fusion_rl import paths
-from fusion_rl.errors import ConfigError, require_extra
+from fusion_rl.errors import ConfigError
 from fusion_rl.io import read_json, read_yaml, write_atomic
+from fusion_rl.policy.tracking import finish_wandb, init_wandb, log_policy_artifact  # noqa: F401 (re-exported)
 from fusion_rl.policy.config import from_mapping
 from fusion_rl.policy.policy import PPOConfig
 
@@ -378,92 +379,6 @@ def run_name(config: TrainConfig) -> str:
     return f"{config.env_name}__{config.exp_name}__{config.seed}__{int(time.time())}"
 
 
-def _wandb_id(run_dir: Path) -> str:
-    # Derived from the run directory, so a resumed run (and its export) append to the same run.
-    return re.sub(r"[^A-Za-z0-9_-]", "-", run_dir.name)[:64]
-
-
-def _init_wandb(config: TrainConfig, run_dir: Path, mode: str, job_type: str = "train") -> Any:
-    """A W&B run for ``run_dir`` (``None`` when disabled); TensorBoard is synced into it.
-
-    Must run before SB3 creates its TensorBoard writer (in ``learn``): ``sync_tensorboard``
-    patches the writer class.
-    """
-    if mode == "disabled":
-        return None
-    require_extra(f"W&B logging (wandb: {mode}; use disabled to train without it)", "train", "wandb")
-    import wandb
-
-    return wandb.init(
-        project=config.wandb_project, name=run_dir.name, id=_wandb_id(run_dir), resume="allow",
-        group=config.group, job_type=job_type, dir=str(run_dir), mode=mode,
-        config=config.to_dict(), sync_tensorboard=True, settings=wandb.Settings(console="off"),
-    )
-
-
-def _finish_wandb(run: Any) -> None:
-    import wandb
-
-    run.finish()
-    # The TensorBoard patch outlives the run; a later run in this process (or a TensorBoard
-    # writer with W&B disabled) must not log into a finished one.
-    wandb.tensorboard.unpatch()
-
-
-def log_policy_artifact(run_dir: str | os.PathLike[str], policy_dir: str | os.PathLike[str],
-                        mode: str | None = None) -> str | None:
-    """Attach an exported policy folder to the run's W&B run as a ``model`` artifact.
-
-    Parameters
-    ----------
-    run_dir
-        The training run the policy was exported from (its ``config.json`` names the W&B
-        project, group and mode).
-    policy_dir
-        The exported policy folder (``weights.safetensors`` + ``card.json``).
-    mode
-        ``offline``, ``online`` or ``disabled``; ``None``: the run's own mode.
-
-    Returns
-    -------
-    str or None
-        The artifact's name, or None when W&B is disabled for the run.
-    """
-    run_dir, policy_dir = Path(run_dir), Path(policy_dir)
-    try:
-        config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()),
-                                       f"{run_dir}/config.json")
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{run_dir}: cannot read config.json: {exc}") from None
-    mode = mode or config.wandb
-    if mode not in WANDB_MODES:
-        raise ConfigError(f"wandb mode {mode!r} is not one of {WANDB_MODES}")
-    if mode == "disabled":
-        return None
-    require_extra(f"W&B logging (wandb: {mode}; pass --wandb disabled to skip it)", "train", "wandb")
-    import wandb
-
-    card = json.loads((policy_dir / "card.json").read_text())
-    name = f"policy-{_wandb_id(run_dir)}"
-    run = wandb.init(
-        project=config.wandb_project, name=run_dir.name, id=_wandb_id(run_dir), resume="allow",
-        group=config.group, job_type="export", dir=str(run_dir), mode=mode,
-        settings=wandb.Settings(console="off"),
-    )
-    try:
-        artifact = wandb.Artifact(name, type="model", metadata={
-            "content_hash": card.get("content_hash"),
-            "feature_schema": (card.get("feature_schema") or {}).get("version"),
-            "decisions": card.get("decisions"),
-            "training": card.get("training"),
-        })
-        artifact.add_dir(str(policy_dir))
-        run.log_artifact(artifact)
-    finally:
-        run.finish()
-    return name
-
-
 def train(
     config: TrainConfig | None = None,
     *,
@@ -530,7 +445,7 @@ def train(
         return run_dir
 
     # 4. Logging: episode JSONL + TensorBoard (SB3's logger) + W&B, and the progress bar.
-    wandb_run = _init_wandb(config, run_dir, mode)
+    wandb_run = init_wandb(config, run_dir, mode)
     callback: Any = TrainingCallback(run_dir, config.checkpoint_every, config.total_timesteps,
                                      window=config.window, progress=progress)
     if wandb_run is not None:
@@ -548,5 +463,5 @@ def train(
     finally:
         env.close()
         if wandb_run is not None:
-            _finish_wandb(wandb_run)
+            finish_wandb(wandb_run)
     return run_dir
