@@ -91,7 +91,7 @@ def load_model(
 
 
 def load_zoo_model(name: str, seed: int = 0) -> Model:
-    if zoo.ZOO[name].source == "transformers":
+    if zoo.get_entry(name).source == "transformers":
         require_extra(f"zoo model {name}", "hf", "transformers")
     onnx_model = importer.load_onnx(zoo.export_onnx(name, seed=seed))
     # TVM may need a shape-folded copy (zoo.import_path); ONNX Runtime keeps the original export
