@@ -142,6 +142,19 @@ class FuzzReport:
         ]
         for rule, outcomes in lg["rejected_by_rule"].items():
             lines.append(f"| {rule} | {', '.join(f'{k}: {v}' for k, v in sorted(outcomes.items()))} |")
+        lines += ["", "## Per model", "",
+                  "| model | plans | compiles | ok | wrong output | failed | partitions: accepted / rejected (with a cycle) |",
+                  "|---|---|---|---|---|---|---|"]
+        for model in self.models:
+            runs = [r for r in self.results if r.model == model]
+            parts = [r for r in self.legality if r.model == model]
+            status = Counter(r.status for r in runs)
+            rejected = [r for r in parts if not r.accepted]
+            lines.append(
+                f"| {model} | {len({r.plan_hash for r in runs})} | {len(runs)} | {status['ok']} | "
+                f"{status['wrong_output']} | {len(runs) - status['ok'] - status['wrong_output']} | "
+                f"{len(parts) - len(rejected)} / {len(rejected)} "
+                f"({sum('cycle' in r.rules for r in rejected)}) |")
         if self.skipped_models:
             lines += ["", "Skipped models: " + ", ".join(f"{k} ({v})" for k, v in self.skipped_models.items())]
         if self.findings:
