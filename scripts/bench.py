@@ -46,6 +46,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path)
     parser.add_argument("--models", nargs="+", help="override the config's model list")
+    parser.add_argument("--update", action="store_true",
+                        help="re-measure --models only and replace their rows in results.json")
     args = parser.parse_args()
     cfg = read_yaml(args.config, "bench config")
     out_dir = args.config.parent
@@ -56,6 +58,10 @@ def main() -> int:
                "schedule": DEFAULT_SCHEDULE, "peak_gflops": peak, "peak_note": peak_note,
                "protocol": protocol.key, "rounds": cfg["rounds"],
                "command": f"python scripts/bench.py {args.config}", "models": []}
+    if args.update:
+        previous = json.loads((out_dir / "results.json").read_text())
+        results["models"] = [m for m in previous["models"] if m["model"] not in (args.models or [])]
+        results["command"] += " (rows of " + ", ".join(args.models or []) + " re-measured with --update)"
     for name in args.models or cfg["models"]:
         print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
         # 1. Preparation: the export and import a new user pays once per model.
@@ -106,8 +112,10 @@ def main() -> int:
                                         "spread_ms": res.spread_ms, "setup_s": res.setup_s,
                                         "error": res.error}
         row["ort_classes_ms"] = ort_class_times(model, spec.num_threads)
-        results["models"].append(row)
+        results["models"] = [m for m in results["models"] if m["model"] != name] + [row]
         (out_dir / "results.json").write_text(json.dumps(results, indent=1))  # partial runs too
+    order = {name: i for i, name in enumerate(cfg["models"])}
+    results["models"].sort(key=lambda m: order.get(m["model"], len(order)))
     write_markdown(results, out_dir / "results.md")
     write_plot(results, out_dir / "bench.png")
     print(f"wrote {out_dir}/results.json, results.md, bench.png")

@@ -61,6 +61,8 @@ CASES = {
     "conv3x3_stride2": (lambda: _Conv(8, 16, 3, 2), (1, 8, 14, 14), "microkernel"),
     "conv1x1_residual": (lambda: _Conv(16, 16, 1), (1, 16, 7, 7), "microkernel"),
     "conv_grouped": (lambda: _Conv(16, 16, 3, 1, 4), (1, 16, 8, 8), "microkernel"),
+    # 16 channels per group: a whole number of vectors on AVX2 and AVX-512 (RegNet's layout)
+    "conv_grouped_vectors": (lambda: _Conv(64, 64, 3, 1, 4), (1, 64, 8, 8), "microkernel"),
     "depthwise3x3": (lambda: _Conv(16, 16, 3, 1, 16), (1, 16, 12, 12), "microkernel"),
     "depthwise3x3_stride2": (lambda: _Conv(16, 16, 3, 2, 16), (1, 16, 12, 12), "microkernel"),
     "depthwise7x7": (lambda: _Conv(16, 16, 7, 1, 16), (1, 16, 14, 14), "microkernel"),

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir.schedule import LoopRV, SBlockRV, ScheduleError
 
@@ -147,6 +148,39 @@ def _pow2_tile(ext: int | None, lanes: int) -> int:
     return f if ext and f >= 4 and ext % f == 0 else 0
 
 
+def _channel_groups(stmt: tirx.SBlock, lanes: int) -> tuple[int, int] | None:
+    """(iterator index, channels per group) of a grouped convolution whose groups hold a whole
+    number of vectors, or None. Recognized by the input's channel index ``c // G * G + rc``
+    (how TOPI's ``group_conv2d_nchw`` indexes it); depthwise (``G == 1``) has its own path."""
+    out = stmt.writes[0].source
+    names = {iv.var.name: i for i, iv in enumerate(stmt.iter_vars) if iv.iter_type == _DATA_PAR}
+    for op in stmt.reads:
+        if op.source.same_as(out):
+            continue
+        for rng in op.region:
+            for node in _subexprs(rng.min):
+                if isinstance(node, tirx.FloorDiv) and isinstance(node.a, tirx.Var) \
+                        and isinstance(node.b, tirx.IntImm) and node.a.name in names:
+                    group, axis = int(node.b), names[node.a.name]
+                    ext = _extent(stmt.iter_vars[axis])
+                    if group > 1 and group % lanes == 0 and ext and ext > group and ext % group == 0:
+                        return axis, group
+    return None
+
+
+def _subexprs(expr: "tvm.ir.expr.Expr") -> list:
+    """``expr`` and its arithmetic operands, recursively."""
+    out, todo = [], [expr]
+    while todo:
+        e = todo.pop()
+        out.append(e)
+        for field in ("a", "b"):
+            child = getattr(e, field, None)
+            if isinstance(child, tvm.ir.expr.Expr):
+                todo.append(child)
+    return out
+
+
 def _einsum_padding(stmt: tirx.SBlock, lanes: int, registers: int) -> list[int] | None:
     """Padding factors that make a matmul-like block's vector and row axes tile exactly, or
     None when nothing needs padding (or the block is not an einsum: convolutions index with
@@ -227,6 +261,17 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
     loops = sch.get_loops(anchor)
     if len(loops) != len(stmt.iter_vars):
         raise Unschedulable("anchor loop nest is not one loop per block iterator")
+    grouped = _channel_groups(stmt, lanes)
+    if grouped is not None:
+        # Grouped convolution, ``G`` output channels per group: split the channel iterator into
+        # (group, channel in group), so the channels of one group form a vector that only the
+        # filter depends on (the input is then a broadcast per group), as in a dense conv.
+        axis, group = grouped
+        n = len(stmt.iter_vars)
+        sch.transform_block_layout(anchor, tirx.IndexMap.from_func(
+            lambda *a: [*a[:axis], a[axis] // group, a[axis] % group, *a[axis + 1:]],
+            ndim=n, index_dtype="int64"))
+        stmt = sch.get(anchor)
     padding = _einsum_padding(stmt, lanes, registers)
     if padding:
         # Ragged extents (ViT's 197 tokens): compute on a padded copy rather than give up the
