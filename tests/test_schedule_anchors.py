@@ -63,6 +63,10 @@ CASES = {
     "conv_grouped": (lambda: _Conv(16, 16, 3, 1, 4), (1, 16, 8, 8), "microkernel"),
     # 16 channels per group: a whole number of vectors on AVX2 and AVX-512 (RegNet's layout)
     "conv_grouped_vectors": (lambda: _Conv(64, 64, 3, 1, 4), (1, 64, 8, 8), "microkernel"),
+    # 8 channels per group on a 7x7 map (RegNetX's last stage), stride 1 and 2: the input's
+    # channel index is only seen to ignore the vector axis once simplified
+    "conv_grouped_8_ragged": (lambda: _Conv(32, 32, 3, 1, 4), (1, 32, 7, 7), "microkernel"),
+    "conv_grouped_8_stride2": (lambda: _Conv(32, 32, 3, 2, 4), (1, 32, 14, 14), "microkernel"),
     "depthwise3x3": (lambda: _Conv(16, 16, 3, 1, 16), (1, 16, 12, 12), "microkernel"),
     "depthwise3x3_stride2": (lambda: _Conv(16, 16, 3, 2, 16), (1, 16, 12, 12), "microkernel"),
     "depthwise7x7": (lambda: _Conv(16, 16, 7, 1, 16), (1, 16, 14, 14), "microkernel"),
