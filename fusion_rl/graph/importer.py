@@ -8,6 +8,7 @@ what :mod:`fusion_rl.graph.opgraph` turns into an operator graph and what
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -17,17 +18,18 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
-
 import tvm
 from tvm import relax
 
 from fusion_rl.errors import ConfigError, DynamicShapeError, ModelImportError, UnsupportedOperatorError, first_line
+from fusion_rl.graph.fast_math import FAST_MATH_LEGALIZE
 
 #: Passes that turn an imported Relax module into one ``call_tir`` per operator, with pattern
 #: kinds, constants folded. This is the prefix of TVM's CPU pipeline *before* FuseOps.
 LEGALIZE_PASSES = (
     relax.transform.DecomposeOpsForInference,
-    relax.transform.LegalizeOps,
+    # Transcendentals as vectorizable approximations (see fusion_rl.graph.fast_math).
+    functools.partial(relax.transform.LegalizeOps, FAST_MATH_LEGALIZE),
     relax.transform.AnnotateTIROpPattern,
     relax.transform.FoldConstant,
     # Drops alias bindings (``gv = lv``) the ONNX frontend leaves after a final LayerNorm.
