@@ -189,5 +189,6 @@ def test_runs_found_given_or_refused(tmp_path):
         transfer.get_runs(CFG, tmp_path / "t.yaml", tmp_path, [tmp_path / "e__x__0__3"])
     (tmp_path / "ab" / "config.json").parent.mkdir()
     (tmp_path / "ab" / "config.json").write_text("{}")
-    cfg = {"ablations": [{"label": "kept", "runs": ["ab"], "env": {"k": 1}}, {"label": "absent", "runs": ["no"]}]}
+    cfg = {"ablations": [{"label": "kept", "runs": ["ab"], "env": {"k": 1}}, {"label": "absent", "runs": ["no"]},
+                         {"label": "partly absent", "runs": ["ab", "no"]}]}
     assert transfer.ablations(cfg, tmp_path) == [("kept", [tmp_path / "ab"], {"k": 1})]
