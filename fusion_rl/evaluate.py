@@ -90,7 +90,10 @@ def load_policy(run_dir: str | Path) -> TrainedPolicy:
     Only ``config.json`` and the ``.safetensors`` + ``.json`` snapshot are read; the SB3 zips
     are pickles and are never loaded here (see :mod:`fusion_rl.policy.snapshot`).
 
-    :raises ConfigError: if ``run_dir`` is not a run directory or holds no snapshot.
+    Raises
+    ------
+    ConfigError
+        if ``run_dir`` is not a run directory or holds no snapshot.
     """
     from fusion_rl.io import read_json
     from fusion_rl.policy.snapshot import load_snapshot
@@ -120,8 +123,12 @@ def decide_plan(policy: Any, env: Any, model: str, target: str, name: str = "lea
     and the final plan. So this function never measures anything (no measurer is even
     created); the caller measures the returned plan once.
 
-    :param policy: Anything with SB3's ``predict(obs, action_masks=..., deterministic=True)``.
-    :param env: A :class:`~fusion_rl.env.fusion_env.FusionEnv` whose observation space matches
+    Parameters
+    ----------
+    policy
+        Anything with SB3's ``predict(obs, action_masks=..., deterministic=True)``.
+    env
+        A :class:`~fusion_rl.env.fusion_env.FusionEnv` whose observation space matches
         the policy's (the run's own env spec).
     """
     def choose(obs: dict[str, np.ndarray], mask: np.ndarray) -> int:

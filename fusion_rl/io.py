@@ -65,8 +65,12 @@ def read_bounded(path: str | os.PathLike[str], what: str, error: ErrorType = Con
     """The bytes of ``path``, refusing in one line a folder, an unreadable path (missing, a
     symlink loop, no permission) or more than ``max_bytes`` (``/dev/zero`` included).
 
-    :param what: Names the file in messages, e.g. ``"plan file"``.
-    :param error: The :class:`~fusion_rl.errors.FusionRLError` subclass to raise.
+    Parameters
+    ----------
+    what
+        Names the file in messages, e.g. ``"plan file"``.
+    error
+        The :class:`~fusion_rl.errors.FusionRLError` subclass to raise.
     """
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -297,12 +301,24 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str | Callable[[Pat
                  what: str = "output") -> Path:
     """Write ``data`` to ``path`` so that ``path`` is either unchanged or complete.
 
-    :param data: Bytes, text (UTF-8), or a function that writes the file at the path it is
+    Parameters
+    ----------
+    data
+        Bytes, text (UTF-8), or a function that writes the file at the path it is
         given (for writers that need a path, e.g. TVM's ``export_library``; the temp path keeps
         the target's extension).
-    :param what: Names the output in messages, e.g. ``"-o"`` or ``"checkpoint"``.
-    :returns: The path written: ``path``, or the target of the symlink ``path``.
-    :raises OutputError: for a folder, a device/pipe/socket, a missing folder or a failed write;
+    what
+        Names the output in messages, e.g. ``"-o"`` or ``"checkpoint"``.
+
+    Returns
+    -------
+    Path
+        The path written: ``path``, or the target of the symlink ``path``.
+
+    Raises
+    ------
+    OutputError
+        for a folder, a device/pipe/socket, a missing folder or a failed write;
         no temp file is left behind.
     """
     dest = _destination(Path(path), what)

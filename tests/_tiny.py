@@ -36,3 +36,12 @@ def diamond() -> OpGraph:
     nodes = [node(0, "conv2d", 4), node(1), node(2, "matmul", 4), node(3)]
     edges = [OpEdge(0, 1, 0, 16), OpEdge(0, 2, 0, 16), OpEdge(1, 3, 0, 16), OpEdge(2, 3, 0, 16)]
     return OpGraph(nodes, edges, outputs=[3], name="diamond")
+
+
+def crossed_groups() -> OpGraph:
+    """x -> v, x -> y, w -> y, w -> u, u -> v. {x, v} and {w, y, u} are each convex, but
+    x -> y puts the first before the second and u -> v the second before the first."""
+    nodes = [OpNode(i, f"v{i}", "add", "add", 0, ((1, 4),), "float32", 4.0, 32, 16, 0) for i in range(5)]
+    x, w, y, u, v = range(5)
+    edges = [OpEdge(x, v, 0, 16), OpEdge(x, y, 0, 16), OpEdge(w, y, 0, 16), OpEdge(w, u, 0, 16), OpEdge(u, v, 0, 16)]
+    return OpGraph(nodes, edges, outputs=[y, v], name="crossed")

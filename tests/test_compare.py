@@ -14,6 +14,8 @@ from fusion_rl.fusion.rules import RULE_SETS
 from fusion_rl.graph.model import load_onnx_model
 from fusion_rl.graph.zoo import export_onnx
 
+from conftest import one_line_error, run_cli
+
 QUICK = TimingProtocol.quick()
 
 
@@ -69,9 +71,7 @@ def test_compare_cli_writes_report(tmp_path, capsys):
     ],
 )
 def test_compare_and_measure_bad_options(argv, words, capsys):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and words in err and len(err.splitlines()) == 1
+    one_line_error(*run_cli(capsys, *argv)[::2], words)
 
 
 @pytest.mark.parametrize("name", ["compile_libraries", "fusion_effects"])

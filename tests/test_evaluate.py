@@ -20,6 +20,8 @@ from fusion_rl.evaluate import (
     fill_speedups, geomean, learning_curve, load_policy, make_eval_env, parity_point, t_interval, training_stats,
 )
 
+from conftest import one_line_error, run_cli
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -169,15 +171,13 @@ def test_load_policy_errors(tmp_path: Path) -> None:
 
 
 def test_cli_parses_and_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from fusion_rl.cli import build_parser, main
+    from fusion_rl.cli import build_parser
 
     args = build_parser().parse_args(["evaluate", "runs/a", "runs/b", "--heldout-models", "se_cnn,gpt_tiny",
                                       "--heldout-targets", "haswell-t1", "--search-budget", "4"])
     assert args.command == "evaluate" and len(args.runs) == 2 and args.search_budget == 4
-    code = main(["evaluate", str(tmp_path / "nope"), "--models", "mlp_tiny"])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert err.startswith("error:") and "not a run directory" in err and len(err.strip().splitlines()) == 1
+    one_line_error(*run_cli(capsys, "evaluate", str(tmp_path / "nope"), "--models", "mlp_tiny")[::2],
+                   "not a run directory")
 
 
 def test_cli_reports_the_best_rule_and_a_collapse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -7,14 +7,16 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from fusion_rl.tvm_log import parse_tvm_line, tvm_log_to_logging
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import cli_child
+
 TVM_LINE = re.compile(r"\[\d\d:\d\d:\d\d\] \S+\.(cc|h):\d+: ")
+#: The children use two TVM threads whatever this process was given (a busy shared machine).
+TWO_THREADS = {"TVM_NUM_THREADS": "2"}
 SCOPE_LINE = b"[14:14:15] /project/src/runtime/vm/executable.cc:276: Warning: Scope Saving:\n"
 
 
@@ -58,30 +60,25 @@ def test_fd2_is_restored_and_blocks_nest(capfd):
     assert capfd.readouterr().err == "after the block\n"
 
 
-def _cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), TVM_NUM_THREADS="2")
-    return subprocess.run([sys.executable, "-m", "fusion_rl.cli", *argv], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
 def test_compile_and_run_print_no_tvm_line_unless_debug(tmp_path):
     lib = tmp_path / "m.so"
-    proc = _cli("compile", "mlp_tiny", "--rules", "tvm", "-o", str(lib), cwd=tmp_path)
+    proc = cli_child("compile", "mlp_tiny", "--rules", "tvm", "-o", str(lib), cwd=tmp_path, env=TWO_THREADS)
     assert proc.returncode == 0, proc.stderr
     assert not TVM_LINE.search(proc.stderr) and "Scope" not in proc.stderr, proc.stderr
-    proc = _cli("run", str(lib), cwd=tmp_path)
+    proc = cli_child("run", str(lib), cwd=tmp_path, env=TWO_THREADS)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "", proc.stderr
     assert "output 0" in proc.stdout
     # With --debug the same lines are there, as records of the `tvm` logger.
-    proc = _cli("--debug", "run", str(lib), cwd=tmp_path)
+    proc = cli_child("--debug", "run", str(lib), cwd=tmp_path, env=TWO_THREADS)
     assert proc.returncode == 0, proc.stderr
     assert "WARNING tvm: " in proc.stderr and "executable.cc:340: Scope Loaded" in proc.stderr
 
 
 @pytest.mark.parametrize("debug", [False, True])
 def test_embedding_import_warning_only_with_debug(tmp_path, debug):
-    proc = _cli(*(["--debug"] if debug else []), "plan", "gpt_tiny", "--rules", "tvm", cwd=tmp_path)
+    proc = cli_child(*(["--debug"] if debug else []), "plan", "gpt_tiny", "--rules", "tvm", cwd=tmp_path,
+                     env=TWO_THREADS)
     assert proc.returncode == 0, proc.stderr
     assert not TVM_LINE.search(proc.stderr), proc.stderr
     assert ("Fast mode segfaults" in proc.stderr) is debug, proc.stderr

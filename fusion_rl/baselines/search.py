@@ -378,7 +378,10 @@ def iter_connected_partitions(graph: OpGraph) -> Iterator[FusionPlan]:
 def legal_plans(graph: OpGraph, limit: int = EXHAUSTIVE_LIMIT) -> list[FusionPlan]:
     """All legal plans whose groups are connected.
 
-    :raises ConfigError: when the graph has more than ``limit`` connected partitions (checked
+    Raises
+    ------
+    ConfigError
+        when the graph has more than ``limit`` connected partitions (checked
         while enumerating, so a large graph fails fast instead of hanging).
     """
     plans = []

@@ -77,7 +77,10 @@ def head_to_head(measurer: Measurer, model: Model, plans: Mapping[str, FusionPla
     """``rounds`` x :meth:`Measurer.time_together` of ``plans`` (fresh builds each round, plan order
     flipping between rounds); never served from a store.
 
-    :raises ConfigError: if ``measurer`` has a store (comparisons must be fresh timings; it is
+    Raises
+    ------
+    ConfigError
+        if ``measurer`` has a store (comparisons must be fresh timings; it is
         also a sign the caller meant :meth:`Measurer.measure`) or ``rounds`` < 2.
     """
     if measurer.store is not None:

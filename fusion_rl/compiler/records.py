@@ -54,15 +54,24 @@ def library_versions() -> str:
 class MeasurementKey:
     """Everything that determines a measurement's outcome; two equal keys are one measurement.
 
-    :param model_fingerprint: The model's fingerprint (graph + shapes + dtypes).
-    :param plan_hash: The fusion plan's canonical hash.
-    :param target: :attr:`fusion_rl.compiler.target.TargetSpec.key` (includes thread count).
-    :param provider: :attr:`fusion_rl.compiler.schedules.base.ScheduleProvider.key`: the provider's
+    Parameters
+    ----------
+    model_fingerprint
+        The model's fingerprint (graph + shapes + dtypes).
+    plan_hash
+        The fusion plan's canonical hash.
+    target
+        :attr:`fusion_rl.compiler.target.TargetSpec.key` (includes thread count).
+    provider
+        :attr:`fusion_rl.compiler.schedules.base.ScheduleProvider.key`: the provider's
         name plus the options that change its schedules (``naive``, ``rules``,
         ``tuned:structural``, ...).
-    :param budget: The provider's search budget (trials per task; 0 for none).
-    :param versions: Library versions (see :func:`library_versions`).
-    :param protocol: Timing protocol: ``fusion_rl.compiler.timing.TimingProtocol.key``, e.g.
+    budget
+        The provider's search budget (trials per task; 0 for none).
+    versions
+        Library versions (see :func:`library_versions`).
+    protocol
+        Timing protocol: ``fusion_rl.compiler.timing.TimingProtocol.key``, e.g.
         ``"n1r7m50w2"`` (number 1, repeat 7, min_repeat_ms 50, warm-up 2).
     """
 
@@ -100,19 +109,33 @@ class MeasurementKey:
 class MeasurementRecord:
     """The outcome of measuring one :class:`MeasurementKey`.
 
-    :param key: What was measured.
-    :param status: One of :data:`STATUSES`. Only ``"ok"`` latencies may be compared.
-    :param median_ms: Median of ``times_ms`` (required for ``"ok"``; ``None`` if nothing ran).
-    :param spread_ms: Interquartile range of ``times_ms`` (75th minus 25th percentile, numpy's
+    Parameters
+    ----------
+    key
+        What was measured.
+    status
+        One of :data:`STATUSES`. Only ``"ok"`` latencies may be compared.
+    median_ms
+        Median of ``times_ms`` (required for ``"ok"``; ``None`` if nothing ran).
+    spread_ms
+        Interquartile range of ``times_ms`` (75th minus 25th percentile, numpy's
         linear interpolation): robust to the odd slow repeat, unlike the standard deviation.
-    :param repeats: Number of timed repeats (``len(times_ms)``).
-    :param times_ms: Every repeat's time (each the mean over ``number`` runs), in ms.
-    :param num_kernels: Kernels (PrimFunc calls) in the compiled plan.
-    :param kernel_times_ms: Optional per-kernel times, JSON-serializable (e.g. name -> ms).
-    :param error: The failure message, for non-``ok`` statuses.
-    :param created: Unix time of the measurement.
-    :param wall_s: Wall seconds spent (schedule + build + verify + time).
-    :param kernel_schedules: Kernel name -> the schedule it got (``fallback: <reason>`` for a
+    repeats
+        Number of timed repeats (``len(times_ms)``).
+    times_ms
+        Every repeat's time (each the mean over ``number`` runs), in ms.
+    num_kernels
+        Kernels (PrimFunc calls) in the compiled plan.
+    kernel_times_ms
+        Optional per-kernel times, JSON-serializable (e.g. name -> ms).
+    error
+        The failure message, for non-``ok`` statuses.
+    created
+        Unix time of the measurement.
+    wall_s
+        Wall seconds spent (schedule + build + verify + time).
+    kernel_schedules
+        Kernel name -> the schedule it got (``fallback: <reason>`` for a
         kernel left as naive loops); ``None`` when the build did not get that far.
     """
 

@@ -79,7 +79,10 @@ class Result:
 def load_result(path: str | os.PathLike) -> Result:
     """Read a result bundle or a bare ``fusion-rl measure --json`` output.
 
-    :raises ConfigError: one line naming what is wrong (missing file, not JSON, missing or
+    Raises
+    ------
+    ConfigError
+        one line naming what is wrong (missing file, not JSON, missing or
         mistyped fields, a failed measurement).
     """
     path = Path(path)

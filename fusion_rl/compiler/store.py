@@ -93,11 +93,20 @@ class MeasurementStore:
     ...     if store.get(key) is None:
     ...         store.put(measure(key))
 
-    :param path: The store file; created (with parent folders) if absent.
-    :param busy_timeout_s: How long a write waits for another process's write lock.
-    :param check: Run ``PRAGMA quick_check`` on open (O(store size); on by default so that
+    Parameters
+    ----------
+    path
+        The store file; created (with parent folders) if absent.
+    busy_timeout_s
+        How long a write waits for another process's write lock.
+    check
+        Run ``PRAGMA quick_check`` on open (O(store size); on by default so that
         corruption is found before new results are added to a broken file).
-    :raises StoreError: for an unwritable path, a file that is not a store of this schema
+
+    Raises
+    ------
+    StoreError
+        for an unwritable path, a file that is not a store of this schema
         version, or a corrupt store.
     """
 
@@ -303,7 +312,10 @@ class MeasurementStore:
 
         A filter value may be a list/tuple/set to match any of several values.
 
-        :raises ConfigError: for an unknown filter name.
+        Raises
+        ------
+        ConfigError
+            for an unknown filter name.
         """
         allowed = (*KEY_COLUMNS, "status")
         unknown = sorted(set(filters) - set(allowed))

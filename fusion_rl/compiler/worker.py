@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from fusion_rl.errors import FusionRLError
 
-#: Faults a request can inject, to test that callers survive them (tests/test_faults.py).
+#: Faults a request can inject, to test that callers survive them (tests/compiler/test_faults.py).
 FAULTS = ("segfault", "hang_build", "hang_run", "exit", "raise")
 
 

@@ -149,7 +149,10 @@ class DecisionProcess:
         """Decide the current edge; returns the two merged groups (producer's, consumer's) if it
         fused, else None.
 
-        :raises IllegalPlanError: when done, or when ``fuse`` is asked where :meth:`can_fuse`
+        Raises
+        ------
+        IllegalPlanError
+            when done, or when ``fuse`` is asked where :meth:`can_fuse`
             is False (the env turns that into a penalized keep before calling this).
         """
         if self.current is None:
@@ -214,8 +217,12 @@ def actions_for_plan(graph: OpGraph, plan: FusionPlan, options: DecisionOptions 
     groups are connected subgraphs (rule sets, FuseOps): deciding edges by consumer order keeps
     each partial group a convex piece of its final group.
 
-    :raises PlanMismatchError: if the plan is for another model.
-    :raises IllegalPlanError: if a needed fuse is masked (illegal plan, or over
+    Raises
+    ------
+    PlanMismatchError
+        if the plan is for another model.
+    IllegalPlanError
+        if a needed fuse is masked (illegal plan, or over
         ``options.max_mac_anchors``) or a group is not connected (unreachable by edge merges).
     """
     if plan.num_nodes != len(graph) or (plan.fingerprint and plan.fingerprint != graph.fingerprint):

@@ -80,9 +80,17 @@ class EnvSpec:
                   base_dir: str | os.PathLike | None = None) -> EnvSpec:
         """Validate ``data`` (the YAML mapping) and build the spec.
 
-        :param source: Named in error messages (the file path).
-        :param base_dir: Relative paths are resolved against it (the YAML file's folder).
-        :raises ConfigError: for an unknown key, a missing ``models``, or a wrong type/value.
+        Parameters
+        ----------
+        source
+            Named in error messages (the file path).
+        base_dir
+            Relative paths are resolved against it (the YAML file's folder).
+
+        Raises
+        ------
+        ConfigError
+            for an unknown key, a missing ``models``, or a wrong type/value.
         """
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: an env spec must be a mapping of keys, got {type(data).__name__}")
@@ -111,7 +119,10 @@ class EnvSpec:
     def from_yaml(cls, path: str | os.PathLike) -> EnvSpec:
         """Read and validate an env spec file.
 
-        :raises ConfigError: for a missing or unparsable file, or an invalid spec.
+        Raises
+        ------
+        ConfigError
+            for a missing or unparsable file, or an invalid spec.
         """
         path = Path(path)
         data = read_yaml(path, "env spec", f"; named specs live in {ENVS_DIR}")

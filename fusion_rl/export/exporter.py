@@ -81,7 +81,10 @@ def _decision_options(config: dict[str, Any]) -> DecisionOptions:
     """The decision options the run trained under: its env spec with its ``env_kwargs`` applied,
     exactly as :func:`fusion_rl.policy.training.make_env` built the env.
 
-    :raises ConfigError: if the spec cannot be read; a card without the options would be refused.
+    Raises
+    ------
+    ConfigError
+        if the spec cannot be read; a card without the options would be refused.
     """
     import dataclasses
 

@@ -134,12 +134,21 @@ class FusionPlan:
     def from_dict(cls, data: Any, num_nodes: int | None = None, fingerprint: str | None = None) -> "FusionPlan":
         """A plan from its JSON form (untrusted: every field is checked).
 
-        :param num_nodes: The node count of the model the plan is for, when known: a plan of
+        Parameters
+        ----------
+        num_nodes
+            The node count of the model the plan is for, when known: a plan of
             another size is refused before anything is built from its groups.
-        :param fingerprint: That model's fingerprint, when known: a plan made for another model
+        fingerprint
+            That model's fingerprint, when known: a plan made for another model
             is refused naming both.
-        :raises IllegalPlanError: for a malformed plan, or a name that is not printable text.
-        :raises PlanMismatchError: for a plan of another model or size.
+
+        Raises
+        ------
+        IllegalPlanError
+            for a malformed plan, or a name that is not printable text.
+        PlanMismatchError
+            for a plan of another model or size.
         """
         if not isinstance(data, dict):
             raise IllegalPlanError("a plan must be a JSON object with 'groups' and 'num_nodes'")

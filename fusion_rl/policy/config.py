@@ -73,10 +73,19 @@ def _name(tp: Any) -> str:
 def from_mapping(cls: type[T], data: Any, where: str = "config") -> T:
     """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types.
 
-    :param cls: A dataclass whose fields all have defaults or appear in ``data``.
-    :param data: The parsed mapping (from YAML or JSON).
-    :param where: Name of the section, for messages (``"config.ppo"``).
-    :raises ConfigError: on a non-mapping, an unknown key, a missing required key or a bad type.
+    Parameters
+    ----------
+    cls
+        A dataclass whose fields all have defaults or appear in ``data``.
+    data
+        The parsed mapping (from YAML or JSON).
+    where
+        Name of the section, for messages (``"config.ppo"``).
+
+    Raises
+    ------
+    ConfigError
+        on a non-mapping, an unknown key, a missing required key or a bad type.
     """
     if isinstance(data, cls):
         return data

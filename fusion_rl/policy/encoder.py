@@ -13,7 +13,7 @@ size:
    the groups are their current groups (``group``).
 
 Only real nodes and edges reach the GNN, so the features do not depend on ``max_nodes`` /
-``max_edges`` (``tests/test_policy.py`` checks this), and one trained network serves graphs of
+``max_edges`` (``tests/policy/test_policy.py`` checks this), and one trained network serves graphs of
 any size and any target (the hardware vector conditions the readout).
 """
 
@@ -41,13 +41,22 @@ class GraphFeaturesExtractor(BaseFeaturesExtractor):
             features_extractor_class=GraphFeaturesExtractor,
             features_extractor_kwargs=dict(hidden=32, heads=4, num_layers=5)))
 
-    :param observation_space: The env's ``Dict`` space (:func:`fusion_rl.env.spaces.observation_space`).
-    :param hidden: Node embedding width.
-    :param heads: Attention heads.
-    :param num_layers: Rounds of message passing.
-    :param hw_hidden: Width of the hardware embedding.
-    :param bidirectional: Pass messages against the data flow too.
-    :param dropout: Dropout on attention coefficients.
+    Parameters
+    ----------
+    observation_space
+        The env's ``Dict`` space (:func:`fusion_rl.env.spaces.observation_space`).
+    hidden
+        Node embedding width.
+    heads
+        Attention heads.
+    num_layers
+        Rounds of message passing.
+    hw_hidden
+        Width of the hardware embedding.
+    bidirectional
+        Pass messages against the data flow too.
+    dropout
+        Dropout on attention coefficients.
     """
 
     def __init__(

@@ -26,9 +26,17 @@ def add_reverse_edges(edge_index: Tensor, edge_attr: Tensor) -> tuple[Tensor, Te
     consumer reads), so information must travel against the data flow too; the flag lets the
     attention tell the two directions apart.
 
-    :param edge_index: ``[2, E]`` (src, dst).
-    :param edge_attr: ``[E, D]``.
-    :returns: ``edge_index [2, 2E]`` and ``edge_attr [2E, D + 1]``.
+    Parameters
+    ----------
+    edge_index
+        ``[2, E]`` (src, dst).
+    edge_attr
+        ``[E, D]``.
+
+    Returns
+    -------
+    tuple[Tensor, Tensor]
+        ``edge_index [2, 2E]`` and ``edge_attr [2E, D + 1]``.
     """
     num_edges = edge_index.size(1)
     forward = torch.cat([edge_attr, edge_attr.new_zeros(num_edges, 1)], dim=1)
@@ -39,9 +47,14 @@ def add_reverse_edges(edge_index: Tensor, edge_attr: Tensor) -> tuple[Tensor, Te
 class MLP(nn.Sequential):
     """``Linear -> act -> ... -> Linear [-> act]``: the small dense nets around the GNN.
 
-    :param sizes: ``(in, hidden..., out)``.
-    :param activation: Activation class, instantiated between layers.
-    :param activate_last: Also apply the activation after the last layer.
+    Parameters
+    ----------
+    sizes
+        ``(in, hidden..., out)``.
+    activation
+        Activation class, instantiated between layers.
+    activate_last
+        Also apply the activation after the last layer.
     """
 
     def __init__(
@@ -75,10 +88,16 @@ class GATv2Block(nn.Module):
     averaged (``concat=False``) so the width stays ``channels`` through every round. Self-loops
     are added (with the mean of the incoming edge features), so isolated nodes keep their state.
 
-    :param channels: Node feature width, in and out (the residual needs them equal).
-    :param edge_dim: Edge feature width.
-    :param heads: Attention heads.
-    :param dropout: Dropout on the attention coefficients.
+    Parameters
+    ----------
+    channels
+        Node feature width, in and out (the residual needs them equal).
+    edge_dim
+        Edge feature width.
+    heads
+        Attention heads.
+    dropout
+        Dropout on the attention coefficients.
     """
 
     def __init__(self, channels: int, edge_dim: int, heads: int = 4, dropout: float = 0.0) -> None:

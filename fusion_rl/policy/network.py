@@ -59,9 +59,16 @@ def obs_to_batch(obs: dict[str, Tensor]) -> Batch:
     ``(observation, padded id)`` to positions in the batch; a padded (masked) node or edge never
     reaches the GNN.
 
-    :param obs: Tensors with a leading batch dimension ``B``, keys as in
+    Parameters
+    ----------
+    obs
+        Tensors with a leading batch dimension ``B``, keys as in
         :mod:`fusion_rl.decisions.layout`.
-    :returns: A ``Batch`` with ``x [n, NODE_DIM]``, ``edge_index [2, e]``, ``edge_attr [e,
+
+    Returns
+    -------
+    Batch
+        A ``Batch`` with ``x [n, NODE_DIM]``, ``edge_index [2, e]``, ``edge_attr [e,
         EDGE_DIM]``, ``batch [n]``, plus ``node_id [B, max_nodes]`` (batch position of each
         padded node id, -1 where padded) and ``num_graphs = B``.
     """
@@ -94,14 +101,23 @@ def obs_to_batch(obs: dict[str, Tensor]) -> Batch:
 class GraphEncoder(nn.Module):
     """Node embeddings of a batched graph: input projection, then rounds of GATv2.
 
-    :param node_dim: Input node feature width.
-    :param edge_dim: Input edge feature width.
-    :param hidden: Width of node embeddings (X-RLflow: 32).
-    :param heads: Attention heads per round (X-RLflow: 4).
-    :param num_layers: Rounds of message passing (X-RLflow: 5).
-    :param bidirectional: Also pass messages from consumers to producers (see
+    Parameters
+    ----------
+    node_dim
+        Input node feature width.
+    edge_dim
+        Input edge feature width.
+    hidden
+        Width of node embeddings (X-RLflow: 32).
+    heads
+        Attention heads per round (X-RLflow: 4).
+    num_layers
+        Rounds of message passing (X-RLflow: 5).
+    bidirectional
+        Also pass messages from consumers to producers (see
         :func:`~fusion_rl.policy.layers.add_reverse_edges`).
-    :param dropout: Dropout on attention coefficients.
+    dropout
+        Dropout on attention coefficients.
     """
 
     def __init__(
@@ -219,8 +235,15 @@ class PolicyNetwork(nn.Module):
         """Validate a saved :attr:`config` (from a policy card or a run's policy file) against
         the constructor's schema: known keys only, types and ranges, 2 actions (keep, fuse).
 
-        :returns: The keyword arguments of the constructor, as plain values.
-        :raises ConfigError: naming the first bad key.
+        Returns
+        -------
+        dict[str, Any]
+            The keyword arguments of the constructor, as plain values.
+
+        Raises
+        ------
+        ConfigError
+            naming the first bad key.
         """
         if not isinstance(config, dict) or set(config) != {"features", "pi_arch", "num_actions"}:
             raise ConfigError(f"{where} must be an object with exactly features, pi_arch and num_actions")

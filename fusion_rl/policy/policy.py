@@ -125,11 +125,17 @@ def make_model(
 ) -> MaskablePPO:
     """A fresh ``MaskablePPO`` with the graph encoder, for ``env`` (a Gymnasium env or VecEnv).
 
-    :param env: Must expose the :mod:`fusion_rl.decisions.layout` ``Dict`` observation and
+    Parameters
+    ----------
+    env
+        Must expose the :mod:`fusion_rl.decisions.layout` ``Dict`` observation and
         ``action_masks()``.
-    :param config: A :class:`PPOConfig` or its dict form (validated strictly).
-    :param seed: Seeds torch, numpy and the env's action space (SB3's ``seed``).
-    :param tensorboard_log: Directory for TensorBoard event files, or ``None``.
+    config
+        A :class:`PPOConfig` or its dict form (validated strictly).
+    seed
+        Seeds torch, numpy and the env's action space (SB3's ``seed``).
+    tensorboard_log
+        Directory for TensorBoard event files, or ``None``.
     """
     if not isinstance(config, PPOConfig):
         config = PPOConfig.from_dict(config)

@@ -145,7 +145,10 @@ def save_snapshot(model: Any, zip_path: str | os.PathLike[str]) -> tuple[Path, P
 def load_snapshot(json_path: str | os.PathLike[str]) -> PolicySnapshot:
     """Read a snapshot written by :func:`save_snapshot`; nothing in it is imported or unpickled.
 
-    :raises ConfigError: one line naming the file and what is wrong with it.
+    Raises
+    ------
+    ConfigError
+        one line naming the file and what is wrong with it.
     """
     json_path = Path(json_path)
     weights_path = json_path.with_suffix(".safetensors")

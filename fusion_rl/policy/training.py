@@ -205,7 +205,10 @@ def run_snapshot(run_dir: str | os.PathLike[str]) -> Path:
     """The policy description a run offers for export and evaluation: ``final_model.json``,
     else the newest ``checkpoints/step_N.json`` (an interrupted run). Never a zip.
 
-    :raises ConfigError: for a run without one; a run written before snapshots existed is told
+    Raises
+    ------
+    ConfigError
+        for a run without one; a run written before snapshots existed is told
         how to get them without unpickling anything it does not trust.
     """
     run = Path(run_dir)
@@ -275,12 +278,19 @@ class TrainingCallback(BaseCallback):
     The episode scalars go to SB3's logger (TensorBoard), which W&B syncs; see the module
     docstring.
 
-    :param run_dir: The run directory.
-    :param checkpoint_every: Env steps between checkpoints; taken at rollout start, i.e. after
+    Parameters
+    ----------
+    run_dir
+        The run directory.
+    checkpoint_every
+        Env steps between checkpoints; taken at rollout start, i.e. after
         a whole PPO update.
-    :param total_timesteps: For the progress bar.
-    :param window: Episodes in the running means shown in the bar.
-    :param progress: Show a tqdm bar.
+    total_timesteps
+        For the progress bar.
+    window
+        Episodes in the running means shown in the bar.
+    progress
+        Show a tqdm bar.
     """
 
     def __init__(
@@ -390,12 +400,19 @@ def train(
 ) -> Path:
     """Train (or resume training) a fusion policy; returns the run directory.
 
-    :param config: The run's config; ignored with ``resume`` (the run's own ``config.json`` is
+    Parameters
+    ----------
+    config
+        The run's config; ignored with ``resume`` (the run's own ``config.json`` is
         used, so a resumed run cannot silently change hyperparameters).
-    :param runs_dir: Parent of new run directories.
-    :param resume: A run directory to continue from its latest checkpoint.
-    :param wandb_mode: Overrides ``config.wandb`` (e.g. ``"disabled"`` for tests).
-    :param progress: Show the progress bar.
+    runs_dir
+        Parent of new run directories.
+    resume
+        A run directory to continue from its latest checkpoint.
+    wandb_mode
+        Overrides ``config.wandb`` (e.g. ``"disabled"`` for tests).
+    progress
+        Show the progress bar.
     """
     import torch
     from sb3_contrib import MaskablePPO

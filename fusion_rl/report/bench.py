@@ -45,15 +45,16 @@ def fp32_peak_gflops(spec: Any) -> tuple[float, str]:
     """
     vendor, mhz, flags = "", 0.0, set()
     try:
-        for line in open("/proc/cpuinfo"):
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "vendor_id" and not vendor:
-                vendor = value.strip()
-            elif key == "cpu MHz" and not mhz:
-                mhz = float(value)
-            elif key == "flags" and not flags:
-                flags = set(value.split())
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "vendor_id" and not vendor:
+                    vendor = value.strip()
+                elif key == "cpu MHz" and not mhz:
+                    mhz = float(value)
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
     except OSError:
         pass
     intel512 = vendor == "GenuineIntel" and "avx512f" in flags

@@ -105,7 +105,10 @@ def run_microbenchmark(num_threads: int, seconds: float = 0.25) -> dict[str, flo
     Best-of over ``seconds`` each, with ``num_threads`` BLAS and copy threads, in a fresh
     process. These are achievable rates with a tuned library, not theoretical peaks.
 
-    :raises MeasurementError: if the benchmark process fails or times out.
+    Raises
+    ------
+    MeasurementError
+        if the benchmark process fails or times out.
     """
     cmd = [sys.executable, "-c", _BENCH_SCRIPT, str(num_threads), str(seconds)]
     try:

@@ -88,7 +88,10 @@ def require_runnable(spec: TargetSpec, cpuinfo_path: str | os.PathLike[str] = "/
     its code here would die with SIGILL, and a measurement would store that crash. Where
     ``/proc/cpuinfo`` lists no flags (not Linux, not x86) nothing is checked.
 
-    :raises ConfigError: naming the target and the missing instruction sets.
+    Raises
+    ------
+    ConfigError
+        naming the target and the missing instruction sets.
     """
     if spec.kind != "llvm" or platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
         return
@@ -163,7 +166,10 @@ def cuda_available() -> bool:
 def cuda_spec() -> TargetSpec:
     """The ``cuda`` target for device 0, with ``arch`` from its compute capability.
 
-    :raises ConfigError: where no CUDA device is visible to TVM.
+    Raises
+    ------
+    ConfigError
+        where no CUDA device is visible to TVM.
     """
     if not cuda_available():
         raise ConfigError(

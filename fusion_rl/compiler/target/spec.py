@@ -35,12 +35,19 @@ _KINDS = ("llvm", "cuda")
 class TargetSpec:
     """What to compile for: an LLVM CPU model and thread count, or a CUDA architecture.
 
-    :param name: The user-facing name (``haswell-t2``, ``host``, ``cuda``, ...).
-    :param kind: ``"llvm"`` or ``"cuda"``.
-    :param mcpu: LLVM CPU name (``llvm`` only), e.g. ``"sapphirerapids"``.
-    :param num_threads: Threads TVM's runtime uses (``TVM_NUM_THREADS``) when tuning and timing
+    Parameters
+    ----------
+    name
+        The user-facing name (``haswell-t2``, ``host``, ``cuda``, ...).
+    kind
+        ``"llvm"`` or ``"cuda"``.
+    mcpu
+        LLVM CPU name (``llvm`` only), e.g. ``"sapphirerapids"``.
+    num_threads
+        Threads TVM's runtime uses (``TVM_NUM_THREADS``) when tuning and timing
         on the CPU. For ``cuda`` it is the host-side thread count and not part of the key.
-    :param arch: CUDA architecture, e.g. ``"sm_90"`` (``cuda`` only).
+    arch
+        CUDA architecture, e.g. ``"sm_90"`` (``cuda`` only).
     """
 
     name: str
@@ -114,7 +121,10 @@ def parse_target(name: str | TargetSpec) -> TargetSpec:
 
     Accepted: the names in :data:`TARGET_NAMES`, ``llvm:<mcpu>:t<N>`` and ``cuda:sm_<XY>``.
 
-    :raises ConfigError: for an unknown name (the message lists the valid ones), a CPU name the
+    Raises
+    ------
+    ConfigError
+        for an unknown name (the message lists the valid ones), a CPU name the
         bundled LLVM rejects, or ``cuda`` where no CUDA device is visible.
     """
     if isinstance(name, TargetSpec):

@@ -54,7 +54,10 @@ def threads_env(spec: TargetSpec | int) -> Iterator[int]:
     Sets ``TVM_NUM_THREADS`` and, when tvm is already imported, makes the live thread pool
     match (creating it at this size if it does not exist yet).
 
-    :raises ConfigError: when this process's TVM pool already exists with fewer threads than
+    Raises
+    ------
+    ConfigError
+        when this process's TVM pool already exists with fewer threads than
         requested (TVM cannot grow it); run the work in a fresh process with :func:`worker_env`.
     """
     n = spec if isinstance(spec, int) else spec.num_threads

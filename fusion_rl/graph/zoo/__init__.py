@@ -15,7 +15,7 @@ weights) plus example inputs. The catalogues live by family in :mod:`.mlp`, :mod
 
 Every tiny model has been checked to import into TVM Relax through the ONNX frontend, to
 legalize into ``call_tir`` bindings only, and to match ONNX Runtime numerically (see
-``tests/test_zoo.py``). That constraint shaped some choices: attention is written by hand (plain
+``tests/graph/test_zoo.py``). That constraint shaped some choices: attention is written by hand (plain
 MatMul/Softmax, no fused or SDPA ops), HF models use eager attention and, for decoders, a
 prepared causal mask, and exports use static shapes only.
 

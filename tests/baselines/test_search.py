@@ -31,6 +31,7 @@ from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.graph.model import model_from_torch
 
 from _tiny import diamond
+from conftest import one_line_error, run_cli
 
 QUICK = TimingProtocol.quick()
 SEARCHES = {"random": random_search, "greedy": greedy, "annealing": annealing}
@@ -234,6 +235,6 @@ def test_cli_rejects_non_positive_budget(capsys, budget):
 
 
 def test_cli_exhaustive_refusal_is_one_line(capsys, tmp_path):
-    code = main(["search", "se_cnn", "--algo", "exhaustive", "--budget", "5", "--store", str(tmp_path / "m.sqlite")])
-    err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error: exhaustive search") and "connected partitions" in err
+    line = one_line_error(*run_cli(capsys, "search", "se_cnn", "--algo", "exhaustive", "--budget", "5",
+                                   "--store", str(tmp_path / "m.sqlite"))[::2], "connected partitions")
+    assert line.startswith("error: exhaustive search")

@@ -10,7 +10,7 @@ from fusion_rl.fusion.legality import check_plan, is_convex, require_legal
 from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.fusion.random_plans import mutate_plan, random_plan
 
-from _tiny import diamond
+from _tiny import crossed_groups, diamond
 
 
 def test_canonical_form_and_hash_ignore_order_and_name():
@@ -133,19 +133,8 @@ def test_plan_json_is_plain(tmp_path):
     assert data["groups"] == [[0, 1], [2]] and data["hash"] == plan.hash
 
 
-def _two_convex_groups_in_a_cycle():
-    """x -> v, x -> y, w -> y, w -> u, u -> v. {x, v} and {w, y, u} are each convex, but
-    x -> y puts the first before the second and u -> v the second before the first."""
-    from fusion_rl.graph.opgraph import OpEdge, OpGraph, OpNode
-
-    nodes = [OpNode(i, f"v{i}", "add", "add", 0, ((1, 4),), "float32", 4.0, 32, 16, 0) for i in range(5)]
-    x, w, y, u, v = range(5)
-    edges = [OpEdge(x, v, 0, 16), OpEdge(x, y, 0, 16), OpEdge(w, y, 0, 16), OpEdge(w, u, 0, 16), OpEdge(u, v, 0, 16)]
-    return OpGraph(nodes, edges, outputs=[y, v], name="crossed")
-
-
 def test_convex_groups_can_still_form_a_cycle():
-    g = _two_convex_groups_in_a_cycle()
+    g = crossed_groups()
     plan = FusionPlan.from_groups([[0, 4], [1, 2, 3]], 5)
     assert is_convex({0, 4}, g) and is_convex({1, 2, 3}, g)
     report = check_plan(g, plan)
@@ -155,7 +144,7 @@ def test_convex_groups_can_still_form_a_cycle():
 def test_random_and_aggressive_plans_never_form_cycles():
     from fusion_rl.fusion.rules import aggressive
 
-    g = _two_convex_groups_in_a_cycle()
+    g = crossed_groups()
     rng = np.random.default_rng(0)
     for _ in range(300):
         assert check_plan(g, random_plan(g, rng)).legal

@@ -14,61 +14,24 @@ import base64
 import json
 import os
 import pickle
-import resource
 import sqlite3
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
 
-from fusion_rl.cli import main
 from fusion_rl.compiler.schedules import DEFAULT_SCHEDULE
 from fusion_rl.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO_ROOT, child_error, cli_child, one_line_error, run_cli
+
 FEATURES = {"hidden": 8, "heads": 2, "num_layers": 1, "hw_hidden": 4}
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error_line(code: int, err: str, *words: str, status: int = 2) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == status, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err and "\x1b" not in err
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
-
-
-def cli(*argv: str, cwd: Path = REPO, env: dict | None = None, limit_gb: int | None = None) -> subprocess.CompletedProcess:
-    """``python -m fusion_rl.cli`` in a child (optionally under an address-space limit, so a
-    regression fails with MemoryError instead of pushing the machine into the OOM killer)."""
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (limit_gb << 30, limit_gb << 30))
-
-    child_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "fusion_rl.cli", *argv], capture_output=True, cwd=cwd,
-                          env=child_env, timeout=600, preexec_fn=limit if limit_gb else None)
-
-
-def child_error(proc: subprocess.CompletedProcess, *words: str) -> str:
-    err = proc.stderr.decode("utf-8", "backslashreplace")
-    lines = [ln for ln in err.splitlines() if ln.strip() and "Warning" not in ln]
-    return one_error_line(proc.returncode, "\n".join(lines), *words)
 
 
 class _Marker:
@@ -124,7 +87,7 @@ def _run_folder(tmp_path: Path, marker: Path) -> Path:
 
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    config = TrainConfig(env_spec=str(REPO / "envs" / "tiny.yaml"), wandb="disabled").to_dict()
+    config = TrainConfig(env_spec=str(REPO_ROOT / "envs" / "tiny.yaml"), wandb="disabled").to_dict()
     (run / "config.json").write_text(json.dumps(config))
     _sb3_zip(run / "final_model.zip", marker)
     _sb3_zip(run / "checkpoints" / "step_64.zip", marker)
@@ -158,7 +121,7 @@ def test_1_card_cannot_import_a_module_from_the_working_folder(tmp_path, policy)
     card["architecture"] = {"class": "fusion_rl.policy.policy.resolve_class",
                             "kwargs": {"path": "evil_mod.X", "base": "x"}}
     _write_card(policy, card)
-    proc = cli("plan", "mlp_tiny", "--policy", str(policy), cwd=tmp_path)
+    proc = cli_child("plan", "mlp_tiny", "--policy", str(policy), cwd=tmp_path)
     assert not marker.exists()
     child_error(proc, "network class")
 
@@ -170,9 +133,9 @@ def test_1_card_cannot_read_a_file(capsys, tmp_path, policy):
     card = _card(policy)
     card["architecture"] = {"class": "fusion_rl.policy.training.load_config", "kwargs": {"path": str(secret)}}
     _write_card(policy, card)
-    code, _, err = run(capsys, "plan", "mlp_tiny", "--policy", str(policy))
+    code, _, err = run_cli(capsys, "plan", "mlp_tiny", "--policy", str(policy))
     assert "SECRET_TOKEN_123" not in err
-    one_error_line(code, err, "network class")
+    one_line_error(code, err, "network class")
 
 
 def test_1_card_cannot_start_training(capsys, tmp_path, policy, monkeypatch):
@@ -184,16 +147,16 @@ def test_1_card_cannot_start_training(capsys, tmp_path, policy, monkeypatch):
     card["architecture"] = {"class": "fusion_rl.policy.training.train",
                             "kwargs": {"runs_dir": str(runs), "wandb_mode": "disabled", "progress": False}}
     _write_card(policy, card)
-    code, _, err = run(capsys, "plan", "mlp_tiny", "--policy", str(policy))
+    code, _, err = run_cli(capsys, "plan", "mlp_tiny", "--policy", str(policy))
     assert not runs.exists()
-    one_error_line(code, err, "network class")
+    one_line_error(code, err, "network class")
 
 
 def test_1_card_kwargs_are_checked_against_the_schema(capsys, policy):
     card = _card(policy)
     card["architecture"]["kwargs"]["features"]["bidirectional"] = "no"  # truthy: silently True before
     _write_card(policy, card)
-    one_error_line(*run(capsys, "plan", "mlp_tiny", "--policy", str(policy))[::2], "bidirectional")
+    one_line_error(*run_cli(capsys, "plan", "mlp_tiny", "--policy", str(policy))[::2], "bidirectional")
 
 
 # ---- 2. export and evaluate never unpickle a run folder -------------------------------------
@@ -202,17 +165,17 @@ def test_1_card_kwargs_are_checked_against_the_schema(capsys, policy):
 def test_2_export_never_unpickles_the_run(capsys, tmp_path):
     marker = tmp_path / "unpickled"
     run_dir = _run_folder(tmp_path, marker)
-    code, _, err = run(capsys, "export", str(run_dir), "-o", str(tmp_path / "out"))
+    code, _, err = run_cli(capsys, "export", str(run_dir), "-o", str(tmp_path / "out"))
     assert not marker.exists() and not (tmp_path / "out").exists()
-    assert "pickle" in one_error_line(code, err, "--resume")
+    assert "pickle" in one_line_error(code, err, "--resume")
 
 
 def test_2_evaluate_never_unpickles_the_run(capsys, tmp_path):
     marker = tmp_path / "unpickled"
     run_dir = _run_folder(tmp_path, marker)
-    code, _, err = run(capsys, "evaluate", str(run_dir), "--models", "mlp_tiny")
+    code, _, err = run_cli(capsys, "evaluate", str(run_dir), "--models", "mlp_tiny")
     assert not marker.exists()
-    one_error_line(code, err, "--resume")
+    one_line_error(code, err, "--resume")
 
 
 def test_2_export_reads_the_safe_snapshot_not_the_zip(capsys, tmp_path):
@@ -229,7 +192,7 @@ def test_2_export_reads_the_safe_snapshot_not_the_zip(capsys, tmp_path):
     (run_dir / "final_model.json").write_text(json.dumps({
         "format": 1, "network": {"class": "fusion_rl.policy.network.PolicyNetwork", "kwargs": net.config},
         "observation": {"max_nodes": 64, "max_edges": 128, "hw_dim": 10}, "num_timesteps": 64}))
-    code, _, err = run(capsys, "export", str(run_dir), "-o", str(tmp_path / "out"))
+    code, _, err = run_cli(capsys, "export", str(run_dir), "-o", str(tmp_path / "out"))
     assert not marker.exists()
     assert code == 0 and (tmp_path / "out" / "card.json").is_file(), err
 
@@ -262,7 +225,7 @@ def test_3_output_through_a_symlink_writes_its_target(capsys, tmp_path):
     real, link = tmp_path / "real.json", tmp_path / "link.json"
     real.write_text("old\n")
     link.symlink_to(real.name)
-    code, _, err = run(capsys, "plan", "mlp_tiny", "--rules", "tvm", "-o", str(link))
+    code, _, err = run_cli(capsys, "plan", "mlp_tiny", "--rules", "tvm", "-o", str(link))
     assert code == 0, err
     assert link.is_symlink() and json.loads(real.read_text())["name"] == "tvm"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "real.json"]
@@ -271,7 +234,7 @@ def test_3_output_through_a_symlink_writes_its_target(capsys, tmp_path):
 def test_3_output_never_replaces_a_non_regular_file(capsys, tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)  # stands in for /dev/full, which only root could replace
-    one_error_line(*run(capsys, "plan", "mlp_tiny", "--rules", "tvm", "-o", str(fifo))[::2], "not a regular file")
+    one_line_error(*run_cli(capsys, "plan", "mlp_tiny", "--rules", "tvm", "-o", str(fifo))[::2], "not a regular file")
     assert fifo.exists() and not fifo.is_file()
     assert os.listdir(tmp_path) == ["pipe"]
 
@@ -279,7 +242,7 @@ def test_3_output_never_replaces_a_non_regular_file(capsys, tmp_path):
 @pytest.mark.parametrize("where, words", [("folder", "is a folder"), ("missing/p.json", "does not exist")])
 def test_3_output_folder_or_missing_folder_is_one_line(capsys, tmp_path, where, words):
     (tmp_path / "folder").mkdir()
-    one_error_line(*run(capsys, "plan", "mlp_tiny", "--rules", "tvm", "-o", str(tmp_path / where))[::2], words)
+    one_line_error(*run_cli(capsys, "plan", "mlp_tiny", "--rules", "tvm", "-o", str(tmp_path / where))[::2], words)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]  # no .tmp left behind
     assert os.listdir(tmp_path / "folder") == []
 
@@ -294,8 +257,8 @@ def test_3_an_illegal_plan_is_never_written(capsys, tmp_path, model_cache):
     assert not check_plan(model.graph, plan).legal
     src, out = tmp_path / "bad.json", tmp_path / "out.json"
     src.write_text(json.dumps(plan.to_dict()))
-    code, _, err = run(capsys, "plan", "cnn_plain", "--plan", str(src), "-o", str(out))
-    one_error_line(code, err)
+    code, _, err = run_cli(capsys, "plan", "cnn_plain", "--plan", str(src), "-o", str(out))
+    one_line_error(code, err)
     assert not out.exists()
 
 
@@ -306,7 +269,7 @@ def test_3_compile_checks_its_output_before_compiling(capsys, tmp_path, monkeypa
         raise AssertionError("the model was loaded before -o was checked")
 
     monkeypatch.setattr(model_mod, "load_model", no_model)
-    one_error_line(*run(capsys, "compile", "mlp_tiny", "--rules", "tvm", "--schedule", "naive",
+    one_line_error(*run_cli(capsys, "compile", "mlp_tiny", "--rules", "tvm", "--schedule", "naive",
                         "-o", str(tmp_path))[::2], "is a folder")
 
 
@@ -315,11 +278,11 @@ def test_3_compile_checks_its_output_before_compiling(capsys, tmp_path, monkeypa
 
 def test_4_huge_num_nodes_is_refused_before_allocating(tmp_path):
     plan = _plan_file(tmp_path, num_nodes=10**12)
-    child_error(cli("plan", "mlp_tiny", "--plan", str(plan), limit_gb=6), "nodes")
+    child_error(cli_child("plan", "mlp_tiny", "--plan", str(plan), limit_gb=6), "nodes")
 
 
 def test_4_dev_zero_as_a_plan(tmp_path):
-    child_error(cli("plan", "mlp_tiny", "--plan", "/dev/zero", limit_gb=6), "larger than")
+    child_error(cli_child("plan", "mlp_tiny", "--plan", "/dev/zero", limit_gb=6), "larger than")
 
 
 # ---- 5. one bad run does not poison the store -----------------------------------------------
@@ -355,7 +318,7 @@ def test_5_a_served_failure_names_the_store_and_retry(capsys, tmp_path, model_ca
         key = m.key(model, plan)
         keys = {key, m.failure_key(key)} if hasattr(m, "failure_key") else {key}
         store.put_many([MeasurementRecord(key=k, status="crashed", error="worker died (signal SIGSEGV)") for k in keys])
-    line = one_error_line(*run(capsys, "measure", "mlp_tiny", "--rules", "tvm", "--store", str(path))[::2],
+    line = one_line_error(*run_cli(capsys, "measure", "mlp_tiny", "--rules", "tvm", "--store", str(path))[::2],
                           "store", "--retry crashed", status=1)
     assert "SIGSEGV" in line
 
@@ -410,12 +373,12 @@ def test_5_a_model_swapped_mid_measurement_is_not_stored(tmp_path):
 
 def test_6_custom_domain_is_refused_naming_the_op(capsys, tmp_path):
     path = _onnx(tmp_path / "evil.onnx", domain="com.evil")
-    one_error_line(*run(capsys, "plan", str(path), "--rules", "tvm")[::2], "com.evil:Relu")
+    one_line_error(*run_cli(capsys, "plan", str(path), "--rules", "tvm")[::2], "com.evil:Relu")
 
 
 def test_6_unknown_opset_is_refused(capsys, tmp_path):
     path = _onnx(tmp_path / "future.onnx", opset=999)
-    one_error_line(*run(capsys, "plan", str(path), "--rules", "tvm")[::2], "opset 999")
+    one_line_error(*run_cli(capsys, "plan", str(path), "--rules", "tvm")[::2], "opset 999")
 
 
 # ---- 7. internal errors that must be one error: line, exit 2 ---------------------------------
@@ -424,53 +387,54 @@ def test_6_unknown_opset_is_refused(capsys, tmp_path):
 def test_7_symlink_loop_as_model(capsys, tmp_path):
     loop = tmp_path / "loop.onnx"
     loop.symlink_to(loop.name)
-    one_error_line(*run(capsys, "plan", str(loop), "--rules", "tvm")[::2], "symbolic links")
+    one_line_error(*run_cli(capsys, "plan", str(loop), "--rules", "tvm")[::2], "symbolic links")
 
 
 def test_7_integer_of_5000_digits_in_a_plan(capsys, tmp_path):
     path = tmp_path / "plan.json"
     path.write_text('{"format": 1, "num_nodes": ' + "9" * 5000 + ', "groups": [[0]]}')
-    one_error_line(*run(capsys, "plan", "mlp_tiny", "--plan", str(path))[::2], "out of range")
+    one_line_error(*run_cli(capsys, "plan", "mlp_tiny", "--plan", str(path))[::2], "out of range")
 
 
 def test_7_lone_surrogate_in_a_plan_name(tmp_path):
     path = tmp_path / "plan.json"
     path.write_text('{"format": 1, "name": "\\ud800", "num_nodes": 1, "groups": [[0]]}')
-    child_error(cli("plan", "mlp_tiny", "--plan", str(path)), "surrogate")
+    child_error(cli_child("plan", "mlp_tiny", "--plan", str(path)), "surrogate")
 
 
 def test_7_deeply_nested_card(capsys, policy):
     (policy / "card.json").write_text("[" * 100_000 + "]" * 100_000)
-    one_error_line(*run(capsys, "plan", "mlp_tiny", "--policy", str(policy))[::2], "card")
+    one_line_error(*run_cli(capsys, "plan", "mlp_tiny", "--policy", str(policy))[::2], "card")
 
 
 def test_7_pickle_as_the_weights_file(capsys, tmp_path, policy):
     marker = tmp_path / "unpickled"
     (policy / "weights.safetensors").write_bytes(pickle.dumps({"w": _Marker(marker)}))
     _write_card(policy, _card(policy))
-    code, _, err = run(capsys, "plan", "mlp_tiny", "--policy", str(policy))
+    code, _, err = run_cli(capsys, "plan", "mlp_tiny", "--policy", str(policy))
     assert not marker.exists()
-    one_error_line(code, err, "safetensors")
+    one_line_error(code, err, "safetensors")
 
 
 def test_7_huge_observation_size_in_the_card(capsys, policy):
     card = _card(policy)
     card["observation"]["max_nodes"] = 10**12
     _write_card(policy, card)
-    one_error_line(*run(capsys, "plan", "mlp_tiny", "--policy", str(policy))[::2], "max_nodes")
+    one_line_error(*run_cli(capsys, "plan", "mlp_tiny", "--policy", str(policy))[::2], "max_nodes")
 
 
 def test_7_non_utf8_yaml(capsys, tmp_path):
     config = tmp_path / "train.yaml"
     config.write_bytes(b"exp_name: \xff\xfe\n")
-    one_error_line(*run(capsys, "train", "--config", str(config), "--runs-dir", str(tmp_path / "runs"))[::2], "UTF-8")
+    one_line_error(*run_cli(capsys, "train", "--config", str(config), "--runs-dir", str(tmp_path / "runs"))[::2],
+                   "UTF-8")
     assert not (tmp_path / "runs").exists()
 
 
 def test_7_fusion_rl_cache_that_is_a_file(tmp_path):
     cache = tmp_path / "cache"
     cache.write_text("not a folder\n")
-    child_error(cli("plan", "mlp_tiny", "--rules", "tvm", env={"FUSION_RL_CACHE": str(cache)}), "FUSION_RL_CACHE")
+    child_error(cli_child("plan", "mlp_tiny", "--rules", "tvm", env={"FUSION_RL_CACHE": str(cache)}), "FUSION_RL_CACHE")
 
 
 def test_7_store_record_holding_invalid_json(capsys, tmp_path, model_cache):
@@ -485,14 +449,14 @@ def test_7_store_record_holding_invalid_json(capsys, tmp_path, model_cache):
         store.put(MeasurementRecord.from_times(key, [1.0, 1.1]))
     with sqlite3.connect(path) as db:
         db.execute("UPDATE measurements SET times_ms = '{oops'")
-    one_error_line(*run(capsys, "measure", "mlp_tiny", "--rules", "tvm", "--store", str(path))[::2], "store")
+    one_line_error(*run_cli(capsys, "measure", "mlp_tiny", "--rules", "tvm", "--store", str(path))[::2], "store")
 
 
 def test_7_huge_shape_in_a_library_sidecar(capsys, tmp_path):
     lib = tmp_path / "model.so"
     lib.write_bytes(b"\x7fELF not really")
     Path(f"{lib}.json").write_text(json.dumps({"inputs": [{"name": "x", "shape": [10**5] * 3, "dtype": "float32"}]}))
-    one_error_line(*run(capsys, "run", str(lib))[::2], "memory")
+    one_line_error(*run_cli(capsys, "run", str(lib))[::2], "memory")
 
 
 # ---- 8. the rest ------------------------------------------------------------------------------
@@ -500,8 +464,8 @@ def test_7_huge_shape_in_a_library_sidecar(capsys, tmp_path):
 
 def test_8_plan_name_with_escapes_cannot_fake_lines(capsys, tmp_path):
     path = _plan_file(tmp_path, name="\x1b[32mlegal\x1b[0m\nerror: fake")
-    code, out, err = run(capsys, "plan", "mlp_tiny", "--plan", str(path))
-    one_error_line(code, err, "plan 'name'")
+    code, out, err = run_cli(capsys, "plan", "mlp_tiny", "--plan", str(path))
+    one_line_error(code, err, "plan 'name'")
     assert "\x1b" not in out and "fake" not in out
 
 
@@ -523,7 +487,7 @@ def test_8_target_the_cpu_cannot_run_is_refused_up_front(capsys, tmp_path):
     if target is None:
         pytest.skip("this CPU runs every target tried")
     store = tmp_path / "m.sqlite"
-    one_error_line(*run(capsys, "measure", "mlp_tiny", "--rules", "unfused", "--target", target, "--schedule",
+    one_line_error(*run_cli(capsys, "measure", "mlp_tiny", "--rules", "unfused", "--target", target, "--schedule",
                         "rules", "--store", str(store), "--repeat", "2", "--min-repeat-ms", "1")[::2], "SIGILL")
     with MeasurementStore(store) as s:
         assert len(s) == 0  # nothing stored
@@ -558,7 +522,7 @@ def test_8_measure_json_is_always_valid_json(capsys, tmp_path, model_cache):
         record = MeasurementRecord.from_times(key, [1.0, 1.2])
         record.spread_ms = float("inf")
         store.put(record)
-    code, out, err = run(capsys, "measure", "mlp_tiny", "--rules", "tvm", "--store", str(path), "--json")
+    code, out, err = run_cli(capsys, "measure", "mlp_tiny", "--rules", "tvm", "--store", str(path), "--json")
     assert code == 0, err
 
     def strict(name: str):

@@ -1,16 +1,12 @@
 """Malformed and hostile input: every CLI command and public API answers with a typed, one-line
-error (exit status 2 on the CLI), never a traceback. Extends tests/test_cli.py (which covers
+error (exit status 2 on the CLI), never a traceback. Extends tests/cli/test_cli.py (which covers
 garbage/empty/truncated/text ONNX files, ``Det``, a dynamic batch, unknown names and options;
-tests/test_export.py covers missing and tampered policy folders).
+tests/export/test_export.py covers missing and tampered policy folders).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import resource
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +14,6 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from fusion_rl.cli import main
 from fusion_rl.errors import (
     CompileError,
     ConfigError,
@@ -28,22 +23,7 @@ from fusion_rl.errors import (
     PlanMismatchError,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, *words: str) -> None:
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    assert "Traceback" not in err
+from conftest import cli_child, one_line_error, run_cli
 
 
 def _value(name: str, shape, dtype=TensorProto.FLOAT):
@@ -119,59 +99,47 @@ def files(tmp_path_factory) -> dict[str, Path]:
     ],
 )
 def test_bad_model_files(capsys, files, kind, words):
-    code, _, err = run(capsys, "plan", str(files[kind]), "--rules", "tvm")
-    assert_one_line_error(code, err, *words)
+    code, _, err = run_cli(capsys, "plan", str(files[kind]), "--rules", "tvm")
+    one_line_error(code, err, *words)
 
 
 @pytest.mark.parametrize("command", ["plan", "measure"])
 def test_bad_model_for_every_model_command(capsys, files, command):
-    code, _, err = run(capsys, command, str(files["control_flow"]), "--rules", "unfused", "--no-store"
+    code, _, err = run_cli(capsys, command, str(files["control_flow"]), "--rules", "unfused", "--no-store"
                        if command == "measure" else "--json")
-    assert_one_line_error(code, err, "If")
+    one_line_error(code, err, "If")
 
 
 def test_identity_only_model(capsys, files):
-    code, _, err = run(capsys, "plan", str(files["identity_only"]), "--rules", "tvm")
-    assert_one_line_error(code, err, "no operators")
-
-
-def _limited_cli(*argv: str, limit_gb: int = 6) -> subprocess.CompletedProcess:
-    """Run the CLI in a child with an address-space limit, so a huge allocation fails cleanly
-    (MemoryError) instead of pushing the shared machine into the OOM killer."""
-
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (limit_gb << 30, limit_gb << 30))
-
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run([sys.executable, "-m", "fusion_rl.cli", *argv], capture_output=True, text=True,
-                          preexec_fn=limit, env=env, timeout=300, cwd=REPO_ROOT)
+    code, _, err = run_cli(capsys, "plan", str(files["identity_only"]), "--rules", "tvm")
+    one_line_error(code, err, "no operators")
 
 
 def test_huge_model_is_refused_up_front(files):
-    proc = _limited_cli("plan", str(files["huge_input"]), "--rules", "tvm")
+    proc = cli_child("plan", str(files["huge_input"]), "--rules", "tvm", limit_gb=6, timeout=300)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "Warning" not in ln]
     assert proc.returncode == 2 and lines and lines[-1].startswith("error: ") and "memory" in lines[-1].lower()
 
 
 def test_huge_model_never_tracebacks(files):
     """Whatever the memory limit, the failure is one line, not a traceback or an OOM kill."""
-    proc = _limited_cli("plan", str(files["huge_input"]), "--rules", "tvm")
+    proc = cli_child("plan", str(files["huge_input"]), "--rules", "tvm", limit_gb=6, timeout=300)
     assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "Warning" not in ln]
     assert len(lines) == 1 and "error" in lines[0]
 
 
 def test_input_shape_errors(capsys, files):
-    code, _, err = run(capsys, "plan", str(files["symbolic_dims"]), "--rules", "tvm", "--input-shape", "x=a,b")
-    assert_one_line_error(code, err, "bad --input-shape")
-    code, _, err = run(capsys, "plan", str(files["symbolic_dims"]), "--rules", "tvm", "--input-shape", "=1,2")
-    assert_one_line_error(code, err, "bad --input-shape")
+    code, _, err = run_cli(capsys, "plan", str(files["symbolic_dims"]), "--rules", "tvm", "--input-shape", "x=a,b")
+    one_line_error(code, err, "bad --input-shape")
+    code, _, err = run_cli(capsys, "plan", str(files["symbolic_dims"]), "--rules", "tvm", "--input-shape", "=1,2")
+    one_line_error(code, err, "bad --input-shape")
 
 
 def test_input_shape_for_unknown_input(capsys, files):
-    code, _, err = run(capsys, "plan", str(files["symbolic_dims"]), "--rules", "tvm",
+    code, _, err = run_cli(capsys, "plan", str(files["symbolic_dims"]), "--rules", "tvm",
                        "--input-shape", "x=2,3", "--input-shape", "y=1,2")
-    assert_one_line_error(code, err, "y")
+    one_line_error(code, err, "y")
 
 
 # ---- plan files ---------------------------------------------------------------------------
@@ -237,15 +205,15 @@ def test_bad_plan_files(capsys, tmp_path, good_plan, how, words, command):
     path = tmp_path / "p.json"
     path.write_text(json.dumps(_mutate(good_plan, how)))
     extra = ["--no-store"] if command == "measure" else []
-    code, _, err = run(capsys, command, "cnn_plain", "--plan", str(path), *extra)
-    assert_one_line_error(code, err, *words)
+    code, _, err = run_cli(capsys, command, "cnn_plain", "--plan", str(path), *extra)
+    one_line_error(code, err, *words)
 
 
 def test_binary_plan_file(capsys, tmp_path):
     path = tmp_path / "p.json"
     path.write_bytes(b"\xff\xfe\x00\x01garbage")
-    code, _, err = run(capsys, "plan", "cnn_plain", "--plan", str(path))
-    assert_one_line_error(code, err, "not valid JSON")
+    code, _, err = run_cli(capsys, "plan", "cnn_plain", "--plan", str(path))
+    one_line_error(code, err, "not valid JSON")
 
 
 @pytest.mark.parametrize("kind", ["directory", "deep"])
@@ -255,8 +223,8 @@ def test_unreadable_plan_files(capsys, tmp_path, kind):
         path.mkdir()
     else:
         path.write_text("[" * 100_000 + "]" * 100_000)
-    code, _, err = run(capsys, "plan", "cnn_plain", "--plan", str(path))
-    assert_one_line_error(code, err, "plan file")
+    code, _, err = run_cli(capsys, "plan", "cnn_plain", "--plan", str(path))
+    one_line_error(code, err, "plan file")
 
 
 # ---- stores and options -------------------------------------------------------------------
@@ -265,8 +233,8 @@ def test_unreadable_plan_files(capsys, tmp_path, kind):
 def test_store_that_is_not_a_store(capsys, tmp_path):
     bad = tmp_path / "m.sqlite"
     bad.write_text("not a database\n" * 20)
-    code, _, err = run(capsys, "measure", "cnn_plain", "--rules", "tvm", "--store", str(bad))
-    assert_one_line_error(code, err, "corrupt or not a fusion_rl store")
+    code, _, err = run_cli(capsys, "measure", "cnn_plain", "--rules", "tvm", "--store", str(bad))
+    one_line_error(code, err, "corrupt or not a fusion_rl store")
     assert bad.read_text().startswith("not a database")  # never overwritten
 
 
@@ -282,8 +250,8 @@ def test_store_that_is_not_a_store(capsys, tmp_path):
     ],
 )
 def test_bad_options(capsys, argv, words):
-    code, _, err = run(capsys, *argv)
-    assert_one_line_error(code, err, *words)
+    code, _, err = run_cli(capsys, *argv)
+    one_line_error(code, err, *words)
 
 
 @pytest.mark.parametrize(
@@ -299,8 +267,7 @@ def test_bad_options(capsys, argv, words):
     ],
 )
 def test_argparse_errors_exit_2_without_traceback(argv):
-    proc = subprocess.run([sys.executable, "-m", "fusion_rl.cli", *argv], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, cwd=REPO_ROOT)
+    proc = cli_child(*argv)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("fusion-rl")  # argparse: usage + one error line
     assert "error:" in proc.stderr.strip().splitlines()[-1]
@@ -471,7 +438,7 @@ def test_env_spec_missing_file_and_folder(tmp_path):
 
 def test_tvm_failure_on_an_accepted_plan_is_a_one_line_compile_error(model_cache, monkeypatch):
     """A failure inside TVM on a plan legality accepted becomes the typed CompileError, one line
-    (the fuzzer looks for such plans: tests/test_fuzz.py)."""
+    (the fuzzer looks for such plans: tests/fuzz/test_fuzz.py)."""
     from fusion_rl.fusion import apply
     from fusion_rl.fusion.rules import make_plan
 

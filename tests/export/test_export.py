@@ -24,6 +24,8 @@ from fusion_rl.graph.features import feature_schema
 from fusion_rl.graph.zoo import ZOO
 from fusion_rl.policy.network import PolicyNetwork
 
+from conftest import one_line_error, run_cli
+
 FEATURES = dict(node_dim=NODE_DIM, edge_dim=EDGE_DIM, hw_dim=10, hidden=16, heads=2, num_layers=2, hw_hidden=8)
 
 
@@ -127,15 +129,12 @@ def test_card_without_valid_decision_options_is_refused(tmp_path, policy_dir, ca
     _edit_card(target, edit, rehash=True)
     with pytest.raises(PolicyArtifactError, match=re.escape(words)):
         LearnedPlanner(target)
-    assert main(["plan", "mlp_tiny", "--policy", str(target)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and words in err and len(err.splitlines()) == 1
+    one_line_error(*run_cli(capsys, "plan", "mlp_tiny", "--policy", str(target))[::2], words)
 
 
 def test_cli_rejects_missing_policy_in_one_line(capsys, tmp_path):
-    assert main(["plan", "mlp_tiny", "--policy", str(tmp_path / "nope")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: policy folder not found") and len(err.splitlines()) == 1
+    line = one_line_error(*run_cli(capsys, "plan", "mlp_tiny", "--policy", str(tmp_path / "nope"))[::2])
+    assert line.startswith("error: policy folder not found")
 
 
 def test_pass_is_registered_and_usable_by_name(policy_dir, model_cache):

@@ -12,9 +12,9 @@ import pytest
 from fusion_rl.policy.tracking import log_policy_artifact
 from fusion_rl.policy.training import TrainConfig, load_config, train
 
+from conftest import REPO_ROOT
 from test_train import write_config
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
                                 reason="wandb is not installed (the [train] extra)")
 
@@ -74,7 +74,7 @@ def test_offline_run_syncs_tensorboard_and_logs_the_policy_artifact(tmp_path, mo
         assert key in log, key
     assert not wandb.patched["tensorboard"]  # unpatched after the run
 
-    name = log_policy_artifact(run, REPO / "policies" / "default")
+    name = log_policy_artifact(run, REPO_ROOT / "policies" / "default")
     assert name == f"policy-{run.name}"
     assert calls[-1]["id"] == init["id"] and calls[-1]["group"] == init["group"]
     export_log = _offline_runs(run)[-1]
@@ -89,6 +89,6 @@ def test_disabled_runs_log_nothing(tmp_path, monkeypatch):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text('{"wandb": "disabled"}')
-    assert log_policy_artifact(run, REPO / "policies" / "default") is None
+    assert log_policy_artifact(run, REPO_ROOT / "policies" / "default") is None
     (run / "config.json").write_text('{"wandb": "offline"}')
-    assert log_policy_artifact(run, REPO / "policies" / "default", mode="disabled") is None
+    assert log_policy_artifact(run, REPO_ROOT / "policies" / "default", mode="disabled") is None

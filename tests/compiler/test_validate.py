@@ -10,20 +10,9 @@ from fusion_rl.cli import main
 from fusion_rl.compiler.result import REL_FLOOR, holds, load_result, target_name, tolerance
 from fusion_rl.errors import ConfigError
 
+from conftest import one_line_error, run_cli
+
 MEASURE = ["--repeat", "5", "--min-repeat-ms", "20"]
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code: int, err: str, *words: str) -> None:
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +63,7 @@ def test_fresh_result_is_remeasured_and_judged_by_the_criterion(capsys, measured
     criterion itself is tested deterministically below."""
     from fusion_rl.compiler.result import holds
 
-    code, out, err = run(capsys, "validate", str(measured["result"]), "--json")
+    code, out, err = run_cli(capsys, "validate", str(measured["result"]), "--json")
     data = json.loads(out)
     assert data["plan_hash"] == measured["data"]["plan_hash"]
     assert data["stored_ms"] == measured["data"]["latency_ms"]
@@ -106,7 +95,7 @@ def test_tampered_result_does_not_hold(capsys, measured, tmp_path):
     data["latency_ms"] *= 10
     tampered = tmp_path / "tampered.json"
     tampered.write_text(json.dumps(data))
-    code, out, _ = run(capsys, "validate", str(tampered))
+    code, out, _ = run_cli(capsys, "validate", str(tampered))
     lines = out.strip().splitlines()
     assert code == 1 and len(lines) == 1 and lines[0].startswith("DOES NOT HOLD"), out
 
@@ -115,23 +104,23 @@ def test_tampered_result_does_not_hold(capsys, measured, tmp_path):
 def test_bundle_carries_the_plan(capsys, tmp_path):
     """A saved plan (not a rule set) validates from a bundle without --plan."""
     plan = tmp_path / "p.json"
-    assert run(capsys, "plan", "mlp_tiny", "--rules", "tensorrt", "-o", str(plan))[0] == 0
+    assert run_cli(capsys, "plan", "mlp_tiny", "--rules", "tensorrt", "-o", str(plan))[0] == 0
     data = json.loads(plan.read_text())
     data["name"] = "handmade"  # not a rule-set name: nothing to rebuild the plan from
     plan.write_text(json.dumps(data))
-    code, out, err = run(capsys, "measure", "mlp_tiny", "--plan", str(plan), "--json", "--no-store", *MEASURE)
+    code, out, err = run_cli(capsys, "measure", "mlp_tiny", "--plan", str(plan), "--json", "--no-store", *MEASURE)
     assert code == 0, err
     result = tmp_path / "r.json"
     result.write_text(out)
     # The bare measure JSON names the plan file, not a rule set: validate needs the plan.
-    code, _, err = run(capsys, "validate", str(result))
+    code, _, err = run_cli(capsys, "validate", str(result))
     one_line_error(code, err, "--plan")
     bundle = tmp_path / "bundle.json"
-    code, out, err = run(capsys, "validate", str(result), "--plan", str(plan), "--save-bundle", str(bundle))
+    code, out, err = run_cli(capsys, "validate", str(result), "--plan", str(plan), "--save-bundle", str(bundle))
     _judged(code, out, err)
     loaded = load_result(bundle)
     assert loaded.plan is not None and loaded.model == "mlp_tiny" and loaded.protocol["repeat"] == 5
-    code, out, err = run(capsys, "validate", str(bundle))
+    code, out, err = run_cli(capsys, "validate", str(bundle))
     _judged(code, out, err)
 
 
@@ -143,12 +132,12 @@ def _judged(code: int, out: str, err: str) -> None:
 
 
 def test_wrong_plan_is_refused(capsys, measured):
-    code, _, err = run(capsys, "validate", str(measured["result"]), "--rules", "unfused")
+    code, _, err = run_cli(capsys, "validate", str(measured["result"]), "--rules", "unfused")
     one_line_error(code, err, "hash", measured["data"]["plan_hash"])
 
 
 def test_wrong_model_is_refused(capsys, measured):
-    code, _, err = run(capsys, "validate", str(measured["result"]), "--model", "mlp_tiny")
+    code, _, err = run_cli(capsys, "validate", str(measured["result"]), "--model", "mlp_tiny")
     one_line_error(code, err, "was measured on model")
 
 
@@ -183,7 +172,7 @@ def test_bad_result_files(capsys, measured, tmp_path, content, words):
         content = json.dumps(data)
     if content is not None:
         path.write_text(content)
-    code, _, err = run(capsys, "validate", str(path))
+    code, _, err = run_cli(capsys, "validate", str(path))
     one_line_error(code, err, *words)
 
 
@@ -193,19 +182,19 @@ def test_bad_result_files(capsys, measured, tmp_path, content, words):
 def test_same_seed_same_plan(capsys, tmp_path):
     outs = []
     for _ in range(2):
-        code, out, _ = run(capsys, "plan", "resnet_tiny", "--rules", "tvm", "--seed", "3", "--json")
+        code, out, _ = run_cli(capsys, "plan", "resnet_tiny", "--rules", "tvm", "--seed", "3", "--json")
         assert code == 0
         outs.append(json.loads(out))
     assert outs[0] == outs[1]
     # Weights change with the seed, the structure (fingerprint) and therefore the plan do not.
-    code, out, _ = run(capsys, "plan", "resnet_tiny", "--rules", "tvm", "--seed", "4", "--json")
+    code, out, _ = run_cli(capsys, "plan", "resnet_tiny", "--rules", "tvm", "--seed", "4", "--json")
     assert json.loads(out)["plan"] == outs[0]["plan"]
 
 
 def test_same_store_same_numbers(capsys, measured):
     """The second identical `measure` is served from the store: identical reported numbers."""
     argv = ["measure", "cnn_plain", "--rules", "tvm", "--json", "--store", str(measured["store"]), *MEASURE]
-    code, out, _ = run(capsys, *argv)
+    code, out, _ = run_cli(capsys, *argv)
     again = json.loads(out)
     first = measured["data"]
     assert code == 0 and again["cached"] and not first["cached"]

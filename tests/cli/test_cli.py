@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import onnx
@@ -12,25 +10,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from fusion_rl.cli import main
 from fusion_rl.graph.zoo import export_onnx
 
 from _tiny import conv_block
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, *words: str) -> None:
-    assert code == 2, err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    assert "Traceback" not in err
+from conftest import cli_child, one_line_error, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +48,13 @@ def onnx_files(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_zoo_lists_models(capsys):
-    code, out, _ = run(capsys, "zoo", "--json")
+    code, out, _ = run_cli(capsys, "zoo", "--json")
     names = [m["name"] for m in json.loads(out)]
     assert code == 0 and "resnet_tiny" in names and len(names) >= 10
 
 
 def test_plan_json_shows_groups_and_legality(capsys, tmp_path):
-    code, out, _ = run(capsys, "plan", "cnn_plain", "--rules", "tvm", "--json", "-o", str(tmp_path / "p.json"))
+    code, out, _ = run_cli(capsys, "plan", "cnn_plain", "--rules", "tvm", "--json", "-o", str(tmp_path / "p.json"))
     data = json.loads(out)
     assert code == 0 and data["legality"]["legal"]
     assert data["groups"][0]["ops"][0] == "conv2d"
@@ -82,22 +65,22 @@ def test_measure_json_fields(capsys, tmp_path):
     store = str(tmp_path / "m.sqlite")
     argv = ["measure", "cnn_plain", "--rules", "tvm", "--json", "--repeat", "3",
             "--min-repeat-ms", "5", "--store", store]
-    code, out, err = run(capsys, *argv)
+    code, out, err = run_cli(capsys, *argv)
     assert code == 0, err
     data = json.loads(out)
     for field in ("latency_ms", "spread_ms", "repeats", "verified", "num_kernels", "plan_hash", "target"):
         assert field in data
     assert data["verified"] and data["latency_ms"] > 0 and data["repeats"] == 3
     assert data["spread_kind"] == "iqr" and not data["cached"]
-    code, out, _ = run(capsys, *argv)  # the identical request is served from the store
+    code, out, _ = run_cli(capsys, *argv)  # the identical request is served from the store
     again = json.loads(out)
     assert again["cached"] and again["latency_ms"] == data["latency_ms"]
 
 
 def test_measure_a_saved_plan_for_an_onnx_path(capsys, tmp_path, onnx_files):
     plan = tmp_path / "p.json"
-    assert run(capsys, "plan", str(onnx_files["good"]), "--rules", "tensorrt", "-o", str(plan))[0] == 0
-    code, out, err = run(capsys, "measure", str(onnx_files["good"]), "--plan", str(plan), "--json",
+    assert run_cli(capsys, "plan", str(onnx_files["good"]), "--rules", "tensorrt", "-o", str(plan))[0] == 0
+    code, out, err = run_cli(capsys, "measure", str(onnx_files["good"]), "--plan", str(plan), "--json",
                          "--repeat", "2", "--min-repeat-ms", "1", "--no-store")
     assert code == 0, err and json.loads(out)["verified"]
 
@@ -114,31 +97,31 @@ def test_measure_a_saved_plan_for_an_onnx_path(capsys, tmp_path, onnx_files):
     ],
 )
 def test_bad_model_files(capsys, onnx_files, kind, words):
-    code, _, err = run(capsys, "plan", str(onnx_files[kind]), "--rules", "tvm")
-    assert_one_line_error(code, err, *words)
+    code, _, err = run_cli(capsys, "plan", str(onnx_files[kind]), "--rules", "tvm")
+    one_line_error(code, err, *words)
 
 
 def test_dynamic_shape_with_given_shape_works(capsys, onnx_files):
-    code, out, err = run(capsys, "plan", str(onnx_files["dynamic"]), "--rules", "tvm",
+    code, out, err = run_cli(capsys, "plan", str(onnx_files["dynamic"]), "--rules", "tvm",
                          "--input-shape", "x=2,3,8,8", "--json")
     assert code == 0, err and json.loads(out)["legality"]["legal"]
 
 
 def test_illegal_plan_is_named(capsys, tmp_path):
     plan = tmp_path / "bad.json"
-    code, out, _ = run(capsys, "plan", "cnn_plain", "--rules", "unfused", "--json")
+    code, out, _ = run_cli(capsys, "plan", "cnn_plain", "--rules", "unfused", "--json")
     data = json.loads(out)["plan"]
     data["groups"] = [[0, 2]] + [[i] for i in range(data["num_nodes"]) if i not in (0, 2)]
     plan.write_text(json.dumps(data))
-    code, _, err = run(capsys, "measure", "cnn_plain", "--plan", str(plan), "--no-store")
-    assert_one_line_error(code, err, "illegal plan", "group 0", "non_convex")
+    code, _, err = run_cli(capsys, "measure", "cnn_plain", "--plan", str(plan), "--no-store")
+    one_line_error(code, err, "illegal plan", "group 0", "non_convex")
 
 
 def test_plan_of_another_model_is_named(capsys, tmp_path):
     plan = tmp_path / "resnet.json"
-    run(capsys, "plan", "resnet_tiny", "--rules", "tvm", "-o", str(plan))
-    code, _, err = run(capsys, "measure", "cnn_plain", "--plan", str(plan), "--no-store")
-    assert_one_line_error(code, err, "plan is for model")
+    run_cli(capsys, "plan", "resnet_tiny", "--rules", "tvm", "-o", str(plan))
+    code, _, err = run_cli(capsys, "measure", "cnn_plain", "--plan", str(plan), "--no-store")
+    one_line_error(code, err, "plan is for model")
 
 
 @pytest.mark.parametrize(
@@ -154,16 +137,12 @@ def test_plan_of_another_model_is_named(capsys, tmp_path):
     ],
 )
 def test_bad_options(capsys, argv, words):
-    code, _, err = run(capsys, *argv)
-    assert_one_line_error(code, err, *words)
+    code, _, err = run_cli(capsys, *argv)
+    one_line_error(code, err, *words)
 
 
 def test_argparse_rejects_non_positive_trials():
-    proc = subprocess.run(
-        [sys.executable, "-m", "fusion_rl.cli", "measure", "cnn_plain", "--rules", "tvm",
-         "--schedule", "tuned", "--trials", "0"],
-        capture_output=True, text=True,
-    )
+    proc = cli_child("measure", "cnn_plain", "--rules", "tvm", "--schedule", "tuned", "--trials", "0")
     assert proc.returncode == 2 and "must be > 0" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -174,8 +153,8 @@ QUICK_COMPARE = ["--rounds", "2", "--repeat", "2", "--min-repeat-ms", "1"]
 
 def test_measure_compares_plans_head_to_head(capsys, tmp_path):
     plan = tmp_path / "agg.json"
-    assert run(capsys, "plan", "mlp_tiny", "--rules", "aggressive", "-o", str(plan))[0] == 0
-    code, out, err = run(capsys, "measure", "mlp_tiny", "--rules", "tvm,unfused", "--plan", str(plan),
+    assert run_cli(capsys, "plan", "mlp_tiny", "--rules", "aggressive", "-o", str(plan))[0] == 0
+    code, out, err = run_cli(capsys, "measure", "mlp_tiny", "--rules", "tvm,unfused", "--plan", str(plan),
                          "--schedule", "naive", "--json", *QUICK_COMPARE)
     assert code == 0, err
     data = json.loads(out)
@@ -193,7 +172,7 @@ def test_measure_compares_plans_head_to_head(capsys, tmp_path):
 
 
 def test_measure_keeps_the_command_line_order_of_sources(capsys):
-    code, out, err = run(capsys, "measure", "mlp_tiny", "--policy", "policies/default", "--rules", "unfused",
+    code, out, err = run_cli(capsys, "measure", "mlp_tiny", "--policy", "policies/default", "--rules", "unfused",
                          "--schedule", "rules", *QUICK_COMPARE)
     assert code == 0, err
     lines = out.splitlines()
@@ -204,7 +183,7 @@ def test_measure_keeps_the_command_line_order_of_sources(capsys):
 
 
 def test_measure_of_one_plan_keeps_its_output(capsys):
-    code, out, err = run(capsys, "measure", "mlp_tiny", "--rules", "tvm", "--json", "--no-store",
+    code, out, err = run_cli(capsys, "measure", "mlp_tiny", "--rules", "tvm", "--json", "--no-store",
                          "--repeat", "2", "--min-repeat-ms", "1")
     assert code == 0, err
     data = json.loads(out)
@@ -222,21 +201,20 @@ def test_measure_of_one_plan_keeps_its_output(capsys):
     ],
 )
 def test_measure_comparison_bad_options(capsys, argv, words):
-    code, _, err = run(capsys, "measure", "mlp_tiny", "--no-store", *argv)
-    assert_one_line_error(code, err, *words)
+    code, _, err = run_cli(capsys, "measure", "mlp_tiny", "--no-store", *argv)
+    one_line_error(code, err, *words)
 
 
 def test_measure_rejects_an_empty_rule_name():
-    proc = subprocess.run([sys.executable, "-m", "fusion_rl.cli", "measure", "mlp_tiny", "--rules", "tvm,,unfused"],
-                          capture_output=True, text=True)
+    proc = cli_child("measure", "mlp_tiny", "--rules", "tvm,,unfused")
     assert proc.returncode == 2 and "empty rule-set name" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_zoo_lists_both_suites_with_flops(capsys):
-    code, out, _ = run(capsys, "zoo", "--json")
+    code, out, _ = run_cli(capsys, "zoo", "--json")
     rows = {m["name"]: m for m in json.loads(out)}
     assert code == 0 and rows["mlp_tiny"]["suite"] == "tiny" and rows["bench_bert"]["suite"] == "bench"
     assert all(isinstance(r["flops"], int) and r["flops"] > 0 for r in rows.values())
     assert rows["bench_bert"]["flops"] > 500 * rows["hf_bert"]["flops"]
-    code, out, _ = run(capsys, "zoo", "--suite", "bench")
+    code, out, _ = run_cli(capsys, "zoo", "--suite", "bench")
     assert code == 0 and "bench_vit" in out and "mlp_tiny" not in out and "GFLOPs" in out

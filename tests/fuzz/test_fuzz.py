@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from fusion_rl.fusion.legality import check_plan
 from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.fusion.rules import RULE_SETS, make_plan
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from conftest import REPO_ROOT
 
 
 def _rule_plans(model) -> dict[str, FusionPlan]:

@@ -28,7 +28,8 @@ from fusion_rl.env.spaces import action_space, observation_space
 from fusion_rl.errors import ConfigError
 from fusion_rl.graph.opgraph import OpEdge, OpGraph, OpNode
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO_ROOT
+
 TESTS = Path(__file__).resolve().parent
 HW = np.linspace(0.1, 1.0, 10, dtype=np.float32)
 
@@ -129,15 +130,17 @@ def write_config(tmp_path: Path, **overrides) -> Path:
 
 def script_env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")])
+    # The child imports this module (the fake env) by name, and it imports tests/conftest.py.
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO_ROOT / "tests"), str(REPO_ROOT),
+                                         env.get("PYTHONPATH", "")])
     env["WANDB_SILENT"] = "true"
     return env
 
 
 def run_script(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "train.py"), *args], capture_output=True, text=True,
-        env=script_env(), timeout=timeout, cwd=REPO,
+        [sys.executable, str(REPO_ROOT / "scripts" / "train.py"), *args], capture_output=True, text=True,
+        env=script_env(), timeout=timeout, cwd=REPO_ROOT,
     )
 
 
@@ -191,8 +194,8 @@ def test_resume_after_kill(tmp_path):
     runs = tmp_path / "runs"
     cfg = write_config(tmp_path, total_timesteps=640, checkpoint_every=32)
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(cfg), "--runs-dir", str(runs),
-         "--no-progress"], env={**script_env(), "FAKE_FUSION_HANG_AFTER": "128"}, cwd=REPO,
+        [sys.executable, str(REPO_ROOT / "scripts" / "train.py"), "--config", str(cfg), "--runs-dir", str(runs),
+         "--no-progress"], env={**script_env(), "FAKE_FUSION_HANG_AFTER": "128"}, cwd=REPO_ROOT,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     from fusion_rl.policy.training import latest_checkpoint
@@ -260,7 +263,7 @@ def test_bad_train_config_is_a_config_error(tmp_path):
 def test_shipped_configs_are_valid(name):
     from fusion_rl.policy.training import TrainConfig
 
-    data = yaml.safe_load((REPO / "experiments" / name).read_text())
+    data = yaml.safe_load((REPO_ROOT / "experiments" / name).read_text())
     config = TrainConfig.from_dict(data)
     assert config.wandb == "offline" and config.ppo.learning_rate == 5e-4
 
@@ -368,7 +371,7 @@ def test_ppo_beats_random_on_real_env_with_model_reward(one_torch_thread, tmp_pa
 def test_train_script_on_tiny_spec(tmp_path):
     """The script on envs/tiny.yaml (real measurements, in-process, store in tmp)."""
     cfg = tmp_path / "tiny.yaml"
-    data = yaml.safe_load((REPO / "experiments" / "train_tiny.yaml").read_text())
+    data = yaml.safe_load((REPO_ROOT / "experiments" / "train_tiny.yaml").read_text())
     data.update(total_timesteps=128, checkpoint_every=64, wandb="disabled",
                 env_kwargs={"store": str(tmp_path / "store.sqlite")})
     cfg.write_text(yaml.safe_dump(data))

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fusion_rl.cli import main
 from fusion_rl.compiler import store as store_mod
 from fusion_rl.compiler.measure import Measurer
 from fusion_rl.compiler.store import MeasurementStore
@@ -26,6 +25,8 @@ from fusion_rl.compiler.timing import TimingProtocol
 from fusion_rl.errors import StoreError
 from fusion_rl.fusion.random_plans import random_plan
 from fusion_rl.fusion.rules import make_plan
+
+from conftest import one_line_error, run_cli
 
 QUICK = TimingProtocol(repeat=2, min_repeat_ms=1, warmup=0)
 #: Generous: the first job of a fresh worker pays for importing TVM and torch, which takes
@@ -209,8 +210,5 @@ def test_store_in_read_only_folder(tmp_path, monkeypatch):
 
 def test_cli_unwritable_store_is_one_line(capsys):
     # /proc refuses new folders even for root: a real OS error, not a simulation.
-    code = main(["measure", "mlp_tiny", "--rules", "tvm", "--store", "/proc/fusion_rl/m.sqlite"])
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "measurement store" in lines[0]
-    assert "Traceback" not in err
+    argv = ["measure", "mlp_tiny", "--rules", "tvm", "--store", "/proc/fusion_rl/m.sqlite"]
+    one_line_error(*run_cli(capsys, *argv)[::2], "measurement store")

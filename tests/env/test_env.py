@@ -459,15 +459,11 @@ def test_subprocess_vector_env_with_action_masks(store_path):
 def test_mask_forbids_a_cycle_through_a_group_entered_late():
     """{0, 4} then 1 -> 2 would close 1 -> 3 -> 4 ~ 0 -> 2: a group-level cycle the masks must
     see although node 3 comes after node 2 (the env once pruned such paths by node order)."""
-    import sys
-
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from test_plan import _two_convex_groups_in_a_cycle
-
     from fusion_rl.fusion.legality import check_plan
-    from fusion_rl.fusion.plan import FusionPlan
 
-    g = _two_convex_groups_in_a_cycle()
+    from _tiny import crossed_groups
+
+    g = crossed_groups()
     for actions in __import__("itertools").product([0, 1], repeat=len(g.edges)):
         process = DecisionProcess(g)
         for act in actions:

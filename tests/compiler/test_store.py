@@ -24,7 +24,7 @@ from fusion_rl.compiler.store import (
 )
 from fusion_rl.errors import ConfigError, StoreError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from conftest import REPO_ROOT
 
 
 def make_key(**changes) -> MeasurementKey:

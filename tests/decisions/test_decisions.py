@@ -6,21 +6,22 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from fusion_rl.decisions import DecisionOptions
 from fusion_rl.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO_ROOT
+
 RL_STACK = ("gymnasium", "stable_baselines3", "sb3_contrib", "wandb")
 
 
 def _modules_loaded_by(code: str) -> dict:
     """Run ``code`` in a fresh interpreter; it prints a JSON object as its last line."""
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -74,12 +75,12 @@ def test_plugin_cli_and_env_make_the_same_plan_on_every_zoo_model(tmp_path, mode
     from fusion_rl.fusion.plan import FusionPlan
     from fusion_rl.graph.zoo import ZOO
 
-    policy = REPO / "policies" / "default"
+    policy = REPO_ROOT / "policies" / "default"
     network, card = load_network(policy)
     # The env takes its masks from the training spec, the plugin from the card: this test
     # also checks that the two agree. Padding is raised so every zoo model fits (the network
     # strips padding, so its logits do not depend on it).
-    env = FusionEnv(str(REPO / card["training"]["env_spec"]), max_nodes=256, max_edges=512,
+    env = FusionEnv(str(REPO_ROOT / card["training"]["env_spec"]), max_nodes=256, max_edges=512,
                     store=str(tmp_path / "store.sqlite"))
     assert env.config.max_mac_anchors == 1  # the shipped policy trained with the anchor cap
 
