@@ -21,7 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fusion_rl.compare import machine_description  # noqa: E402
+from fusion_rl.errors import ConfigError, first_line  # noqa: E402
 from fusion_rl.fuzz import DEFAULT_SCHEDULES, bench_models, default_models, fuzz_plans  # noqa: E402
+from fusion_rl.fuzz.report import FuzzReport  # noqa: E402
+from fusion_rl.io import read_json  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="where failing plans are saved (default: reproducers/, git-ignored)")
     p.add_argument("--time-budget", type=float, default=None, help="stop starting new plans after this many seconds")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per compile before it counts as a hang")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
+                   help="merge the summary.json of fuzz runs made side by side into --out, run nothing")
     args = p.parse_args(argv)
     os.environ.setdefault("TVM_NUM_THREADS", "1")
     schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
@@ -45,14 +51,31 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
+    if args.merge:
+        try:
+            shards = [FuzzReport.from_dict(read_json(d / "summary.json", "fuzz summary")) for d in args.merge]
+        except (ConfigError, KeyError, TypeError, ValueError) as exc:
+            print(f"error: {first_line(exc)}", file=sys.stderr)
+            return 2
+        report = FuzzReport.merge(shards, command)
+        report.write(args.out)
+        return summarize(report, report.providers, args.out)
+
     report = fuzz_plans(args.models, args.plans, args.seed, schedules, args.out, args.partitions,
                         args.time_budget, args.timeout, command, log, args.reproducers)
+    report.machine = machine_description(int(os.environ["TVM_NUM_THREADS"]))
+    report.write(args.out)
+    return summarize(report, schedules, args.out)
+
+
+def summarize(report: FuzzReport, schedules: list[str], out: Path) -> int:
+    """Print the one-line summary; exit status 1 if anything was found."""
     c = report.counts()
     lg = c["legality"]
     print(f"plans {c['plans']} on {c['models']} models x {len(schedules)} providers = {c['compiles']} compiles; "
           f"mismatches {c['mismatches']}, findings {c['findings']}; legality: {lg['accepted']} accepted "
           f"({lg['accepted_failed']} failed), {lg['rejected']} rejected ({lg['rejected_but_built']} built anyway); "
-          f"summary in {args.out}/summary.md")
+          f"summary in {out}/summary.md")
     return 1 if report.findings or report.legality_holes else 0
 
 

@@ -54,6 +54,36 @@ class FuzzReport:
     skipped_models: dict[str, str] = field(default_factory=dict)
     wall_s: float = 0.0
     stopped_early: bool = False
+    machine: str = ""  #: where it ran (the fuzz checks outputs, not speed: any machine will do)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FuzzReport":
+        """A report from :meth:`to_dict`'s output (plain data; the counts are recomputed)."""
+        return cls(
+            command=str(data["command"]), seed=int(data["seed"]), models=list(data["models"]),
+            providers=list(data["providers"]),
+            results=[FuzzResult(**r) for r in data.get("results", [])],
+            legality=[LegalityResult(**r) for r in data.get("legality_results", [])],
+            skipped_models=dict(data.get("skipped_models", {})), wall_s=float(data.get("wall_s", 0.0)),
+            stopped_early=bool(data.get("stopped_early", False)), machine=str(data.get("machine", "")))
+
+    @classmethod
+    def merge(cls, shards: list["FuzzReport"], command: str) -> "FuzzReport":
+        """One report from shards run side by side (for example one model per process).
+
+        A plan compiled in two shards counts once in ``plans``; ``wall_s`` is the longest
+        shard's, since they ran at the same time.
+        """
+        models = list(dict.fromkeys(m for s in shards for m in s.models))
+        providers = list(dict.fromkeys(p for s in shards for p in s.providers))
+        return cls(
+            command=command, seed=shards[0].seed if shards else 0, models=models, providers=providers,
+            results=[r for s in shards for r in s.results],
+            legality=[r for s in shards for r in s.legality],
+            skipped_models={k: v for s in shards for k, v in s.skipped_models.items()},
+            wall_s=max((s.wall_s for s in shards), default=0.0),
+            stopped_early=any(s.stopped_early for s in shards),
+            machine="; ".join(dict.fromkeys(s.machine for s in shards if s.machine)))
 
     @property
     def findings(self) -> list[FuzzResult]:
@@ -106,6 +136,7 @@ class FuzzReport:
             "providers": self.providers,
             "wall_s": round(self.wall_s, 1),
             "stopped_early": self.stopped_early,
+            "machine": self.machine,
             "skipped_models": self.skipped_models,
             "counts": self.counts(),
             "findings": [asdict(r) for r in self.findings],
@@ -123,6 +154,7 @@ class FuzzReport:
             "",
             f"Reproduce: `{self.command}`",
             "",
+            *([f"Machine: {self.machine}", ""] if self.machine else []),
             f"- plans: {c['plans']} on {c['models']} models ({', '.join(self.models)}), "
             f"providers {', '.join(self.providers)}: {c['compiles']} compiles in {self.wall_s:.0f} s"
             + (" (stopped early: time budget)" if self.stopped_early else ""),
