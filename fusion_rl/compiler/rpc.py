@@ -74,7 +74,7 @@ def export_library(executable: Any, spec: Any, directory: str | os.PathLike[str]
     if cc is None:
         executable.export_library(str(path))
     else:
-        from tvm.contrib import cc as tvm_cc
+        from tvm.support import cc as tvm_cc
 
         executable.export_library(str(path), fcompile=tvm_cc.cross_compiler(cc))
     return path

@@ -16,6 +16,7 @@ Several runners measure in parallel through :class:`~fusion_rl.compiler.pool.Mea
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Protocol
 
 from fusion_rl.compiler.target import TargetSpec, threads_env
@@ -54,6 +55,7 @@ class LocalRunner:
     def __init__(self, spec: TargetSpec, isolate: bool = True, timeout_s: float = 600.0) -> None:
         self.spec, self.isolate, self.timeout_s = spec, isolate, timeout_s
         self._worker: Worker | None = None
+        self._worker_thread: threading.Thread | None = None
         self._models: dict = {}
 
     def run(self, job: Any, model: Model) -> dict:
@@ -61,8 +63,15 @@ class LocalRunner:
             self._models.setdefault((job.model, job.fingerprint), model)
             with threads_env(self.spec):
                 return run_any(job, self._models)
+        if self._worker is not None and self._worker_thread is not None and not self._worker_thread.is_alive():
+            # The worker dies with the *thread* that started it (PR_SET_PDEATHSIG), e.g. a
+            # thread of a pool or of the caller that has since ended: start a fresh one rather
+            # than lose a measurement to a worker killed under it.
+            self._worker.kill()
+            self._worker = None
         if self._worker is None or not self._worker.alive:
             self._worker = Worker(self.spec.num_threads)
+            self._worker_thread = threading.current_thread()
         result = self._worker.run(job, self.timeout_s)
         if not self._worker.alive:
             # Killed after a crash or a timeout; the next job starts a fresh one. (A device that
