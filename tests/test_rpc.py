@@ -144,18 +144,33 @@ def test_rpc_targets_parse_into_the_store_key():
     local = parse_target("host")
     assert parse_target("rpc://h:1/k:host").key == f"rpc://h:1/k:{local.key}"
     assert parse_target("rpc://h:1/other:host").key != parse_target("rpc://h:1/k:host").key
+    # The hardware-feature cache names its file after the key: one file, in the cache folder.
+    from fusion_rl.compiler.target.hardware import _cache_file
+
+    assert _cache_file(Path("cache"), spec.key, "host", "cpu").parent == Path("cache")
     for bad in ("rpc://", "rpc://h/k:host", "rpc://h:99999/k:host", "rpc://h:1/k:", "rpc://h:1/k:nope",
                 "rpc://h:1/k:rpc://h:1/k:host"):
         with pytest.raises(ConfigError):
             parse_target(bad)
 
 
-@pytest.mark.parametrize("bad", ["rpc://127.0.0.1/k:host", "rpc://127.0.0.1:0/k:host"])
-def test_cli_bad_rpc_target_is_one_error_line(bad):
-    proc = subprocess.run([sys.executable, "-m", "fusion_rl.cli", "measure", "mlp_tiny", "--rules", "tvm",
-                           "--no-store", "--target", bad], capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
-    assert "rpc://" in proc.stderr
+@pytest.mark.parametrize("bad", ["rpc://127.0.0.1/k:host", "rpc://127.0.0.1:0/k:host", "rpc://127.0.0.1:1/k:bogus"])
+def test_cli_bad_rpc_target_is_one_error_line(bad, capsys):
+    from fusion_rl.cli import main
+
+    code = main(["measure", "mlp_tiny", "--rules", "tvm", "--no-store", "--target", bad])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+
+
+def test_cli_unreachable_tracker_or_unserved_key_is_one_error_line(cluster, capsys):
+    from fusion_rl.cli import main
+
+    for target, words in ((f"rpc://127.0.0.1:{_free_port()}/k:host", "cannot reach the RPC tracker"),
+                          (cluster.target("nobody"), "no RPC server of key 'nobody'")):
+        code = main(["measure", "mlp_tiny", "--rules", "tvm", "--no-store", "--target", target])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and words in err, err
 
 
 def test_measure_through_rpc_is_verified_and_stored(cluster, model_cache, tmp_path):
@@ -186,20 +201,20 @@ def test_measure_through_rpc_is_verified_and_stored(cluster, model_cache, tmp_pa
     assert bad["status"] == "wrong_output" and "on the device" in bad["error"]
 
 
-def test_cli_measure_rpc_matches_local(cluster, tmp_path):
-    env = dict(os.environ, TVM_NUM_THREADS="1")
+def test_cli_measure_rpc_matches_local(cluster, capsys):
+    from fusion_rl.cli import main
 
     def measure(target: str) -> dict:
-        proc = subprocess.run([sys.executable, "-m", "fusion_rl.cli", "measure", "mlp_tiny", "--rules", "tvm",
-                               "--no-store", "--repeat", "3", "--min-repeat-ms", "5", "--json", "--target", target],
-                              capture_output=True, text=True, env=env)
-        assert proc.returncode == 0, proc.stderr
-        return json.loads(proc.stdout)
+        code = main(["measure", "mlp_tiny", "--rules", "tvm", "--no-store", "--repeat", "3",
+                     "--min-repeat-ms", "5", "--json", "--target", target])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return json.loads(out)
 
     remote, local = measure(cluster.target()), measure("host")
     assert remote["verified"] and local["verified"]
     assert remote["target"] == f"rpc://127.0.0.1:{cluster.tracker_port}/{KEY}:{local['target']}"
-    for field in ("plan_hash", "num_kernels", "fingerprint", "status"):
+    for field in ("plan_hash", "num_kernels", "fingerprint", "status", "kernel_schedules"):
         assert remote[field] == local[field]
 
 

@@ -172,9 +172,14 @@ class Measurer:
 
     def _require_runnable(self) -> None:
         """Refuse, before anything runs or is stored, a target this CPU cannot execute (its
-        code would die with SIGILL); checked once per measurer."""
+        code would die with SIGILL), or a remote target whose tracker is unreachable or has no
+        server of its key; checked once per measurer."""
         if not getattr(self, "_runnable", False):
             require_runnable(self.spec)
+            if self.spec.remote is not None:
+                from fusion_rl.compiler.rpc import require_device
+
+                require_device(self.spec.remote)  # a reachable tracker with servers of the key
             self._runnable = True
 
     def time_together(self, model: Model, plans: Sequence[FusionPlan]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ Where parallelism pays:
 - **Local builds**: N local workers compile N plans at once. But on one machine, parallel
   *timing* disturbs itself (the workers share cores, caches and memory bandwidth), so local
   latencies measured with N > 1 are noisier and slower than alone. Use local parallelism to
-  build, or with the ``cost`` / store-served requests; time on RPC devices.
+  build (e.g. to fill a store with ``--schedule tuned`` builds), and time on RPC devices.
 """
 
 from __future__ import annotations

@@ -80,9 +80,8 @@ def export_library(executable: Any, spec: Any, directory: str | os.PathLike[str]
     return path
 
 
-def _tracker_request(device: RemoteDevice) -> tuple[str, int, str]:
-    """Ask the tracker for a free server with the device key: (host, port, match key). Blocks
-    while every server of the key is busy (the worker's timeout bounds the wait)."""
+def _tracker_call(device: RemoteDevice, message: list, timeout_s: float | None) -> Any:
+    """Send one message to the tracker and return its JSON answer (``timeout_s=None`` waits)."""
     from tvm.rpc import base
 
     try:
@@ -90,16 +89,48 @@ def _tracker_request(device: RemoteDevice) -> tuple[str, int, str]:
     except OSError as exc:
         raise DeviceError(f"cannot reach the RPC tracker at {device.host}:{device.port} ({exc})") from exc
     try:
-        sock.settimeout(None)  # the request itself waits for a free server
+        sock.settimeout(timeout_s)
         sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
         if struct.unpack("<i", base.recvall(sock, 4))[0] != base.RPC_TRACKER_MAGIC:
             raise DeviceError(f"{device.host}:{device.port} is not an RPC tracker")
-        base.sendjson(sock, [base.TrackerCode.REQUEST, device.key, "", 1])
-        value = base.recvjson(sock)
+        base.sendjson(sock, message)
+        return base.recvjson(sock)
     except (OSError, struct.error, json.JSONDecodeError) as exc:
         raise DeviceError(f"the RPC tracker at {device.host}:{device.port} closed the connection ({exc})") from exc
     finally:
         sock.close()
+
+
+def require_device(device: RemoteDevice) -> None:
+    """Refuse, before anything is built or stored, a tracker that cannot be reached or that has
+    no server under the device key (a request for it would wait until the timeout).
+
+    Raises
+    ------
+    ConfigError
+        Naming the tracker, the key, and how to start a server.
+    """
+    from tvm.rpc import base
+
+    try:
+        summary = _tracker_call(device, [base.TrackerCode.SUMMARY], CONNECT_TIMEOUT_S)
+    except DeviceError as exc:
+        raise ConfigError(f"{exc}; start one with `python -m tvm.exec.rpc_tracker --port {device.port}`") from None
+    keys = {str(s.get("key", "")).removeprefix("server:") for s in summary[1].get("server_info", [])} \
+        if summary and summary[0] == base.TrackerCode.SUCCESS else set()
+    if device.key not in keys:
+        raise ConfigError(
+            f"no RPC server of key {device.key!r} at the tracker {device.host}:{device.port} "
+            f"(it lists {sorted(keys) or 'none'}); start one on the device with `python -m tvm.exec.rpc_server "
+            f"--tracker {device.host}:{device.port} --key {device.key}`")
+
+
+def _tracker_request(device: RemoteDevice) -> tuple[str, int, str]:
+    """Ask the tracker for a free server with the device key: (host, port, match key). Blocks
+    while every server of the key is busy (the worker's timeout bounds the wait)."""
+    from tvm.rpc import base
+
+    value = _tracker_call(device, [base.TrackerCode.REQUEST, device.key, "", 1], None)
     if value[0] != base.TrackerCode.SUCCESS:
         raise DeviceError(f"the RPC tracker refused a request for key {device.key!r}: {value}")
     host, port, match_key = value[1]
