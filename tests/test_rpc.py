@@ -323,3 +323,20 @@ def test_cross_target_is_not_run_here(model_cache):
     model = model_cache("mlp_tiny")
     with pytest.raises(ConfigError, match="compiled for aarch64-linux-gnu.*rpc://HOST:PORT/KEY:aarch64:generic:t1"):
         Measurer("aarch64:generic:t1", isolate=False).measure(model, make_plan("unfused", model.mod, model.graph))
+
+
+@pytest.mark.parametrize("algo", ["random", "greedy"])
+def test_a_pool_search_evaluates_what_one_runner_does(algo, model_cache, tmp_path):
+    """Batching plans over runners must not change a search: served from a store that one runner
+    filled, a 2-runner search evaluates the same plans, finds the same best and spends nothing."""
+    from fusion_rl.baselines.search import run_search
+
+    model = model_cache("mlp_tiny")
+    path = tmp_path / "m.sqlite"
+    with MeasurementStore(path) as store, Measurer(store=store, protocol=QUICK, isolate=False) as one:
+        alone = run_search(algo, model, one, budget=5, seed=3)
+    with MeasurerPool.create(2, store_path=str(path), protocol=QUICK) as pool:
+        pooled = run_search(algo, model, pool, budget=5, seed=3)
+        assert pool.stats.to_dict() == {"hits": 5, "misses": 0, "failures": 0}
+    assert pooled.evaluations == alone.evaluations == 5 and pooled.measurements_spent == 0
+    assert pooled.best_plan.hash == alone.best_plan.hash and pooled.best_ms == alone.best_ms
