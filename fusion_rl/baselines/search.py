@@ -15,7 +15,15 @@ search has already evaluated is never re-evaluated (it costs neither budget nor 
 
 Failed measurements (build failure, wrong output, crash, timeout) count as evaluations and have
 latency ``inf``: a search never returns a plan that did not verify.
+
+Parallel measurement
+--------------------
+Given a :class:`~fusion_rl.compiler.pool.MeasurerPool` of N runners, random search, greedy and
+the exhaustive oracle measure N plans at once (:meth:`_Evaluator.evaluate_many`). They propose
+the same plans in the same order as with one runner, so a seed gives the same result; annealing
+is sequential by nature (each step depends on the last) and uses one runner.
 """
+
 
 from __future__ import annotations
 
@@ -98,6 +106,11 @@ class _Evaluator:
     def known(self, plan: FusionPlan) -> float | None:
         return self.seen.get(plan.hash)
 
+    @property
+    def runners(self) -> int:
+        """Plans the measurer measures at once (a pool's size; 1 for a plain measurer)."""
+        return int(getattr(self.measurer, "runners", 1))
+
     def evaluate(self, plan: FusionPlan) -> float | None:
         """Latency of ``plan`` (``inf`` if it failed); ``None`` when the budget is spent.
 
@@ -107,7 +120,27 @@ class _Evaluator:
             return self.seen[plan.hash]
         if self.exhausted:
             return None
-        record = self.measurer.measure(self.model, plan, per_kernel=self.per_kernel)
+        return self._record(plan, self.measurer.measure(self.model, plan, per_kernel=self.per_kernel))
+
+    def evaluate_many(self, plans: Sequence[FusionPlan]) -> list[float | None]:
+        """:meth:`evaluate` each plan, measuring the new ones in parallel on a pool.
+
+        Returns one latency per plan, ``None`` for the plans past the budget (as :meth:`evaluate`).
+        """
+        new: dict[str, FusionPlan] = {}
+        for plan in plans:
+            if plan.hash not in self.seen and plan.hash not in new and len(self.seen) + len(new) < self.budget:
+                new[plan.hash] = plan
+        todo = list(new.values())
+        if len(todo) > 1 and hasattr(self.measurer, "measure_many"):
+            records = self.measurer.measure_many(self.model, todo, per_kernel=self.per_kernel)
+        else:
+            records = [self.measurer.measure(self.model, p, per_kernel=self.per_kernel) for p in todo]
+        for plan, record in zip(todo, records):
+            self._record(plan, record)
+        return [self.seen.get(plan.hash) for plan in plans]
+
+    def _record(self, plan: FusionPlan, record: Any) -> float:
         ms = float(record.median_ms) if record.status == "ok" else math.inf
         if record.status != "ok":
             self.failures += 1
@@ -166,10 +199,15 @@ def random_search(
     proposals = 0
     limit = max_proposals if max_proposals is not None else 50 * budget
     while not ev.exhausted and proposals < limit:
-        proposals += 1
-        plan = random_plan(graph, rng, merge_prob=None, max_anchors=max_anchors)
-        if _legal(graph, plan):  # random_plan keeps groups convex; a cycle *between* groups is possible
-            ev.evaluate(plan)
+        # A batch of new legal plans, one per runner (one plan with a plain measurer).
+        batch: dict[str, FusionPlan] = {}
+        while len(batch) < min(ev.runners, budget - len(ev.seen)) and proposals < limit:
+            proposals += 1
+            plan = random_plan(graph, rng, merge_prob=None, max_anchors=max_anchors)
+            # random_plan keeps groups convex; a cycle *between* groups is possible
+            if plan.hash not in ev.seen and _legal(graph, plan):
+                batch.setdefault(plan.hash, plan)
+        ev.evaluate_many(list(batch.values()))
     return ev.result("random", seed, proposals=proposals)
 
 
@@ -214,13 +252,17 @@ def greedy(model: Model, measurer: Measurer, budget: int, seed: int | None = Non
         rounds += 1
         best_cand, best_ms = None, current_ms
         interrupted = False
-        for cand in merge_candidates(graph, current):
-            ms = ev.evaluate(cand)
-            if ms is None:
-                interrupted = True
+        cands = merge_candidates(graph, current)
+        for start in range(0, len(cands), ev.runners):
+            chunk = cands[start:start + ev.runners]
+            for cand, ms in zip(chunk, ev.evaluate_many(chunk)):
+                if ms is None:
+                    interrupted = True
+                    break
+                if ms < best_ms:
+                    best_cand, best_ms = cand, ms
+            if interrupted:
                 break
-            if ms < best_ms:
-                best_cand, best_ms = cand, ms
         if best_cand is None:
             stop = "budget" if interrupted else "no improving merge"
             break
@@ -420,8 +462,8 @@ def exhaustive(
         )
     # Plans already in the store are free; the budget then bounds only the new ones.
     ev = _Evaluator(model, measurer, max(budget, len(plans)))
-    for plan in plans:
-        ev.evaluate(plan)
+    for start in range(0, len(plans), ev.runners):
+        ev.evaluate_many(plans[start:start + ev.runners])
     result = ev.result("exhaustive", seed, legal_plans=len(plans))
     result.budget = budget
     return result

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from fusion_rl.compiler.runner import LocalRunner, make_runner
 from fusion_rl.compiler.schedules import make_schedule
 from fusion_rl.compiler.store import STATUSES, MeasurementKey, MeasurementRecord, MeasurementStore, library_versions
 from fusion_rl.compiler.target import TargetSpec, parse_target, require_runnable
 from fusion_rl.compiler.timing import TimingProtocol
-from fusion_rl.compiler.worker import FAULTS, InterleavedJob, MeasureJob, Worker, run_any
+from fusion_rl.compiler.worker import FAULTS, InterleavedJob, MeasureJob
 from fusion_rl.errors import ConfigError
 from fusion_rl.fusion.legality import require_legal
 from fusion_rl.fusion.plan import FusionPlan
@@ -49,7 +51,10 @@ class Measurer:
     Parameters
     ----------
     target:
-        A target name (``host``, ``haswell-t1``, ...) or spec.
+        A target name (``host``, ``haswell-t1``, ``rpc://HOST:PORT/KEY:host``, ...) or spec. An
+        ``rpc://`` target is measured on a device of a TVM RPC tracker
+        (:class:`~fusion_rl.compiler.runner.RpcRunner`); any other on this machine
+        (:class:`~fusion_rl.compiler.runner.LocalRunner`).
     schedule, schedule_kwargs:
         The schedule provider, e.g. ``"tuned"`` with ``{"trials_per_task": 16}``.
     store:
@@ -59,6 +64,7 @@ class Measurer:
     isolate:
         Run builds and timings in a worker process with ``timeout_s`` (default). ``False`` runs
         them in this process: faster to start, but a TVM crash takes the caller with it.
+        Remote targets always use a worker.
     retry:
         Statuses of stored records to measure again instead of serving, e.g.
         ``("crashed", "timeout")`` after a fix (a crash is otherwise remembered, so a search or
@@ -85,9 +91,10 @@ class Measurer:
         self.spec = parse_target(self.target)
         # Validates the provider name and options up front (bad budget, unknown name).
         self.provider = make_schedule(self.schedule, **self.schedule_kwargs)
-        self._worker: Worker | None = None
-        self._models: dict = {}
+        self.runner: LocalRunner = make_runner(self.spec, isolate=self.isolate, timeout_s=self.timeout_s)
         self._versions = library_versions()
+        #: measurements each remote device (``host:port`` of its RPC server) served
+        self.devices: Counter[str] = Counter()
 
     def key(self, model: Model, plan: FusionPlan) -> MeasurementKey:
         return MeasurementKey(
@@ -150,9 +157,12 @@ class Measurer:
             protocol=self.protocol,
             per_kernel=per_kernel,
             fault=fault,
+            timeout_s=self.timeout_s,
         )
         result = self._run(job, model)
         self.stats.misses += 1
+        if result.get("device"):
+            self.devices[result["device"]] += 1
         record = _to_record(key if result["status"] == "ok" else self.failure_key(key), result)
         if record.status != "ok":
             self.stats.failures += 1
@@ -162,9 +172,14 @@ class Measurer:
 
     def _require_runnable(self) -> None:
         """Refuse, before anything runs or is stored, a target this CPU cannot execute (its
-        code would die with SIGILL); checked once per measurer."""
+        code would die with SIGILL), or a remote target whose tracker is unreachable or has no
+        server of its key; checked once per measurer."""
         if not getattr(self, "_runnable", False):
             require_runnable(self.spec)
+            if self.spec.remote is not None:
+                from fusion_rl.compiler.rpc import require_device
+
+                require_device(self.spec.remote)  # a reachable tracker with servers of the key
             self._runnable = True
 
     def time_together(self, model: Model, plans: Sequence[FusionPlan]) -> dict[str, Any]:
@@ -195,24 +210,17 @@ class Measurer:
             self.stats.failures += 1
         return result
 
-    def _run(self, job: MeasureJob | InterleavedJob, model: Model) -> dict:
-        if not self.isolate:
-            self._models.setdefault((job.model, job.fingerprint), model)
-            from fusion_rl.compiler.target import threads_env
+    @property
+    def _worker(self) -> Any:
+        """The runner's worker process, ``None`` before the first job or after a crash (tests)."""
+        return self.runner._worker
 
-            with threads_env(self.spec):
-                return run_any(job, self._models)
-        if self._worker is None or not self._worker.alive:
-            self._worker = Worker(self.spec.num_threads)
-        result = self._worker.run(job, self.timeout_s)
-        if result["status"] in ("timeout", "crashed"):
-            self._worker = None  # it was killed; the next job starts a fresh one
-        return result
+    def _run(self, job: MeasureJob | InterleavedJob, model: Model) -> dict:
+        self.runner.timeout_s = self.timeout_s  # callers may change it between measurements
+        return self.runner.run(job, model)
 
     def close(self) -> None:
-        if self._worker is not None:
-            self._worker.close()
-            self._worker = None
+        self.runner.close()
 
     def __enter__(self) -> "Measurer":
         return self

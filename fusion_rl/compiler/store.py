@@ -12,7 +12,9 @@ Guarantees, and why:
   (which ``NORMAL`` also gives) and an OS crash or power loss (which only ``FULL`` gives). One
   fsync per put is negligible next to a measurement that takes seconds.
 - **Several processes.** WAL lets readers run beside one writer; writers wait up to
-  ``busy_timeout_s`` for the lock. Use one :class:`MeasurementStore` per process (or thread).
+  ``busy_timeout_s`` for the lock. Use one :class:`MeasurementStore` per process or
+  concurrent thread (a store may move between threads, but must not be used by two at once);
+  tests/test_rpc.py writes from several threads and processes at once.
 - **No silent data loss.** A new store is built in a temporary file and linked into place
   atomically, so a store path holds either nothing or a complete store. An existing file that
   is not a store of this schema, fails ``PRAGMA quick_check``, or is truncated raises
@@ -188,7 +190,11 @@ class MeasurementStore:
         if int.from_bytes(header[68:72], "big") != APPLICATION_ID:
             raise self._corrupt("an SQLite file, but not written by fusion_rl")
 
-        conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None)
+        # check_same_thread=False: a measurer made in one thread may measure in a pool thread
+        # (fusion_rl.compiler.pool); one thread at a time uses a store, and concurrent writers
+        # each hold their own store (connection), so SQLite's locking keeps them consistent.
+        conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None,
+                               check_same_thread=False)
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
             if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":

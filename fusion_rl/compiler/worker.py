@@ -46,6 +46,7 @@ class MeasureJob:
     per_kernel: bool = False
     fault: str | None = None  #: one of FAULTS, for fault-injection tests only
     fingerprint: str = ""  #: the model the caller measures; the worker checks it loaded that one
+    timeout_s: float = 0.0  #: the caller's timeout; a remote device ends a session that outlives it
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,10 @@ def run_any(job: MeasureJob | InterleavedJob | KernelJob, models: dict | None = 
     """Run a job of any kind (the worker's dispatch)."""
     if isinstance(job, KernelJob):
         return run_kernel_job(job, models)
+    if isinstance(job, MeasureJob) and getattr(job.target, "remote", None) is not None:
+        from fusion_rl.compiler.rpc import run_remote_job
+
+        return run_remote_job(job, models)  # built here, verified and timed on the device
     return run_interleaved_job(job, models) if isinstance(job, InterleavedJob) else run_job(job, models)
 
 

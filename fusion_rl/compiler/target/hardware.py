@@ -194,7 +194,9 @@ def _cache_file(cache_dir: Path, stem: str, hostname: str, cpu_model: str) -> Pa
     # (e.g. a re-provisioned VM) apart.
     digest = hashlib.sha256(f"{stem}|{hostname}|{cpu_model}".encode()).hexdigest()[:12]
     safe_host = re.sub(r"[^A-Za-z0-9_.-]", "_", hostname)[:40]
-    return cache_dir / f"{stem}-{safe_host}-{digest}.json"
+    # Remote target keys (rpc://HOST:PORT/KEY:...) hold '/' and ':'; local keys are unchanged.
+    safe_stem = re.sub(r"[^A-Za-z0-9_.+-]", "_", stem)
+    return cache_dir / f"{safe_stem}-{safe_host}-{digest}.json"
 
 
 def _host_identity() -> tuple[str, str]:

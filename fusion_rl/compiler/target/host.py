@@ -93,6 +93,13 @@ def require_runnable(spec: TargetSpec, cpuinfo_path: str | os.PathLike[str] = "/
     ConfigError
         naming the target and the missing instruction sets.
     """
+    if spec.remote is not None:
+        return  # the device runs it; this machine only compiles
+    if spec.kind == "llvm" and spec.mtriple and not spec.mtriple.startswith(platform.machine().lower()):
+        raise ConfigError(
+            f"target {spec.name} is compiled for {spec.mtriple}, and this machine is {platform.machine()}; "
+            f"run it on such a device through a tracker: rpc://HOST:PORT/KEY:{spec.name}"
+        )
     if spec.kind != "llvm" or platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
         return
     flags, model = read_cpuinfo(cpuinfo_path)

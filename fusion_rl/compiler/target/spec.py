@@ -9,6 +9,7 @@ import dataclasses
 import re
 from typing import TYPE_CHECKING, Any
 
+from fusion_rl.compiler.target.remote import SCHEME, RemoteDevice, split_rpc_target
 from fusion_rl.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -30,6 +31,13 @@ _VECTOR_LANES: dict[str, int] = {
 
 _KINDS = ("llvm", "cuda")
 
+#: LLVM triples of the cross targets :func:`parse_target` names (``aarch64:<mcpu>:t<N>``), and the
+#: features each always enables (NEON is part of every AArch64 Linux CPU; saying so makes TVM's
+#: schedules pick 128-bit vectors).
+CROSS_TRIPLES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "aarch64": ("aarch64-linux-gnu", ("+neon",)),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class TargetSpec:
@@ -48,6 +56,12 @@ class TargetSpec:
         on the CPU. For ``cuda`` it is the host-side thread count and not part of the key.
     arch
         CUDA architecture, e.g. ``"sm_90"`` (``cuda`` only).
+    mtriple
+        LLVM triple of a cross target (``"aarch64-linux-gnu"``); ``None`` is this machine's.
+    mattr
+        LLVM features of a cross target, e.g. ``("+neon",)``.
+    remote
+        The device that runs the code (``rpc://`` targets); ``None`` runs it here.
     """
 
     name: str
@@ -55,6 +69,9 @@ class TargetSpec:
     mcpu: str | None = None
     num_threads: int = 1
     arch: str | None = None
+    mtriple: str | None = None
+    mattr: tuple[str, ...] = ()
+    remote: RemoteDevice | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -75,8 +92,18 @@ class TargetSpec:
         ``sapphirerapids-t2``, because both compile and run identically.
         """
         if self.kind == "llvm":
-            return f"llvm-{self.mcpu}-t{self.num_threads}"
-        return f"cuda-{self.arch}"
+            cross = f"{self.mtriple}-" if self.mtriple else ""
+            base = f"llvm-{cross}{self.mcpu}{''.join(self.mattr)}-t{self.num_threads}"
+        else:
+            base = f"cuda-{self.arch}"
+        # The tracker and device key name the machine that timed the code: records from two
+        # device pools never mix, nor with this machine's.
+        return f"{SCHEME}{self.remote.address}:{base}" if self.remote else base
+
+    @property
+    def local_key(self) -> str:
+        """:attr:`key` without the remote device: what the code is compiled for."""
+        return dataclasses.replace(self, remote=None).key
 
     def to_tvm(self) -> tvm.target.Target:
         """Build the ``tvm.target.Target`` (TVM 0.27 accepts only the dict form).
@@ -87,7 +114,12 @@ class TargetSpec:
         from tvm.target import Target
 
         if self.kind == "llvm":
-            return Target({"kind": "llvm", "mcpu": self.mcpu, "num-cores": self.num_threads})
+            config: dict[str, Any] = {"kind": "llvm", "mcpu": self.mcpu, "num-cores": self.num_threads}
+            if self.mtriple:
+                config["mtriple"] = self.mtriple
+            if self.mattr:
+                config["mattr"] = list(self.mattr)
+            return Target(config)
         return Target({"kind": "cuda", "arch": self.arch, "host": {"kind": "llvm"}})
 
     @property
@@ -96,6 +128,8 @@ class TargetSpec:
         if self.kind == "cuda":
             return 32
         assert self.mcpu is not None
+        if self.mtriple and self.mtriple.startswith("aarch64"):
+            return 4  # NEON: 128-bit vectors (SVE widths are not targeted here)
         if self.mcpu in _VECTOR_LANES:
             return _VECTOR_LANES[self.mcpu]
         return _llvm_vector_lanes(self.mcpu)
@@ -119,7 +153,11 @@ TARGET_NAMES: tuple[str, ...] = (*NAMED_TARGETS, "host", "cuda")
 def parse_target(name: str | TargetSpec) -> TargetSpec:
     """Resolve a target name (or pass a :class:`TargetSpec` through).
 
-    Accepted: the names in :data:`TARGET_NAMES`, ``llvm:<mcpu>:t<N>`` and ``cuda:sm_<XY>``.
+    Accepted: the names in :data:`TARGET_NAMES`, ``llvm:<mcpu>:t<N>``, ``cuda:sm_<XY>``,
+    ``aarch64:<mcpu>:t<N>`` (cross-compiled for AArch64 Linux with NEON; run it through a remote
+    device) and ``rpc://HOST:PORT/KEY:<any of these>`` (compiled here, run on a device that
+    serves KEY at the tracker HOST:PORT; ``host`` inside it means this machine's CPU, right for
+    loopback and for devices of the same kind).
 
     Raises
     ------
@@ -130,6 +168,9 @@ def parse_target(name: str | TargetSpec) -> TargetSpec:
     if isinstance(name, TargetSpec):
         return name
     text = str(name).strip()
+    if text.startswith(SCHEME):
+        device, inner = split_rpc_target(text)
+        return dataclasses.replace(parse_target(inner), name=text, remote=device)
     if text in NAMED_TARGETS:
         return NAMED_TARGETS[text]
     if text in ("host", "cuda"):
@@ -149,12 +190,24 @@ def parse_target(name: str | TargetSpec) -> TargetSpec:
                 "see tvm.target.codegen.llvm_get_cpu_archlist() for valid names"
             )
         return TargetSpec(name=f"{mcpu}-t{threads}", kind="llvm", mcpu=mcpu, num_threads=threads)
+    m = re.fullmatch(r"([a-z0-9_]+):([A-Za-z0-9_.\-]+):t(\d+)", text)
+    if m and m.group(1) in CROSS_TRIPLES:
+        triple, mattr = CROSS_TRIPLES[m.group(1)]
+        mcpu, threads = m.group(2), int(m.group(3))
+        if threads < 1:
+            raise ConfigError(f"target {text!r}: thread count must be >= 1")
+        if not llvm_accepts(mcpu, triple):
+            raise ConfigError(f"target {text!r}: LLVM in this TVM build does not know CPU {mcpu!r} for {triple}; "
+                              "try 'generic' or a core name such as 'cortex-a72'")
+        return TargetSpec(name=text, kind="llvm", mcpu=mcpu, num_threads=threads,
+                          mtriple=triple, mattr=mattr)
     m = re.fullmatch(r"cuda:(sm_\d+[a-z]?)", text)
     if m:
         return TargetSpec(name=text, kind="cuda", arch=m.group(1))
     raise ConfigError(
         f"unknown target {text!r}; valid names: {', '.join(TARGET_NAMES)}, "
-        "or the forms 'llvm:<mcpu>:t<N>' and 'cuda:sm_<XY>'"
+        "or the forms 'llvm:<mcpu>:t<N>', 'aarch64:<mcpu>:t<N>', 'cuda:sm_<XY>' and "
+        "'rpc://HOST:PORT/KEY:<target>'"
     )
 
 
@@ -175,12 +228,13 @@ def _llvm_triple() -> str:
     return str(codegen.llvm_get_system_triple())
 
 
-def llvm_accepts(mcpu: str) -> bool:
-    """Whether the bundled LLVM knows ``mcpu`` (TVM itself silently falls back to generic)."""
+def llvm_accepts(mcpu: str, triple: str | None = None) -> bool:
+    """Whether the bundled LLVM knows ``mcpu`` for ``triple`` (default: this machine's); TVM
+    itself silently falls back to generic."""
     try:
         from tvm.target import codegen
 
-        return bool(codegen.llvm_is_valid_cpu(mcpu, _llvm_triple()))
+        return bool(codegen.llvm_is_valid_cpu(mcpu, triple or _llvm_triple()))
     except Exception:  # noqa: BLE001 - no LLVM in this TVM build
         return False
 
