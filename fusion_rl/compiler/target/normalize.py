@@ -149,7 +149,7 @@ class HardwareStats:
         if names and key not in _WARNED:
             _WARNED.add(key)
             logger.warning(
-                "%s: target %s is outside the hardware range the policy was trained on (%s; trained on %s); "
+                "warning: %s: target %s is outside the hardware range the policy was trained on (%s; trained on %s); "
                 "its plans are an extrapolation", where, target, ", ".join(names), ", ".join(self.targets) or "?")
         return names
 
