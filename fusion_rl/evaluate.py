@@ -135,7 +135,8 @@ def decide_plan(policy: Any, env: Any, model: str, target: str, name: str = "lea
         action, _ = policy.predict(obs, action_masks=mask, deterministic=True)
         return int(np.asarray(action).reshape(-1)[0])
 
-    return env.decide(choose, model, target, name=name)
+    # The policy's own training statistics normalise the hardware vector (None: the env's).
+    return env.decide(choose, model, target, name=name, hardware_stats=getattr(policy, "hardware_stats", None))
 
 
 def _read_episodes(run_dir: Path) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ from gymnasium import logger
 from fusion_rl.compiler.measure import Measurer
 from fusion_rl.compiler.schedules import make_schedule
 from fusion_rl.compiler.store import MeasurementStore, default_store_path
-from fusion_rl.compiler.target import HardwareFeatures, TargetSpec, hardware_features, parse_target
+from fusion_rl.compiler.target import HardwareFeatures, HardwareStats, TargetSpec, hardware_features, parse_target
 from fusion_rl.decisions import ACTION_FUSE, ACTION_KEEP, DecisionProcess, ObservationBuilder, actions_for_plan
 from fusion_rl.env import spaces
 from fusion_rl.env.plan_index import PlanIndex, plan_index_path
@@ -80,7 +80,8 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
     in-consumer-group, all-inputs-decided), ``edge_index``, ``edge_features`` (static, then
     fused, decided, current), ``node_mask``, ``edge_mask``, ``group`` (each node's group label:
     its smallest node id), ``decision`` (edge index, producer, consumer of the edge being
-    decided; zeros once terminated) and ``hardware`` (the target's feature vector).
+    decided; zeros once terminated) and ``hardware`` (the target's feature vector, normalised
+    with :attr:`hardware_stats`: the statistics of the spec's targets, or those given).
 
     ## Rewards
 
@@ -96,8 +97,9 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
     Every operator in its own group, every edge undecided. The (model, target) pair comes from
     ``reset(options={"model": ..., "target": ...})``; what is not given is drawn uniformly from
     the spec's ``models`` and ``targets`` with ``self.np_random`` (seed it with
-    ``reset(seed=...)``). A model outside the suite may be named; it must fit ``max_nodes`` and
-    ``max_edges`` (else :class:`~fusion_rl.errors.ConfigError`).
+    ``reset(seed=...)``): a spec listing several targets trains on a target drawn per episode.
+    A model outside the suite may be named; it must fit ``max_nodes`` and ``max_edges`` (else
+    :class:`~fusion_rl.errors.ConfigError`).
 
     ## Episode End
 
@@ -116,6 +118,9 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
     * ``cost_model``: an object with ``predict(graph, plan) -> ms`` for ``reward: model``
       (default: load the spec's ``cost_model`` path).
     * ``invalid_action_penalty``, ``failure_penalty``: the two penalties above.
+    * ``hardware_stats``: a :class:`~fusion_rl.compiler.target.HardwareStats` to normalise the
+      hardware vector with (an evaluated policy's training statistics); default: computed from
+      the spec's targets at first use (training). A target outside their range logs a warning.
     * ``**overrides``: env-spec keys replacing the spec's (``reward="kernel"``, ``store=...``).
 
     ## Example
@@ -146,6 +151,7 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
         cost_model: CostModel | None = None,
         invalid_action_penalty: float = INVALID_ACTION_PENALTY,
         failure_penalty: float = FAILURE_PENALTY,
+        hardware_stats: HardwareStats | None = None,
         **overrides: Any,
     ) -> None:
         # `self.spec` is Gymnasium's registration spec; ours is `self.config`.
@@ -171,7 +177,12 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
         )
         self._store: MeasurementStore | None = None  # opened on first use, in this process
         self._measurers: dict[str, Measurer] = {}
-        self._hardware: dict[str, np.ndarray] = {}
+        self._hardware_raw: dict[str, np.ndarray] = {}
+        self._hardware: dict[tuple[str, HardwareStats], np.ndarray] = {}
+        self._hardware_stats = hardware_stats
+        #: The statistics of the episode under way: those given to :meth:`decide`, else None
+        #: (this env's :attr:`hardware_stats`).
+        self._episode_stats: HardwareStats | None = None
         self._entries: dict[str, _ModelEntry] = {}
         # Episode state (None until the first reset).
         self._entry: _ModelEntry | None = None
@@ -200,6 +211,7 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
         misses = measurer.stats.misses if measurer is not None else 0
         self._reward.start(ctx)  # may raise (reference failed): leave the last episode intact
         self._entry, self._target_name, self._ctx = entry, str(target_name), ctx
+        self._episode_stats = None
         self._misses_at_reset = misses
         entry.process.reset()
         self._terminated, self._shaped, self._invalid = False, 0.0, 0
@@ -310,7 +322,7 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
         return self._model_entry(name).model
 
     def decide(self, choose: Callable[[dict[str, np.ndarray], np.ndarray], int], model: str,
-               target: str, name: str = "decided") -> FusionPlan:
+               target: str, name: str = "decided", hardware_stats: HardwareStats | None = None) -> FusionPlan:
         """Play one episode on (``model``, ``target``) with ``choose(obs, mask)`` picking each
         action, and return the final plan *without measuring anything*.
 
@@ -319,11 +331,17 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
         drives the decision process directly (no measurer is created). An action that is not a
         legal FUSE is taken as KEEP, as in :meth:`step`. The env is left terminated: call
         :meth:`reset` before stepping again.
+
+        ``hardware_stats`` (the deciding policy's training statistics, e.g.
+        :attr:`fusion_rl.policy.snapshot.PolicySnapshot.hardware_stats`) normalise the hardware
+        vector of this episode instead of :attr:`hardware_stats`, so one env can serve policies
+        trained on different targets.
         """
         entry = self._model_entry(model)
         self._target_spec(target)  # validate the target name before deciding
         entry.process.reset()
         self._entry, self._target_name, self._terminated = entry, target, False
+        self._episode_stats = hardware_stats
         process = entry.process
         while not process.done:
             action = int(np.asarray(choose(self._observation(), self.action_masks())).reshape(-1)[0])
@@ -365,10 +383,32 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
             self._targets[name] = parse_target(name)
         return self._targets[name]
 
-    def _hardware_vector(self, name: str) -> np.ndarray:
-        if name not in self._hardware:
-            self._hardware[name] = hardware_features(self._target_spec(name)).as_vector()
-        return self._hardware[name]
+    def raw_hardware_vector(self, target: str) -> np.ndarray:
+        """The raw (unnormalised) hardware vector of ``target``, measured once per env."""
+        if target not in self._hardware_raw:
+            self._hardware_raw[target] = hardware_features(self._target_spec(target)).as_vector()
+        return self._hardware_raw[target]
+
+    @property
+    def hardware_stats(self) -> HardwareStats:
+        """The statistics the hardware vector is normalised with: those given at construction,
+        else those of the spec's targets (measured at first use), which a trained policy keeps
+        in its snapshot and card."""
+        if self._hardware_stats is None:
+            self._hardware_stats = HardwareStats.from_vectors(
+                {self._target_spec(t).key: self.raw_hardware_vector(t) for t in self.config.targets})
+        return self._hardware_stats
+
+    def _hardware_vector(self, name: str, stats: HardwareStats | None = None) -> np.ndarray:
+        # Stats given for an episode are an evaluated policy's: a target outside them is news.
+        where = "evaluation" if stats is not None else "env"
+        stats = stats if stats is not None else self.hardware_stats
+        key = (name, stats)
+        if key not in self._hardware:
+            raw = self.raw_hardware_vector(name)
+            stats.warn_outside(raw, name, where=where)
+            self._hardware[key] = stats.normalize(raw)
+        return self._hardware[key]
 
     def _model_entry(self, name: str) -> _ModelEntry:
         if name in self._entries:
@@ -412,5 +452,6 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
 
     def _observation(self) -> dict[str, np.ndarray]:
         entry = self._current()
-        return entry.observer.observe(entry.process, self._hardware_vector(self._target_name))
+        hardware = self._hardware_vector(self._target_name, self._episode_stats)
+        return entry.observer.observe(entry.process, hardware)
 

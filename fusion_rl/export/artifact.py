@@ -3,8 +3,8 @@
 Layout of ``policies/NAME/``::
 
     weights.safetensors   the network's tensors (a safe format: loading never unpickles)
-    card.json             architecture, feature schema, decision options, training suite,
-                          evaluation, versions, and a content hash over all of it
+    card.json             architecture, feature schema, decision options, hardware statistics,
+                          training suite, evaluation, versions, and a content hash over all of it
 
 A policy folder is meant to be shared, so it is untrusted input and loading it executes
 nothing: the card names data, never code. ``architecture.class`` must be the one network class
@@ -17,6 +17,13 @@ The content hash (SHA-256 over the card and the weights) is a check against acci
 (a truncated copy, a hand edit), **not a signature**: anyone can recompute it, so it says
 nothing about who made the folder. A card whose feature schema differs from the installed
 feature extractor is rejected with the two versions named.
+
+``hardware`` holds the training targets' hardware statistics
+(:class:`~fusion_rl.compiler.target.HardwareStats`), with which the plugin normalises a target's
+hardware vector exactly as training did. A card that has them is format 2, so a fusion_rl
+that predates them refuses it rather than feeding the network raw vectors. Format 1 cards
+(written before) have none and still load: :func:`hardware_stats` gives the identity
+statistics, i.e. the raw vector those policies were trained on.
 """
 
 from __future__ import annotations
@@ -29,11 +36,15 @@ from pathlib import Path
 from typing import Any
 
 from fusion_rl import paths
+from fusion_rl.compiler.target.normalize import HardwareStats
 from fusion_rl.decisions.process import DecisionOptions
 from fusion_rl.errors import ConfigError, FusionRLError
 from fusion_rl.io import output_dir, read_bounded, read_json, write_atomic
 
-CARD_FORMAT = 1
+#: Format of a card with hardware statistics; :data:`CARD_FORMATS` are those read.
+CARD_FORMAT = 2
+#: Format 1: a card from before hardware statistics (read with the identity statistics).
+CARD_FORMATS = (1, 2)
 WEIGHTS_FILE = "weights.safetensors"
 CARD_FILE = "card.json"
 #: Largest card read (the shipped one is 6 KiB; evaluation tables make cards grow).
@@ -55,19 +66,24 @@ class PolicyCard:
     evaluation: dict[str, Any] = field(default_factory=dict)  #: results with their commands
     versions: dict[str, str] = field(default_factory=dict)
     content_hash: str = ""
+    #: :meth:`HardwareStats.to_dict` of the training targets; None: a policy trained before
+    #: statistics existed (written as a format-1 card, read with the identity statistics).
+    hardware: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": CARD_FORMAT,
+        """The JSON form of ``card.json`` (format 2 with ``hardware``, else format 1)."""
+        data = {
+            "format": CARD_FORMAT if self.hardware is not None else 1,
             "architecture": self.architecture,
             "feature_schema": self.feature_schema,
             "observation": self.observation,
             "decisions": self.decisions,
-            "training": self.training,
-            "evaluation": self.evaluation,
-            "versions": self.versions,
-            "content_hash": self.content_hash,
         }
+        if self.hardware is not None:
+            data["hardware"] = self.hardware
+        data.update(training=self.training, evaluation=self.evaluation, versions=self.versions,
+                    content_hash=self.content_hash)
+        return data
 
 
 def content_hash(card: dict[str, Any], weights: bytes) -> str:
@@ -141,7 +157,7 @@ def read_card(directory: str | os.PathLike) -> tuple[dict[str, Any], bytes]:
         if not p.is_file():
             raise PolicyArtifactError(f"{folder} is not a policy artifact: {p.name} is missing")
     card = read_json(card_path, "policy card", PolicyArtifactError, MAX_CARD_BYTES)
-    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+    if not isinstance(card, dict) or card.get("format") not in CARD_FORMATS:
         shown = card.get("format") if isinstance(card, dict) else type(card).__name__
         raise PolicyArtifactError(f"{card_path}: unsupported card format {str(shown)[:40]!r}")
     weights = read_bounded(weights_path, "policy weights", PolicyArtifactError, MAX_WEIGHTS_BYTES)
@@ -189,6 +205,28 @@ def decision_options(card: dict[str, Any]) -> DecisionOptions:
         )
     try:
         return DecisionOptions.from_dict(card["decisions"], "card.json 'decisions'")
+    except ConfigError as exc:
+        raise PolicyArtifactError(str(exc)) from None
+
+
+def hardware_stats(card: dict[str, Any]) -> HardwareStats:
+    """The training targets' hardware statistics of the card's policy, from ``card["hardware"]``.
+
+    A format-1 card (written before the statistics existed) has none and gets
+    :meth:`HardwareStats.identity`: the raw vector, which is what that policy was trained on.
+    A format-2 card must have them.
+
+    Raises
+    ------
+    PolicyArtifactError
+        If a format-2 card lacks them, or they are malformed.
+    """
+    if "hardware" not in card:
+        if card.get("format", 1) == 1:
+            return HardwareStats.identity()
+        raise PolicyArtifactError(f"card.json of format {card.get('format')} has no 'hardware' statistics")
+    try:
+        return HardwareStats.from_dict(card["hardware"], "card.json 'hardware'")
     except ConfigError as exc:
         raise PolicyArtifactError(str(exc)) from None
 

@@ -66,6 +66,9 @@ def export_run(
         training=training,
         evaluation=dict(evaluation or {}),
         versions=dict(kv.split("=", 1) for kv in library_versions().split(";")),
+        # The statistics training normalised the hardware vector with; none for a run trained
+        # before they existed (a format-1 card, read as raw vectors).
+        hardware=None if snapshot.hardware_stats.is_identity else snapshot.hardware_stats.to_dict(),
     )
     if command:
         card.training["export_command"] = command

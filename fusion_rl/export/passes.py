@@ -4,7 +4,9 @@ The policy proposes, legality disposes (as MLGO keeps correctness in the compile
 only ever chooses among the moves the legality mask allows, and the final plan is checked again
 before it is applied; any group that fails the check is split back into single ops. The masks are
 those the policy was trained under: the card's ``decisions`` options (e.g. ``max_mac_anchors``)
-build the same :class:`~fusion_rl.decisions.DecisionProcess` as training and ``FusionEnv.decide``.
+build the same :class:`~fusion_rl.decisions.DecisionProcess` as training and ``FusionEnv.decide``,
+and the card's ``hardware`` statistics normalise the target's hardware vector as training did
+(:class:`~fusion_rl.compiler.target.HardwareStats`; a target outside their range logs a warning).
 Numerics never change: the pass only regroups ``call_tir`` operators and fuses their TIR.
 
 Use it in a pipeline::
@@ -27,7 +29,7 @@ import tvm_ffi
 
 from fusion_rl.compiler.target import hardware_features, parse_target
 from fusion_rl.decisions import DecisionProcess, ObservationBuilder
-from fusion_rl.export.artifact import decision_options, load_network
+from fusion_rl.export.artifact import decision_options, hardware_stats, load_network
 from fusion_rl.fusion.apply import ApplyFusionPlan
 from fusion_rl.fusion.legality import check_plan
 from fusion_rl.fusion.plan import FusionPlan
@@ -51,7 +53,7 @@ class LearnedPlanner:
     ------
     PolicyArtifactError
         If the folder is not a valid policy artifact, or its card does not record the decision
-        options the policy was trained with.
+        options the policy was trained with, or its hardware statistics are malformed.
     """
 
     def __init__(self, policy_dir: str | os.PathLike, target: str = "host") -> None:
@@ -59,8 +61,13 @@ class LearnedPlanner:
         self.network, self.card = load_network(policy_dir)
         #: The masks of training (the card's ``decisions``), enforced on every plan.
         self.options = decision_options(self.card)
+        #: The training targets' statistics (identity for a card from before they existed).
+        self.hardware_stats = hardware_stats(self.card)
         self.target = parse_target(target)
-        self.hardware = hardware_features(self.target).as_vector()
+        #: The raw vector of the target, and the normalised one the network sees.
+        self.raw_hardware = hardware_features(self.target).as_vector()
+        self.hardware_stats.warn_outside(self.raw_hardware, self.target.name, where="plan")
+        self.hardware = self.hardware_stats.normalize(self.raw_hardware)
         obs = self.card.get("observation") or {}
         self.max_nodes = int(obs.get("max_nodes", 256))
         self.max_edges = int(obs.get("max_edges", 512))

@@ -7,15 +7,22 @@ Training therefore writes, beside every ``final_model.zip`` and ``checkpoints/st
     final_model.safetensors   the actor network's tensors (safetensors: data only)
     final_model.json          {"format": 1, "network": {"class": ..., "kwargs": ...},
                                "observation": {"max_nodes", "max_edges", "hw_dim"},
-                               "num_timesteps": N}
+                               "num_timesteps": N,
+                               "hardware_stats": {...}}   (the training targets' statistics)
 
 and ``fusion-rl export`` and ``fusion-rl evaluate`` read only these (:func:`load_snapshot`).
 The network class is not read from the file: :class:`~fusion_rl.policy.network.PolicyNetwork`
 is the only one, and its keyword arguments are checked against its schema before it is built.
+
+``hardware_stats`` (:class:`~fusion_rl.compiler.target.HardwareStats`) are the statistics the
+training env normalised the hardware vector with; evaluation normalises with them, and export
+copies them into the card. A snapshot written before they existed has none and reads as
+:meth:`HardwareStats.identity` (raw vectors, as it was trained).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -25,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fusion_rl.compiler.target.normalize import HardwareStats
 from fusion_rl.decisions.layout import MAX_PADDED_EDGES, MAX_PADDED_NODES
 from fusion_rl.errors import ConfigError, FusionRLError
 from fusion_rl.io import read_bounded, read_json, write_atomic
@@ -106,6 +114,8 @@ class PolicySnapshot:
     observation: dict[str, int]
     num_timesteps: int
     path: Path  #: the description (``.json``)
+    #: The training targets' statistics (identity for snapshots written before they existed).
+    hardware_stats: HardwareStats = dataclasses.field(default_factory=HardwareStats.identity)
 
     @torch.no_grad()
     def predict(self, observation: dict[str, np.ndarray], action_masks: np.ndarray | None = None,
@@ -121,8 +131,22 @@ class PolicySnapshot:
         return np.array(int(torch.argmax(logits))), None
 
 
-def save_snapshot(model: Any, zip_path: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """Write the actor of MaskablePPO ``model`` beside ``zip_path`` (see the module docstring)."""
+def _env_hardware_stats(model: Any) -> HardwareStats | None:
+    """The hardware statistics of ``model``'s (first) training env, None if it has none."""
+    try:
+        stats = model.get_env().get_attr("hardware_stats", indices=[0])[0]
+    except Exception:  # noqa: BLE001 - an env without the attribute (not a FusionEnv)
+        return None
+    return stats if isinstance(stats, HardwareStats) else None
+
+
+def save_snapshot(model: Any, zip_path: str | os.PathLike[str],
+                  hardware_stats: HardwareStats | None = None) -> tuple[Path, Path]:
+    """Write the actor of MaskablePPO ``model`` beside ``zip_path`` (see the module docstring).
+
+    ``hardware_stats`` default to those of the model's training env
+    (:attr:`fusion_rl.env.fusion_env.FusionEnv.hardware_stats`).
+    """
     from safetensors.torch import save
 
     network = PolicyNetwork.from_sb3(model)
@@ -135,6 +159,9 @@ def save_snapshot(model: Any, zip_path: str | os.PathLike[str]) -> tuple[Path, P
                         "hw_dim": int(space["hardware"].shape[0])},
         "num_timesteps": int(model.num_timesteps),
     }
+    stats = hardware_stats if hardware_stats is not None else _env_hardware_stats(model)
+    if stats is not None:
+        description["hardware_stats"] = stats.to_dict()
     weights_path, json_path = snapshot_paths(zip_path)
     write_atomic(weights_path, save({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}),
                  what="policy weights")
@@ -160,6 +187,7 @@ def load_snapshot(json_path: str | os.PathLike[str]) -> PolicySnapshot:
     steps = data.get("num_timesteps")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ConfigError(f"{json_path}: num_timesteps must be an integer >= 0, got {steps!r}")
+    stats = HardwareStats.from_dict(data.get("hardware_stats"), f"{json_path}: hardware_stats")
     load_weights(network, read_bounded(weights_path, "policy weights", ConfigError, MAX_WEIGHTS_BYTES),
                  str(weights_path))
-    return PolicySnapshot(network.eval(), observation, steps, json_path)
+    return PolicySnapshot(network.eval(), observation, steps, json_path, stats)

@@ -181,6 +181,8 @@ def fake_bench(monkeypatch):
         return {"peak_gflops": 100.0 * num_threads, "mem_bw_gbs": 20.0}
 
     monkeypatch.setattr(tgt.hardware, "run_microbenchmark", bench)
+    # An idle machine: a loaded one is measured again and not cached (tests/test_hardware_features.py).
+    monkeypatch.setattr(tgt.hardware, "machine_load", lambda: 0.0)
     return calls
 
 

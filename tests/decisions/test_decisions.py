@@ -71,7 +71,7 @@ def test_plugin_cli_and_env_make_the_same_plan_on_every_zoo_model(tmp_path, mode
     from fusion_rl.cli import main
     from fusion_rl.env.fusion_env import FusionEnv
     from fusion_rl.export import LearnedFusion
-    from fusion_rl.export.artifact import load_network
+    from fusion_rl.export.artifact import hardware_stats, load_network
     from fusion_rl.fusion.plan import FusionPlan
     from fusion_rl.graph.zoo import ZOO
 
@@ -96,7 +96,8 @@ def test_plugin_cli_and_env_make_the_same_plan_on_every_zoo_model(tmp_path, mode
             assert main(["plan", name, "--policy", str(policy), "-o", str(tmp_path / f"{name}.json")]) == 0
             cli = FusionPlan.load(tmp_path / f"{name}.json")
             learned(model.mod)
-            decided = env.decide(choose, name, "host")
+            # The policy's hardware statistics, as the plugin applies them (identity: an old card).
+            decided = env.decide(choose, name, "host", hardware_stats=hardware_stats(card))
             assert cli.hash == learned.last_plan.hash == decided.hash, name
             anchors = [sum(model.graph.nodes[n].is_mac_anchor for n in g) for g in cli.groups]
             assert max(anchors) <= 1, name

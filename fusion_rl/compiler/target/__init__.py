@@ -19,10 +19,11 @@ cross-compilation).
 TVM is imported lazily so that parsing a target name is cheap and a measurement worker can set
 ``TVM_NUM_THREADS`` (see :func:`threads_env`) before any TVM code runs.
 
-The package has four modules: :mod:`~fusion_rl.compiler.target.spec` (:class:`TargetSpec`,
+The package has five modules: :mod:`~fusion_rl.compiler.target.spec` (:class:`TargetSpec`,
 names, :func:`parse_target`), :mod:`~fusion_rl.compiler.target.host` (host CPU and CUDA
-detection), :mod:`~fusion_rl.compiler.target.threads` (TVM's thread pool) and
-:mod:`~fusion_rl.compiler.target.hardware` (the hardware feature vector).
+detection), :mod:`~fusion_rl.compiler.target.threads` (TVM's thread pool),
+:mod:`~fusion_rl.compiler.target.hardware` (the hardware feature vector, measured robustly) and
+:mod:`~fusion_rl.compiler.target.normalize` (its normalisation with training statistics).
 """
 
 from fusion_rl.compiler.target.hardware import (
@@ -30,7 +31,10 @@ from fusion_rl.compiler.target.hardware import (
     cache_sizes,
     default_hw_cache_dir,
     hardware_features,
+    is_loaded,
+    machine_load,
     measured_rates,
+    rates_record,
     run_microbenchmark,
 )
 from fusion_rl.compiler.target.host import (
@@ -55,12 +59,13 @@ from fusion_rl.compiler.target.spec import (
     llvm_accepts,
     parse_target,
 )
+from fusion_rl.compiler.target.normalize import HardwareStats
 from fusion_rl.compiler.target.threads import threads_env, worker_env
 
 __all__ = [
     "MCPU_LADDER", "NAMED_MCPUS", "NAMED_TARGETS", "NAMED_THREADS", "TARGET_NAMES", "HardwareFeatures",
-    "TargetSpec", "cache_sizes", "check_target_name", "cuda_available", "cuda_spec",
+    "HardwareStats", "TargetSpec", "cache_sizes", "check_target_name", "cuda_available", "cuda_spec",
     "default_hw_cache_dir", "detect_host_mcpu", "hardware_features", "host_num_threads", "host_spec",
-    "llvm_accepts", "measured_rates", "missing_isa", "parse_target", "read_cpuinfo",
+    "is_loaded", "llvm_accepts", "machine_load", "measured_rates", "missing_isa", "rates_record", "parse_target", "read_cpuinfo",
     "require_runnable", "run_microbenchmark", "runs_on", "threads_env", "worker_env",
 ]
