@@ -126,7 +126,9 @@ def test_reproducer_folder_reproduces_a_mismatch(model_cache, tmp_path, monkeypa
     assert fuzz.reproduce(folder)[0] is False
 
 
-@pytest.mark.parametrize("name", fuzz.default_models())
+@pytest.mark.parametrize("name", [*fuzz.default_models(),
+                                  # deployment sizes: exported and imported once (~8 s each)
+                                  *(pytest.param(n, marks=pytest.mark.slow) for n in fuzz.bench_models())])
 def test_check_plan_reports_on_every_arbitrary_partition(model_cache, name):
     """Any partition of any zoo graph gets a report, never an exception (issue 16: a cycle's
     walk raised StopIteration on about 13% of hf_bert's partitions); every cycle is named."""
