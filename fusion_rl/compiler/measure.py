@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from fusion_rl.compiler.schedules import make_schedule
 from fusion_rl.compiler.store import STATUSES, MeasurementKey, MeasurementRecord, MeasurementStore, library_versions
@@ -74,6 +74,9 @@ class Measurer:
     timeout_s: float = 600.0
     retry: tuple[str, ...] = ()
     stats: MeasureStats = field(default_factory=MeasureStats)
+    #: ``progress(done, total, label)`` while a job runs: the ``tuned`` provider reports each
+    #: tuning task (minutes each), the rest report nothing. Not part of any key.
+    progress: Callable[[int, int | None, str], None] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.timeout_s, (int, float)) and math.isfinite(self.timeout_s) and self.timeout_s > 0):
@@ -198,12 +201,18 @@ class Measurer:
     def _run(self, job: MeasureJob | InterleavedJob, model: Model) -> dict:
         if not self.isolate:
             self._models.setdefault((job.model, job.fingerprint), model)
+            from fusion_rl.compiler import worker
             from fusion_rl.compiler.target import threads_env
 
-            with threads_env(self.spec):
-                return run_any(job, self._models)
+            sink, worker.progress_sink = worker.progress_sink, self.progress
+            try:
+                with threads_env(self.spec):
+                    return run_any(job, self._models)
+            finally:
+                worker.progress_sink = sink
         if self._worker is None or not self._worker.alive:
             self._worker = Worker(self.spec.num_threads)
+        self._worker.on_progress = self.progress
         result = self._worker.run(job, self.timeout_s)
         if result["status"] in ("timeout", "crashed"):
             self._worker = None  # it was killed; the next job starts a fresh one
