@@ -302,8 +302,8 @@ def test_argparse_errors_exit_2_without_traceback(argv):
     proc = subprocess.run([sys.executable, "-m", "fusion_rl.cli", *argv], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, cwd=REPO_ROOT)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("fusion-rl")  # argparse: usage + one error line
-    assert "error:" in proc.stderr.strip().splitlines()[-1]
+    lines = proc.stderr.strip().splitlines()  # argparse's errors too: one line, no usage block
+    assert len(lines) == 1 and lines[0].startswith("error: fusion-rl"), proc.stderr
 
 
 # ---- public APIs --------------------------------------------------------------------------
