@@ -273,7 +273,6 @@ def test_store_that_is_not_a_store(capsys, tmp_path):
 @pytest.mark.parametrize(
     "argv, words",
     [
-        (["measure", "cnn_plain", "--rules", "tvm", "--no-store", "--min-repeat-ms", "-5"], ["invalid timing protocol"]),
         (["measure", "cnn_plain", "--rules", "tvm", "--no-store", "--target", "llvm:not-a-cpu:t1"], ["does not know CPU"]),
         (["measure", "cnn_plain", "--rules", "tvm", "--no-store", "--target", "llvm:haswell:t0"], ["thread count"]),
         (["measure", "cnn_plain", "--rules", "tvm", "--no-store", "--target", "cuda:sm_x"], ["unknown target"]),
