@@ -8,7 +8,7 @@ from __future__ import annotations
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from fusion_rl.baselines.runtimes import RUNTIMES, run_runtime
 from fusion_rl.compiler.measure import Measurer
@@ -46,14 +46,28 @@ def compare_model(
     protocol: TimingProtocol = TimingProtocol(),
     runtimes: Sequence[str] = RUNTIMES,
     plans: dict[str, FusionPlan] | None = None,
+    progress: Callable[[int, int | None, str], None] | None = None,
+    tuning: Callable[[int, int | None, str], None] | None = None,
 ) -> list[CompareRow]:
-    """Rows for every plan (default: every rule set) under every schedule, then runtimes."""
+    """Rows for every plan (default: every rule set) under every schedule, then runtimes.
+
+    ``progress(done, total, label)``, if given, is called after each row (a plan under a
+    schedule, or a runtime); ``tuning`` gets the ``tuned`` provider's per-task progress (see
+    :class:`~fusion_rl.compiler.measure.Measurer`). The CLI draws bars with them.
+    """
     rows: list[CompareRow] = []
     if plans is None:
         plans = {r: make_plan(r, model.mod, model.graph) for r in RULE_SETS}
     spec = parse_target(target)
+    total = len(schedules) * len(plans) + len(runtimes)
+
+    def done(label: str) -> None:
+        if progress is not None:
+            progress(len(rows), total, label)
+
     for schedule, kwargs in schedules:
-        with Measurer(spec, schedule, dict(kwargs), store=store, protocol=protocol) as measurer:
+        with Measurer(spec, schedule, dict(kwargs), store=store, protocol=protocol,
+                      progress=tuning) as measurer:
             for rules, plan in plans.items():
                 rec = measurer.measure(model, plan)
                 metrics = plan_metrics(model.graph, plan)
@@ -73,6 +87,7 @@ def compare_model(
                         error=rec.error,
                     )
                 )
+                done(rows[-1].system)
     for runtime in runtimes:
         res = run_runtime(runtime, model, protocol, threads=spec.num_threads)
         rows.append(
@@ -89,6 +104,7 @@ def compare_model(
                 error=res.error,
             )
         )
+        done(runtime)
     return rows
 
 

@@ -320,8 +320,12 @@ def evaluate(
     env_overrides: dict[str, Any] | None = None,
     ablations: Sequence[tuple[str, Sequence[str | Path], dict[str, Any]]] = (),
     log: Callable[[str], None] = print,
+    progress: Callable[[int, int | None, str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate trained runs and baselines on ``cases``; one row per (case, method[, seed]).
+
+    ``log`` gets one line per case; ``progress(done, len(cases), label)``, if given, is called
+    after each case (the CLI draws a bar with it).
 
     Rows of the learned policy have ``method="learned"``, the run's ``seed`` and
     ``decision_measurements`` (store misses while deciding: always 0, asserted). Search rows
@@ -355,7 +359,7 @@ def evaluate(
     search = search or SearchSettings()
     rows: list[dict[str, Any]] = []
     try:
-        for case in cases:
+        for done, case in enumerate(cases, 1):
             t0 = time.time()
             model = env.model(case.model)
             graph = model.graph
@@ -404,6 +408,8 @@ def evaluate(
                 except ConfigError as exc:
                     rows.append(_row(case, "exhaustive", graph, None, None, note=str(exc)))
             log(f"  {case.model:>20} on {case.target:<12} ({case.split}): {time.time() - t0:6.1f} s")
+            if progress is not None:
+                progress(done, len(cases), f"{case.model} on {case.target}")
     finally:
         for decider in {id(d[2]): d[2] for d in deciders}.values():
             decider.close()

@@ -53,7 +53,7 @@ def test_compare_rows_cover_rules_schedules_and_runtimes(model_cache, tmp_path):
 
 def test_compare_cli_writes_report(tmp_path, capsys):
     code = main(["compare", "mlp_tiny", "--schedule", "naive", "--repeat", "2",
-                 "--min-repeat-ms", "2", "--no-store", "--out", str(tmp_path), "--json"])
+                 "--min-repeat-ms", "2", "--no-store", "-o", str(tmp_path), "--json"])
     out = capsys.readouterr().out
     assert code == 0
     rows = json.loads(out)

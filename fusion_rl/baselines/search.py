@@ -82,8 +82,12 @@ class SearchResult:
 class _Evaluator:
     """Shared book-keeping: budget, per-search plan cache, best-so-far and history."""
 
-    def __init__(self, model: Model, measurer: Measurer, budget: int, per_kernel: bool = False):
+    def __init__(self, model: Model, measurer: Measurer, budget: int, per_kernel: bool = False,
+                 progress: Callable[[int, int | None, str], None] | None = None):
         _check_budget(budget)
+        # Called as progress(evaluated, budget, label) after each evaluation (the CLI draws a
+        # bar with it; this layer never imports one).
+        self.progress = progress
         self.model = model
         self.measurer = measurer
         self.budget = budget
@@ -148,6 +152,9 @@ class _Evaluator:
         if ms < self.best_ms:
             self.best_ms, self.best_plan = ms, plan
         self.history.append((self.spent, self.best_ms))
+        if self.progress is not None:
+            best = "none ok yet" if math.isinf(self.best_ms) else f"best {self.best_ms:.4f} ms"
+            self.progress(len(self.seen), self.budget, best)
         return ms
 
     def result(self, algo: str, seed: int | None, **info: Any) -> SearchResult:
@@ -181,6 +188,7 @@ def random_search(
     seeds: Sequence[FusionPlan] = (),
     max_anchors: int | None = None,
     max_proposals: int | None = None,
+    progress: Callable[[int, int | None, str], None] | None = None,
 ) -> SearchResult:
     """Measure random legal plans (:func:`random_plan`, ``merge_prob ~ U[0, 1]`` per plan).
 
@@ -188,7 +196,7 @@ def random_search(
     Duplicates are free, so on a small graph the plan space can run out before the budget:
     the search stops after ``max_proposals`` proposals (default ``50 * budget``).
     """
-    ev = _Evaluator(model, measurer, budget)
+    ev = _Evaluator(model, measurer, budget, progress=progress)
     rng = np.random.default_rng(seed)
     graph = model.graph
     for plan in seeds:
@@ -237,12 +245,13 @@ def merge_candidates(graph: OpGraph, plan: FusionPlan) -> list[FusionPlan]:
     return list(out.values())
 
 
-def greedy(model: Model, measurer: Measurer, budget: int, seed: int | None = None) -> SearchResult:
+def greedy(model: Model, measurer: Measurer, budget: int, seed: int | None = None,
+           progress: Callable[[int, int | None, str], None] | None = None) -> SearchResult:
     """Best-improvement merging: start unfused; each round measure every legal one-edge merge of
     the current plan and take the best-measured one; stop when no merge improves on the current
     plan or the budget is spent (the best merge measured so far in an interrupted round is still
     taken if it improves). Deterministic: ``seed`` is unused and only recorded."""
-    ev = _Evaluator(model, measurer, budget)
+    ev = _Evaluator(model, measurer, budget, progress=progress)
     graph = model.graph
     current = FusionPlan.singletons(len(graph), graph.fingerprint, "greedy")
     current_ms = ev.evaluate(current)
@@ -284,6 +293,7 @@ def annealing(
     t_start: float = 0.1,
     t_end: float = 0.002,
     max_proposals: int | None = None,
+    progress: Callable[[int, int | None, str], None] | None = None,
 ) -> SearchResult:
     """Simulated annealing over legal plans, moving with :func:`mutate_plan` and :func:`peel_node`.
 
@@ -303,7 +313,7 @@ def annealing(
     """
     if not (t_start > 0 and t_end > 0):
         raise ConfigError(f"annealing temperatures must be > 0, got t_start={t_start}, t_end={t_end}")
-    ev = _Evaluator(model, measurer, budget)
+    ev = _Evaluator(model, measurer, budget, progress=progress)
     rng = np.random.default_rng(seed)
     graph = model.graph
     current = start or FusionPlan.singletons(len(graph), graph.fingerprint, "annealing")
@@ -445,6 +455,7 @@ def exhaustive(
     budget: int,
     seed: int | None = None,
     max_plans: int = EXHAUSTIVE_LIMIT,
+    progress: Callable[[int, int | None, str], None] | None = None,
 ) -> SearchResult:
     """The oracle: measure every legal plan with connected groups, return the best.
 
@@ -461,7 +472,7 @@ def exhaustive(
             f"measured, but the budget is {budget}; pass --budget {len(plans)} (or more)"
         )
     # Plans already in the store are free; the budget then bounds only the new ones.
-    ev = _Evaluator(model, measurer, max(budget, len(plans)))
+    ev = _Evaluator(model, measurer, max(budget, len(plans)), progress=progress)
     for start in range(0, len(plans), ev.runners):
         ev.evaluate_many(plans[start:start + ev.runners])
     result = ev.result("exhaustive", seed, legal_plans=len(plans))
@@ -477,10 +488,14 @@ ALGORITHMS: dict[str, Callable[..., SearchResult]] = {
 }
 
 
-def run_search(algo: str, model: Model, measurer: Measurer, budget: int, seed: int = 0) -> SearchResult:
-    """Run search algorithm ``algo`` (a key of :data:`ALGORITHMS`)."""
+def run_search(algo: str, model: Model, measurer: Measurer, budget: int, seed: int = 0,
+               progress: Callable[[int, int | None, str], None] | None = None) -> SearchResult:
+    """Run search algorithm ``algo`` (a key of :data:`ALGORITHMS`).
+
+    ``progress(evaluated, budget, label)``, if given, is called after each plan evaluated.
+    """
     try:
         fn = ALGORITHMS[algo]
     except KeyError:
         raise ConfigError(f"unknown search algorithm '{algo}'; choose one of {', '.join(ALGORITHMS)}") from None
-    return fn(model, measurer, budget, seed=seed)
+    return fn(model, measurer, budget, seed=seed, progress=progress)

@@ -4,8 +4,11 @@ Each module of this package that defines ``register(subparsers)`` contributes co
 discovered at start-up, so a new command is a new file. Command modules import heavy libraries
 (TVM, torch) inside their command functions, keeping ``fusion-rl --help`` fast.
 
-Every user error (bad model file, unknown name, illegal plan, bad option) prints one line,
-``error: <what is wrong>``, and exits with status 2; ``--debug`` shows the traceback instead.
+Exit statuses (:data:`fusion_rl.cli.common.EXIT_CODES`, listed in the README): 0 ok; 1 measured,
+and the answer is no (``validate``: the result does not hold; a plan's output is wrong); 2 bad
+input; 3 internal error. Every user error (bad model file, unknown name, illegal plan, bad option,
+argparse's own errors included) prints one line, ``error: <what is wrong>``, and exits with
+status 2; ``--debug`` shows the traceback instead.
 
 TVM's own log lines (C++ ``LOG(WARNING)`` and the like, e.g. ``executable.cc:276: Warning: Scope
 Saving``) are routed to the ``tvm`` logger (:mod:`fusion_rl.tvm_log`) for the whole command,
@@ -22,12 +25,10 @@ import pkgutil
 import sys
 from typing import Sequence
 
+from fusion_rl.cli.common import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR
 from fusion_rl.errors import FusionRLError
 from fusion_rl.io import one_line
 from fusion_rl.tvm_log import tvm_log_to_logging
-
-EXIT_USER_ERROR = 2
-EXIT_INTERNAL_ERROR = 1
 
 
 def version_text() -> str:
@@ -54,8 +55,16 @@ class _Version(argparse.Action):
         parser.exit(0)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's error contract: a bad option is one line ``error: ...``
+    naming the command and option, and exit status 2 (argparse prints its usage first)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USER_ERROR, f"error: {self.prog}: {one_line(message)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="fusion-rl", description="Learn and compare operator-fusion plans for TVM Relax."
     )
     parser.add_argument("--version", action=_Version, nargs=0,
@@ -64,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true",
         help="show tracebacks of errors, debug logging and TVM's own log lines",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="one of the commands below; `fusion-rl COMMAND --help` for its options")
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: (m.name != "core", m.name)):
         if info.name.startswith("_"):  # __main__ runs the CLI when imported
             continue

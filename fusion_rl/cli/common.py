@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
+import re
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,17 +30,85 @@ def parse_shapes(values: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def positive(kind: type = int):
+#: Exit statuses of every command (the README's table is generated from this).
+EXIT_OK = 0
+EXIT_NO = 1
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 3
+EXIT_CODES = {
+    EXIT_OK: "ok",
+    EXIT_NO: "measured, and the answer is no: `validate` finds the result does not hold, or a "
+             "plan's output is wrong (`wrong_output`)",
+    EXIT_USER_ERROR: "bad input: a bad option, model, plan, policy or file (one line `error: ...`)",
+    EXIT_INTERNAL_ERROR: "internal error: a bug, or a build or measurement that failed for "
+                         "another reason (crashed, timeout); `--debug` shows the traceback",
+}
+
+
+def positive(kind: type = int, maximum: float | None = None):
+    """An argparse ``type``: a finite number > 0 (and <= ``maximum``), so a bad value fails in
+    argparse with one line naming the option, not later in whatever object it reaches."""
+    return _number(kind, 0, False, maximum)
+
+
+def nonnegative(kind: type = int, maximum: float | None = None):
+    """An argparse ``type``: a finite number >= 0 (seeds: numpy refuses negative ones)."""
+    return _number(kind, 0, True, maximum)
+
+
+def _number(kind: type, minimum: float, inclusive: bool, maximum: float | None):
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+            word = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {word}, got '{text}'") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {minimum}, got {text}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum:g}, got {text}")
         return value
 
     return parse
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old spelling of an option: still accepted, hidden from ``--help``, and it says once
+    (one ``warning:`` line) which spelling to use instead."""
+
+    def __init__(self, option_strings, dest, use: str = "", **kwargs) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.use = use
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"warning: {option_string} is deprecated; use {self.use}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_output(p: argparse.ArgumentParser, help: str, required: bool = False,
+               old: Sequence[str] = (), **kwargs: Any) -> None:
+    """``-o/--output``, the one spelling of an output path; ``old`` spellings stay accepted as
+    hidden, deprecated aliases."""
+    kwargs.setdefault("metavar", "PATH")
+    p.add_argument("-o", "--output", type=Path, required=required, help=help, **kwargs)
+    for name in old:
+        p.add_argument(name, dest="output", type=Path, action=_DeprecatedAlias, use="-o/--output",
+                       help=argparse.SUPPRESS)
+
+
+def add_json(p: argparse.ArgumentParser, what: str = "the result") -> None:
+    """``--json``: the result as JSON on stdout (progress bars and chatter off)."""
+    p.add_argument("--json", action="store_true",
+                   help=f"print {what} as JSON on stdout (no progress bar)")
+
+
+def plain(text: str) -> str:
+    """Docstring text as plain terminal text: RST roles and double back-quotes dropped
+    (``:mod:`fusion_rl.x``` -> ``fusion_rl.x``, ````--plan```` -> ```--plan```)."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text)
+    return text.replace("``", "`")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -48,14 +119,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         metavar="NAME=D1,D2,...",
         help="concrete shape of an input with dynamic dimensions (repeatable)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of zoo weights and example inputs")
+    p.add_argument("--seed", type=nonnegative(), default=0,
+                   help="seed of zoo weights and example inputs (default 0)")
 
 
 def add_plan_source(p: argparse.ArgumentParser, required: bool = True) -> None:
     src = p.add_mutually_exclusive_group(required=required)
-    src.add_argument("--rules", help="a rule set: unfused, tvm, tensorrt, aggressive, aggressive_1anchor")
-    src.add_argument("--plan", type=Path, help="a plan JSON file (from `fusion-rl plan -o`)")
-    src.add_argument("--policy", type=Path, help="an exported policy folder (policies/NAME)")
+    src.add_argument("--rules", metavar="R",
+                     help="a rule set: unfused, tvm, tensorrt, aggressive, aggressive_1anchor")
+    src.add_argument("--plan", type=Path, metavar="P.json", help="a plan JSON file (from `fusion-rl plan -o`)")
+    src.add_argument("--policy", type=Path, metavar="DIR", help="an exported policy folder (policies/NAME)")
 
 
 class _CollectPlanSources(argparse.Action):
@@ -107,7 +180,8 @@ def source_plan(args: argparse.Namespace, model, kind: str, value: Any):
 
 
 def add_measure_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default="host", help="target name (default: host); see docs")
+    p.add_argument("--target", default="host",
+                   help="target: host, {x86-64,haswell,sapphirerapids}-t{1,2} or llvm:MCPU:tN (default host)")
     p.add_argument(
         "--schedule", default=DEFAULT_SCHEDULE,
         help=f"schedule provider: naive, rules, tuned (default {DEFAULT_SCHEDULE})"
@@ -115,16 +189,22 @@ def add_measure_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--trials", type=positive(), default=None, help="trials per task for --schedule tuned"
     )
-    p.add_argument("--repeat", type=positive(), default=7, help="timed repeats (default 7)")
-    p.add_argument(
-        "--min-repeat-ms", type=int, default=50, help="minimum duration of a repeat (default 50)"
-    )
+    add_timing_args(p)
     p.add_argument("--store", type=Path, default=None, help="measurement store (SQLite) path")
     p.add_argument("--no-store", action="store_true", help="measure without reading or writing the store")
     p.add_argument("--timeout", type=positive(float), default=600.0, help="seconds per measurement")
     p.add_argument("--retry", default="", metavar="STATUSES",
                    help="re-measure stored records with these statuses, e.g. crashed,timeout "
                         "(after a fix; by default a failure is remembered)")
+
+
+def add_timing_args(p: argparse.ArgumentParser, repeat: int | None = 7) -> None:
+    """``--repeat`` and ``--min-repeat-ms``, bounded as the timing protocol requires."""
+    default = "the result's" if repeat is None else str(repeat)
+    p.add_argument("--repeat", type=positive(int, 1000), default=repeat,
+                   help=f"timed repeats, 1 to 1000 (default {default})")
+    p.add_argument("--min-repeat-ms", type=positive(int, 60_000), default=50,
+                   help="minimum duration of a repeat in ms, 1 to 60000 (default 50)")
 
 
 def load(args: argparse.Namespace):
@@ -157,8 +237,9 @@ def plan_for(args: argparse.Namespace, model):
     return plan
 
 
-def measurer(args: argparse.Namespace, use_store: bool = True):
-    """The Measurer the options describe; ``use_store=False`` ignores --store (comparisons)."""
+def measurer(args: argparse.Namespace, use_store: bool = True, progress=None):
+    """The Measurer the options describe; ``use_store=False`` ignores --store (comparisons);
+    ``progress`` gets the tuning progress of ``--schedule tuned``."""
     from fusion_rl.compiler.measure import Measurer
     from fusion_rl.compiler.store import MeasurementStore, default_store_path
     from fusion_rl.compiler.timing import TimingProtocol
@@ -173,7 +254,7 @@ def measurer(args: argparse.Namespace, use_store: bool = True):
     retry = tuple(s for s in getattr(args, "retry", "").split(",") if s)
     return Measurer(
         args.target, args.schedule, kwargs, store=store, protocol=protocol, timeout_s=args.timeout,
-        retry=retry,
+        retry=retry, progress=progress,
     )
 
 

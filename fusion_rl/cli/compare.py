@@ -9,7 +9,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from fusion_rl.compiler.schedules import DEFAULT_SCHEDULE
-from fusion_rl.cli.common import add_model_args, load, positive
+from fusion_rl.cli.common import add_json, add_model_args, add_output, add_timing_args, load, positive
+from fusion_rl.cli.progress import add_no_progress, bar
 from fusion_rl.errors import ConfigError
 from fusion_rl.io import dumps_json
 
@@ -30,12 +31,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     model = load(args)
     protocol = TimingProtocol(repeat=args.repeat, min_repeat_ms=args.min_repeat_ms)
     store = None if args.no_store else MeasurementStore(args.store or default_store_path())
-    rows = compare_model(model, schedules, spec.name, store, protocol)
+    with bar(args, "compare", unit="row") as progress, bar(args, "tuning", unit="task") as tuning:
+        rows = compare_model(model, schedules, spec.name, store, protocol, progress=progress,
+                             tuning=tuning)
     if args.json:
         print(dumps_json([asdict(r) for r in rows]))
     else:
         print(to_markdown(rows, f"{model.name} on {spec.key}"))
-    if args.out:
+    if args.output:
         command = "fusion-rl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         header = (
             f"Machine: {machine_description(spec.num_threads)}; target {spec.key}.\n"
@@ -43,7 +46,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             f"{protocol.min_repeat_ms} ms each; spread = IQR). Every output verified against "
             f"ONNX Runtime before it was timed.\nCommand: `{command}`\n"
         )
-        md, png = write_report(rows, args.out, model.name, header)
+        md, png = write_report(rows, args.output, model.name, header)
         print(f"wrote {md} and {png}", file=sys.stderr)
     return 0
 
@@ -53,12 +56,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--schedule", default=DEFAULT_SCHEDULE,
                    help=f"comma-separated providers, e.g. naive,rules,tuned (default {DEFAULT_SCHEDULE})")
-    p.add_argument("--trials", type=positive(), default=16, help="trials per task for tuned")
-    p.add_argument("--target", default="host")
-    p.add_argument("--repeat", type=positive(), default=7)
-    p.add_argument("--min-repeat-ms", type=positive(), default=50)
-    p.add_argument("--store", type=Path, default=None)
-    p.add_argument("--no-store", action="store_true")
-    p.add_argument("--out", type=Path, help="write <model>.md, .json and .png here")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--trials", type=positive(), default=16, help="trials per task for tuned (default 16)")
+    p.add_argument("--target", default="host",
+                   help="target: host, {x86-64,haswell,sapphirerapids}-t{1,2} or llvm:MCPU:tN (default host)")
+    add_timing_args(p)
+    p.add_argument("--store", type=Path, default=None, help="measurement store (SQLite) path")
+    p.add_argument("--no-store", action="store_true", help="measure without reading or writing the store")
+    add_output(p, "write a report here: a folder for <model>.md, .json and .png", old=("--out",))
+    add_json(p, "the rows")
+    add_no_progress(p)
     p.set_defaults(func=cmd_compare)

@@ -6,13 +6,16 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 from fusion_rl.cli.common import (
+    EXIT_INTERNAL_ERROR,
+    EXIT_NO,
+    add_json,
     add_measure_args,
     add_model_args,
     add_plan_source,
     add_plan_sources,
+    add_output,
     load,
     make_plan_from_args,
     measurer,
@@ -22,13 +25,15 @@ from fusion_rl.cli.common import (
     single_source,
     source_plan,
 )
+from fusion_rl.cli.progress import add_no_progress, bar
 from fusion_rl.errors import ConfigError
 from fusion_rl.io import dumps_json, one_line
 
-EXIT_USER_ERROR = 2  # the same codes as fusion_rl.cli (which imports this module)
-EXIT_INTERNAL_ERROR = 1
 
-
+def _failure_status(status: str) -> int:
+    """A plan whose output is wrong was measured, and the answer is no (1); a crash, timeout or
+    build failure is a failure of the tool (3)."""
+    return EXIT_NO if status.startswith("wrong_output") else EXIT_INTERNAL_ERROR
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
@@ -98,7 +103,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
     single_source(args)
     model = load(args)
     plan = plan_for(args, model)
-    with measurer(args) as m:
+    with bar(args, "tuning", unit="task") as tuning, measurer(args, progress=tuning) as m:
         hits = m.stats.hits
         record = m.measure(model, plan, per_kernel=args.per_kernel)
         cached = m.stats.hits > hits
@@ -149,7 +154,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
             where = (f" (remembered in the store from {when}, not measured now; "
                      f"rerun with --retry {record.status} to measure again)")
         print(f"error: measurement {record.status}{where}: {one_line(str(record.error))}", file=sys.stderr)
-        return EXIT_USER_ERROR if record.status == "wrong_output" else EXIT_INTERNAL_ERROR
+        return _failure_status(record.status)
     return 0
 
 
@@ -173,12 +178,14 @@ def _measure_head_to_head(args: argparse.Namespace) -> int:
     names = [str(value) for _, value in args.sources]
     plans = {str(i): source_plan(args, model, kind, value)
              for i, (kind, value) in enumerate(args.sources)}
-    with measurer(args, use_store=False) as m:
-        result = head_to_head(m, model, plans, rounds)
+    with bar(args, "rounds", unit="round", total=rounds) as progress, \
+            bar(args, "tuning", unit="task") as tuning, \
+            measurer(args, use_store=False, progress=tuning) as m:
+        result = head_to_head(m, model, plans, rounds, progress=progress)
     if result.failures:
         status = next(iter(result.failures.values()))
         print(f"error: comparison failed: {status}", file=sys.stderr)
-        return EXIT_USER_ERROR if status.startswith("wrong_output") else EXIT_INTERNAL_ERROR
+        return _failure_status(status)
     rows = []
     for label, name in zip(plans, names):
         ratios = result.speedups("0", label)  # first plan's time / this plan's, repeat by repeat
@@ -210,7 +217,8 @@ def _measure_head_to_head(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from fusion_rl.demo import run_demo
 
-    return run_demo(quick=args.quick)
+    with bar(args, "demo", unit="row") as progress:
+        return run_demo(quick=args.quick, as_json=args.json, progress=progress, log=progress.print)
 
 
 
@@ -219,15 +227,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("zoo", help="list the built-in models with their FLOPs")
     p.add_argument("--suite", choices=("tiny", "bench"), default=None,
                    help="only this suite: tiny (tests, training) or bench (deployment sizes)")
-    p.add_argument("--json", action="store_true")
+    add_json(p, "the models")
     p.set_defaults(func=cmd_zoo)
 
     p = sub.add_parser("plan", help="show a plan's groups, ops and legality")
     add_model_args(p)
     add_plan_source(p)
-    p.add_argument("-o", "--output", type=Path, help="save the plan as JSON")
-    p.add_argument("--target", default="host", help="target the policy plans for (with --policy)")
-    p.add_argument("--json", action="store_true")
+    add_output(p, "save the plan as JSON (only a legal plan is written)")
+    p.add_argument("--target", default="host", help="target the policy plans for (with --policy; default host)")
+    add_json(p, "the plan, its legality and metrics")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser(
@@ -243,9 +251,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="rounds of a head-to-head comparison (default 3; each round rebuilds "
                         "every plan and times them repeat by repeat)")
     p.add_argument("--per-kernel", action="store_true", help="also time each kernel (one plan)")
-    p.add_argument("--json", action="store_true")
+    add_json(p, "the measurement (or the comparison)")
+    add_no_progress(p)
     p.set_defaults(func=cmd_measure)
 
     p = sub.add_parser("demo", help="the main job on the built-in default (README)")
     p.add_argument("--quick", action="store_true", help="one small model, for smoke tests")
+    add_json(p, "the rows")
+    add_no_progress(p)
     p.set_defaults(func=cmd_demo)

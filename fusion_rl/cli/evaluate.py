@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from fusion_rl.cli.common import positive
+from fusion_rl.cli.common import add_json, add_output, positive
+from fusion_rl.cli.progress import add_no_progress, bar
 from fusion_rl.io import dumps_json, write_atomic
 
 
@@ -37,8 +38,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         multiplier=args.multiplier, search_models=tuple(models + heldout),
         multiplied_models=tuple(models + heldout) if args.multiplied else (), search_targets=tuple(targets),
     )
-    log = (lambda s: print(s, file=sys.stderr)) if args.json else print
-    rows = evaluate(args.runs, cases, search, log=log)
+    with bar(args, "evaluate", unit="case", total=len(cases)) as progress:
+        log = (lambda s: print(s, file=sys.stderr)) if args.json else progress.print
+        rows = evaluate(args.runs, cases, search, log=log, progress=progress)
     if args.output:
         write_atomic(args.output, dumps_json(rows, indent=1), what="-o")
     if args.json:
@@ -81,12 +83,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories (runs/...)")
     p.add_argument("--models", default="", help="training models, comma-separated")
     p.add_argument("--heldout-models", default="", help="held-out models, comma-separated")
-    p.add_argument("--targets", default="host", help="training targets (default host)")
+    p.add_argument("--targets", default="host", help="training targets, comma-separated (default host)")
     p.add_argument("--heldout-targets", default="", help="held-out targets, e.g. haswell-t1")
     p.add_argument("--search-budget", type=positive(), default=None, help="search budget per case (none: no search)")
     p.add_argument("--search-algos", default="random,greedy", help="search algorithms (default random,greedy)")
     p.add_argument("--multiplier", type=positive(), default=10, help="the larger search budget factor (default 10)")
     p.add_argument("--multiplied", action="store_true", help="also search at multiplier x budget")
-    p.add_argument("-o", "--output", type=Path, help="write the rows as JSON")
-    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    add_output(p, "write the rows as JSON")
+    add_json(p, "the rows")
+    add_no_progress(p)
     p.set_defaults(func=cmd_evaluate)

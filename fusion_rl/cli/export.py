@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from fusion_rl.compiler.schedules import DEFAULT_SCHEDULE
-from fusion_rl.cli.common import add_model_args, load, plan_for
+from fusion_rl.cli.common import add_json, add_model_args, add_output, load, nonnegative, plan_for, positive
+from fusion_rl.cli.progress import add_no_progress, bar
 from fusion_rl.errors import ConfigError, ModelImportError
-from fusion_rl.io import check_output, read_json, write_atomic
+from fusion_rl.io import check_output, dumps_json, read_json, write_atomic
 
 #: Element types a library's inputs may have (what the zoo and ONNX importer produce).
 _INPUT_DTYPES = ("float16", "float32", "float64", "int8", "int32", "int64", "uint8", "bool")
@@ -35,11 +36,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     command = "fusion-rl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     out = export_run(args.run_dir, args.output, evaluation, command, args.train_command or "")
     card = json.loads((out / "card.json").read_text())
-    print(f"exported {args.run_dir} -> {out} (content hash {card['content_hash'][:16]})")
+    if not args.json:
+        print(f"exported {args.run_dir} -> {out} (content hash {card['content_hash'][:16]})")
     from fusion_rl.policy.tracking import log_policy_artifact
 
     artifact = log_policy_artifact(args.run_dir, out, args.wandb)
-    if artifact is not None:
+    if args.json:
+        print(dumps_json({"run_dir": str(args.run_dir), "output": str(out),
+                          "content_hash": card["content_hash"],
+                          "artifact": None if artifact is None else str(artifact)}))
+    elif artifact is not None:
         print(f"logged {out} to the run's W&B run as artifact {artifact}")
     return 0
 
@@ -60,7 +66,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     require_runnable(spec)  # the library is verified by running it here
     plan = plan_for(args, model)
     kwargs = {"trials_per_task": args.trials} if args.schedule == "tuned" and args.trials else {}
-    compiled = compile_plan(model, plan, spec.to_tvm(), make_schedule(args.schedule, **kwargs))
+    provider = make_schedule(args.schedule, **kwargs)
+    with bar(args, "tuning", unit="task") as tuning:
+        if hasattr(provider, "progress"):  # tuned: minutes per task
+            provider.progress = tuning
+        compiled = compile_plan(model, plan, spec.to_tvm(), provider)
     report = verify_executable(compiled.executable, model, plan.name or "plan")
     # The temp path keeps the .so extension, which export_library reads to pick the format.
     write_atomic(out, lambda tmp: compiled.executable.export_library(str(tmp)), what="-o")
@@ -74,6 +84,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
     }
     write_atomic(f"{out}.json", json.dumps(sidecar, indent=1), what="-o sidecar")
     m = plan_metrics(model.graph, plan)
+    if args.json:
+        print(dumps_json({
+            "model": model.name, "fingerprint": model.fingerprint, "target": spec.key,
+            "schedule": args.schedule, "plan_hash": plan.hash, "ops": len(model.graph),
+            "num_kernels": compiled.num_kernels, "fused_groups": m.fused_groups,
+            "intermediate_bytes": m.intermediate_bytes, "verified_against": report.reference,
+            "max_abs_err": report.max_abs_err, "library": str(out), "sidecar": f"{out}.json",
+        }))
+        return 0
     print(
         f"{model.name}: {len(model.graph)} ops -> {compiled.num_kernels} kernels "
         f"({m.fused_groups} fused groups, {m.intermediate_bytes / 1024:.1f} KiB intermediates) "
@@ -160,9 +179,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         buffer = io.BytesIO()
         np.save(buffer, outs[0], allow_pickle=False)
         write_atomic(_npy_name(args.output), buffer.getvalue(), what="--output")
-    for i, o in enumerate(outs):
-        print(f"output {i}: shape {o.shape} dtype {o.dtype} mean {float(o.mean()):.6g} "
-              f"max {float(o.max()):.6g}")
+    summary = [{"shape": list(o.shape), "dtype": str(o.dtype), "mean": float(o.mean()),
+                "max": float(o.max())} for o in outs]
+    if args.json:
+        print(dumps_json({"library": str(lib_path), "outputs": summary,
+                          "saved": str(_npy_name(args.output)) if args.output else None}))
+        return 0
+    for i, o in enumerate(summary):
+        print(f"output {i}: shape {tuple(o['shape'])} dtype {o['dtype']} mean {o['mean']:.6g} "
+              f"max {o['max']:.6g}")
     return 0
 
 
@@ -173,30 +198,37 @@ def _npy_name(path: Path) -> Path:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a training run as a policy folder")
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("-o", "--output", type=Path, required=True, help="policy folder, e.g. policies/NAME")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a training run directory (runs/...)")
+    add_output(p, "policy folder to write, e.g. policies/NAME", required=True, metavar="DIR")
     p.add_argument("--evaluation", type=Path, help="a JSON file of evaluation results for the card")
     p.add_argument("--train-command", help="the command that trained the run, for the card")
     p.add_argument("--wandb", choices=("offline", "online", "disabled"), default=None,
                    help="log the policy as a W&B artifact of the run (default: the run's own mode)")
+    add_json(p, "the exported folder, its content hash and artifact")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("compile", help="compile a model with a fusion policy (or rules) to a .so")
     add_model_args(p)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--policy", type=Path, help="an exported policy folder")
-    src.add_argument("--rules", help="a rule set instead of a policy")
-    src.add_argument("--plan", type=Path, help="a plan JSON file instead of a policy")
-    p.add_argument("--target", default="host")
+    src.add_argument("--policy", type=Path, metavar="DIR", help="an exported policy folder")
+    src.add_argument("--rules", metavar="R", help="a rule set instead of a policy")
+    src.add_argument("--plan", type=Path, metavar="P.json", help="a plan JSON file instead of a policy")
+    p.add_argument("--target", default="host",
+                   help="target: host, {x86-64,haswell,sapphirerapids}-t{1,2} or llvm:MCPU:tN (default host)")
     p.add_argument("--schedule", default=DEFAULT_SCHEDULE,
                    help=f"naive, rules or tuned (default {DEFAULT_SCHEDULE})")
-    p.add_argument("--trials", type=int, default=None, help="trials per task for tuned")
-    p.add_argument("-o", "--output", type=Path, required=True, help="output library, e.g. model.so")
+    p.add_argument("--trials", type=positive(), default=None, help="trials per task for tuned")
+    add_output(p, "output library, e.g. model.so (and its sidecar model.so.json)", required=True,
+               metavar="LIB.so")
+    add_json(p, "what was compiled and verified")
+    add_no_progress(p)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("run", help="run a library made by `fusion-rl compile`")
-    p.add_argument("library", type=Path)
+    p.add_argument("library", type=Path, metavar="LIBRARY",
+                   help="a .so made by `fusion-rl compile` (its .so.json sidecar names the inputs)")
     p.add_argument("--input", action="append", help=".npy file per input, in order (default: random)")
-    p.add_argument("--seed", type=int, default=0, help="seed of random inputs")
-    p.add_argument("--output", type=Path, help="save the first output as .npy")
+    p.add_argument("--seed", type=nonnegative(), default=0, help="seed of random inputs (default 0)")
+    add_output(p, "save the first output as .npy")
+    add_json(p, "the outputs' shapes, dtypes and summary values")
     p.set_defaults(func=cmd_run)

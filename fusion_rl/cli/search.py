@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
-from fusion_rl.cli.common import add_measure_args, add_model_args, load, measurer, positive
+from fusion_rl.cli.common import add_json, add_measure_args, add_model_args, add_output, load, measurer, positive
+from fusion_rl.cli.progress import add_no_progress, bar
 from fusion_rl.io import dumps_json
 
 ALGOS = ("random", "greedy", "annealing", "exhaustive")
@@ -20,8 +20,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     from fusion_rl.fusion.rules import make_plan
 
     model = load(args)
-    with measurer(args) as m:
-        result = run_search(args.algo, model, m, args.budget, seed=args.seed)
+    with bar(args, f"{args.algo} search", unit="plan", total=args.budget) as progress, \
+            bar(args, "tuning", unit="task") as tuning, measurer(args, progress=tuning) as m:
+        result = run_search(args.algo, model, m, args.budget, seed=args.seed, progress=progress)
         # The reference is measured after the search, so it never counts against the budget.
         before = m.stats.misses
         tvm_record = m.measure(model, make_plan("tvm", model.mod, model.graph))
@@ -91,6 +92,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--algo", choices=ALGOS, default="greedy", help="search algorithm (default greedy)")
     p.add_argument("--budget", type=positive(), required=True, help="plans to evaluate (> 0)")
     add_measure_args(p)
-    p.add_argument("-o", "--output", type=Path, help="save the best plan as JSON")
-    p.add_argument("--json", action="store_true")
+    add_output(p, "save the best plan as JSON")
+    add_json(p, "the search's result")
+    add_no_progress(p)
     p.set_defaults(func=cmd_search)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fusion_rl.cli.common import positive
+from fusion_rl.cli.common import add_json, nonnegative, positive
+from fusion_rl.cli.progress import wanted
 
 DEFAULT_CONFIG = "experiments/train_default.yaml"
 
@@ -14,7 +15,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     """The options of ``fusion-rl train`` and ``scripts/train.py`` (one definition for both)."""
     p.add_argument("--config", type=Path, default=None,
                    help=f"training config YAML (default: {DEFAULT_CONFIG})")
-    p.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
+    p.add_argument("--seed", type=nonnegative(), default=None, help="overrides the config's seed")
     p.add_argument("--total-timesteps", type=positive(), default=None,
                    help="overrides the config's total_timesteps")
     p.add_argument("--exp-name", default=None, help="overrides the config's exp_name (run name part)")
@@ -23,8 +24,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="parent of run directories")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                    help="continue RUN_DIR from its latest checkpoint, with its own config")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="SB3 verbosity")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (drawn only when stderr is a terminal and --json is not given)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="SB3 verbosity (repeatable: -vv)")
+    add_json(p, "the run directory")
 
 
 def run_from_args(args: argparse.Namespace) -> Path:
@@ -56,8 +59,13 @@ def run_from_args(args: argparse.Namespace) -> Path:
         if args.exp_name is not None:
             config.exp_name = args.exp_name
     run_dir = train(config, runs_dir=args.runs_dir, resume=args.resume, wandb_mode=args.wandb,
-                    progress=not args.no_progress, verbose=args.verbose)
-    print(f"run directory: {run_dir}")
+                    progress=wanted(args), verbose=args.verbose)
+    if getattr(args, "json", False):
+        from fusion_rl.io import dumps_json
+
+        print(dumps_json({"run_dir": str(run_dir)}))
+    else:
+        print(f"run directory: {run_dir}")
     return run_dir
 
 

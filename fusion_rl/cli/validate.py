@@ -8,7 +8,7 @@ compile, verification and timing on the recorded target, schedule and budget) an
 with the criterion documented in :mod:`fusion_rl.compiler.result`.
 
 Exit status: 0 if the result holds, 1 if it does not (or the plan no longer verifies), 2 for a
-bad RESULT.json or option.
+bad RESULT.json or option, 3 for an internal error.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fusion_rl.cli.common import parse_shapes, positive
+from fusion_rl.cli.common import EXIT_NO, EXIT_OK, add_json, add_output, add_timing_args, nonnegative, parse_shapes, plain, positive
+from fusion_rl.cli.progress import add_no_progress, bar
 from fusion_rl.errors import ConfigError, PlanMismatchError
 from fusion_rl.io import dumps_json
 
-EXIT_HOLDS = 0
-EXIT_DOES_NOT_HOLD = 1
+EXIT_HOLDS = EXIT_OK
+EXIT_DOES_NOT_HOLD = EXIT_NO
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -68,8 +69,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         repeat = args.repeat or (m.get("repeats") if isinstance(m.get("repeats"), int) and m.get("repeats", 0) > 0 else 7)
         protocol = TimingProtocol(repeat=repeat, min_repeat_ms=args.min_repeat_ms)
     kwargs = {"trials_per_task": m["budget"]} if m["schedule"] == "tuned" and m["budget"] else {}
-    with Measurer(target_name(m["target"]), m["schedule"], kwargs, store=None, protocol=protocol,
-                  timeout_s=args.timeout) as measurer:
+    with bar(args, "tuning", unit="task") as tuning, \
+            Measurer(target_name(m["target"]), m["schedule"], kwargs, store=None, protocol=protocol,
+                     timeout_s=args.timeout, progress=tuning) as measurer:
         if measurer.spec.key != m["target"] or measurer.provider.budget != m["budget"]:
             raise ConfigError(
                 f"cannot reproduce target {m['target']} / budget {m['budget']} here "
@@ -83,10 +85,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     else:
         verdict = Verdict(False, old, None, old_spread, None, 0.0, record.status, record.error)
     what = f"{model.name} / plan {plan.hash} on {m['target']} ({m['schedule']}, budget {m['budget']})"
-    if args.save_bundle is not None:
+    if args.output is not None:
         Result(m, plan.to_dict(), spec, seed, {k: list(v) for k, v in shapes.items()},
                {"repeat": protocol.repeat, "min_repeat_ms": protocol.min_repeat_ms,
-                "number": protocol.number, "warmup": protocol.warmup}).save(args.save_bundle)
+                "number": protocol.number, "warmup": protocol.warmup}).save(args.output)
     if args.json:
         out = {"result": str(args.result), "model": model.name, "plan_hash": plan.hash,
                "target": m["target"], "schedule": m["schedule"], "budget": m["budget"],
@@ -102,18 +104,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "validate",
         help="re-measure a result (from `measure --json`) and check its latency still holds",
-        description=__doc__.split("\n\n")[1] if __doc__ else None,
+        # The module docstring's RST (``--plan``, :mod:`...`) as plain text.
+        description=plain(__doc__.split("\n\n")[1]) if __doc__ else None,
     )
-    p.add_argument("result", type=Path, help="RESULT.json: `fusion-rl measure --json` output or a result bundle")
+    p.add_argument("result", type=Path, metavar="RESULT.json", help="RESULT.json: `fusion-rl measure --json` output or a result bundle")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--plan", type=Path, help="the plan JSON that was measured (if RESULT.json lacks it)")
     src.add_argument("--rules", help="the rule set that was measured (if RESULT.json lacks it)")
     p.add_argument("--model", help="zoo name or .onnx path, if not the result's model name")
     p.add_argument("--input-shape", action="append", metavar="NAME=D1,D2,...", help="as for measure")
-    p.add_argument("--seed", type=int, default=None, help="seed of zoo weights and inputs (default: the result's, else 0)")
-    p.add_argument("--repeat", type=positive(), default=None, help="timed repeats (default: the result's)")
-    p.add_argument("--min-repeat-ms", type=int, default=50, help="minimum duration of a repeat (default 50)")
+    p.add_argument("--seed", type=nonnegative(), default=None,
+                   help="seed of zoo weights and inputs (default: the result's, else 0)")
+    add_timing_args(p, repeat=None)
     p.add_argument("--timeout", type=positive(float), default=600.0, help="seconds for the re-measurement")
-    p.add_argument("--save-bundle", type=Path, default=None, help="also write a self-contained result bundle here")
-    p.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    add_output(p, "also write a self-contained result bundle here", old=("--save-bundle",))
+    add_json(p, "the verdict")
+    add_no_progress(p)
     p.set_defaults(func=cmd_validate)

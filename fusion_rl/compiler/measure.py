@@ -18,7 +18,7 @@ import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from fusion_rl.compiler.runner import LocalRunner, make_runner
 from fusion_rl.compiler.schedules import make_schedule
@@ -80,6 +80,9 @@ class Measurer:
     timeout_s: float = 600.0
     retry: tuple[str, ...] = ()
     stats: MeasureStats = field(default_factory=MeasureStats)
+    #: ``progress(done, total, label)`` while a job runs: the ``tuned`` provider reports each
+    #: tuning task (minutes each), the rest report nothing. Not part of any key.
+    progress: Callable[[int, int | None, str], None] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.timeout_s, (int, float)) and math.isfinite(self.timeout_s) and self.timeout_s > 0):
@@ -217,6 +220,7 @@ class Measurer:
 
     def _run(self, job: MeasureJob | InterleavedJob, model: Model) -> dict:
         self.runner.timeout_s = self.timeout_s  # callers may change it between measurements
+        self.runner.progress = self.progress
         return self.runner.run(job, model)
 
     def close(self) -> None:

@@ -21,7 +21,7 @@ Two readings of "A beats B by more than k times the spread" are reported
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -73,9 +73,11 @@ class HeadToHead:
 
 
 def head_to_head(measurer: Measurer, model: Model, plans: Mapping[str, FusionPlan],
-                 rounds: int) -> HeadToHead:
+                 rounds: int,
+                 progress: Callable[[int, int | None, str], None] | None = None) -> HeadToHead:
     """``rounds`` x :meth:`Measurer.time_together` of ``plans`` (fresh builds each round, plan order
-    flipping between rounds); never served from a store.
+    flipping between rounds); never served from a store. ``progress(done, rounds, label)``, if
+    given, is called after each round.
 
     Raises
     ------
@@ -98,6 +100,8 @@ def head_to_head(measurer: Measurer, model: Model, plans: Mapping[str, FusionPla
             out.round_medians[label].append(float(np.median(times)))
             out.pooled_ms[label].extend(times)
         out.num_kernels.update(zip(labels, result.get("num_kernels", [])))
+        if progress is not None:
+            progress(r + 1, rounds, f"round {r + 1}")
     return out
 
 

@@ -17,7 +17,7 @@ Several runners measure in parallel through :class:`~fusion_rl.compiler.pool.Mea
 from __future__ import annotations
 
 import threading
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from fusion_rl.compiler.target import TargetSpec, threads_env
 from fusion_rl.compiler.worker import InterleavedJob, KernelJob, MeasureJob, Worker, run_any
@@ -57,12 +57,20 @@ class LocalRunner:
         self._worker: Worker | None = None
         self._worker_thread: threading.Thread | None = None
         self._models: dict = {}
+        #: ``progress(done, total, label)`` while a job runs (tuning reports each task).
+        self.progress: Callable[[int, int | None, str], None] | None = None
 
     def run(self, job: Any, model: Model) -> dict:
         if not self.isolate:
+            from fusion_rl.compiler import worker
+
             self._models.setdefault((job.model, job.fingerprint), model)
-            with threads_env(self.spec):
-                return run_any(job, self._models)
+            sink, worker.progress_sink = worker.progress_sink, self.progress
+            try:
+                with threads_env(self.spec):
+                    return run_any(job, self._models)
+            finally:
+                worker.progress_sink = sink
         if self._worker is not None and self._worker_thread is not None and not self._worker_thread.is_alive():
             # The worker dies with the *thread* that started it (PR_SET_PDEATHSIG), e.g. a
             # thread of a pool or of the caller that has since ended: start a fresh one rather
@@ -72,6 +80,7 @@ class LocalRunner:
         if self._worker is None or not self._worker.alive:
             self._worker = Worker(self.spec.num_threads)
             self._worker_thread = threading.current_thread()
+        self._worker.on_progress = self.progress
         result = self._worker.run(job, self.timeout_s)
         if not self._worker.alive:
             # Killed after a crash or a timeout; the next job starts a fresh one. (A device that

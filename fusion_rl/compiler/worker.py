@@ -28,6 +28,11 @@ from fusion_rl.errors import FusionRLError
 #: Faults a request can inject, to test that callers survive them (tests/compiler/test_faults.py).
 FAULTS = ("segfault", "hang_build", "hang_run", "exit", "raise")
 
+#: Where a schedule provider that reports progress (``tuned``: one call per tuning task) sends
+#: ``(done, total, label)`` while a job runs: in a worker process, a message to the parent
+#: (:meth:`Worker.run` hands it to ``Worker.on_progress``); in-process, the caller's callback.
+progress_sink: Callable[[int, "int | None", str], None] | None = None
+
 
 class ModelChangedError(FusionRLError):
     """The model a worker loaded is not the one the caller measures (its file changed)."""
@@ -167,6 +172,9 @@ def _setup(job: MeasureJob | InterleavedJob, models: dict | None) -> tuple[Any, 
     from fusion_rl.compiler.target import parse_target
 
     models = models if models is not None else {}
+    provider = make_schedule(job.schedule, **job.schedule_kwargs)
+    if hasattr(provider, "progress"):  # not part of the provider's options or its key
+        provider.progress = progress_sink
     model = models.get((job.model, job.fingerprint))
     if model is None:
         model = job.model.load()
@@ -176,7 +184,7 @@ def _setup(job: MeasureJob | InterleavedJob, models: dict | None) -> tuple[Any, 
             raise ModelChangedError(f"the model changed during the measurement (loaded {model.fingerprint}, "
                                     f"expected {job.fingerprint}); measure again")
         models[(job.model, job.fingerprint)] = model
-    return model, parse_target(job.target).to_tvm(), make_schedule(job.schedule, **job.schedule_kwargs)
+    return model, parse_target(job.target).to_tvm(), provider
 
 
 def _guarded(body: Callable[[dict[str, Any]], None], result: dict[str, Any]) -> dict[str, Any]:
@@ -221,8 +229,11 @@ def _inject(fault: str | None, stage: str) -> None:
 
 
 def _serve(conn_in: Connection, conn_out: Connection) -> None:
-    """The worker loop: receive a job, send its result, until ``None`` or EOF."""
+    """The worker loop: receive a job, send its result, until ``None`` or EOF. Progress
+    messages ``("progress", done, total, label)`` may precede a result."""
+    global progress_sink
     models: dict = {}
+    progress_sink = lambda done, total, label: conn_out.send(("progress", done, total, label))  # noqa: E731
     while True:
         try:
             job = conn_in.recv()
@@ -245,6 +256,8 @@ class Worker:
         from fusion_rl.compiler.target import worker_env
 
         self.num_threads = num_threads
+        #: Gets ``(done, total, label)`` of the running job's progress messages, if set.
+        self.on_progress: Callable[[int, int | None, str], None] | None = None
         job_r, job_w = os.pipe()
         res_r, res_w = os.pipe()
         self._proc = subprocess.Popen(
@@ -265,11 +278,17 @@ class Worker:
     def run(self, job: MeasureJob | InterleavedJob, timeout_s: float) -> dict:
         """Send ``job``; wait at most ``timeout_s``. Kills the worker on timeout or crash."""
         t0 = time.perf_counter()
+        deadline = time.monotonic() + timeout_s
+        timed_out = True
         try:
             self._send.send(job)
-            if self._recv.poll(timeout_s):
-                return self._recv.recv()  # EOFError here: the worker died mid-job
-            timed_out = True
+            while self._recv.poll(max(0.0, deadline - time.monotonic())):
+                message = self._recv.recv()  # EOFError here: the worker died mid-job
+                if isinstance(message, tuple) and message and message[0] == "progress":
+                    if self.on_progress is not None:
+                        self.on_progress(*message[1:])
+                    continue
+                return message
         except (EOFError, OSError):
             timed_out = False
         wall = time.perf_counter() - t0

@@ -116,7 +116,7 @@ def test_bundle_carries_the_plan(capsys, tmp_path):
     code, _, err = run_cli(capsys, "validate", str(result))
     one_line_error(code, err, "--plan")
     bundle = tmp_path / "bundle.json"
-    code, out, err = run_cli(capsys, "validate", str(result), "--plan", str(plan), "--save-bundle", str(bundle))
+    code, out, err = run_cli(capsys, "validate", str(result), "--plan", str(plan), "-o", str(bundle))
     _judged(code, out, err)
     loaded = load_result(bundle)
     assert loaded.plan is not None and loaded.model == "mlp_tiny" and loaded.protocol["repeat"] == 5

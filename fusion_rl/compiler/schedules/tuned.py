@@ -66,7 +66,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import tvm
 import tvm_ffi
@@ -100,6 +100,9 @@ class TunedSchedule(ScheduleProvider):
     """MetaSchedule-tuned kernels with a persistent database keyed by target and budget."""
 
     name = "tuned"
+    #: ``progress(done, total, label)`` after each tuning task (set by the caller; not an option,
+    #: not part of :attr:`key`): tuning is the one step that takes minutes.
+    progress: Callable[[int, int | None, str], None] | None = None
 
     def __init__(self, trials_per_task: int = 16, database_dir: str | Path | None = None,
                  module_equality: str = "structural", seed: int = 0, fallback: str = "rules") -> None:
@@ -175,10 +178,15 @@ class TunedSchedule(ScheduleProvider):
 
         # 1. Shared database: one task per distinct anchor (or per kernel, if "structural").
         shared = _open_database(folder / self.module_equality, self.module_equality)
-        for task in ms.relax_integration.extract_tasks(mod, target,
-                                                       module_equality=self.module_equality):
+        tasks = list(ms.relax_integration.extract_tasks(mod, target,
+                                                        module_equality=self.module_equality))
+        for done, task in enumerate(tasks):
+            if self.progress is not None:  # before the task: the bar names what takes minutes
+                self.progress(done, len(tasks), f"tuning {task.task_name}")
             if count_anchors(task.dispatched[0]["main"]) <= 1:
                 self._tune_if_missing(task, shared, self.module_equality)
+        if self.progress is not None and tasks:
+            self.progress(len(tasks), len(tasks), "tuned")
         own: list[tvm.ir.GlobalVar] = []
         for gv, func in kernels.items():
             new = _apply(func, target, shared) if anchors[gv] <= 1 else None
@@ -194,7 +202,9 @@ class TunedSchedule(ScheduleProvider):
         structural = _open_database(folder / "own", "structural")
         untunable = _KeySet(folder / "own" / "untunable.json")
         verified = _KeySet(folder / "own" / "verified.json")
-        for gv in own:
+        for done, gv in enumerate(own):
+            if self.progress is not None:
+                self.progress(done, len(own), f"tuning alone {gv.name_hint}")
             func = kernels[gv]
             key = str(tvm_ffi.structural_hash(func))
             if key in untunable:
