@@ -11,10 +11,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import REPO_ROOT
 from fusion_rl.cli import build_parser, main
 from fusion_rl.cli.reference import current_block, readme_block
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 pytestmark = pytest.mark.unit  # no build, no worker: the measurer is scripted
 
 

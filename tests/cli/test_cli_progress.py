@@ -11,14 +11,14 @@ import select
 import subprocess
 import sys
 from multiprocessing import Pipe
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from conftest import REPO_ROOT
 from fusion_rl.cli.progress import Bar, bar, wanted
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 
 
 class _Tty(io.StringIO):
