@@ -1,7 +1,7 @@
 """Does every real export import and verify? The import corpus table (issue 13).
 
 Usage: python scripts/onnx_corpus.py [--out DIR] [--schedule rules] [--only NAME ...]
-       [--exporter torchscript|dynamo] [--no-real] [--fresh]
+       [--exporter torchscript|dynamo] [--no-real] [--fresh] [--no-verify]
 
 For each architecture of :mod:`fusion_rl.graph.corpus` and each of torch's exporters: export at
 tiny sizes, import the file as a user's ONNX file is imported, and compile the plan of every
@@ -11,7 +11,8 @@ and verified with TVM's own fusion (``tvm``); every rule set at that size would 
 ~180 kernels each, and the tiny sizes already check every rule set on the same graph structure.
 
 Writes ``results.json`` after every row, so an interrupted run resumes where it stopped (rows
-already there are skipped unless ``--fresh``), and ``results.md``, the table, from it.
+already there are skipped unless ``--fresh``; rows written by ``--no-verify`` are verified by
+the next run without it), and ``results.md``, the table, from it.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ from fusion_rl.io import write_atomic
 REAL_RULE_SETS = ("tvm",)
 
 
-def check(name: str, exporter: str, preset: str, target, schedule) -> dict:
-    """One row: export, import, verify; the first error line where a step fails."""
+def check(name: str, exporter: str, preset: str, target, schedule, verify: bool = True) -> dict:
+    """One row: export, import, verify (unless not ``verify``); the first error line where a
+    step fails."""
     row: dict = {"model": name, "exporter": exporter, "sizes": preset, "export": "ok",
                  "import": None, "verify": {}, "error": None}
     t0 = time.perf_counter()
@@ -50,6 +52,8 @@ def check(name: str, exporter: str, preset: str, target, schedule) -> dict:
         row.update(**{"import": "failed", "error": str(exc).splitlines()[0]})
         return row
     row.update(**{"import": "ok", "operators": len(model.graph)})
+    if not verify:
+        return row
     rule_sets = REAL_RULE_SETS if preset == "real" else tuple(RULE_SETS)
     for rules, result in verify_rule_sets(model, target, schedule, rule_sets).items():
         if isinstance(result, str):
@@ -86,7 +90,7 @@ def table(results: dict) -> str:
     for r in rows:
         verify = r["verify"]
         if not verify:
-            shown = "-"
+            shown = "not run" if r["import"] == "ok" else "-"
         elif set(verify.values()) == {"ok"}:
             shown = f"ok ({len(verify)} rule set{'s' * (len(verify) > 1)})"
         else:
@@ -109,6 +113,8 @@ def main() -> int:
                         help="this exporter only (default both)")
     parser.add_argument("--no-real", action="store_true", help="skip the 224x224 exports")
     parser.add_argument("--fresh", action="store_true", help="discard rows already written")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="export and import only (a later run verifies these rows)")
     args = parser.parse_args()
 
     import onnxscript
@@ -127,7 +133,10 @@ def main() -> int:
                      "onnxscript": onnxscript.__version__, "tvm": tvm.__version__},
         "rows": old,
     }
-    done = {(r["model"], r["exporter"], r["sizes"]) for r in old}
+    # A row is done once verified, or once a step before verification failed.
+    done = {(r["model"], r["exporter"], r["sizes"]) for r in old
+            if r["verify"] or r["import"] != "ok" or args.no_verify}
+    old[:] = [r for r in old if (r["model"], r["exporter"], r["sizes"]) in done]
     target = parse_target("host").to_tvm()
     schedule = make_schedule(args.schedule)
     jobs = [(e.name, x, "tiny") for e in corpus.CORPUS.values() for x in corpus.EXPORTERS]
@@ -138,7 +147,7 @@ def main() -> int:
         if (name, exporter, preset) in done or (args.only and name not in args.only) or (
                 args.exporter and exporter != args.exporter):
             continue
-        row = check(name, exporter, preset, target, schedule)
+        row = check(name, exporter, preset, target, schedule, verify=not args.no_verify)
         print(f"{name:14s} {exporter:12s} {preset:5s} import {row['import']}, verify "
               f"{row['verify']} {row['error'] or ''}", file=sys.stderr, flush=True)
         results["rows"].append(row)
