@@ -136,7 +136,6 @@ def main() -> int:
     # A row is done once verified, or once a step before verification failed.
     done = {(r["model"], r["exporter"], r["sizes"]) for r in old
             if r["verify"] or r["import"] != "ok" or args.no_verify}
-    old[:] = [r for r in old if (r["model"], r["exporter"], r["sizes"]) in done]
     target = parse_target("host").to_tvm()
     schedule = make_schedule(args.schedule)
     jobs = [(e.name, x, "tiny") for e in corpus.CORPUS.values() for x in corpus.EXPORTERS]
@@ -150,7 +149,11 @@ def main() -> int:
         row = check(name, exporter, preset, target, schedule, verify=not args.no_verify)
         print(f"{name:14s} {exporter:12s} {preset:5s} import {row['import']}, verify "
               f"{row['verify']} {row['error'] or ''}", file=sys.stderr, flush=True)
-        results["rows"].append(row)
+        # Replaces an imported-but-unverified row of the same export; rows this run does not
+        # reach (other --only names) stay in the table.
+        key = (name, exporter, preset)
+        results["rows"] = [r for r in results["rows"]
+                           if (r["model"], r["exporter"], r["sizes"]) != key] + [row]
         order = {job: i for i, job in enumerate(jobs)}
         results["rows"].sort(key=lambda r: order.get((r["model"], r["exporter"], r["sizes"]), 0))
         write_atomic(path, json.dumps(results, indent=1) + "\n", what="results file")
