@@ -14,7 +14,7 @@ Tolerance: elementwise ``|actual - ref| <= atol + rtol * |ref|`` with ``rtol = 1
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from tvm import relax
 
 from fusion_rl.errors import VerificationError
 from fusion_rl.graph.model import Model
+
+if TYPE_CHECKING:
+    from fusion_rl.compiler.schedules.base import ScheduleProvider
 
 RTOL = 1e-3
 ATOL = 1e-4
@@ -126,3 +129,47 @@ def _flatten(out) -> list[np.ndarray]:
             flat.extend(_flatten(o))
         return flat
     return [np.asarray(out)]
+
+
+def verify_rule_sets(
+    model: Model,
+    target: tvm.target.Target,
+    schedule: "ScheduleProvider",
+    rule_sets: Sequence[str] | None = None,
+) -> dict[str, VerifyReport | str]:
+    """Compile the plan of every rule set and check each against the reference.
+
+    What ``fusion-rl plan --rules R`` checks, for all rule sets at once. Rule sets that give
+    the same partition (on small graphs several do) are compiled once.
+
+    Parameters
+    ----------
+    model:
+        The model; its reference is ONNX Runtime on its ONNX graph where it has one.
+    target, schedule:
+        What to compile for and with (``naive`` is cheapest: it only checks correctness).
+    rule_sets:
+        Names of :data:`fusion_rl.fusion.rules.RULE_SETS`; default all.
+
+    Returns
+    -------
+    dict
+        Rule set -> its :class:`VerifyReport`, or the one-line error that stopped it (no plan,
+        no build, or wrong output), so that one failure does not hide the others.
+    """
+    from fusion_rl.compiler.build import compile_plan
+    from fusion_rl.errors import FusionRLError
+    from fusion_rl.fusion.rules import RULE_SETS, make_plan
+
+    results: dict[str, VerifyReport | str] = {}
+    by_hash: dict[str, VerifyReport | str] = {}
+    for rules in rule_sets or list(RULE_SETS):
+        try:
+            plan = make_plan(rules, model.mod, model.graph)
+            if plan.hash not in by_hash:
+                compiled = compile_plan(model, plan, target, schedule)
+                by_hash[plan.hash] = verify_executable(compiled.executable, model, f"rules {rules}")
+            results[rules] = by_hash[plan.hash]
+        except FusionRLError as exc:
+            results[rules] = str(exc).splitlines()[0]
+    return results

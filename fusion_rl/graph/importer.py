@@ -8,10 +8,12 @@ what :mod:`fusion_rl.graph.opgraph` turns into an operator graph and what
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -165,17 +167,77 @@ def from_onnx(
     unsupported = _unsupported_onnx_ops(model)
     if unsupported:
         raise UnsupportedOperatorError(
-            f"unsupported ONNX operator(s): {', '.join(sorted(unsupported))}"
+            f"unsupported ONNX operator(s): {', '.join(sorted(unsupported))} (TVM's ONNX "
+            f"frontend has no converter for them)"
         )
     from tvm.relax.frontend.onnx import from_onnx as _tvm_from_onnx
 
+    # The frontend print()s "Error converting operator <op>, with inputs: ..." before it
+    # re-raises, to stdout (which would corrupt --json output); its exception never names the
+    # op. Capture the print and put the op into the one-line error instead.
+    printed = io.StringIO()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(printed):
             warnings.simplefilter("ignore")  # the frontend warns about every renamed input
             mod = _tvm_from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
     except Exception as exc:
-        raise ModelImportError(f"TVM's ONNX frontend failed: {first_line(exc)}") from None
+        failed = re.search(r"Error converting operator (\S+?), with inputs", printed.getvalue())
+        where = f" on operator {failed.group(1)}" if failed else ""
+        raise ModelImportError(f"TVM's ONNX frontend failed{where}: {first_line(exc)}") from None
     return legalize(mod)
+
+
+#: Operators whose output depends only on their inputs' *shapes*: with static input shapes they
+#: are constants, whatever the values.
+SHAPE_OPS = frozenset({"Shape", "Size"})
+
+
+def has_static_subgraphs(model: onnx.ModelProto) -> bool:
+    """True if some operator of ``model``'s main graph computes a constant: all its inputs are
+    initializers, ``Constant`` outputs, shapes (:data:`SHAPE_OPS`) or such computed constants.
+
+    Exporters leave these where they compute an attribute from shapes or from constants they
+    could not fold (the TorchScript exporter leaves TF "same" padding as ``ConstantOfShape ->
+    Concat -> Slice -> ... -> Pad``, since it folds no ``Slice`` with steps other than 1), and
+    TVM's frontend imports them as dynamic. :func:`fold_for_import` turns them into constants.
+    """
+    static = {init.name for init in model.graph.initializer}
+    for node in model.graph.node:  # ONNX graphs are stored in topological order
+        if node.op_type == "Constant":
+            static.update(node.output)
+        elif node.op_type in SHAPE_OPS or (
+            node.input and all(not i or i in static for i in node.input)
+        ):
+            return True
+    return False
+
+
+def fold_for_import(
+    model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] | None = None
+) -> onnx.ModelProto:
+    """A copy of ``model`` with its inputs fixed to concrete shapes and its shape subgraphs
+    folded by ONNX Runtime (:func:`fold_static_shapes`), for TVM to import.
+
+    The inputs are fixed first because ONNX Runtime folds ``Shape`` only where the shape is
+    known; a file exported with dynamic axes, imported at ``shapes``, then folds as well.
+    The caller keeps ``model`` itself as the reference that verifies compiled plans.
+    """
+    import tempfile
+
+    shape_dict = onnx_input_shapes(model, shapes)
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for inp in fixed.graph.input:
+        if inp.name in shape_dict:
+            dims = inp.type.tensor_type.shape.dim
+            del dims[:]
+            for d in shape_dict[inp.name]:
+                dims.add().dim_value = d
+    with tempfile.TemporaryDirectory(prefix="fusion_rl-fold-") as tmp:
+        src, dst = Path(tmp) / "model.onnx", Path(tmp) / "folded.onnx"
+        onnx.save(fixed, str(src))
+        fold_static_shapes(src, dst)
+        return onnx.load(str(dst))
 
 
 def from_torch(module: "torch.nn.Module", example_inputs: Sequence["torch.Tensor"]) -> tvm.IRModule:

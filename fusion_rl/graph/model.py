@@ -112,7 +112,14 @@ def load_onnx_model(
     shapes_key = tuple(sorted((k, tuple(int(d) for d in v)) for k, v in (shapes or {}).items()))
     onnx_model = importer.load_onnx(path)  # first: it refuses a symlink loop, which resolve() raises on
     ref = ModelRef("onnx", str(Path(path).resolve()), seed, shapes_key or None)
-    return _from_onnx_model(onnx_model, Path(path).stem, "onnx", ref, shapes)
+    # Exporters compute pads and reshape targets from shapes or leave constant subgraphs
+    # unfolded (TF "same" padding), which TVM's frontend imports as dynamic; TVM gets a copy
+    # with those folded, and ONNX Runtime verifies against the file itself. Files without
+    # such subgraphs are imported as they are, so their operator graphs stay as exported.
+    tvm_source = None
+    if importer.has_static_subgraphs(onnx_model):
+        tvm_source = importer.fold_for_import(onnx_model, shapes)
+    return _from_onnx_model(onnx_model, Path(path).stem, "onnx", ref, shapes, tvm_source)
 
 
 def model_from_torch(

@@ -56,7 +56,9 @@ __all__ = [
     "ZOO",
     "HFTensorOutput",
     "ZooEntry",
+    "build_entry",
     "build_torch",
+    "cache_key",
     "default_cache_dir",
     "example_inputs",
     "export_onnx",
@@ -64,6 +66,7 @@ __all__ = [
     "get_entry",
     "import_path",
     "list_models",
+    "write_torchscript_onnx",
 ]
 
 #: ONNX opset used for every export (17 has ``LayerNormalization``, which TVM imports as one op).
@@ -181,15 +184,24 @@ def build_torch(
         A size keyword the entry does not have, or an inconsistent combination of sizes.
     """
     entry = get_entry(name)
-    merged = _resolve_sizes(entry, sizes)
+    return build_entry(entry, _resolve_sizes(entry, sizes), seed)
+
+
+def build_entry(
+    entry: ZooEntry, sizes: Mapping[str, Any], seed: int = 0
+) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """Build ``entry`` at complete, already validated ``sizes``: what :func:`build_torch` does
+    once the name is looked up. Also builds entries outside the registry (the import corpus,
+    :mod:`fusion_rl.graph.corpus`) with the same seeding."""
     # fork_rng so seeding here does not disturb the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            module, inputs = entry.builder(**merged)
+            module, inputs = entry.builder(**sizes)
         except (ValueError, TypeError, RuntimeError) as exc:
-            raise ConfigError(f"zoo model {name!r} cannot be built with sizes {merged}: {exc}") \
-                from exc
+            raise ConfigError(
+                f"zoo model {entry.name!r} cannot be built with sizes {dict(sizes)}: {exc}"
+            ) from exc
         randomize_norm_stats(module)
     module.eval()
     return module, tuple(inputs)
@@ -230,8 +242,9 @@ def _zoo_source_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-def _cache_key(entry: ZooEntry, sizes: Mapping[str, Any], seed: int) -> str:
-    """Hash of everything that changes the exported bytes."""
+def cache_key(entry: ZooEntry, sizes: Mapping[str, Any], seed: int, **extra: Any) -> str:
+    """Hash of everything that changes the exported bytes; ``extra`` adds what a caller's export
+    depends on besides (the import corpus adds its exporter)."""
     payload: dict[str, Any] = {
         "name": entry.name,
         "sizes": {k: sizes[k] for k in sorted(sizes)},
@@ -244,6 +257,7 @@ def _cache_key(entry: ZooEntry, sizes: Mapping[str, Any], seed: int) -> str:
         import transformers
 
         payload["transformers"] = transformers.__version__
+    payload.update(extra)
     blob = json.dumps(payload, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -262,7 +276,7 @@ def export_onnx(
     entry = get_entry(name)
     merged = _resolve_sizes(entry, sizes)
     directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    path = directory / f"{name}-s{seed}-{_cache_key(entry, merged, seed)}.onnx"
+    path = directory / f"{name}-s{seed}-{cache_key(entry, merged, seed)}.onnx"
     if path.is_file():
         return path
 
@@ -273,28 +287,36 @@ def export_onnx(
     module, inputs = build_torch(name, seed=seed, **merged)
 
     def export(tmp: Path) -> None:
-        with warnings.catch_warnings(), torch.no_grad():
-            # The legacy (TorchScript) exporter is deprecated but is faster and yields plain
-            # static graphs, which is what the TVM importer handles best.
-            warnings.simplefilter("ignore", category=DeprecationWarning)
-            warnings.simplefilter("ignore", category=FutureWarning)
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            # TF-style padding slices with steps != 1, which the exporter leaves unfolded.
-            warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
-            torch.onnx.export(
-                module,
-                inputs,
-                str(tmp),
-                dynamo=False,
-                opset_version=ONNX_OPSET,
-                input_names=list(entry.input_names),
-                output_names=["output"],
-                do_constant_folding=True,
-            )
+        write_torchscript_onnx(module, inputs, tmp, entry.input_names)
 
     # A temp file renamed into place (also on KeyboardInterrupt no temp file is left).
     write_atomic(path, export, what="model cache file")
     return path
+
+
+def write_torchscript_onnx(
+    module: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path, input_names: tuple[str, ...]
+) -> None:
+    """Export ``module`` to ``path`` with the TorchScript exporter: static shapes, opset
+    :data:`ONNX_OPSET`, constants folded, one output named ``output``."""
+    with warnings.catch_warnings(), torch.no_grad():
+        # The legacy (TorchScript) exporter is deprecated but is faster and yields plain
+        # static graphs, which is what the TVM importer handles best.
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        # TF-style padding slices with steps != 1, which the exporter leaves unfolded.
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
+        torch.onnx.export(
+            module,
+            inputs,
+            str(path),
+            dynamo=False,
+            opset_version=ONNX_OPSET,
+            input_names=list(input_names),
+            output_names=["output"],
+            do_constant_folding=True,
+        )
 
 
 def import_path(name: str, cache_dir: str | Path | None = None, seed: int = 0, **sizes: Any) -> Path:

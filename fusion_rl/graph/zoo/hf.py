@@ -124,10 +124,11 @@ def build_hf_mobilenet_v2(batch: int, image_size: int, width_percent: int) -> Bu
 
 def build_hf_regnet(
     batch: int, image_size: int, embedding_size: int, hidden_sizes: tuple[int, ...],
-    depths: tuple[int, ...], groups_width: int,
+    depths: tuple[int, ...], groups_width: int, layer_type: str = "x",
 ) -> Built:
     """RegNetX: ResNeXt-style bottlenecks whose 3x3 convs are grouped (``groups_width``
-    channels per group), no squeeze-excite."""
+    channels per group), no squeeze-excite; ``layer_type="y"`` gives RegNetY, the same with
+    squeeze-excite in every block."""
     import transformers
 
     config = transformers.RegNetConfig(
@@ -136,7 +137,7 @@ def build_hf_regnet(
         hidden_sizes=list(hidden_sizes),
         depths=list(depths),
         groups_width=groups_width,
-        layer_type="x",
+        layer_type=layer_type,
         hidden_act="relu",
     )
     model = HFTensorOutput(transformers.RegNetModel(config), "pooler_output")
@@ -145,13 +146,19 @@ def build_hf_regnet(
 
 def build_hf_llama(
     batch: int, seq: int, vocab: int, hidden: int, heads: int, kv_heads: int, ff: int,
-    layers: int,
+    layers: int, model_type: str = "llama",
 ) -> Built:
     """Llama-style decoder: RMSNorm, rotary position embeddings, grouped-query attention
-    (``kv_heads`` key/value heads), SiLU-gated MLP; causal mask prepared as for GPT-2."""
+    (``kv_heads`` key/value heads), SiLU-gated MLP; causal mask prepared as for GPT-2.
+
+    ``model_type`` picks another ``transformers`` decoder of the same shape by its config name
+    (``"mistral"``, ``"qwen2"``: Qwen2 adds biases to the q/k/v projections), so the import
+    corpus covers several implementations of these layers with one builder.
+    """
     import transformers
 
-    config = transformers.LlamaConfig(
+    config = transformers.AutoConfig.for_model(
+        model_type,
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=ff,
@@ -165,7 +172,7 @@ def build_hf_llama(
         attn_implementation="eager",
     )
     model = HFTensorOutput(
-        transformers.LlamaModel(config), "last_hidden_state", causal_additive_mask(seq)
+        transformers.AutoModel.from_config(config), "last_hidden_state", causal_additive_mask(seq)
     )
     return model, (token_ids(batch, seq, vocab),)
 
