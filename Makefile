@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.fusion_rl-installed
 # Threads TVM uses for tuning and timing; set explicitly (TVM picks 1 here otherwise).
 export TVM_NUM_THREADS ?= 2
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast test-corpus clean
 
 install: $(STAMP)
 
@@ -23,7 +23,12 @@ demo: install
 	$(VENV)/bin/fusion-rl demo
 
 test: install
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra -m "not corpus" tests
+
+# The ONNX import corpus: 12 architectures x 2 exporters, every rule set verified (long: the
+# exports alone take minutes; scripts/onnx_corpus.py writes the same as a table).
+test-corpus: install
+	$(PY) -m pytest -q -ra -m corpus tests
 
 # The unit tier only (no TVM build, no worker process; tiers: tests/conftest.py): for the edit-test loop.
 test-fast: install

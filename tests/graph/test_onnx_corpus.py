@@ -5,7 +5,8 @@ user's ONNX file does (``load_onnx_model``), and the plan of every rule set comp
 ONNX Runtime on the exported file. Exports are cached under ``$FUSION_RL_CACHE/corpus``, and
 each (architecture, exporter) is imported once per session and shared by the tests below.
 
-Tiers: importing every export is ``integration``; compiling and verifying every rule set of
+All of it but the unit tests is marked ``corpus``: ``make test-corpus`` runs it, ``make test``
+does not (the exports alone take minutes). Tiers: importing every export is ``integration``; compiling and verifying every rule set of
 every export (about 60 builds) and the 224x224 exports are ``slow``.
 """
 
@@ -49,6 +50,7 @@ def test_corpus_covers_the_required_features() -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.corpus
 @pytest.mark.parametrize(("name", "exporter"), CASES, ids=IDS)
 def test_corpus_export_imports(name: str, exporter: str) -> None:
     model = loaded(name, exporter)
@@ -63,6 +65,7 @@ def test_corpus_export_imports(name: str, exporter: str) -> None:
         np.testing.assert_allclose(expected, module(*inputs).numpy(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.corpus
 def test_tf_padding_export_imports_as_a_user_file() -> None:
     """The TorchScript export of TF "same" padding leaves constant subgraphs that TVM rejects as
     dynamic pads; imported as a user's file, it is folded first (the file stays the reference)."""
@@ -76,6 +79,7 @@ def test_tf_padding_export_imports_as_a_user_file() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.corpus
 @pytest.mark.parametrize(("name", "exporter"), CASES, ids=IDS)
 def test_corpus_export_verifies_every_rule_set(name: str, exporter: str, target) -> None:
     from fusion_rl.compiler.schedules import make_schedule
@@ -89,6 +93,7 @@ def test_corpus_export_verifies_every_rule_set(name: str, exporter: str, target)
 
 
 @pytest.mark.slow
+@pytest.mark.corpus
 @pytest.mark.parametrize("exporter", corpus.EXPORTERS)
 @pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet"])
 def test_real_size_exports_import_and_verify(name: str, exporter: str, target) -> None:
