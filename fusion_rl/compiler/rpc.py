@@ -174,16 +174,16 @@ def run_remote_job(job: Any, models: dict | None = None) -> dict:
     from fusion_rl.compiler.build import compile_plan
     from fusion_rl.compiler.target import parse_target
     from fusion_rl.compiler.verify import reference_outputs
-    from fusion_rl.compiler.worker import _guarded, _inject, _setup
+    from fusion_rl.compiler.worker import guarded, inject_fault, setup_job
     from fusion_rl.errors import VerificationError
     from fusion_rl.fusion.plan import FusionPlan
 
     spec = parse_target(job.target)
 
     def body(result: dict[str, Any]) -> None:
-        model, target, provider = _setup(job, models)
+        model, target, provider = setup_job(job, models)
         plan = FusionPlan.from_dict(job.plan)
-        _inject(job.fault, "build")
+        inject_fault(job.fault, "build")
         compiled = compile_plan(model, plan, target, provider)
         result.update(num_kernels=compiled.num_kernels, schedule_s=compiled.schedule_s,
                       build_s=compiled.build_s, kernel_schedules=compiled.schedules)
@@ -209,7 +209,7 @@ def run_remote_job(job: Any, models: dict | None = None) -> dict:
                     result.update(status="crashed", error=f"device {where} (key {spec.remote.key}) "
                                                           f"disconnected mid-job: {message}")
 
-    return _guarded(body, {"status": "failed", "times_ms": [], "num_kernels": None})
+    return guarded(body, {"status": "failed", "times_ms": [], "num_kernels": None})
 
 
 def _on_device(session: Any, path: Path, model: Any, plan: Any, reference: tuple[list, str],
@@ -219,7 +219,7 @@ def _on_device(session: Any, path: Path, model: Any, plan: Any, reference: tuple
     from tvm import relax
 
     from fusion_rl.compiler.timing import TimingProtocol, time_executable
-    from fusion_rl.compiler.verify import _flatten, compare_outputs
+    from fusion_rl.compiler.verify import compare_outputs, flatten_outputs
     from fusion_rl.errors import VerificationError
 
     expected, where_from = reference
@@ -227,7 +227,7 @@ def _on_device(session: Any, path: Path, model: Any, plan: Any, reference: tuple
     lib = session.load_module(path.name)
     dev = session.cpu()
     vm = relax.VirtualMachine(lib, dev)
-    outputs = _flatten(vm["main"](*[tvm.runtime.tensor(a, dev) for a in model.inputs]))
+    outputs = flatten_outputs(vm["main"](*[tvm.runtime.tensor(a, dev) for a in model.inputs]))
     report = compare_outputs(outputs, expected, where_from)
     if not report.ok:
         raise VerificationError(

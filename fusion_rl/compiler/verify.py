@@ -54,7 +54,7 @@ def run_executable(
     dev = device or tvm.cpu()
     vm = relax.VirtualMachine(ex, dev)
     out = vm["main"](*[tvm.runtime.tensor(a, dev) for a in inputs])
-    return _flatten(out)
+    return flatten_outputs(out)
 
 
 def reference_outputs(model: Model) -> tuple[list[np.ndarray], str]:
@@ -120,13 +120,14 @@ def verify_executable(ex: "relax.VMExecutable", model: Model, what: str = "plan"
     return report
 
 
-def _flatten(out) -> list[np.ndarray]:
+def flatten_outputs(out) -> list[np.ndarray]:
+    """A VM result (a tensor or nested tuples of them) as a flat list of numpy arrays."""
     if isinstance(out, tvm.runtime.Tensor):
         return [out.numpy()]
     if isinstance(out, (list, tuple)) or hasattr(out, "__len__"):
         flat = []
         for o in out:
-            flat.extend(_flatten(o))
+            flat.extend(flatten_outputs(o))
         return flat
     return [np.asarray(out)]
 

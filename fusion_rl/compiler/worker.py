@@ -104,7 +104,7 @@ def run_kernel_job(job: KernelJob, models: dict | None = None) -> dict:
     from fusion_rl.fusion.plan import FusionPlan
 
     def body(result: dict[str, Any]) -> None:
-        model, target, provider = _setup(job, models)
+        model, target, provider = setup_job(job, models)
         fused = apply_plan(model.mod, FusionPlan.from_dict(job.plan), model.graph)
         scheduled = provider.schedule(fused, target)  # the whole module: providers see plans
         funcs = {key: scheduled[name] for key, name, _ in job.kernels}
@@ -112,7 +112,7 @@ def run_kernel_job(job: KernelJob, models: dict | None = None) -> dict:
         times = time_kernels(funcs, specs, target, job.protocol or TimingProtocol())
         result.update(status="ok", times_ms=times)
 
-    return _guarded(body, {"status": "failed", "times_ms": {}})
+    return guarded(body, {"status": "failed", "times_ms": {}})
 
 
 def run_interleaved_job(job: InterleavedJob, models: dict | None = None) -> dict:
@@ -128,7 +128,7 @@ def run_interleaved_job(job: InterleavedJob, models: dict | None = None) -> dict
     from fusion_rl.fusion.plan import FusionPlan
 
     def body(result: dict[str, Any]) -> None:
-        model, target, provider = _setup(job, models)
+        model, target, provider = setup_job(job, models)
         executables, kernels = [], []
         for data in job.plans:
             plan = FusionPlan.from_dict(data)
@@ -139,7 +139,7 @@ def run_interleaved_job(job: InterleavedJob, models: dict | None = None) -> dict
         timings = time_interleaved(executables, model.inputs, job.protocol or TimingProtocol())
         result.update(status="ok", times_ms=[list(t.times_ms) for t in timings], num_kernels=kernels)
 
-    return _guarded(body, {"status": "failed", "times_ms": []})
+    return guarded(body, {"status": "failed", "times_ms": []})
 
 
 def run_job(job: MeasureJob, models: dict | None = None) -> dict:
@@ -150,23 +150,23 @@ def run_job(job: MeasureJob, models: dict | None = None) -> dict:
     from fusion_rl.fusion.plan import FusionPlan
 
     def body(result: dict[str, Any]) -> None:
-        model, target, provider = _setup(job, models)
+        model, target, provider = setup_job(job, models)
         plan = FusionPlan.from_dict(job.plan)
-        _inject(job.fault, "build")
+        inject_fault(job.fault, "build")
         compiled = compile_plan(model, plan, target, provider)
         result.update(num_kernels=compiled.num_kernels, schedule_s=compiled.schedule_s,
                       build_s=compiled.build_s, kernel_schedules=compiled.schedules)
         result["verify"] = verify_executable(compiled.executable, model, f"plan {plan.hash}").to_dict()
-        _inject(job.fault, "run")
+        inject_fault(job.fault, "run")
         timing = time_executable(compiled.executable, model.inputs, job.protocol or TimingProtocol())
         result.update(status="ok", times_ms=list(timing.times_ms))
         if job.per_kernel:
             result["kernel_times_ms"] = kernel_times(compiled.executable, model.inputs)
 
-    return _guarded(body, {"status": "failed", "times_ms": [], "num_kernels": None})
+    return guarded(body, {"status": "failed", "times_ms": [], "num_kernels": None})
 
 
-def _setup(job: MeasureJob | InterleavedJob, models: dict | None) -> tuple[Any, Any, Any]:
+def setup_job(job: MeasureJob | InterleavedJob, models: dict | None) -> tuple[Any, Any, Any]:
     """(model, TVM target, schedule provider) of a job; models are cached per worker."""
     from fusion_rl.compiler.schedules import make_schedule
     from fusion_rl.compiler.target import parse_target
@@ -187,7 +187,7 @@ def _setup(job: MeasureJob | InterleavedJob, models: dict | None) -> tuple[Any, 
     return model, parse_target(job.target).to_tvm(), provider
 
 
-def _guarded(body: Callable[[dict[str, Any]], None], result: dict[str, Any]) -> dict[str, Any]:
+def guarded(body: Callable[[dict[str, Any]], None], result: dict[str, Any]) -> dict[str, Any]:
     """Run ``body(result)``; a wrong output, a fusion_rl error or any TVM-internal error becomes
     the result's status (a bad plan must not end the worker), and ``wall_s`` is always set."""
     from fusion_rl.errors import FusionRLError, VerificationError
@@ -209,7 +209,8 @@ def _guarded(body: Callable[[dict[str, Any]], None], result: dict[str, Any]) -> 
     return result
 
 
-def _inject(fault: str | None, stage: str) -> None:
+def inject_fault(fault: str | None, stage: str) -> None:
+    """Simulate ``fault`` (see :data:`FAULTS`) at ``stage`` (``build`` or ``run``), for tests."""
     if fault is None:
         return
     if fault == "segfault" and stage == "build":
