@@ -77,9 +77,10 @@ class RulesSchedule(ScheduleProvider):
 
     @property
     def key(self) -> str:
-        # v2: packed micro-kernels (microkernel.py). Records of the v1 schedules must not be
-        # served for it, so the version is part of every measurement's key.
-        return "rules:v2"
+        # v2: packed micro-kernels (microkernel.py); v3: grouped convs as NCHWc micro-kernels,
+        # serial ragged inner loops. Records of older schedules must not be served for the new
+        # one, so the version is part of every measurement's key.
+        return "rules:v3"
 
     def schedule(self, mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         ctx = _make_ctx(target)
