@@ -319,7 +319,7 @@ def test_5_a_served_failure_names_the_store_and_retry(capsys, tmp_path, model_ca
         keys = {key, m.failure_key(key)} if hasattr(m, "failure_key") else {key}
         store.put_many([MeasurementRecord(key=k, status="crashed", error="worker died (signal SIGSEGV)") for k in keys])
     line = one_line_error(*run_cli(capsys, "measure", "mlp_tiny", "--rules", "tvm", "--store", str(path))[::2],
-                          "store", "--retry crashed", status=1)
+                          "store", "--retry crashed", status=3)  # a crash is an internal error (README exit codes)
     assert "SIGSEGV" in line
 
 
