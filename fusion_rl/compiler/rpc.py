@@ -171,22 +171,15 @@ def run_remote_job(job: Any, models: dict | None = None) -> dict:
     Returns the same result dict as :func:`fusion_rl.compiler.worker.run_job`, plus ``device``
     (the server's ``host:port``) once a server was reached.
     """
-    from fusion_rl.compiler.build import compile_plan
     from fusion_rl.compiler.target import parse_target
     from fusion_rl.compiler.verify import reference_outputs
-    from fusion_rl.compiler.worker import guarded, inject_fault, setup_job
+    from fusion_rl.compiler.worker import build_job, guarded
     from fusion_rl.errors import VerificationError
-    from fusion_rl.fusion.plan import FusionPlan
 
     spec = parse_target(job.target)
 
     def body(result: dict[str, Any]) -> None:
-        model, target, provider = setup_job(job, models)
-        plan = FusionPlan.from_dict(job.plan)
-        inject_fault(job.fault, "build")
-        compiled = compile_plan(model, plan, target, provider)
-        result.update(num_kernels=compiled.num_kernels, schedule_s=compiled.schedule_s,
-                      build_s=compiled.build_s, kernel_schedules=compiled.schedules)
+        model, plan, compiled = build_job(job, models, result)
         expected, reference = reference_outputs(model)
         with tempfile.TemporaryDirectory(prefix="fusion_rl_rpc_") as tmp:
             path = export_library(compiled.executable, spec, tmp)

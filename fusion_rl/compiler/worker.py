@@ -144,18 +144,11 @@ def run_interleaved_job(job: InterleavedJob, models: dict | None = None) -> dict
 
 def run_job(job: MeasureJob, models: dict | None = None) -> dict:
     """Compile, verify and time ``job``; returns a result dict (never raises for bad plans)."""
-    from fusion_rl.compiler.build import compile_plan
     from fusion_rl.compiler.timing import TimingProtocol, kernel_times, time_executable
     from fusion_rl.compiler.verify import verify_executable
-    from fusion_rl.fusion.plan import FusionPlan
 
     def body(result: dict[str, Any]) -> None:
-        model, target, provider = setup_job(job, models)
-        plan = FusionPlan.from_dict(job.plan)
-        inject_fault(job.fault, "build")
-        compiled = compile_plan(model, plan, target, provider)
-        result.update(num_kernels=compiled.num_kernels, schedule_s=compiled.schedule_s,
-                      build_s=compiled.build_s, kernel_schedules=compiled.schedules)
+        model, plan, compiled = build_job(job, models, result)
         result["verify"] = verify_executable(compiled.executable, model, f"plan {plan.hash}").to_dict()
         inject_fault(job.fault, "run")
         timing = time_executable(compiled.executable, model.inputs, job.protocol or TimingProtocol())
@@ -164,6 +157,21 @@ def run_job(job: MeasureJob, models: dict | None = None) -> dict:
             result["kernel_times_ms"] = kernel_times(compiled.executable, model.inputs)
 
     return guarded(body, {"status": "failed", "times_ms": [], "num_kernels": None})
+
+
+def build_job(job: MeasureJob, models: dict | None, result: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """(model, plan, compiled plan) of ``job``, its build facts recorded in ``result``; the
+    ``build`` fault fires first. Shared by the local job and the RPC job (built here)."""
+    from fusion_rl.compiler.build import compile_plan
+    from fusion_rl.fusion.plan import FusionPlan
+
+    model, target, provider = setup_job(job, models)
+    plan = FusionPlan.from_dict(job.plan)
+    inject_fault(job.fault, "build")
+    compiled = compile_plan(model, plan, target, provider)
+    result.update(num_kernels=compiled.num_kernels, schedule_s=compiled.schedule_s,
+                  build_s=compiled.build_s, kernel_schedules=compiled.schedules)
+    return model, plan, compiled
 
 
 def setup_job(job: MeasureJob | InterleavedJob, models: dict | None) -> tuple[Any, Any, Any]:
