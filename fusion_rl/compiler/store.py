@@ -50,7 +50,6 @@ from fusion_rl.errors import ConfigError, StoreError
 SCHEMA_VERSION = 2  # 2: kernel_schedules
 #: Marks a SQLite file as a fusion_rl store (``PRAGMA application_id``; ASCII "FuRL").
 APPLICATION_ID = 0x4675524C
-_SQLITE_MAGIC = b"SQLite format 3\x00"
 
 _SCHEMA = f"""
 CREATE TABLE meta (
@@ -178,17 +177,18 @@ class MeasurementStore:
         return StoreError(f"measurement store {self.path} is corrupt or not a fusion_rl store ({reason}); {hint}")
 
     def _open(self, *, check: bool) -> sqlite3.Connection:
-        # Look at the header before SQLite does: SQLite happily treats an empty file as an empty
-        # database, and we must never initialize (overwrite) a file that was something else.
+        # Never open the store file outside SQLite: POSIX record locks belong to the process,
+        # and closing *any* descriptor of the file drops the locks of every SQLite connection
+        # this process holds on it. Another process then believes it is the last user,
+        # checkpoints and deletes the WAL under our feet, and the store reads as malformed.
+        # So the size comes from stat() and the header from SQLite itself, which only reads:
+        # an empty file must not be initialized into a store (it may have been something else).
         try:
-            with open(self.path, "rb") as f:
-                header = f.read(100)
+            size = self.path.stat().st_size
         except OSError as exc:
             raise StoreError(f"cannot read measurement store {self.path}: {exc.strerror or exc}") from exc
-        if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
-            raise self._corrupt("not an SQLite file, or truncated" if header else "empty file")
-        if int.from_bytes(header[68:72], "big") != APPLICATION_ID:
-            raise self._corrupt("an SQLite file, but not written by fusion_rl")
+        if size < 100:
+            raise self._corrupt("not an SQLite file, or truncated" if size else "empty file")
 
         # check_same_thread=False: a measurer made in one thread may measure in a pool thread
         # (fusion_rl.compiler.pool); one thread at a time uses a store, and concurrent writers
@@ -196,6 +196,12 @@ class MeasurementStore:
         conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None,
                                check_same_thread=False)
         try:
+            try:
+                application_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            except sqlite3.DatabaseError as exc:
+                raise self._corrupt("not an SQLite file, or truncated") from exc
+            if application_id != APPLICATION_ID:
+                raise self._corrupt("an SQLite file, but not written by fusion_rl")
             conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
             if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
                 conn.execute("PRAGMA journal_mode = WAL")

@@ -221,6 +221,31 @@ def test_concurrent_writers(tmp_path) -> None:
         assert len(store) == 20
 
 
+def test_opening_never_touches_the_file_outside_sqlite(tmp_path, monkeypatch) -> None:
+    """POSIX locks are per process: closing any descriptor of the store file drops the locks of
+    every open connection, and another process may then delete the WAL under them (this made
+    tests/compiler/test_rpc.py's concurrent-writer test read a malformed store one run in four)."""
+    import builtins
+    import io
+
+    path = tmp_path / "m.sqlite"
+    MeasurementStore(path).close()
+    real_open, real_os_open = builtins.open, os.open
+
+    def guarded(opener):
+        def wrapper(file, *args, **kwargs):
+            assert Path(os.fspath(file)) != path, "the store file was opened outside SQLite"
+            return opener(file, *args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(builtins, "open", guarded(real_open))
+    monkeypatch.setattr(io, "open", guarded(real_open))
+    monkeypatch.setattr(os, "open", guarded(real_os_open))
+    with MeasurementStore(path) as first, MeasurementStore(path) as second:
+        first.put(MeasurementRecord.from_times(make_key(), [1.0]))
+        assert len(second) == 1
+
+
 # ---- corruption and schema --------------------------------------------------------------------
 
 
