@@ -1,6 +1,7 @@
 """Baselines a learned fusion policy is compared against, on identical measurements.
 
-:mod:`.search`: random search, greedy merging, simulated annealing and an exhaustive oracle.
+:mod:`.search`: random search, greedy merging, simulated annealing and an exhaustive oracle,
+all moving through the plan space of :mod:`fusion_rl.fusion.plan_space`.
 """
 
 from __future__ import annotations
@@ -11,10 +12,6 @@ from fusion_rl.baselines.search import (
     annealing,
     exhaustive,
     greedy,
-    iter_connected_partitions,
-    legal_plans,
-    merge_candidates,
-    peel_node,
     random_search,
     run_search,
 )
@@ -25,10 +22,6 @@ __all__ = [
     "annealing",
     "exhaustive",
     "greedy",
-    "iter_connected_partitions",
-    "legal_plans",
-    "merge_candidates",
-    "peel_node",
     "random_search",
     "run_search",
 ]

@@ -29,20 +29,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from fusion_rl.compiler.measure import Measurer
 from fusion_rl.errors import ConfigError
-from fusion_rl.fusion.legality import PATTERN_OPAQUE, check_plan
+from fusion_rl.fusion.legality import check_plan
 from fusion_rl.fusion.plan import FusionPlan
+from fusion_rl.fusion.plan_space import EXHAUSTIVE_LIMIT, is_legal, legal_plans, merge_candidates, peel_node
 from fusion_rl.fusion.random_plans import mutate_plan, random_plan
 from fusion_rl.graph.model import Model
-from fusion_rl.graph.opgraph import OpGraph
-
-#: Default cap on the number of connected partitions :func:`exhaustive` enumerates.
-EXHAUSTIVE_LIMIT = 5000
 
 
 @dataclass
@@ -171,10 +168,6 @@ def _check_budget(budget: int) -> None:
         raise ConfigError(f"search budget must be a positive number of measurements, got {budget!r}")
 
 
-def _legal(graph: OpGraph, plan: FusionPlan) -> bool:
-    return check_plan(graph, plan).legal
-
-
 # --------------------------------------------------------------------------------------------
 # random search
 # --------------------------------------------------------------------------------------------
@@ -202,7 +195,7 @@ def random_search(
     for plan in seeds:
         if ev.exhausted:
             break
-        if _legal(graph, plan):
+        if is_legal(graph, plan):
             ev.evaluate(plan)
     proposals = 0
     limit = max_proposals if max_proposals is not None else 50 * budget
@@ -213,7 +206,7 @@ def random_search(
             proposals += 1
             plan = random_plan(graph, rng, merge_prob=None, max_anchors=max_anchors)
             # random_plan keeps groups convex; a cycle *between* groups is possible
-            if plan.hash not in ev.seen and _legal(graph, plan):
+            if plan.hash not in ev.seen and is_legal(graph, plan):
                 batch.setdefault(plan.hash, plan)
         ev.evaluate_many(list(batch.values()))
     return ev.result("random", seed, proposals=proposals)
@@ -222,27 +215,6 @@ def random_search(
 # --------------------------------------------------------------------------------------------
 # greedy merging
 # --------------------------------------------------------------------------------------------
-
-
-def merge_candidates(graph: OpGraph, plan: FusionPlan) -> list[FusionPlan]:
-    """Every legal plan made by merging the two groups at the ends of one not-yet-fused edge.
-
-    Deduplicated (two edges between the same groups give one candidate), in edge order.
-    """
-    group_of = plan.group_of()
-    out: dict[str, FusionPlan] = {}
-    for e in sorted(graph.edges, key=lambda e: (e.src, e.dst)):
-        a, b = group_of[e.src], group_of[e.dst]
-        if a == b:
-            continue
-        if PATTERN_OPAQUE in (graph.nodes[e.src].pattern, graph.nodes[e.dst].pattern):
-            continue  # an opaque op never fuses (legality would reject it anyway)
-        groups = [g for i, g in enumerate(plan.groups) if i not in (a, b)]
-        groups.append(plan.groups[a] + plan.groups[b])
-        cand = FusionPlan.from_groups(groups, plan.num_nodes, plan.fingerprint, "greedy")
-        if cand.hash not in out and _legal(graph, cand):
-            out[cand.hash] = cand
-    return list(out.values())
 
 
 def greedy(model: Model, measurer: Measurer, budget: int, seed: int | None = None,
@@ -317,7 +289,7 @@ def annealing(
     rng = np.random.default_rng(seed)
     graph = model.graph
     current = start or FusionPlan.singletons(len(graph), graph.fingerprint, "annealing")
-    if not _legal(graph, current):
+    if not is_legal(graph, current):
         check_plan(graph, current).raise_if_illegal()
     current_ms = ev.evaluate(current)
     proposals = accepted = 0
@@ -325,7 +297,7 @@ def annealing(
     while current_ms is not None and not ev.exhausted and proposals < limit:
         proposals += 1
         cand = mutate_plan(graph, current, rng) if rng.uniform() < 0.5 else peel_node(graph, current, rng)
-        if cand.hash == current.hash or not _legal(graph, cand):
+        if cand.hash == current.hash or not is_legal(graph, cand):
             continue
         ms = ev.evaluate(cand)
         if ms is None:
@@ -341,112 +313,9 @@ def annealing(
     return ev.result("annealing", seed, proposals=proposals, accepted=accepted)
 
 
-def peel_node(graph: OpGraph, plan: FusionPlan, rng: np.random.Generator) -> FusionPlan:
-    """A neighbour of ``plan`` with one node of one fused group made a singleton.
-
-    Returns ``plan`` itself when it has no fused group, or when the rest of the group would be
-    illegal or not weakly connected (so every search stays inside the space of connected groups
-    that :func:`exhaustive` enumerates); the caller treats that as no move.
-    """
-    fused = plan.fused_groups
-    if not fused:
-        return plan
-    group = fused[int(rng.integers(len(fused)))]
-    node = group[int(rng.integers(len(group)))]
-    groups = [g for g in plan.groups if g != group]
-    groups += [tuple(n for n in group if n != node), (node,)]
-    cand = FusionPlan.from_groups(groups, plan.num_nodes, plan.fingerprint, "mutant")
-    rest = set(group) - {node}
-    return cand if _connected(rest, graph) and _legal(graph, cand) else plan
-
-
-def _connected(group: set[int], graph: OpGraph) -> bool:
-    """Whether ``group`` is weakly connected through edges between its own members."""
-    adj: dict[int, set[int]] = {n: set() for n in group}
-    for e in graph.edges:
-        if e.src in group and e.dst in group:
-            adj[e.src].add(e.dst)
-            adj[e.dst].add(e.src)
-    start = next(iter(group))
-    seen, stack = {start}, [start]
-    while stack:
-        for v in adj[stack.pop()] - seen:
-            seen.add(v)
-            stack.append(v)
-    return len(seen) == len(group)
-
-
 # --------------------------------------------------------------------------------------------
 # exhaustive oracle
 # --------------------------------------------------------------------------------------------
-
-
-def iter_connected_partitions(graph: OpGraph) -> Iterator[FusionPlan]:
-    """Every partition of the graph into weakly connected groups, each exactly once.
-
-    Depth-first over the edges: each edge is either *contracted* (its ends share a group) or
-    *cut* (its ends must end in different groups). An edge whose ends are already together has no
-    choice, and a cut pair may never be merged later, so every partition arises from exactly one
-    branch and no deduplication is needed. Groups with an opaque op are pruned early (they can
-    never be legal). Convexity and cycles are *not* checked here: a group that is non-convex
-    mid-way can become convex once more nodes join (the diamond), so see :func:`legal_plans`.
-    """
-    n = len(graph)
-    edges = sorted({(min(e.src, e.dst), max(e.src, e.dst)) for e in graph.edges})
-    opaque = {node.id for node in graph.nodes if node.pattern == PATTERN_OPAQUE}
-    parent = list(range(n))
-
-    def find(x: int) -> int:
-        while parent[x] != x:
-            x = parent[x]
-        return x  # no path compression: the DFS undoes unions by restoring one parent entry
-
-    cut: set[tuple[int, int]] = set()
-
-    def separated(a: int, b: int) -> bool:
-        # Cut pairs are recorded on roots; check every recorded pair against the current roots.
-        return any({find(x), find(y)} == {a, b} for x, y in cut)
-
-    def rec(k: int) -> Iterator[FusionPlan]:
-        if k == len(edges):
-            yield FusionPlan.from_assignment([find(i) for i in range(n)], graph.fingerprint, "exhaustive")
-            return
-        u, v = edges[k]
-        a, b = find(u), find(v)
-        if a == b:
-            yield from rec(k + 1)
-            return
-        if not (u in opaque or v in opaque) and not separated(a, b):
-            parent[b] = a
-            yield from rec(k + 1)
-            parent[b] = b
-        cut.add((u, v))
-        yield from rec(k + 1)
-        cut.discard((u, v))
-
-    yield from rec(0)
-
-
-def legal_plans(graph: OpGraph, limit: int = EXHAUSTIVE_LIMIT) -> list[FusionPlan]:
-    """All legal plans whose groups are connected.
-
-    Raises
-    ------
-    ConfigError
-        when the graph has more than ``limit`` connected partitions (checked
-        while enumerating, so a large graph fails fast instead of hanging).
-    """
-    plans = []
-    for count, plan in enumerate(iter_connected_partitions(graph), start=1):
-        if count > limit:
-            raise ConfigError(
-                f"exhaustive search: {graph.name or 'this model'} has more than {limit} connected "
-                f"partitions ({len(graph)} ops, {len(graph.edges)} edges); the oracle is only for "
-                "small graphs: raise the limit (max_plans) or use --algo greedy/annealing/random"
-            )
-        if _legal(graph, plan):
-            plans.append(plan)
-    return plans
 
 
 def exhaustive(
@@ -464,7 +333,10 @@ def exhaustive(
     an oracle that stops early is no oracle. Deterministic; ``seed`` is only recorded.
     """
     _check_budget(budget)
-    plans = legal_plans(model.graph, max_plans)
+    try:
+        plans = legal_plans(model.graph, max_plans)
+    except ConfigError as exc:
+        raise ConfigError(f"exhaustive search: {exc}") from None
     new = sum(measurer.cached(model, p) is None for p in plans)
     if new > budget:
         raise ConfigError(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 
@@ -14,10 +13,6 @@ from fusion_rl.baselines.search import (
     annealing,
     exhaustive,
     greedy,
-    iter_connected_partitions,
-    legal_plans,
-    merge_candidates,
-    peel_node,
     random_search,
     run_search,
 )
@@ -28,9 +23,9 @@ from fusion_rl.compiler.timing import TimingProtocol
 from fusion_rl.errors import ConfigError
 from fusion_rl.fusion.legality import check_plan
 from fusion_rl.fusion.plan import FusionPlan
+from fusion_rl.fusion.plan_space import merge_candidates
 from fusion_rl.graph.model import model_from_torch
 
-from _tiny import diamond
 from conftest import one_line_error, run_cli
 
 QUICK = TimingProtocol.quick()
@@ -55,90 +50,12 @@ def measurer(store) -> Measurer:
     return Measurer("host", "naive", store=store, protocol=QUICK, isolate=False)
 
 
-# ---- enumeration (no measurement) -------------------------------------------------------------
-
-
-def _brute_force_legal(graph) -> set[str]:
-    """Every legal partition with weakly connected groups, by enumerating all set partitions."""
-
-    def partitions(items):
-        if not items:
-            yield []
-            return
-        first, rest = items[0], items[1:]
-        for part in partitions(rest):
-            yield [[first]] + part
-            for i in range(len(part)):
-                yield part[:i] + [[first] + part[i]] + part[i + 1:]
-
-    def connected(group):
-        g = set(group)
-        seen, stack = {group[0]}, [group[0]]
-        while stack:
-            u = stack.pop()
-            for e in graph.edges:
-                for a, b in ((e.src, e.dst), (e.dst, e.src)):
-                    if a == u and b in g and b not in seen:
-                        seen.add(b)
-                        stack.append(b)
-        return seen == g
-
-    out = set()
-    for part in partitions(list(range(len(graph)))):
-        if all(connected(g) for g in part):
-            plan = FusionPlan.from_groups(part, len(graph), graph.fingerprint)
-            if check_plan(graph, plan).legal:
-                out.add(plan.hash)
-    return out
-
-
-def test_enumeration_matches_brute_force_on_the_diamond():
-    graph = diamond()
-    plans = list(iter_connected_partitions(graph))
-    assert len(plans) == len({p.hash for p in plans}) == 12  # each partition exactly once
-    legal = legal_plans(graph)
-    assert {p.hash for p in legal} == _brute_force_legal(graph)
-    assert len(legal) == 10  # {0,1,3} and {0,2,3} re-enter the group
-
-
-def test_enumeration_matches_brute_force_on_a_real_graph(model_cache):
-    graph = model_cache("mlp_tiny").graph
-    # Truncate to the first 7 nodes (Bell(7) = 877 partitions) to keep the brute force fast.
-    from fusion_rl.graph.opgraph import OpGraph
-
-    small = OpGraph(graph.nodes[:7], [e for e in graph.edges if e.dst < 7], outputs=[6], name="head")
-    assert {p.hash for p in legal_plans(small)} == _brute_force_legal(small)
-
-
-def test_legal_plan_counts(model_cache):
-    # Both are chains: every subset of edges to contract is a distinct, convex plan (2^edges).
-    assert len(legal_plans(model_cache("mlp_tiny").graph)) == 1024
-    assert len(legal_plans(model_cache("cnn_plain").graph)) == 4096
-
-
 def test_too_many_plans_is_refused_before_measuring(model_cache, store):
     model = model_cache("cnn_plain")
     m = measurer(store)
     with pytest.raises(ConfigError, match="more than 100 connected partitions"):
         exhaustive(model, m, budget=10_000, max_plans=100)
     assert m.stats.misses == 0
-
-
-def test_neighbourhoods_stay_legal_and_connected(mlp2):
-    import numpy as np
-
-    graph = mlp2.graph
-    rng = np.random.default_rng(0)
-    space = {p.hash for p in legal_plans(graph)}
-    plan = FusionPlan.singletons(len(graph), graph.fingerprint)
-    assert len(merge_candidates(graph, plan)) == len(graph.edges)
-    for _ in range(50):
-        merges = merge_candidates(graph, plan)
-        if rng.uniform() < 0.5 or not merges:
-            plan = peel_node(graph, plan, rng)
-        else:
-            plan = merges[int(rng.integers(len(merges)))]
-        assert plan.hash in space
 
 
 # ---- budgets and accounting -------------------------------------------------------------------
