@@ -7,6 +7,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fusion_rl-installed
 # Threads TVM uses for tuning and timing; set explicitly (TVM picks 1 here otherwise).
 export TVM_NUM_THREADS ?= 2
+# pytest-xdist processes for `make test`: one per core of CI's 2. Most of a test's time is a
+# single-threaded TVM/LLVM build, and no test asserts a time, so two run side by side.
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test test-fast test-corpus clean
 
@@ -23,7 +26,7 @@ demo: install
 	$(VENV)/bin/fusion-rl demo
 
 test: install
-	$(PY) -m pytest -q -ra -m "not corpus" tests
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) -m "not corpus" tests
 
 # The ONNX import corpus: 12 architectures x 2 exporters, every rule set verified (long: the
 # exports alone take minutes; scripts/onnx_corpus.py writes the same as a table).
