@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -69,7 +70,7 @@ def test_measurement_under_load_is_repeated_and_never_cached(tmp_path, bench, mo
     cache = tmp_path / "hw"
     _load(monkeypatch, 6.0)  # 6 runnable processes on 2 cores
     feats = hardware_features("x86-64-t2", cache_dir=cache)
-    assert list(cache.glob("*.json")) == []  # neither the rates nor the target's features
+    assert list(cache.glob("*.json")) == []  # neither the rates nor the target's features are cached
     assert len(bench) == 1 + tgt.hardware.LOADED_RETRIES  # measured again, best kept
     assert feats.measurement["loaded"] is True and feats.measurement["cached"] is False
     assert feats.measurement["load_1min"] == [6.0] * len(bench) and feats.measurement["cores"] == 2
@@ -83,6 +84,28 @@ def test_measurement_under_load_is_repeated_and_never_cached(tmp_path, bench, mo
     # ... and served from the cache afterwards.
     tgt.measured_rates(2, cache)
     assert len(bench) == 4
+
+
+def test_a_measurement_under_load_is_shared_briefly_with_other_processes(tmp_path, bench, monkeypatch):
+    """Processes of one run (xdist workers, CLI subprocesses) see the same load: the second gets
+    the first one's numbers instead of paying the retries again, but only for LOADED_SHARE_S."""
+    cache = tmp_path / "hw"
+    _load(monkeypatch, 6.0)
+    first = tgt.rates_record(2, cache)
+    assert len(bench) == 3 and list(cache.glob("*.json")) == []
+    monkeypatch.setattr(tgt.hardware, "_SESSION_RATES", {})  # what another process starts with
+    assert tgt.rates_record(2, cache) == first and len(bench) == 3
+    now = time.time()
+    monkeypatch.setattr(tgt.hardware.time, "time", lambda: now + tgt.hardware.LOADED_SHARE_S + 1)
+    monkeypatch.setattr(tgt.hardware, "_SESSION_RATES", {})
+    tgt.rates_record(2, cache)
+    assert len(bench) == 6  # too old to share: measured again
+    # Once that share is old too, an idle machine's measurement is cached and replaces it.
+    _load(monkeypatch, 0.2)
+    monkeypatch.setattr(tgt.hardware.time, "time", lambda: now + 2 * (tgt.hardware.LOADED_SHARE_S + 1))
+    monkeypatch.setattr(tgt.hardware, "_SESSION_RATES", {})
+    assert tgt.rates_record(2, cache)["protocol"]["cached"] is True and len(bench) == 7
+    assert not list(cache.glob("*.loaded"))
 
 
 def test_loaded_means_the_benchmark_would_share_cores():

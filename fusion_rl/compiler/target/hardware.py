@@ -7,9 +7,11 @@ micro-benchmark (fp32 GFLOP/s, copy bandwidth, and their ratio), and are taken r
 - each measurement is a best-of over repeated runs (:func:`run_microbenchmark`);
 - before each one, the 1-minute load average is compared with the cores the benchmark needs
   (:func:`is_loaded`). On a loaded machine it is measured again (up to :data:`LOADED_RETRIES`
-  times, keeping the best), and a measurement that was still taken under load is used by this
-  process only and never written to the cache: once on this project's 2-core machine, a loaded
-  run cached 77 GFLOP/s where an idle one measures 316;
+  times, keeping the best), and a measurement that was still taken under load is never written
+  to the cache: once on this project's 2-core machine, a loaded run cached 77 GFLOP/s where an
+  idle one measures 316. It is shared for :data:`LOADED_SHARE_S` only, beside the cache, with the
+  other processes of the same run (workers, CLI subprocesses, test processes), which see the
+  same load: they get the same numbers instead of each paying the retries again;
 - how it was taken (attempts, load, cores, whether it was cached) is recorded with it
   (:attr:`HardwareFeatures.measurement`). Cache files from before this record existed
   (:data:`CACHE_VERSION`) are measured again.
@@ -51,6 +53,9 @@ LOADED_RETRIES = 2
 #: Runnable processes the 1-minute load average may exceed the cores the benchmark leaves free
 #: by before the machine counts as loaded (an idle Linux box sits at 0-0.3).
 LOAD_SLACK = 0.5
+
+#: Seconds a measurement taken under load is shared with other processes (never cached).
+LOADED_SHARE_S = 300.0
 
 _log = logging.getLogger("fusion_rl.hardware")
 #: Rates measured under load in this process (never cached on disk): one process measures once
@@ -278,7 +283,7 @@ def rates_record(
     Cached per thread count (not per target): the micro-benchmark does not depend on the LLVM
     CPU model, and sharing one measurement keeps targets with equal threads consistent instead
     of differing by whatever load the machine had at each measurement. A measurement taken
-    under load (see the module docstring) is kept for this process only.
+    under load (see the module docstring) is not cached; it is shared for :data:`LOADED_SHARE_S`.
 
     Returns
     -------
@@ -297,6 +302,12 @@ def rates_record(
             return cached
         if session_key in _SESSION_RATES:
             return _SESSION_RATES[session_key]
+        shared = _read_json(_loaded_file(path))
+        if (shared is not None and shared.get("cache_version") == CACHE_VERSION
+                and {"peak_gflops", "mem_bw_gbs", "protocol", "measured_at"} <= shared.keys()
+                and 0 <= time.time() - float(shared["measured_at"]) < LOADED_SHARE_S):
+            _SESSION_RATES[session_key] = shared
+            return shared
     cores = host_num_threads()
     best: dict[str, float] | None = None
     loads: list[float | None] = []
@@ -321,9 +332,16 @@ def rates_record(
         _log.info("hardware rates at %d thread(s) measured under load (1-min load %.1f on %d cores) after %d "
                   "attempts; used by this process only, not cached", num_threads, loads[-1], cores, len(loads))
         _SESSION_RATES[session_key] = record
+        _write_json_atomic(_loaded_file(path), record)
     else:
         _write_json_atomic(path, record)
+        _loaded_file(path).unlink(missing_ok=True)
     return record
+
+
+def _loaded_file(path: Path) -> Path:
+    """Where a measurement taken under load is shared (not ``*.json``: it is no cache entry)."""
+    return path.with_name(path.name + ".loaded")
 
 
 def hardware_features(
