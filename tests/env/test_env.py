@@ -19,6 +19,7 @@ from fusion_rl.env.rewards import FAILURE_PENALTY
 from fusion_rl.errors import ConfigError, IllegalPlanError
 from fusion_rl.fusion.legality import check_plan
 from fusion_rl.fusion.plan import FusionPlan
+from fusion_rl.fusion.plan_space import is_connected
 from fusion_rl.fusion.rules import make_plan
 from tests._tiny import diamond
 
@@ -91,7 +92,7 @@ def test_diamond_masks_equal_check_plan_and_reach_every_connected_legal_plan():
     for labels in itertools.product(range(4), repeat=4):
         plan = FusionPlan.from_assignment(labels)
         connected = all(
-            len(g) == 1 or _connected(graph, set(g)) for g in plan.groups
+            len(g) == 1 or is_connected(set(g), graph) for g in plan.groups
         )
         if connected and check_plan(graph, plan).legal:
             expected.add(plan.hash)
@@ -102,19 +103,6 @@ def test_diamond_masks_equal_check_plan_and_reach_every_connected_legal_plan():
     process.decide(True)
     process.decide(False)
     assert process.current == 2 and not process.can_fuse()
-
-
-def _connected(graph, group: set[int]) -> bool:
-    start = next(iter(group))
-    seen, stack = {start}, [start]
-    while stack:
-        u = stack.pop()
-        for e in graph.edges:
-            for a, b in ((e.src, e.dst), (e.dst, e.src)):
-                if a == u and b in group and b not in seen:
-                    seen.add(b)
-                    stack.append(b)
-    return seen == group
 
 
 @pytest.mark.parametrize("name", ["cnn_plain", "resnet_tiny", "transformer_encoder"])

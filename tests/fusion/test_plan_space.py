@@ -46,21 +46,9 @@ def _brute_force_legal(graph) -> set[str]:
             for i in range(len(part)):
                 yield part[:i] + [[first] + part[i]] + part[i + 1:]
 
-    def connected(group):
-        g = set(group)
-        seen, stack = {group[0]}, [group[0]]
-        while stack:
-            u = stack.pop()
-            for e in graph.edges:
-                for a, b in ((e.src, e.dst), (e.dst, e.src)):
-                    if a == u and b in g and b not in seen:
-                        seen.add(b)
-                        stack.append(b)
-        return seen == g
-
     out = set()
     for part in partitions(list(range(len(graph)))):
-        if all(connected(g) for g in part):
+        if all(is_connected(set(g), graph) for g in part):  # tested on its own below
             plan = FusionPlan.from_groups(part, len(graph), graph.fingerprint)
             if check_plan(graph, plan).legal:
                 out.add(plan.hash)

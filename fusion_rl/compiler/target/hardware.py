@@ -297,15 +297,12 @@ def rates_record(
     session_key = (str(path), num_threads)
     if not refresh:
         cached = _read_json(path)
-        if (cached is not None and cached.get("cache_version") == CACHE_VERSION
-                and {"peak_gflops", "mem_bw_gbs", "protocol"} <= cached.keys()):
+        if _is_rates_record(cached):
             return cached
         if session_key in _SESSION_RATES:
             return _SESSION_RATES[session_key]
         shared = _read_json(_loaded_file(path))
-        if (shared is not None and shared.get("cache_version") == CACHE_VERSION
-                and {"peak_gflops", "mem_bw_gbs", "protocol", "measured_at"} <= shared.keys()
-                and 0 <= time.time() - float(shared["measured_at"]) < LOADED_SHARE_S):
+        if _is_rates_record(shared) and 0 <= time.time() - float(shared["measured_at"]) < LOADED_SHARE_S:
             _SESSION_RATES[session_key] = shared
             return shared
     cores = host_num_threads()
@@ -330,13 +327,19 @@ def rates_record(
     _SESSION_RATES.pop(session_key, None)
     if loaded:
         _log.info("hardware rates at %d thread(s) measured under load (1-min load %.1f on %d cores) after %d "
-                  "attempts; used by this process only, not cached", num_threads, loads[-1], cores, len(loads))
+                  "attempts; not cached, shared with this run's processes for %.0f s", num_threads, loads[-1], cores, len(loads), LOADED_SHARE_S)
         _SESSION_RATES[session_key] = record
         _write_json_atomic(_loaded_file(path), record)
     else:
         _write_json_atomic(path, record)
         _loaded_file(path).unlink(missing_ok=True)
     return record
+
+
+def _is_rates_record(data: dict[str, Any] | None) -> bool:
+    """Whether ``data`` is a rates record of this :data:`CACHE_VERSION` (cached or shared)."""
+    return (data is not None and data.get("cache_version") == CACHE_VERSION
+            and {"peak_gflops", "mem_bw_gbs", "protocol", "measured_at"} <= data.keys())
 
 
 def _loaded_file(path: Path) -> Path:
