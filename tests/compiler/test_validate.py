@@ -90,14 +90,33 @@ def test_criterion(old, old_iqr, new, new_iqr, verdict):
 
 
 @pytest.mark.slow
-def test_tampered_result_does_not_hold(capsys, measured, tmp_path):
-    data = dict(measured["data"])
-    data["latency_ms"] *= 10
+@pytest.mark.parametrize("factor, verdict", [(1.0, "HOLDS"), (10.0, "DOES NOT HOLD")])
+def test_tampered_result_does_not_hold(capsys, measured, tmp_path, monkeypatch, factor, verdict):
+    """The stored result holds and a x10 one does not, end to end through the CLI. The plan is
+    compiled, verified and timed again, but the verdict is judged against the original timing:
+    on a loaded machine (two test workers on two cores) a fresh IQR on a 0.1 ms model has reached
+    23 ms, a band wide enough to let even a x10 claim hold."""
+    import dataclasses
+
+    from fusion_rl.compiler.measure import Measurer
+
+    first = measured["data"]
+    real = Measurer.measure
+
+    def as_first_timed(self, model, plan, **kwargs):
+        record = real(self, model, plan, **kwargs)
+        assert record.status == "ok", record.error
+        return dataclasses.replace(record, median_ms=first["latency_ms"], spread_ms=first["spread_ms"],
+                                   times_ms=list(first["times_ms"]))
+
+    monkeypatch.setattr(Measurer, "measure", as_first_timed)
+    data = dict(first, latency_ms=first["latency_ms"] * factor)
     tampered = tmp_path / "tampered.json"
     tampered.write_text(json.dumps(data))
     code, out, _ = run_cli(capsys, "validate", str(tampered))
     lines = out.strip().splitlines()
-    assert code == 1 and len(lines) == 1 and lines[0].startswith("DOES NOT HOLD"), out
+    assert len(lines) == 1 and lines[0].startswith(verdict + ":"), out
+    assert code == (0 if verdict == "HOLDS" else 1), out
 
 
 @pytest.mark.slow
