@@ -19,6 +19,12 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # One OpenMP thread per test process: `make test` runs one process per core, and OpenMP
+    # threads spin while they wait, so torch's default (a thread per core, in each process)
+    # made policy inference ~10x slower (the plugin/CLI/env agreement test: 60 s alone, 616 s
+    # beside a copy of itself). Read by torch at import; measurement workers set their own.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 #: The repository root (tests live in ``tests/<package>/``, so ``__file__`` depths differ).
 REPO_ROOT = Path(__file__).resolve().parent.parent
