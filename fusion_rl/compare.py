@@ -127,15 +127,24 @@ def bar_chart(rows: Sequence[CompareRow], path: str | Path, title: str = "") -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import LogLocator, NullFormatter
+
     ok = [r for r in rows if r.status == "ok" and r.latency_ms is not None]
-    fig, ax = plt.subplots(figsize=(8, 0.32 * len(ok) + 1.2))
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(ok) + 1.6))
     names = [r.system for r in ok]
-    colors = ["tab:blue" if r.rules else "tab:gray" for r in ok]
+    colors = ["tab:orange" if r.rules == "learned" else "tab:blue" if r.rules else "tab:gray" for r in ok]
     ax.barh(names, [r.latency_ms for r in ok], xerr=[r.spread_ms or 0 for r in ok], color=colors)
     ax.invert_yaxis()
     ax.set_xscale("log")
-    ax.set_xlabel("median latency, ms (log scale; error bar = IQR)")
-    ax.set_title(title)
+    # Labels on powers of ten only: labelled minor ticks ran into each other.
+    ax.xaxis.set_major_locator(LogLocator(base=10))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("median latency, ms (log scale; error bar = IQR; shorter is faster)")
+    ax.set_title(title or "Latency by system")
+    kinds = [("TVM, a rule set's plan", "tab:blue"), ("TVM, the learned policy's plan", "tab:orange"),
+             ("another runtime", "tab:gray")]
+    ax.legend(handles=[Patch(color=c, label=k) for k, c in kinds if c in colors], fontsize=8, loc="lower right")
     fig.tight_layout()
     path = Path(path)
     try:
@@ -172,7 +181,7 @@ def write_report(rows: Sequence[CompareRow], out_dir: str | Path, name: str, hea
 #: Keys of an experiment config (experiments/compile_libraries, experiments/fusion_effects).
 EXPERIMENT_KEYS = frozenset(
     {"models", "schedules", "tuned_models", "tuned_rules", "trials_per_task", "target",
-     "repeat", "min_repeat_ms", "timeout_s", "confirm_rounds"}
+     "repeat", "min_repeat_ms", "timeout_s", "confirm_rounds", "policy"}
 )
 
 

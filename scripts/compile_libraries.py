@@ -14,10 +14,20 @@ from pathlib import Path
 
 from fusion_rl.baselines.runtimes import RUNTIMES
 from fusion_rl.compare import compare_model, load_experiment, machine_description, to_markdown, write_report
-from fusion_rl.fusion.rules import RULE_SETS, make_plan
-from fusion_rl.io import write_atomic
 from fusion_rl.compiler.store import MeasurementStore, default_store_path
-from fusion_rl.graph.model import load_model
+from fusion_rl.export import LearnedPlanner
+from fusion_rl.fusion.plan import FusionPlan
+from fusion_rl.fusion.rules import RULE_SETS, make_plan
+from fusion_rl.graph.model import Model, load_model
+from fusion_rl.io import write_atomic
+
+
+def plans_for(model: Model, names, planner: LearnedPlanner | None) -> dict[str, FusionPlan]:
+    """The plan of each rule set in ``names``, and the policy's as "learned" if one is given."""
+    plans = {r: make_plan(r, model.mod, model.graph) for r in names if r != "learned"}
+    if planner is not None and "learned" in names:
+        plans["learned"] = planner.plan(model.graph)
+    return plans
 
 
 def main() -> int:
@@ -38,15 +48,20 @@ def main() -> int:
         "includes tuning (zero when the tuning database already had the kernel).  ",
         f"Command: `{command}`\n",
     ]
+    # The shipped policy's plan is a row beside the rule sets' ("learned").
+    planner = LearnedPlanner(str(Path(__file__).resolve().parents[1] / cfg["policy"]), spec.name) if cfg.get("policy") else None
+    every = (*RULE_SETS, "learned")
+    if planner is not None:
+        sections.insert(-1, f"`learned` = the plan of the policy `{cfg['policy']}`.  ")
     with MeasurementStore(args.store or default_store_path()) as store:
         for name in cfg["models"]:
             t0 = time.perf_counter()
             model = load_model(name)
             tuned_ok = name in cfg.get("tuned_models", cfg["models"])
             rows = compare_model(model, [(s, kw) for s, kw in schedules if s != "tuned"],
-                                 spec.name, store, protocol)
+                                 spec.name, store, protocol, plans=plans_for(model, every, planner))
             if tuned_ok:  # tuned only for the rule sets whose kernels tune in bounded time
-                plans = {r: make_plan(r, model.mod, model.graph) for r in cfg.get("tuned_rules", RULE_SETS)}
+                plans = plans_for(model, cfg.get("tuned_rules", every), planner)
                 tuned = [(s, kw) for s, kw in schedules if s == "tuned"]
                 rows[-len(RUNTIMES):-len(RUNTIMES)] = compare_model(model, tuned, spec.name, store,
                                                                     protocol, runtimes=(), plans=plans)

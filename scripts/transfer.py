@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--remeasure", type=int, default=0, metavar="ROUNDS",
                    help="re-time the held-out-model cases' plans without the store, interleaved, ROUNDS rounds")
     p.add_argument("--out-dir", type=Path, default=None, help="report folder (default: the config's folder)")
+    p.add_argument("--replot", action="store_true",
+                   help="only redraw speedups.png from the report folder's results.json (nothing is run)")
     return p.parse_args(argv)
 
 
@@ -67,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = read_yaml(args.config, "transfer config")
     out_dir = args.out_dir or args.config.parent
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        rows = json.loads((out_dir / "results.json").read_text())
+        report.plot_heldout([r for r in rows if r["split"] != "train"], out_dir / "speedups.png")
+        return 0
     train_config_path = (REPO / cfg["train_config"]).resolve()
     env_spec = EnvSpec.from_yaml(load_config(train_config_path).env_spec)
 
