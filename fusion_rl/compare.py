@@ -128,7 +128,7 @@ def bar_chart(rows: Sequence[CompareRow], path: str | Path, title: str = "") -> 
     import matplotlib.pyplot as plt
 
     from matplotlib.patches import Patch
-    from matplotlib.ticker import LogLocator, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     ok = [r for r in rows if r.status == "ok" and r.latency_ms is not None]
     fig, ax = plt.subplots(figsize=(8, 0.32 * len(ok) + 1.6))
@@ -137,8 +137,10 @@ def bar_chart(rows: Sequence[CompareRow], path: str | Path, title: str = "") -> 
     ax.barh(names, [r.latency_ms for r in ok], xerr=[r.spread_ms or 0 for r in ok], color=colors)
     ax.invert_yaxis()
     ax.set_xscale("log")
-    # Labels on powers of ten only: labelled minor ticks ran into each other.
-    ax.xaxis.set_major_locator(LogLocator(base=10))
+    # Labels at 1, 2 and 5 x 10^k in plain numbers: matplotlib's labelled minor ticks ran into
+    # each other.
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("median latency, ms (log scale; error bar = IQR; shorter is faster)")
     ax.set_title(title or "Latency by system")

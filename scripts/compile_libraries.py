@@ -1,11 +1,14 @@
 """Regenerate experiments/compile_libraries/: the comparison table and charts for each model.
 
-Usage: python scripts/compile_libraries.py experiments/compile_libraries/config.yaml
+Usage: python scripts/compile_libraries.py experiments/compile_libraries/config.yaml [--replot]
+
+``--replot`` redraws each model's chart from its ``<model>.json`` and measures nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -13,7 +16,7 @@ from pathlib import Path
 
 
 from fusion_rl.baselines.runtimes import RUNTIMES
-from fusion_rl.compare import compare_model, load_experiment, machine_description, to_markdown, write_report
+from fusion_rl.compare import CompareRow, bar_chart, compare_model, load_experiment, machine_description, to_markdown, write_report
 from fusion_rl.compiler.store import MeasurementStore, default_store_path
 from fusion_rl.export import LearnedPlanner
 from fusion_rl.fusion.plan import FusionPlan
@@ -34,9 +37,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("config", type=Path)
     parser.add_argument("--store", type=Path, default=None)
+    parser.add_argument("--replot", action="store_true", help="only redraw the charts from the JSON files")
     args = parser.parse_args()
     cfg, spec, protocol, schedules = load_experiment(args.config)
     out = args.config.parent
+    if args.replot:
+        for name in cfg["models"]:
+            rows = [CompareRow(**r) for r in json.loads((out / f"{name}.json").read_text())]
+            bar_chart(rows, out / f"{name}.png", name)
+        return 0
     pin = os.environ.get("FUSION_RL_HOST_MCPU")  # a host CPU override must be reproduced too
     command = (f"FUSION_RL_HOST_MCPU={pin} " if pin else "") + f"python scripts/compile_libraries.py {args.config}"
     sections = [
