@@ -53,11 +53,17 @@ def tier_of(filename: str, slow: bool) -> str:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Mark every test with exactly one tier (see :data:`TIERS`), from its file name."""
+    """Mark every test with exactly one tier (see :data:`TIERS`), from its file name; then run
+    the files that hold ``e2e`` tests first, each file's tests still together."""
     for item in items:
         if not any(item.get_closest_marker(t) for t in TIERS):
             tier = tier_of(item.path.name, item.get_closest_marker("slow") is not None)
             item.add_marker(getattr(pytest.mark, tier))
+    # The long tests first: with two xdist workers, a two-minute test handed out last leaves
+    # the other worker idle for its length. Files stay contiguous, so module fixtures are set up
+    # once per worker as before.
+    slow_files = {item.path for item in items if item.get_closest_marker("e2e")}
+    items.sort(key=lambda item: item.path not in slow_files)
 
 
 def load_cached(name: str):
