@@ -24,15 +24,18 @@ def _offline_runs(run_dir: Path) -> list[bytes]:
     return [p.read_bytes() for p in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))]
 
 
-def _settled_log(run_dir: Path, timeout_s: float = 60.0) -> bytes:
-    """The training run's record log once its size stops changing (W&B writes it from its
-    own service process, which may lag behind ``finish()`` on a loaded machine)."""
+def _settled_log(run_dir: Path, count: int = 1, timeout_s: float = 60.0) -> bytes:
+    """The record log of the run's ``count``-th offline W&B run once its size stops changing
+    (W&B writes it from its own service process, which may lag behind ``finish()`` on a loaded
+    machine: a header-only log was read once under two test workers)."""
     import time
 
     deadline, last = time.monotonic() + timeout_s, None
     while time.monotonic() < deadline:
-        (log,) = _offline_runs(run_dir)
-        if log == last and len(log) > 64:
+        logs = _offline_runs(run_dir)
+        assert len(logs) <= count, f"{len(logs)} offline runs, expected {count}"
+        log = logs[-1] if len(logs) == count else None
+        if log is not None and log == last and len(log) > 64:
             return log
         last = log
         time.sleep(0.5)
@@ -77,7 +80,7 @@ def test_offline_run_syncs_tensorboard_and_logs_the_policy_artifact(tmp_path, mo
     name = log_policy_artifact(run, REPO_ROOT / "policies" / "default")
     assert name == f"policy-{run.name}"
     assert calls[-1]["id"] == init["id"] and calls[-1]["group"] == init["group"]
-    export_log = _offline_runs(run)[-1]
+    export_log = _settled_log(run, count=2)
     assert name.encode() in export_log and b"weights.safetensors" in export_log
     assert re.search(rb"card\.json", export_log)
 
