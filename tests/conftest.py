@@ -37,7 +37,7 @@ _MODELS: dict = {}
 #: - integration: builds, measures or runs the CLI on tiny models;
 #: - e2e: whole jobs (training, the fuzzer, validate re-timing).
 _UNIT_FILES = frozenset({
-    "test_cost_model.py", "test_decisions.py", "test_importer.py", "test_opgraph.py", "test_paired.py",
+    "test_card.py", "test_cost_model.py", "test_decisions.py", "test_importer.py", "test_opgraph.py", "test_paired.py",
     "test_plan.py", "test_plan_index.py", "test_plan_space.py", "test_policy.py", "test_rewards.py", "test_rules.py", "test_store.py",
     "test_target.py", "test_transfer.py",
 })

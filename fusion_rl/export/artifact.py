@@ -109,6 +109,21 @@ def save_artifact(directory: str | os.PathLike, network: "torch.nn.Module", card
     return out
 
 
+def set_evaluation(directory: str | os.PathLike, evaluation: dict[str, Any]) -> Path:
+    """Replace the ``evaluation`` section of an exported policy's card (the weights are kept).
+
+    The card is read through :func:`read_card` (so a damaged artifact is refused, not
+    re-hashed into looking intact), its content hash recomputed, and the card written
+    atomically. Returns the card's path.
+    """
+    card, weights = read_card(directory)
+    card["evaluation"] = evaluation
+    card["content_hash"] = content_hash(card, weights)
+    path = resolve_policy_dir(directory) / CARD_FILE
+    write_atomic(path, json.dumps(card, indent=1) + "\n", what="policy card")
+    return path
+
+
 def resolve_policy_dir(directory: str | os.PathLike) -> Path:
     """The policy folder ``directory`` names: a folder, or a shipped policy's name.
 
