@@ -163,6 +163,14 @@ class _Evaluator:
         )
 
 
+def within_anchor_cap(graph: Any, plan: FusionPlan, max_anchors: int | None) -> bool:
+    """Whether every group of ``plan`` holds at most ``max_anchors`` conv/matmul anchors
+    (``None``: no cap), the constraint the training env's mask enforces."""
+    if max_anchors is None:
+        return True
+    return all(sum(graph.nodes[n].is_mac_anchor for n in g) <= max_anchors for g in plan.groups)
+
+
 def _check_budget(budget: int) -> None:
     if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
         raise ConfigError(f"search budget must be a positive number of measurements, got {budget!r}")
@@ -218,11 +226,13 @@ def random_search(
 
 
 def greedy(model: Model, measurer: Measurer, budget: int, seed: int | None = None,
+           max_anchors: int | None = None,
            progress: Callable[[int, int | None, str], None] | None = None) -> SearchResult:
     """Best-improvement merging: start unfused; each round measure every legal one-edge merge of
-    the current plan and take the best-measured one; stop when no merge improves on the current
-    plan or the budget is spent (the best merge measured so far in an interrupted round is still
-    taken if it improves). Deterministic: ``seed`` is unused and only recorded."""
+    the current plan (within ``max_anchors`` per group) and take the best-measured one; stop
+    when no merge improves on the current plan or the budget is spent (the best merge measured
+    so far in an interrupted round is still taken if it improves). Deterministic: ``seed`` is
+    unused and only recorded."""
     ev = _Evaluator(model, measurer, budget, progress=progress)
     graph = model.graph
     current = FusionPlan.singletons(len(graph), graph.fingerprint, "greedy")
@@ -233,7 +243,7 @@ def greedy(model: Model, measurer: Measurer, budget: int, seed: int | None = Non
         rounds += 1
         best_cand, best_ms = None, current_ms
         interrupted = False
-        cands = merge_candidates(graph, current)
+        cands = [c for c in merge_candidates(graph, current) if within_anchor_cap(graph, c, max_anchors)]
         for start in range(0, len(cands), ev.runners):
             chunk = cands[start:start + ev.runners]
             for cand, ms in zip(chunk, ev.evaluate_many(chunk)):
@@ -265,9 +275,11 @@ def annealing(
     t_start: float = 0.1,
     t_end: float = 0.002,
     max_proposals: int | None = None,
+    max_anchors: int | None = None,
     progress: Callable[[int, int | None, str], None] | None = None,
 ) -> SearchResult:
-    """Simulated annealing over legal plans, moving with :func:`mutate_plan` and :func:`peel_node`.
+    """Simulated annealing over legal plans, moving with :func:`mutate_plan` and :func:`peel_node`
+    (a move that puts more than ``max_anchors`` conv/matmul anchors in a group is not proposed).
 
     Neighbourhood: with probability 1/2 :func:`mutate_plan` (split a fused group into
     singletons, or merge along a few more edges), else :func:`peel_node` (move one node out of a
@@ -297,7 +309,8 @@ def annealing(
     while current_ms is not None and not ev.exhausted and proposals < limit:
         proposals += 1
         cand = mutate_plan(graph, current, rng) if rng.uniform() < 0.5 else peel_node(graph, current, rng)
-        if cand.hash == current.hash or not is_legal(graph, cand):
+        if cand.hash == current.hash or not within_anchor_cap(graph, cand, max_anchors) \
+                or not is_legal(graph, cand):
             continue
         ms = ev.evaluate(cand)
         if ms is None:
@@ -361,13 +374,15 @@ ALGORITHMS: dict[str, Callable[..., SearchResult]] = {
 
 
 def run_search(algo: str, model: Model, measurer: Measurer, budget: int, seed: int = 0,
-               progress: Callable[[int, int | None, str], None] | None = None) -> SearchResult:
+               progress: Callable[[int, int | None, str], None] | None = None,
+               **options: Any) -> SearchResult:
     """Run search algorithm ``algo`` (a key of :data:`ALGORITHMS`).
 
-    ``progress(evaluated, budget, label)``, if given, is called after each plan evaluated.
+    ``progress(evaluated, budget, label)``, if given, is called after each plan evaluated;
+    ``options`` go to the algorithm (e.g. ``max_anchors`` for random, greedy and annealing).
     """
     try:
         fn = ALGORITHMS[algo]
     except KeyError:
         raise ConfigError(f"unknown search algorithm '{algo}'; choose one of {', '.join(ALGORITHMS)}") from None
-    return fn(model, measurer, budget, seed=seed, progress=progress)
+    return fn(model, measurer, budget, seed=seed, progress=progress, **options)

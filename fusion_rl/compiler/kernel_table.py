@@ -37,7 +37,7 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
-from fusion_rl.compiler.measure import Measurer
+from fusion_rl.compiler.measure import MeasureStats, Measurer
 from fusion_rl.compiler.store import default_store_path, library_versions
 from fusion_rl.compiler.timing import TimingProtocol
 from fusion_rl.compiler.worker import KernelJob
@@ -270,5 +270,57 @@ class KernelTable:
         self.close()
 
 
-__all__ = ["KERNEL_PROTOCOL", "KernelSite", "KernelTable", "PlanEstimate", "default_table_path",
-           "plan_kernels"]
+@dataclass(frozen=True)
+class EstimateRecord:
+    """What :meth:`TableObjective.measure` returns: shaped like a measurement record (``status``,
+    ``median_ms``, ``error``), so search and training code take either."""
+
+    status: str  #: "ok", or "failed" when a kernel could not be scheduled, built or run
+    median_ms: float | None  #: the estimate; ``None`` unless ok
+    error: str | None = None
+    kernels_timed: int = 0  #: kernels this estimate had to time (the measurements it spent)
+
+
+class TableObjective:
+    """A :class:`KernelTable` behind a measurer's interface: plans are *estimated*, not built.
+
+    Search algorithms (:mod:`fusion_rl.baselines.search`) call ``measure`` and count
+    ``stats.misses`` as the measurements they spend. Here a miss is one kernel timed alone: a
+    plan whose kernels are all in the table costs nothing, so a search can evaluate thousands
+    of plans for the price of the kernels it has not seen. The plan a search returns is only
+    estimated fast; re-time it end to end (head to head) before believing it.
+    """
+
+    def __init__(self, table: KernelTable) -> None:
+        self.table = table
+        self.stats = MeasureStats()
+        self.estimates = 0  #: plans estimated (kernel-table evaluations)
+
+    def measure(self, model: Model, plan: FusionPlan, per_kernel: bool = False) -> EstimateRecord:
+        """The plan's estimate, timing its kernels that the table lacks (``per_kernel`` is
+        accepted for the measurer interface and ignored: the table is per kernel already)."""
+        self.estimates += 1
+        try:
+            est = self.table.estimate(model, plan)
+        except MeasurementError as exc:
+            self.stats.misses += 1
+            self.stats.failures += 1
+            return EstimateRecord("failed", None, str(exc))
+        if est.timed:
+            self.stats.misses += est.timed
+        else:
+            self.stats.hits += 1
+        return EstimateRecord("ok", est.latency_ms, None, est.timed)
+
+    def cached(self, model: Model, plan: FusionPlan) -> EstimateRecord | None:
+        """The estimate if every kernel of ``plan`` is in the table (nothing is timed), else ``None``."""
+        sites = self.table.kernels(model, plan)
+        known = self.table.times([s.kernel for s in sites])
+        if len(known) < len({s.kernel for s in sites}):
+            return None
+        kernel_ms = float(sum(known[s.kernel] for s in sites))
+        return EstimateRecord("ok", kernel_ms + len(sites) * self.table.launch_ms)
+
+
+__all__ = ["KERNEL_PROTOCOL", "EstimateRecord", "KernelSite", "KernelTable", "PlanEstimate",
+           "TableObjective", "default_table_path", "plan_kernels"]

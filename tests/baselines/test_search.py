@@ -155,3 +155,28 @@ def test_cli_exhaustive_refusal_is_one_line(capsys, tmp_path):
     line = one_line_error(*run_cli(capsys, "search", "se_cnn", "--algo", "exhaustive", "--budget", "5",
                                    "--store", str(tmp_path / "m.sqlite"))[::2], "connected partitions")
     assert line.startswith("error: exhaustive search")
+
+
+@pytest.mark.parametrize("algo", ["random", "greedy", "annealing"])
+def test_anchor_cap_bounds_every_evaluated_plan(model_cache, algo):
+    """With ``max_anchors=1`` no evaluated plan has a group with two conv/matmul anchors (the
+    training env's mask); without it, some search plans do (the cap is what restricts them)."""
+    from types import SimpleNamespace
+
+    from fusion_rl.baselines.search import run_search, within_anchor_cap
+
+    class Recording:  # no TVM: fewer groups is faster, so searches drive towards big groups
+        def __init__(self) -> None:
+            self.stats, self.plans = SimpleNamespace(misses=0), []
+
+        def measure(self, model, plan, per_kernel=False):
+            self.stats.misses += 1
+            self.plans.append(plan)
+            return SimpleNamespace(status="ok", median_ms=float(len(plan.groups)))
+
+    model = model_cache("cnn_plain")
+    capped, free = Recording(), Recording()
+    run_search(algo, model, capped, 40, seed=0, max_anchors=1)
+    run_search(algo, model, free, 40, seed=0)
+    assert capped.plans and all(within_anchor_cap(model.graph, p, 1) for p in capped.plans)
+    assert not all(within_anchor_cap(model.graph, p, 1) for p in free.plans)

@@ -99,3 +99,38 @@ def test_bad_table_files_and_inputs(model_cache, tmp_path, monkeypatch):
             table.ensure(model, make_plan("tvm", model.mod, model.graph))
         assert len(table) == 0
     assert sqlite3.connect(tmp_path / "k.sqlite").execute("PRAGMA application_id").fetchone()[0] != 0
+
+
+@pytest.mark.parametrize("algo", ["random", "annealing"])
+def test_search_over_the_table_spends_kernels_not_plans(model_cache, tmp_path, algo):
+    """A search on the table evaluates plans by estimate; what it spends is kernels timed, and
+    a second search over the same plans spends nothing."""
+    from fusion_rl.baselines.search import run_search
+    from fusion_rl.compiler.kernel_table import TableObjective
+
+    model = model_cache("mlp_tiny")
+    with _table(tmp_path / "k.sqlite") as table:
+        objective = TableObjective(table)
+        first = run_search(algo, model, objective, 12, seed=0)
+        assert first.evaluations == objective.estimates == 12 and first.failures == 0
+        assert first.measurements_spent == table.timed == len(table) > 0
+        assert objective.cached(model, first.best_plan).median_ms == pytest.approx(first.best_ms)
+        again = run_search(algo, model, TableObjective(table), 12, seed=0)
+        assert again.measurements_spent == 0 and again.best_plan.hash == first.best_plan.hash
+        assert again.best_ms == pytest.approx(first.best_ms)
+
+
+def test_table_objective_reports_a_failed_kernel_as_a_failed_evaluation(model_cache, tmp_path, monkeypatch):
+    from fusion_rl.compiler.kernel_table import TableObjective
+
+    model = model_cache("mlp_tiny")
+    plan = make_plan("tvm", model.mod, model.graph)
+    with _table(tmp_path / "k.sqlite") as table:
+        def broken(*args, **kwargs):
+            raise MeasurementError("injected: kernel did not build")
+
+        monkeypatch.setattr(table, "ensure", broken)
+        objective = TableObjective(table)
+        record = objective.measure(model, plan)
+        assert record.status == "failed" and record.median_ms is None and "injected" in record.error
+        assert objective.stats.failures == 1 and objective.cached(model, plan) is None
