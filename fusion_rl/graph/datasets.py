@@ -129,7 +129,7 @@ def _benchmark(name: str, seed: int) -> Benchmark:
     needs = None
     try:
         # The export cache key: it changes exactly when the exported graph may change.
-        version: str | None = zoo.cache_key(entry, zoo._resolve_sizes(entry, {}), seed)
+        version: str | None = zoo.cache_key(entry, zoo.resolve_sizes(entry, {}), seed)
     except ImportError:  # a transformers model without the [hf] extra
         version, needs = None, "hf"
     return Benchmark(name=entry.name, suite=getattr(entry, "suite", "tiny"), family=entry.family,

@@ -145,9 +145,9 @@ def test_rpc_targets_parse_into_the_store_key():
     assert parse_target("rpc://h:1/k:host").key == f"rpc://h:1/k:{local.key}"
     assert parse_target("rpc://h:1/other:host").key != parse_target("rpc://h:1/k:host").key
     # The hardware-feature cache names its file after the key: one file, in the cache folder.
-    from fusion_rl.compiler.target.hardware import _cache_file
+    from fusion_rl.compiler.target.hardware import cache_file
 
-    assert _cache_file(Path("cache"), spec.key, "host", "cpu").parent == Path("cache")
+    assert cache_file(Path("cache"), spec.key, "host", "cpu").parent == Path("cache")
     for bad in ("rpc://", "rpc://h/k:host", "rpc://h:99999/k:host", "rpc://h:1/k:", "rpc://h:1/k:nope",
                 "rpc://h:1/k:rpc://h:1/k:host"):
         with pytest.raises(ConfigError):

@@ -244,7 +244,8 @@ def default_hw_cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "fusion_rl") / "hw"
 
 
-def _cache_file(cache_dir: Path, stem: str, hostname: str, cpu_model: str) -> Path:
+def cache_file(cache_dir: Path, stem: str, hostname: str, cpu_model: str) -> Path:
+    """The file in ``cache_dir`` that caches ``stem`` (a target key, or rates) for one machine."""
     # The name stays readable; the digest keeps machines with the same hostname but another CPU
     # (e.g. a re-provisioned VM) apart.
     digest = hashlib.sha256(f"{stem}|{hostname}|{cpu_model}".encode()).hexdigest()[:12]
@@ -293,7 +294,7 @@ def rates_record(
     """
     directory = Path(cache_dir) if cache_dir is not None else default_hw_cache_dir()
     hostname, cpu_model = _host_identity()
-    path = _cache_file(directory, f"rates-t{num_threads}", hostname, cpu_model)
+    path = cache_file(directory, f"rates-t{num_threads}", hostname, cpu_model)
     session_key = (str(path), num_threads)
     if not refresh:
         cached = _read_json(path)
@@ -367,7 +368,7 @@ def hardware_features(
     spec = parse_target(spec)
     directory = Path(cache_dir) if cache_dir is not None else default_hw_cache_dir()
     hostname, cpu_model = _host_identity()
-    path = _cache_file(directory, spec.key, hostname, cpu_model)
+    path = cache_file(directory, spec.key, hostname, cpu_model)
     cached = None if refresh else _read_json(path)
     if cached is not None and cached.get("cache_version") == CACHE_VERSION:
         try:

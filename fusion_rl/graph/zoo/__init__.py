@@ -116,7 +116,7 @@ def get_entry(name: str) -> ZooEntry:
         ) from None
 
 
-def _resolve_sizes(entry: ZooEntry, sizes: Mapping[str, Any]) -> dict[str, Any]:
+def resolve_sizes(entry: ZooEntry, sizes: Mapping[str, Any]) -> dict[str, Any]:
     """Merge ``sizes`` over the entry's defaults, rejecting unknown keys."""
     unknown = sorted(set(sizes) - set(entry.defaults))
     if unknown:
@@ -184,7 +184,7 @@ def build_torch(
         A size keyword the entry does not have, or an inconsistent combination of sizes.
     """
     entry = get_entry(name)
-    return build_entry(entry, _resolve_sizes(entry, sizes), seed)
+    return build_entry(entry, resolve_sizes(entry, sizes), seed)
 
 
 def build_entry(
@@ -274,7 +274,7 @@ def export_onnx(
     (temp file, rename), so an interrupted export never leaves a truncated model behind.
     """
     entry = get_entry(name)
-    merged = _resolve_sizes(entry, sizes)
+    merged = resolve_sizes(entry, sizes)
     directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = directory / f"{name}-s{seed}-{cache_key(entry, merged, seed)}.onnx"
     if path.is_file():
@@ -351,7 +351,7 @@ def flops(name: str, **sizes: Any) -> int:
     no weights), so this costs well under a second even for bench models.
     """
     entry = get_entry(name)
-    merged = _resolve_sizes(entry, sizes)
+    merged = resolve_sizes(entry, sizes)
     return _flops(name, tuple(sorted(merged.items())))
 
 
