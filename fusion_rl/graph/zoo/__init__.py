@@ -66,6 +66,7 @@ __all__ = [
     "get_entry",
     "import_path",
     "list_models",
+    "resolve_sizes",
     "write_torchscript_onnx",
 ]
 
