@@ -66,7 +66,7 @@ def main() -> int:
                                min_repeat_ms=cfg.get("kernel_min_repeat_ms", 10), warmup=1)
     timeout = cfg.get("timeout_s", 600)
     rng = np.random.default_rng(cfg.get("seed", 0))
-    rows, calib, models = [], [], {}
+    rows, measured, models = [], [], {}
     with MeasurementStore(args.store or default_store_path()) as store, \
             KernelTable(args.table, spec, schedule, kwargs, kprotocol, timeout) as table, \
             Measurer(spec, schedule, kwargs, store=store, protocol=protocol, timeout_s=timeout) as m:
@@ -97,10 +97,28 @@ def main() -> int:
                            e2e_s=time.perf_counter() - t0, error=rec.error)
                 est = table.estimate(model, plan)
                 row.update(kernel_ms=est.kernel_ms, launches=est.launches)
+                row["e2e_pass_ms"] = [rec.median_ms]
                 rows.append(row)
-                if kind == "rules" and rec.status == "ok":
-                    calib.append((model, plan, rec.median_ms))
+                measured.append((model, plan, row))
             print(f"{name}: {len(plans)} plans, table {len(table)} kernels", file=sys.stderr)
+        # Later passes time every plan again, minutes after its first timing, without the store;
+        # a plan's end-to-end latency is the fastest pass's median. This machine drifts between
+        # speed regimes (and a neighbour's load slows whole minutes): one pass put plans at 2-8x
+        # their re-timed latency. The minimum keeps the measurement no slowdown touched.
+        with Measurer(spec, schedule, kwargs, store=None, protocol=protocol, timeout_s=timeout) as fresh:
+            for k in range(1, cfg.get("e2e_passes", 1)):
+                for model, plan, row in measured:
+                    if row.get("status") != "ok":
+                        continue
+                    t0 = time.perf_counter()
+                    rec = fresh.measure(model, plan)
+                    row["e2e_s"] += time.perf_counter() - t0
+                    row["e2e_pass_ms"].append(rec.median_ms if rec.status == "ok" else None)
+                    if rec.status == "ok" and rec.median_ms < row["e2e_ms"]:
+                        row.update(e2e_ms=rec.median_ms, e2e_iqr_ms=rec.spread_ms)
+                print(f"pass {k + 1} of {cfg['e2e_passes']} done", file=sys.stderr, flush=True)
+        calib = [(model, plan, row["e2e_ms"]) for model, plan, row in measured
+                 if row["kind"] == "rules" and row.get("status") == "ok"]
         launch_ms = table.calibrate(calib) if calib else 0.0
     for r in rows:
         if r.get("status") == "ok":
@@ -120,6 +138,9 @@ def report(cfg, args, spec, schedule, protocol, kprotocol, launch_ms, rows) -> s
         "# Kernel-table estimator vs end-to-end latency\n",
         f"Machine: {machine_description(spec.num_threads)}; target `{spec.key}`; schedule `{schedule}`; "
         f"end-to-end protocol `{protocol.key}`, kernel protocol `{kprotocol.key}`.  ",
+        f"End-to-end latency: the fastest of {cfg.get('e2e_passes', 1)} pass(es) over all plans "
+        "(each pass times every plan once; passes minutes apart, so a slow regime of the machine "
+        "touches one pass of a plan, not all).  ",
         f"Command: `python scripts/kernel_table.py {args.config}`\n",
         f"Estimate = sum of the plan's kernels, each timed alone, + launches x {launch_ms:.5f} ms "
         f"(per-launch cost fitted on the {sum(r['kind'] == 'rules' and r.get('status') == 'ok' for r in rows)} "
