@@ -98,12 +98,14 @@ def test_tvm_rules_match_fuseops_kernel_for_kernel(name, model_cache):
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_every_rule_set_is_legal_compiles_and_verifies(name, model_cache, target):
     model = model_cache(name)
-    kernels = {}
+    kernels, by_hash = {}, {}
     for rules in RULE_SETS:
         plan = make_plan(rules, model.mod, model.graph)
-        compiled = compile_plan(model, plan, target, make_schedule("naive"))
-        assert verify_executable(compiled.executable, model, rules).ok
-        kernels[rules] = compiled.num_kernels
+        if plan.hash not in by_hash:  # rule sets often agree (tvm and tensorrt): build each plan once
+            compiled = compile_plan(model, plan, target, make_schedule("naive"))
+            assert verify_executable(compiled.executable, model, rules).ok
+            by_hash[plan.hash] = compiled.num_kernels
+        kernels[rules] = by_hash[plan.hash]
     # Reshape-like ops become views when lowered, so unfused launches at most one per op.
     assert 0 < kernels["unfused"] <= len(model.graph)
     assert kernels["aggressive"] <= min(kernels["tvm"], kernels["tensorrt"])
