@@ -154,9 +154,10 @@ def test_check_plan_reports_on_every_arbitrary_partition(model_cache, name):
 def test_ci_fuzz_covers_every_zoo_model(tmp_path):
     """CI's reduced fuzz: one arbitrary partition per zoo model through the legality checker (the
     rejected ones forced through the compiler), and one legal plan under naive + rules on each of
-    four different families; no mismatch, no legality hole. Every rule set of every zoo model is
-    compiled and verified by tests/fusion/test_apply.py; the full fuzz is experiments/fuzz/."""
-    built = ("resnet_tiny", "mobilenet_tiny", "transformer_encoder", "hf_gpt2")
+    two families (a residual CNN, a `transformers` decoder); no mismatch, no legality hole. Every
+    rule set of every zoo model is compiled and verified by tests/fusion/test_apply.py; the full
+    fuzz is experiments/fuzz/."""
+    built = ("resnet_tiny", "hf_gpt2")
     models = [*built, *(m for m in fuzz.default_models() if m not in built)]
     report = fuzz.fuzz_plans(models, len(built), seed=0, schedules=("naive", "rules"),
                              out=tmp_path, n_partitions=len(models), timeout_s=300,
