@@ -265,11 +265,24 @@ def test_bad_options(capsys, argv, words):
         ["no-such-command"],
     ],
 )
-def test_argparse_errors_exit_2_without_traceback(argv):
-    proc = cli_child(*argv)
+def test_argparse_errors_exit_2_without_traceback(capsys, argv):
+    # In this process: argparse ends the command with SystemExit(2), which the interpreter turns
+    # into exit status 2 (the child below shows that once, end to end).
+    from fusion_rl.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()  # argparse's errors too: one line, no usage block
+    assert len(lines) == 1 and lines[0].startswith("error: fusion-rl"), err
+
+
+def test_argparse_error_in_a_child_exits_2_with_one_line():
+    proc = cli_child("plan", "cnn_plain", "--rules", "tvm", "--seed", "abc")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()  # argparse's errors too: one line, no usage block
-    assert len(lines) == 1 and lines[0].startswith("error: fusion-rl"), proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: fusion-rl plan: argument --seed"), proc.stderr
 
 
 # ---- public APIs --------------------------------------------------------------------------

@@ -150,8 +150,8 @@ def test_demo_reports_each_row_and_prints_one_json_object(monkeypatch, tmp_path,
 # ---- the commands, on a terminal and off it --------------------------------------------------------
 
 
-def _run(argv: list[str], tty: bool) -> tuple[int, str, str]:
-    """Run the CLI with stderr on a pseudo-terminal (``tty``) or a pipe; stdout is a pipe."""
+def _run_on_terminal(argv: list[str]) -> tuple[int, str, str]:
+    """Run the CLI in a child with stderr on a pseudo-terminal; stdout is a pipe."""
     import fcntl
     import pty
     import struct
@@ -159,9 +159,6 @@ def _run(argv: list[str], tty: bool) -> tuple[int, str, str]:
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TVM_NUM_THREADS": "2"}
     cmd = [sys.executable, "-m", "fusion_rl.cli", *argv]
-    if not tty:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-        return proc.returncode, proc.stdout, proc.stderr
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=slave, env=env, cwd=ROOT)
@@ -188,12 +185,20 @@ MEASURE = ["measure", "mlp_tiny", "--rules", "tvm,unfused", "--rounds", "2", "--
            "--repeat", "1", "--min-repeat-ms", "1"]
 
 
-def test_measure_rounds_draws_a_bar_on_a_terminal_only() -> None:
-    code, out, err = _run(MEASURE, tty=True)
+def test_measure_rounds_draws_a_bar_on_a_terminal_only(monkeypatch, capsys) -> None:
+    # A real terminal once (the child's stderr is a pseudo-terminal) ...
+    code, out, err = _run_on_terminal(MEASURE)
     assert code == 0, err
     assert "rounds" in err and "2/2" in err, err  # the bar, redrawn as each round finished
-    code, out, err = _run([*MEASURE, "--json"], tty=True)
-    assert code == 0 and "2/2" not in err and "rounds:" not in err, err
-    assert json.loads(out)["plans"]
-    code, out, err = _run(MEASURE, tty=False)
-    assert code == 0 and "2/2" not in err and "\r" not in err, err
+    # ... then in this process (no second interpreter start): a terminal with --json, and a pipe.
+    from fusion_rl.cli import main
+
+    tty = _Tty()
+    monkeypatch.setattr(sys, "stderr", tty)
+    assert main([*MEASURE, "--json"]) == 0
+    assert "2/2" not in tty.getvalue() and "rounds:" not in tty.getvalue(), tty.getvalue()
+    assert json.loads(capsys.readouterr().out)["plans"]
+    pipe = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", pipe)
+    assert main(MEASURE) == 0
+    assert "2/2" not in pipe.getvalue() and "\r" not in pipe.getvalue(), pipe.getvalue()
