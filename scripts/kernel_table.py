@@ -35,7 +35,7 @@ from fusion_rl.fusion.rules import RULE_SETS, make_plan
 from fusion_rl.graph.model import load_model
 
 KEYS = {"models", "plans_per_model", "seed", "max_anchors", "target", "schedule", "trials_per_task",
-        "repeat", "min_repeat_ms", "kernel_repeat", "kernel_min_repeat_ms", "timeout_s"}
+        "repeat", "min_repeat_ms", "kernel_repeat", "kernel_min_repeat_ms", "timeout_s", "e2e_passes"}
 
 
 def mape(est: list[float], real: list[float]) -> float:
@@ -174,4 +174,8 @@ def report(cfg, args, spec, schedule, protocol, kprotocol, launch_ms, rows) -> s
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except FusionRLError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
