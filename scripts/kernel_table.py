@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from fusion_rl.compare import machine_description
+from fusion_rl.cli.common import run_script
 from fusion_rl.compiler.cost_model import spearman
 from fusion_rl.compiler.kernel_table import KernelTable
 from fusion_rl.compiler.measure import Measurer
@@ -47,6 +48,8 @@ def load_config(path: Path) -> dict:
     cfg = read_yaml(path, "kernel-table config")
     if not isinstance(cfg, dict) or set(cfg) - KEYS or not cfg.get("models"):
         raise ConfigError(f"{path}: expected a mapping with 'models' and keys among {sorted(KEYS)}")
+    if not isinstance(cfg["models"], list) or not all(isinstance(m, str) for m in cfg["models"]):
+        raise ConfigError(f"{path}: 'models' must be a list of model names")
     return cfg
 
 
@@ -174,8 +177,4 @@ def report(cfg, args, spec, schedule, protocol, kprotocol, launch_ms, rows) -> s
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except FusionRLError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

@@ -34,7 +34,7 @@ from fusion_rl.compiler.measure import Measurer  # noqa: E402
 from fusion_rl.compiler.paired import head_to_head  # noqa: E402
 from fusion_rl.compiler.target import parse_target  # noqa: E402
 from fusion_rl.compiler.timing import TimingProtocol  # noqa: E402
-from fusion_rl.errors import FusionRLError  # noqa: E402
+from fusion_rl.cli.common import run_script  # noqa: E402
 from fusion_rl.fusion.rules import make_plan  # noqa: E402
 from fusion_rl.graph.model import load_model  # noqa: E402
 from fusion_rl.io import read_yaml, write_atomic  # noqa: E402
@@ -117,8 +117,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except FusionRLError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fusion_rl import transfer  # noqa: E402
-from fusion_rl.errors import FusionRLError  # noqa: E402
+from fusion_rl.cli.common import run_script  # noqa: E402
 from fusion_rl.evaluate import RULE_BASELINES, equal_budget, evaluate, training_stats  # noqa: E402
 from fusion_rl.io import read_yaml, write_atomic  # noqa: E402
 from fusion_rl.paths import relative_to_repo  # noqa: E402
@@ -148,8 +148,4 @@ def write_card(policy: Path, out_dir: Path, rules: tuple[str, ...]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except FusionRLError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

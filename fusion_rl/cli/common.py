@@ -7,7 +7,7 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from fusion_rl.compiler.schedules import DEFAULT_SCHEDULE
 from fusion_rl.errors import ConfigError
@@ -43,6 +43,20 @@ EXIT_CODES = {
     EXIT_INTERNAL_ERROR: "internal error: a bug, or a build or measurement that failed for "
                          "another reason (crashed, timeout); `--debug` shows the traceback",
 }
+
+
+def run_script(main: Callable[[], int | None]) -> NoReturn:
+    """Exit with ``main()``'s status; a :class:`~fusion_rl.errors.FusionRLError` becomes one
+    ``error: ...`` line and status 2, as in ``fusion-rl`` (for the experiment scripts)."""
+    from fusion_rl.errors import FusionRLError
+    from fusion_rl.io import one_line
+
+    try:
+        status = int(main() or 0)
+    except FusionRLError as exc:
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        status = EXIT_USER_ERROR
+    sys.exit(status)
 
 
 def positive(kind: type = int, maximum: float | None = None):

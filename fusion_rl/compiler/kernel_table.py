@@ -219,11 +219,20 @@ class KernelTable:
     def estimate(self, model: Model, plan: FusionPlan) -> PlanEstimate:
         """The plan's estimated latency, timing its missing kernels first."""
         timed = self.ensure(model, plan)
+        est = self.estimate_known(model, plan)
+        if est is None:  # ensure() times every missing kernel or raises; a table edited meanwhile
+            raise MeasurementError(f"kernel table {self.path} lost kernels of plan {plan.hash} while estimating")
+        return PlanEstimate(est.latency_ms, est.kernel_ms, est.launches, est.launch_ms, timed)
+
+    def estimate_known(self, model: Model, plan: FusionPlan) -> PlanEstimate | None:
+        """The estimate from the table alone (nothing is timed); ``None`` if a kernel is missing."""
         sites = self.kernels(model, plan)
         known = self.times([s.kernel for s in sites])
+        if any(s.kernel not in known for s in sites):
+            return None
         kernel_ms = float(sum(known[s.kernel] for s in sites))
         launch = self.launch_ms
-        return PlanEstimate(kernel_ms + len(sites) * launch, kernel_ms, len(sites), launch, timed)
+        return PlanEstimate(kernel_ms + len(sites) * launch, kernel_ms, len(sites), launch, 0)
 
     def calibrate(self, samples: Sequence[tuple[Model, FusionPlan, float]]) -> float:
         """Fit and keep ``launch_ms`` from ``(model, plan, end-to-end ms)`` samples.
@@ -314,12 +323,8 @@ class TableObjective:
 
     def cached(self, model: Model, plan: FusionPlan) -> EstimateRecord | None:
         """The estimate if every kernel of ``plan`` is in the table (nothing is timed), else ``None``."""
-        sites = self.table.kernels(model, plan)
-        known = self.table.times([s.kernel for s in sites])
-        if len(known) < len({s.kernel for s in sites}):
-            return None
-        kernel_ms = float(sum(known[s.kernel] for s in sites))
-        return EstimateRecord("ok", kernel_ms + len(sites) * self.table.launch_ms)
+        est = self.table.estimate_known(model, plan)
+        return None if est is None else EstimateRecord("ok", est.latency_ms)
 
 
 __all__ = ["KERNEL_PROTOCOL", "EstimateRecord", "KernelSite", "KernelTable", "PlanEstimate",

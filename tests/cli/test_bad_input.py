@@ -466,3 +466,20 @@ def test_tvm_failure_on_an_accepted_plan_is_a_one_line_compile_error(model_cache
     with pytest.raises(CompileError, match=f"plan {plan.hash} failed inside TVM: InternalError") as info:
         apply.apply_plan(model.mod, plan, model.graph)
     assert isinstance(info.value, FusionRLError) and "\n" not in str(info.value)
+
+
+def test_experiment_scripts_answer_bad_input_with_one_line(capsys):
+    """`run_script`, which the experiment scripts exit through: a FusionRLError (whatever its
+    message holds) is one `error:` line and status 2, as in the CLI."""
+    from fusion_rl.cli.common import run_script
+    from fusion_rl.errors import ConfigError
+
+    def bad() -> int:
+        raise ConfigError("config.yaml: no models\nsecond line \x1b[31m")
+
+    with pytest.raises(SystemExit) as exc:
+        run_script(bad)
+    one_line_error(exc.value.code, capsys.readouterr().err, "no models")
+    with pytest.raises(SystemExit) as exc:
+        run_script(lambda: 0)
+    assert exc.value.code == 0
