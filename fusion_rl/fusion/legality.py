@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable, Iterable
 
 from fusion_rl.errors import IllegalPlanError, PlanMismatchError
 from fusion_rl.fusion.plan import FusionPlan
@@ -180,6 +181,30 @@ def reaches_via_other(
 def is_convex(group: set[int], graph: OpGraph) -> bool:
     """True if no path leaves ``group`` and comes back (used by env masks and search too)."""
     return _reentry_path(group, graph.successor_lists()) is None
+
+
+def convexity_test(graph: OpGraph) -> Callable[[Iterable[int]], bool]:
+    """:func:`is_convex` for many groups of one graph: the returned predicate answers from
+    reachability sets built once (one bit mask per node), not from a walk per group.
+
+    A group is non-convex exactly when one of its outside successors reaches back into it.
+    Nodes are numbered in topological order (:mod:`fusion_rl.graph.opgraph`), so one pass
+    from the last node to the first builds every node's set.
+    """
+    succ = graph.successor_lists()
+    reach = [0] * len(succ)
+    for u in range(len(succ) - 1, -1, -1):
+        mask = 1 << u
+        for v in succ[u]:
+            mask |= reach[v]
+        reach[u] = mask
+
+    def convex(group: Iterable[int]) -> bool:
+        members = set(group)
+        inside = sum(1 << u for u in members)
+        return not any(reach[v] & inside for u in members for v in succ[u] if v not in members)
+
+    return convex
 
 
 # --------------------------------------------------------------------------------------------

@@ -55,13 +55,14 @@ def boundary_plan(graph: OpGraph, rng: np.random.Generator, max_anchors: int | N
 def illegal_extensions(graph: OpGraph, plan: FusionPlan) -> list[FusionPlan]:
     """Every plan one edge-contraction past ``plan`` that legality rejects (the boundary)."""
     owner = plan.group_of()
+    fingerprint = graph.fingerprint  # a hash of the whole graph: once, not once per edge
     out: dict[str, FusionPlan] = {}
     for e in graph.edges:
         a, b = owner[e.src], owner[e.dst]
         if a == b:
             continue
         labels = [a if owner[n] == b else owner[n] for n in range(len(graph))]
-        cand = FusionPlan.from_assignment(labels, graph.fingerprint, "boundary+1")
+        cand = FusionPlan.from_assignment(labels, fingerprint, "boundary+1")
         if not check_plan(graph, cand).legal:
             out.setdefault(cand.hash, cand)
     return list(out.values())
@@ -174,11 +175,12 @@ def cross_plan(graph: OpGraph, rng: np.random.Generator, tries: int = 3000) -> F
     Edge pairs are tried in random order (at most ``tries``); in a transformer most pairs are
     connected through residuals, so the convex ones are rare and must be searched for.
     """
-    from fusion_rl.fusion.legality import is_convex
+    from fusion_rl.fusion.legality import convexity_test
 
     edges = graph.edges
     if len(edges) < 2:
         return None
+    is_convex = convexity_test(graph)
     pairs = [(i, j) for i in range(len(edges)) for j in range(len(edges)) if i < j]
     order = rng.permutation(len(pairs))[:tries]
     for k in order:
@@ -190,7 +192,7 @@ def cross_plan(graph: OpGraph, rng: np.random.Generator, tries: int = 3000) -> F
         if len(nodes) < 4:
             continue
         a, b = {e1.src, e2.dst}, {e2.src, e1.dst}
-        if not (is_convex(a, graph) and is_convex(b, graph)):
+        if not (is_convex(a) and is_convex(b)):
             continue
         rest = [[n] for n in range(len(graph)) if n not in nodes]
         return FusionPlan.from_groups([sorted(a), sorted(b), *rest], len(graph), graph.fingerprint)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import io
 import math
 import os
 import re
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -170,6 +172,14 @@ def from_onnx(
             f"unsupported ONNX operator(s): {', '.join(sorted(unsupported))} (TVM's ONNX "
             f"frontend has no converter for them)"
         )
+    try:
+        blob = model.SerializeToString()
+    except ValueError:  # over protobuf's 2 GB: imported every time, never kept
+        blob = b""
+    key = (hashlib.sha256(blob).hexdigest(), tuple(sorted(shape_dict.items()))) if blob else None
+    if key in _IMPORTED:
+        _IMPORTED.move_to_end(key)
+        return _IMPORTED[key][0]
     from tvm.relax.frontend.onnx import from_onnx as _tvm_from_onnx
 
     # The frontend print()s "Error converting operator <op>, with inputs: ..." before it
@@ -184,7 +194,23 @@ def from_onnx(
         failed = re.search(r"Error converting operator (\S+?), with inputs", printed.getvalue())
         where = f" on operator {failed.group(1)}" if failed else ""
         raise ModelImportError(f"TVM's ONNX frontend failed{where}: {first_line(exc)}") from None
-    return legalize(mod)
+    mod = legalize(mod)
+    if key is None:
+        return mod
+    _IMPORTED[key] = (mod, len(blob))
+    while len(_IMPORTED) > 1 and sum(size for _, size in _IMPORTED.values()) > IMPORT_MEMO_BYTES:
+        _IMPORTED.popitem(last=False)
+    return mod
+
+
+#: Legalized modules (and the size of their ONNX bytes) by (digest of those bytes, input
+#: shapes), least recently used first. Importing and legalizing takes from half a second (tiny
+#: models) to 20 s (bench sizes), and one process often loads a model several times: the CLI,
+#: the env and the pass each load it. Relax modules are immutable, so every caller can share
+#: one. The memo holds modules of at most this many ONNX bytes (their weights, about), and
+#: always the newest.
+_IMPORTED: OrderedDict[tuple, tuple[tvm.IRModule, int]] = OrderedDict()
+IMPORT_MEMO_BYTES = 512 * 2**20
 
 
 #: Operators whose output depends only on their inputs' *shapes*: with static input shapes they

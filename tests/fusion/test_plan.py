@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fusion_rl.errors import IllegalPlanError, PlanMismatchError
-from fusion_rl.fusion.legality import check_plan, is_convex, require_legal
+from fusion_rl.fusion.legality import check_plan, convexity_test, is_convex, require_legal
 from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.fusion.random_plans import mutate_plan, random_plan
 
@@ -131,6 +131,36 @@ def test_plan_json_is_plain(tmp_path):
     plan = FusionPlan.from_groups([[0, 1], [2]], 3)
     data = json.loads(plan.save(tmp_path / "p.json").read_text())
     assert data["groups"] == [[0, 1], [2]] and data["hash"] == plan.hash
+
+
+def test_convexity_test_agrees_with_is_convex(model_cache):
+    """The reachability-mask predicate and the per-group walk give one answer: on every subset
+    of two small graphs, and on groups grown along edges of a residual CNN (mostly convex) or
+    drawn at random (mostly not)."""
+    import itertools
+
+    import numpy as np
+
+    for g in (diamond(), crossed_groups()):
+        convex = convexity_test(g)
+        for k in range(1, len(g) + 1):
+            for group in itertools.combinations(range(len(g)), k):
+                assert convex(group) == is_convex(set(group), g), group
+    graph = model_cache("resnet_tiny").graph
+    convex, succ = convexity_test(graph), graph.successor_lists()
+    rng = np.random.default_rng(0)
+    verdicts = []
+    for _ in range(200):
+        group = {int(rng.integers(len(graph)))}
+        for _ in range(int(rng.integers(1, 6))):
+            frontier = [v for u in group for v in succ[u] if v not in group]
+            if frontier:
+                group.add(frontier[int(rng.integers(len(frontier)))])
+        loose = set(rng.choice(len(graph), size=int(rng.integers(2, 6)), replace=False).tolist())
+        for g in (group, loose):
+            verdicts.append(convex(g))
+            assert verdicts[-1] == is_convex(g, graph), sorted(g)
+    assert any(verdicts) and not all(verdicts)
 
 
 def test_convex_groups_can_still_form_a_cycle():

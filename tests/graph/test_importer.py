@@ -134,6 +134,25 @@ def test_from_onnx_gives_a_legalized_module_with_pattern_kinds():
     importer.check_legalized(mod)
 
 
+def test_an_import_is_shared_by_content_and_shapes(monkeypatch):
+    """A second import of the same bytes and shapes is the first module (not a re-import); other
+    weights, other shapes or another file are imported anew, and the memo stays bounded."""
+    monkeypatch.setattr(importer, "_IMPORTED", type(importer._IMPORTED)())
+    first = importer.from_onnx(_model(weight=True))
+    assert importer.from_onnx(_model(weight=True)) is first
+    other = _model(weight=True)
+    other.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.full((4, 4), 2, np.float32), "w"))
+    assert importer.from_onnx(other) is not first
+    dynamic = _model(dims=("batch", 4))
+    a, b = importer.from_onnx(dynamic, {"x": (2, 4)}), importer.from_onnx(dynamic, {"x": (3, 4)})
+    assert a is not b and importer.input_specs(b) == [("x", (3, 4), "float32")]
+    assert importer.from_onnx(dynamic, {"x": (3, 4)}) is b
+    # Bounded by bytes: room for two of these models, so the least recently used leaves.
+    monkeypatch.setattr(importer, "IMPORT_MEMO_BYTES", 2 * len(dynamic.SerializeToString()) + 1)
+    importer.from_onnx(_model(op="Neg"))
+    assert len(importer._IMPORTED) <= 2 and importer.from_onnx(_model(weight=True)) is not first
+
+
 def test_random_inputs_follow_the_signature_and_the_seed():
     mod = importer.from_onnx(_model(dims=(3, 5)))
     a, b, c = importer.random_inputs(mod, 0), importer.random_inputs(mod, 0), importer.random_inputs(mod, 1)
