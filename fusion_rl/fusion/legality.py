@@ -178,14 +178,16 @@ def reaches_via_other(
     return False
 
 
-def is_convex(group: set[int], graph: OpGraph) -> bool:
-    """True if no path leaves ``group`` and comes back (used by env masks and search too)."""
-    return _reentry_path(group, graph.successor_lists()) is None
+def is_convex(group: Iterable[int], graph: OpGraph) -> bool:
+    """True if no path leaves ``group`` and comes back (for many groups of one graph, build
+    :func:`convexity_test` once)."""
+    return convexity_test(graph)(group)
 
 
 def convexity_test(graph: OpGraph) -> Callable[[Iterable[int]], bool]:
-    """:func:`is_convex` for many groups of one graph: the returned predicate answers from
-    reachability sets built once (one bit mask per node), not from a walk per group.
+    """A predicate: is a group of ``graph`` convex? It answers from reachability sets built once
+    (one bit mask per node), not from a walk per group. :func:`check_plan` walks instead, because
+    it names the path that leaves and re-enters.
 
     A group is non-convex exactly when one of its outside successors reaches back into it.
     Nodes are numbered in topological order (:mod:`fusion_rl.graph.opgraph`), so one pass

@@ -8,6 +8,7 @@ tuple's producer, and :mod:`fusion_rl.fusion` keeps it with that producer.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -90,9 +91,6 @@ class OpGraph:
     edges: list[OpEdge]
     outputs: list[int] = field(default_factory=list)  #: nodes whose result ``main`` returns
     name: str = ""
-    #: (structure token, fingerprint) of the last :attr:`fingerprint`: legality checks, plans
-    #: and stores ask for it on every call, and hashing a large graph costs about a millisecond.
-    _fingerprint: tuple[tuple, str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -117,26 +115,23 @@ class OpGraph:
         return [sorted(p) for p in pred]
 
     # ---- identity --------------------------------------------------------------------------
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """A stable hash of the graph's *structure*: ops, patterns, shapes, dtypes and edges.
 
         Weights are deliberately left out: they change no latency and no legality, so a plan
         and a measurement carry over between two models that differ only in their weights.
+
+        Computed once: legality checks, plans and stores ask for it on every call, and a graph is
+        not changed once built (build a new one instead).
         """
-        # Nodes and edges are frozen; the lists holding them are not, so the memo is keyed on
-        # the lists themselves and their lengths (a test appends an edge to a built graph).
-        token = (id(self.nodes), len(self.nodes), id(self.edges), len(self.edges), tuple(self.outputs))
-        if self._fingerprint is not None and self._fingerprint[0] == token:
-            return self._fingerprint[1]
         payload = {
             "nodes": [[n.op, n.pattern, n.shapes, n.dtype, n.weight_bytes] for n in self.nodes],
             "edges": sorted([e.src, e.dst, e.index] for e in self.edges),
             "outputs": sorted(self.outputs),
         }
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
-        self._fingerprint = (token, hashlib.sha256(blob).hexdigest()[:16])
-        return self._fingerprint[1]
+        return hashlib.sha256(blob).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
         return {
