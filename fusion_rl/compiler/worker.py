@@ -99,6 +99,7 @@ def run_any(job: MeasureJob | InterleavedJob | KernelJob, models: dict | None = 
 def run_kernel_job(job: KernelJob, models: dict | None = None) -> dict:
     """Apply and schedule ``job.plan`` as a build would, then compile and time only the
     requested kernels, each alone; ``times_ms`` maps each key to its repeats."""
+    from fusion_rl.compiler.schedules.prepack import packed_arg_specs
     from fusion_rl.compiler.timing import TimingProtocol, time_kernels
     from fusion_rl.fusion.apply import apply_plan
     from fusion_rl.fusion.plan import FusionPlan
@@ -108,7 +109,8 @@ def run_kernel_job(job: KernelJob, models: dict | None = None) -> dict:
         fused = apply_plan(model.mod, FusionPlan.from_dict(job.plan), model.graph)
         scheduled = provider.schedule(fused, target)  # the whole module: providers see plans
         funcs = {key: scheduled[name] for key, name, _ in job.kernels}
-        specs = {key: spec for key, _, spec in job.kernels}
+        # Weights packed at compile time change the kernel's parameter shapes.
+        specs = {key: packed_arg_specs(funcs[key], spec) for key, _, spec in job.kernels}
         times = time_kernels(funcs, specs, target, job.protocol or TimingProtocol())
         result.update(status="ok", times_ms=times)
 

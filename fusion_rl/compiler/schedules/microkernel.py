@@ -28,15 +28,21 @@ from tvm.s_tir.schedule import LoopRV, SBlockRV, ScheduleError
 
 from fusion_rl.compiler.schedules.anchor_layout import (
     DATA_PAR, REDUCE, Layout, Unschedulable, analyze, channel_groups, einsum_padding, extent_of,
-    is_channel, vars_of, x_operand,
+    is_channel, simplified_indices, vars_of, x_operand,
 )
+from fusion_rl.compiler.schedules.prepack import LAYOUT_FREE_ATTR, WeightPack
+
+#: Bytes of prepacked panels one L2 block holds (half of the smallest L2 of the x86 CPUs this
+#: runs on, Zen 3's 512 KiB: the row blocks and the output tile use the rest).
+PANEL_BLOCK_BYTES = 256 << 10
 
 
 def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers: int,
-                    min_work: int) -> set[str]:
+                    min_work: int) -> tuple[set[str], dict[int, WeightPack]]:
     """Schedule ``anchor`` (and its elementwise epilogue) as a packed micro-kernel.
 
-    Returns the names of the blocks it scheduled. Raises :class:`Unschedulable` or a TVM
+    Returns the names of the blocks it scheduled and the parameters it gave a packed layout
+    (:mod:`.prepack`; their callers must pass packed constants). Raises :class:`Unschedulable` or a TVM
     ``ScheduleError`` when the anchor does not fit; the caller reports it.
     """
     stmt = sch.get(anchor)
@@ -66,9 +72,11 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
         # vector or register tile; the copies in and out cost O(inputs + output).
         sch.pad_einsum(anchor, padding)
         stmt = sch.get(anchor)
+    if vector_axis is None:
+        vector_axis = _constant_operand_axis(sch, stmt, lanes)
     lay = analyze(stmt, lanes, registers, vector_axis)
     if lay.panel == -1:
-        return schedule_depthwise(sch, anchor, stmt, lay, lanes, min_work)
+        return schedule_depthwise(sch, anchor, stmt, lay, lanes, min_work), {}
     names = [iv.var.name for iv in stmt.iter_vars]
     kinds = [iv.iter_type for iv in stmt.iter_vars]
     exts = [extent_of(iv) for iv in stmt.iter_vars]
@@ -76,11 +84,15 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
     for e in exts:
         work *= e or min_work
 
+    # A constant panel operand is packed once, at compile time (prepack.py): the kernel's
+    # parameter takes the panel layout. Otherwise every call packs it (below).
+    packs = _prepack(sch, anchor, stmt, lay)
+    stmt = sch.get(anchor)
     # Accumulator tile in registers, layout [.., r, v]; the epilogue joins its write-back.
     out_block = _cache_accumulators(sch, anchor, stmt, lay)
     # The packed copy is made while the anchor's loops are still plain (one per iterator):
     # its loop order can only be permuted then.
-    pack = _make_pack(sch, anchor, stmt, lay) if lay.panel is not None else None
+    pack = _make_pack(sch, anchor, stmt, lay) if lay.panel is not None and not packs else None
 
     loops, spatial, reduce, (v_out, v_in), (r_out, r_in) = _split_tile(sch, anchor, kinds, lay)
     others = [loops[i] for i in spatial if i not in (lay.v, lay.r)]
@@ -95,24 +107,38 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
     else:
         dep, free = others, []
     r_outer = [r_out] if r_out is not None else []
-    outer = dep + [v_out] + free + r_outer
+    rows = free + r_outer
     inner = ([r_in] if r_in is not None else []) + [v_in]
-    sch.reorder(*outer, *reduce, *inner)
-    # Parallel: the panel loops if they offer enough tiles, else everything outside the
-    # reduction (then the panel is packed once, at the kernel's start).
-    head = dep + [v_out]
-    head_ext = 1
-    for lp in head:
-        head_ext *= _loop_extent(sch, lp) or 1
-    per_panel = lay.panel is not None and head_ext >= 8
-    par_loops = head if per_panel else outer
-    fused = sch.fuse(*par_loops) if len(par_loops) > 1 else par_loops[0]
-    if per_panel:
-        tile_loop = fused
-        rest = free + r_outer
-        acc_loop = sch.fuse(*rest) if len(rest) > 1 else (rest[0] if rest else fused)
+    pin: list[LoopRV] = []
+    if packs:
+        # Prepacked panels, blocked as GotoBLAS does: a block of panels that fits in L2
+        # outside, the row blocks inside it, then each panel of the block. Every weight is
+        # read from memory once per call (a model's weights do not stay in L3 between
+        # layers), and a row block stays in L1 while it meets the panels of the block.
+        nb = _panel_block(sch, v_out, stmt, lay.vec)
+        if nb > 1:
+            v_out, v_pin = sch.split(v_out, factors=[None, nb])
+            pin = [v_pin]
+    order = dep + [v_out] + rows + pin
+    lead = len(dep) + 1
+    sch.reorder(*order, *reduce, *inner)
+    # Parallel: the panel (block) loops if they offer enough tiles, else everything outside
+    # the reduction but a panel block's own loop (then a per-call pack is made once, at the
+    # kernel's start).
+    lead_ext = 1
+    for lp in order[:lead]:
+        lead_ext *= _loop_extent(sch, lp) or 1
+    split = lead_ext >= 8 and lead < len(order) and (pack is not None or bool(packs))
+    if split:
+        fused = sch.fuse(*order[:lead]) if lead > 1 else order[0]
+        rest = order[lead:]
+        acc_loop = sch.fuse(*rest) if len(rest) > 1 else rest[0]
     else:
-        tile_loop = acc_loop = fused
+        par_loops = order[:-1] if pin else order
+        fused = sch.fuse(*par_loops) if len(par_loops) > 1 else par_loops[0]
+        acc_loop = pin[0] if pin else fused
+    tile_loop = fused
+    per_panel = split and not packs
     if work >= min_work and (_loop_extent(sch, fused) or 2) > 1:
         sch.parallel(fused)
     if r_in is not None:
@@ -133,7 +159,71 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
     if reduce:
         done.add(sch.get(sch.decompose_reduction(anchor, reduce[0])).name_hint)
     done.add(sch.get(anchor).name_hint)
-    return done
+    return done, packs
+
+
+def _constant_operand_axis(sch: s_tir.Schedule, stmt: tirx.SBlock, lanes: int) -> int | None:
+    """The innermost spatial axis that only a compile-time-constant operand (a layout-free
+    parameter) depends on, or None: vectorized against that operand, it is prepacked, and
+    the other operand is broadcast (NCHWc-style direct convolution: no per-call pack)."""
+    func = sch.mod["main"]
+    free = func.attrs.get(LAYOUT_FREE_ATTR) if func.attrs is not None else None
+    if not free:
+        return None
+    consts = [func.params[int(i)] for i in free]
+    out = stmt.writes[0].source
+    operands = [r for r in stmt.reads if not r.source.same_as(out)]
+    if len(operands) != 2:
+        return None
+    uses = [set().union(*(vars_of(e) for e in simplified_indices(op, stmt))) for op in operands]
+    const = [any(c.same_as(op.source) for c in consts) for op in operands]
+    for i in reversed(range(len(stmt.iter_vars))):
+        iv = stmt.iter_vars[i]
+        owners = [k for k in (0, 1) if iv.var.name in uses[k]]
+        if iv.iter_type == DATA_PAR and len(owners) == 1 and const[owners[0]] \
+                and (extent_of(iv) or 1) % lanes == 0:
+            return i
+    return None
+
+
+def _panel_block(sch: s_tir.Schedule, v_out: LoopRV, stmt: tirx.SBlock, vec: int) -> int:
+    """Panels per L2 block: the largest divisor of the panel count whose panels fit in
+    :data:`PANEL_BLOCK_BYTES`."""
+    panels = _loop_extent(sch, v_out) or 1
+    depth = 1
+    for iv in stmt.iter_vars:
+        if iv.iter_type == REDUCE:
+            depth *= extent_of(iv) or 1
+    panel_bytes = depth * vec * stmt.writes[0].source.dtype.bits // 8
+    return max((d for d in range(1, panels + 1)
+                if panels % d == 0 and d * panel_bytes <= PANEL_BLOCK_BYTES), default=1)
+
+
+def _prepack(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock,
+             lay: Layout) -> dict[int, WeightPack]:
+    """Give the panel operand's parameter the panel layout when every caller passes a
+    constant (``layout_free_buffers``); returns ``{param index: pack}`` (empty: not packed)."""
+    func = sch.mod["main"]
+    free = func.attrs.get(LAYOUT_FREE_ATTR) if func.attrs is not None else None
+    if lay.panel is None or not free:
+        return {}
+    out = stmt.writes[0].source
+    reads = [i for i, r in enumerate(stmt.reads) if not r.source.same_as(out)]
+    idx = reads[lay.panel]
+    region = stmt.reads[idx]
+    param = next((int(i) for i in free if func.params[int(i)].same_as(region.source)), None)
+    if param is None:
+        return {}
+    v = stmt.iter_vars[lay.v]
+    index = simplified_indices(region, stmt)
+    dims = [d for d, e in enumerate(index) if v.var.name in vars_of(e)]
+    if len(dims) != 1 or not is_channel(index[dims[0]], v):
+        return {}
+    pack = WeightPack(dims[0], lay.vec)
+    if not pack.fits(tuple(int(n) for n in region.source.shape)):
+        return {}
+    sch.transform_layout(anchor, ("read", idx), pack.index_map(len(index)))
+    return {param: pack}
 
 
 def _split_tile(sch: s_tir.Schedule, anchor: SBlockRV, kinds: list, lay: Layout) -> tuple:

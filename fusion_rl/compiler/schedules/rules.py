@@ -36,7 +36,7 @@ import tvm_ffi
 from tvm import s_tir, tirx
 from tvm.s_tir.schedule import LoopRV, SBlockRV, ScheduleError
 
-from . import microkernel
+from . import microkernel, prepack
 from .base import SCHEDULE_ATTR, ScheduleProvider
 
 log = logging.getLogger(__name__)
@@ -78,17 +78,21 @@ class RulesSchedule(ScheduleProvider):
     @property
     def key(self) -> str:
         # v2: packed micro-kernels (microkernel.py); v3: grouped convs as NCHWc micro-kernels,
-        # serial ragged inner loops. Records of older schedules must not be served for the new
-        # one, so the version is part of every measurement's key.
-        return "rules:v3"
+        # serial ragged inner loops; v4: constant weights packed at compile time (prepack.py).
+        # Records of older schedules must not be served for the new one, so the version is
+        # part of every measurement's key.
+        return "rules:v4"
 
     def schedule(self, mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         ctx = _make_ctx(target)
-        out = mod.clone()  # never touch the caller's module (dlight edits modules in place)
-        for gvar, func in mod.functions_items():
+        # Never touch the caller's module (dlight edits modules in place): mark_layout_free
+        # returns a copy.
+        marked = prepack.mark_layout_free(mod)
+        out = marked.clone()
+        for gvar, func in marked.functions_items():
             if isinstance(func, tirx.PrimFunc) and not _is_scheduled(func):
                 out[gvar] = schedule_prim_func(func, ctx, gvar.name_hint)
-        return out
+        return prepack.pack_constants(out)
 
 
 def _make_ctx(target: tvm.target.Target) -> _Ctx:
@@ -118,40 +122,48 @@ def schedule_prim_func(func: tirx.PrimFunc, ctx: _Ctx, name: str = "") -> tirx.P
     reasons = []
     for rule in ("microkernel", "tile"):
         try:
-            sch, kind = _schedule_with(func, ctx, rule)
+            sch, kind, packs = _schedule_with(func, ctx, rule)
         except Exception as err:  # noqa: BLE001 - a failed rule falls through to the next one
             reasons.append(f"{rule}: {first_line(err)}")
             continue
         out = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+        if packs:
+            out = out.with_attr(prepack.WEIGHT_PACKS_ATTR,
+                                {i: [p.dim, p.vec] for i, p in packs.items()})
         label = kind if not reasons else f"{kind} ({'; '.join(reasons)})"
         return out.with_attr(SCHEDULE_ATTR, label)
     log.debug("rules: kernel %s left unscheduled: %s", name, reasons)
     return func.with_attr(SCHEDULE_ATTR, "fallback: " + "; ".join(reasons))
 
 
-def _schedule_with(func: tirx.PrimFunc, ctx: _Ctx, rule: str) -> tuple[s_tir.Schedule, str]:
-    """Apply the rules with anchors scheduled by ``rule``; returns the schedule and its kind."""
+def _schedule_with(func: tirx.PrimFunc, ctx: _Ctx,
+                   rule: str) -> tuple[s_tir.Schedule, str, dict[int, prepack.WeightPack]]:
+    """Apply the rules with anchors scheduled by ``rule``; returns the schedule, its kind and
+    the parameters given a packed layout."""
     sch = s_tir.Schedule(func)
     _inline_injective(sch)
     anchors = [b for b in _root_blocks(sch) if _is_mac(sch, b)]
     if not anchors:
         reduced = _try_dlight_reduction(sch, ctx)
         if reduced is not None:
-            return reduced, "reduction"
+            return reduced, "reduction", {}
         if rule != "microkernel":
             raise ValueError("nothing left to try")
     done: set[str] = set()
+    packs: dict[int, prepack.WeightPack] = {}
     for anchor in anchors:
         if rule == "microkernel":
             lanes = ctx.lanes(_dtype_bits(sch, anchor))
-            done |= microkernel.schedule_anchor(sch, anchor, lanes, ctx.registers,
-                                                _MIN_PARALLEL_MACS)
+            names, packed = microkernel.schedule_anchor(sch, anchor, lanes, ctx.registers,
+                                                        _MIN_PARALLEL_MACS)
+            done |= names
+            packs.update(packed)
         else:
             done |= _schedule_anchor(sch, anchor, ctx)
     for block in _root_blocks(sch):
         if sch.get(block).name_hint not in done:
             _parallel_vectorize(sch, block, ctx)
-    return sch, (rule if anchors else "elementwise")
+    return sch, (rule if anchors else "elementwise"), packs
 
 
 
