@@ -10,13 +10,14 @@ The replacements are TOPI's ``fast_exp`` (range-reduced polynomial), ``fast_erf`
 ``fast_tanh`` (rational approximations); every compiled plan is still verified against ONNX
 Runtime at the usual tolerance (see :mod:`fusion_rl.compiler.verify`). The PrimFuncs keep the
 names TVM's default legalization gives them (``exp``, ``erf``, ``tir_tanh``, ``tir_sigmoid``,
-``softmax``), so operator kinds and graph features do not change.
+``softmax``, ``power``), so operator kinds and graph features do not change.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+import tvm
 from tvm import relax, topi
 
 
@@ -42,6 +43,36 @@ def _softmax(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     return bb.call_te(topi.nn.fast_softmax, x, call.attrs.axis, primfunc_name_hint="softmax")
 
 
+def _power(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """``x ** n`` for a constant n in 2..4 as n - 1 multiplications: ``powf`` is a scalar libm
+    call per element (GPT-2's GELU, ``x + 0.044715 * x ** 3``, ran its whole fused kernel
+    lane by lane). Other exponents keep TOPI's ``power``."""
+    import numpy as np
+    from tvm import te
+
+    x, y = call.args
+    n = None
+    if isinstance(y, tvm.ir.expr.Constant) and str(x.ty.dtype).startswith("float"):
+        value = y.value.numpy()
+        if value.size == 1 and float(value.reshape(())) in (2.0, 3.0, 4.0):
+            n = int(value.reshape(()))
+    if n is None:
+        return bb.call_te(topi.power, x, y, primfunc_name_hint="power")
+    dims = [tuple(int(d) for d in t.ty.shape.values) for t in (x, y)]
+    shape = list(np.broadcast_shapes(*dims))
+
+    def fn(t):
+        def body(*i):
+            v = t(*i[len(i) - len(t.shape):]) if len(t.shape) else t()
+            out = v
+            for _ in range(n - 1):
+                out = out * v
+            return out
+        return te.compute(shape, body, name="T_power")
+
+    return bb.call_te(fn, x, primfunc_name_hint="power")
+
+
 _DEFAULT = {"exp": topi.exp, "erf": topi.erf, "tir_tanh": topi.tanh, "tir_sigmoid": topi.sigmoid}
 
 #: ``customize_legalize_map`` for :func:`tvm.relax.transform.LegalizeOps`.
@@ -51,4 +82,5 @@ FAST_MATH_LEGALIZE: dict[str, Callable[[relax.BlockBuilder, relax.Call], relax.E
     "relax.tanh": _unary(topi.fast_tanh, "tir_tanh"),
     "relax.sigmoid": _unary(_fast_sigmoid, "tir_sigmoid"),
     "relax.nn.softmax": _softmax,
+    "relax.power": _power,
 }
