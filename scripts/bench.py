@@ -10,6 +10,8 @@ For each bench model, on this machine:
 4. per-kernel times of TVM's best plan and ONNX Runtime's per-node profile, grouped by
    kernel class, to show where the remaining gap is, and the wall time of a new random plan
    (compile, verify, time: what an env step or a search step costs);
+5. TVM's best plan against ONNX Runtime, head to head in this process (interleaved rounds,
+   paired ratios: the columns of separate runs drift apart on a shared VM);
 then writes results.json, results.md and bench.png beside the config.
 """
 
@@ -25,12 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from fusion_rl.baselines.runtimes import run_runtime  # noqa: E402
+from fusion_rl.baselines.runtimes import run_runtime, runtime_callable, time_paired  # noqa: E402
+from fusion_rl.compiler.build import compile_plan  # noqa: E402
 from fusion_rl.compare import machine_description  # noqa: E402
 from fusion_rl.compiler.measure import Measurer  # noqa: E402
 from fusion_rl.compiler.paired import head_to_head  # noqa: E402
-from fusion_rl.compiler.schedules import DEFAULT_SCHEDULE  # noqa: E402
+from fusion_rl.compiler.schedules import DEFAULT_SCHEDULE, make_schedule  # noqa: E402
 from fusion_rl.compiler.target import parse_target  # noqa: E402
+from fusion_rl.compiler.target.threads import threads_env  # noqa: E402
+from fusion_rl.compiler.verify import verify_executable  # noqa: E402
 from fusion_rl.compiler.timing import TimingProtocol  # noqa: E402
 from fusion_rl.errors import read_yaml  # noqa: E402
 from fusion_rl.fusion.random_plans import random_plan  # noqa: E402
@@ -40,6 +45,28 @@ from fusion_rl.graph.model import load_model  # noqa: E402
 from fusion_rl.report.bench import (  # noqa: E402
     fp32_peak_gflops, kernel_class, ort_class_times, write_markdown, write_plot,
 )
+
+
+def versus_runtime(model, plan, spec, protocol: TimingProtocol, rounds: int, runtime: str) -> dict:
+    """``plan`` (default schedule, verified) and ``runtime`` in interleaved rounds: the median
+    and IQR of the paired ratios runtime time / TVM time (above 1: TVM is faster)."""
+    import tvm
+    from tvm import relax
+
+    with threads_env(spec):
+        compiled = compile_plan(model, plan, spec.to_tvm(), make_schedule(DEFAULT_SCHEDULE))
+        verify_executable(compiled.executable, model, "best plan")
+        dev = tvm.cpu()
+        vm = relax.VirtualMachine(compiled.executable, dev)
+        vm.save_function("main", "paired", *[tvm.runtime.tensor(a, dev) for a in model.inputs])
+        run_tvm = vm["paired"]
+        times = time_paired({"tvm": run_tvm, runtime: runtime_callable(runtime, model, spec.num_threads)},
+                            protocol, rounds)
+    ratios = np.array(times[runtime]) / np.array(times["tvm"])
+    q25, q50, q75 = np.percentile(ratios, [25, 50, 75])
+    return {"runtime": runtime, "tvm_ms": float(np.median(times["tvm"])),
+            "runtime_ms": float(np.median(times[runtime])), "speedup": float(q50),
+            "speedup_spread": float(q75 - q25), "repeats": len(ratios)}
 
 
 def main() -> int:
@@ -112,6 +139,11 @@ def main() -> int:
                                         "spread_ms": res.spread_ms, "setup_s": res.setup_s,
                                         "error": res.error}
         row["ort_classes_ms"] = ort_class_times(model, spec.num_threads)
+        # 5. The best plan against ONNX Runtime, head to head in this process: latencies of
+        # separate runs (the table's columns) drift apart on a shared VM, paired ratios do not.
+        if "best_rules" in row:
+            row["vs_ort"] = versus_runtime(model, plans[row["best_rules"]], spec, protocol,
+                                           cfg["rounds"], "ort")
         results["models"] = [m for m in results["models"] if m["model"] != name] + [row]
         (out_dir / "results.json").write_text(json.dumps(results, indent=1))  # partial runs too
     order = {name: i for i, name in enumerate(cfg["models"])}

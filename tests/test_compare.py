@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fusion_rl.baselines.runtimes import run_runtime, time_callable
+from fusion_rl.baselines.runtimes import run_runtime, runtime_callable, time_callable, time_paired
 from fusion_rl.cli import main
 from fusion_rl.compare import compare_model, to_markdown
 from fusion_rl.compiler.timing import TimingProtocol
@@ -26,6 +26,27 @@ def test_time_callable_scales_number_to_min_repeat():
     # Each repeat is one batch of calls divided by its count: a per-call time, positive.
     assert all(t > 0 for t in timing.times_ms)
     assert min(timing.times_ms) <= timing.median_ms <= max(timing.times_ms)
+
+
+def test_time_paired_interleaves_rounds_in_alternating_order():
+    order = []
+    fns = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    times = time_paired(fns, TimingProtocol(repeat=2, min_repeat_ms=1, warmup=1), rounds=3)
+    assert {k: len(v) for k, v in times.items()} == {"a": 6, "b": 6}  # rounds x repeat each
+    # Collapse runs of one system: a b | b a | a b  ->  a, b, a, b (each round a contiguous block)
+    blocks = [x for i, x in enumerate(order) if i == 0 or order[i - 1] != x]
+    assert blocks == ["a", "b", "a", "b"]
+
+
+def test_runtime_callable_is_verified(model_cache, monkeypatch):
+    model = model_cache("cnn_plain")
+    assert len(runtime_callable("ort", model)()) >= 1
+    import fusion_rl.baselines.runtimes as runtimes
+
+    expected, ref = runtimes.reference_outputs(model)
+    monkeypatch.setattr(runtimes, "reference_outputs", lambda m: ([e + 1.0 for e in expected], ref))
+    with pytest.raises(ValueError, match="wrong output"):
+        runtime_callable("ort", model)
 
 
 @pytest.mark.parametrize("runtime", ["ort", "ort-noopt", "torch-eager"])

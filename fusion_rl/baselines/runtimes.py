@@ -77,6 +77,30 @@ def run_runtime(
     return RuntimeResult(name, "ok", time_callable(fn, protocol), setup_s)
 
 
+def time_paired(fns: dict[str, Callable[[], object]], protocol: TimingProtocol,
+                rounds: int) -> dict[str, list[float]]:
+    """Time several systems head to head in this process: ``rounds`` interleaved rounds (the
+    order reversed every other round), each a :func:`time_callable` of every system. Repeat
+    ``i`` of round ``r`` of two systems ran seconds apart, so their ratio is a *paired* ratio
+    that a drifting machine touches alike; returns each system's ms per repeat, in that order."""
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            times[name].extend(time_callable(fns[name], protocol).times_ms)
+    return times
+
+
+def runtime_callable(name: str, model: Model, threads: int = 2) -> Callable[[], list]:
+    """A verified runtime's ``run()`` (raises if it is not applicable or gives wrong output)."""
+    fn, _ = _build(name, model, threads)
+    expected, ref = reference_outputs(model)
+    report = compare_outputs([np.asarray(o) for o in fn()], expected, ref)
+    if not report.ok:
+        raise ValueError(f"{name} gives wrong output on {model.name}: max abs err {report.max_abs_err:.3g}")
+    return fn
+
+
 class _NotApplicable(Exception):
     pass
 

@@ -121,6 +121,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         + " | best TVM / ORT |",
         "|---|---|" + "---|" * (len(rules) + len(runtimes) + 1),
     ]
+    paired = [m for m in results["models"] if m.get("vs_ort")]
     for m in results["models"]:
         cells = [f"{_fmt(m['tvm'][r]['latency_ms'])} ({_fmt(m['tvm'][r]['spread_ms'])})"
                  if r in m["tvm"] else "failed" for r in rules]
@@ -132,6 +133,19 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         ratio = f"{best / ort:.2f}x ({m['best_rules']})" if best and ort else "—"
         lines.append(f"| {m['model']} | {m['gflop']:.2f} | " + " | ".join(cells) + " | "
                      + " | ".join(rt) + f" | {ratio} |")
+    if paired:
+        lines += ["", "## Head to head: TVM's best rule set vs ONNX Runtime", "",
+                  "Both in one process, in interleaved rounds; speedup = median of the paired "
+                  "per-repeat ratios ORT time / TVM time (above 1: TVM is faster), IQR in brackets. "
+                  "The latency columns above come from separate runs and drift apart on a shared "
+                  "machine; this comparison does not.", "",
+                  "| model | rule set | TVM ms | ORT ms | speedup over ORT | repeats |",
+                  "|---|---|---|---|---|---|"]
+        for m in paired:
+            v = m["vs_ort"]
+            lines.append(f"| {m['model']} | {m['best_rules']} | {v['tvm_ms']:.2f} | "
+                         f"{v['runtime_ms']:.2f} | {v['speedup']:.3f} ({v['speedup_spread']:.3f}) | "
+                         f"{v['repeats']} |")
     lines += ["", "## Head to head: speedup over `unfused` (median of paired per-repeat ratios, IQR)", "",
               "| model | " + " | ".join(rules[1:]) + " |", "|---|" + "---|" * (len(rules) - 1)]
     for m in results["models"]:

@@ -1,0 +1,34 @@
+"""The bench report (experiments/bench/results.md) is rendered from the results rows."""
+
+from __future__ import annotations
+
+from fusion_rl.report.bench import write_markdown
+
+
+def _row(name: str, vs_ort: dict | None) -> dict:
+    tvm = {r: {"latency_ms": ms, "spread_ms": 0.5, "kernels": 10, "speedup_vs_unfused": s,
+               "speedup_spread": 0.02}
+           for r, ms, s in (("unfused", 12.0, 1.0), ("tvm", 10.0, 1.2))}
+    row = {"model": name, "gflop": 1.0, "ops": 20, "prep_s": 1.0, "tvm": tvm, "best_rules": "tvm",
+           "runtimes": {"ort": {"status": "ok", "latency_ms": 11.0, "spread_ms": 0.1}},
+           "compare_s": 5.0, "new_plan_s": 2.0, "new_plan_status": "ok", "kernel_schedules": {}}
+    if vs_ort:
+        row["vs_ort"] = vs_ort
+    return row
+
+
+def test_paired_ort_section_comes_from_the_rows(tmp_path):
+    results = {"machine": "m", "target": "llvm-t2", "schedule": "rules", "peak_gflops": 100.0,
+               "peak_note": "n", "protocol": "p", "rounds": 3, "command": "c",
+               "models": [_row("a", {"runtime": "ort", "tvm_ms": 9.87, "runtime_ms": 11.11,
+                                     "speedup": 1.123, "speedup_spread": 0.045, "repeats": 15}),
+                          _row("b", None)]}
+    path = tmp_path / "results.md"
+    write_markdown(results, path)
+    text = path.read_text()
+    assert "## Head to head: TVM's best rule set vs ONNX Runtime" in text
+    assert "| a | tvm | 9.87 | 11.11 | 1.123 (0.045) | 15 |" in text
+    assert "| b | tvm |" not in text  # no paired row where none was measured
+    results["models"] = [_row("b", None)]
+    write_markdown(results, path)
+    assert "best rule set vs ONNX Runtime" not in path.read_text()
