@@ -7,16 +7,18 @@ BLAS libraries (GotoBLAS, MLAS) and of TOPI's x86 ``conv2d_NCHWc`` / ``dense_pac
   depends on; the other operand ``X`` is then a scalar broadcast along it;
 - the *register axis* ``r`` is a spatial axis that ``W`` does not depend on, so one vector load
   of ``W`` feeds ``rb`` FMAs (``rb`` rows x ``nv`` vectors of accumulators);
-- ``W`` is *packed*: copied once into a buffer where ``v`` is innermost and contiguous
+- ``W`` is *packed* into a layout where ``v`` is innermost and contiguous
   (``[v_outer, reduction..., v_inner]``), so the micro-kernel streams it without strides, cache
-  set conflicts or gathers. Per panel inside the parallel loop when there are enough panels
-  (dense: ``K x N`` weights, every panel packed once), else whole at the kernel's start
-  (convolutions: weights are tiny next to their ``OH x OW`` reuse);
+  set conflicts or gathers. When ``W`` is a constant of the program (a model's weights), it is
+  packed once at compile time (:mod:`.prepack`), and ``v`` is chosen among the axes only the
+  constant depends on (a convolution's output channels); otherwise each call packs it, per
+  panel inside the parallel loop when there are enough panels, else whole at the kernel's
+  start;
 - the accumulators live in a ``local`` tile whose layout is ``[r, v]``, written back once with
   the elementwise epilogue (bias, batch norm, activation, residual) inlined into the write-back.
 
 Loop nest: ``parallel(outer tiles) / [pack] / reduction / r_inner (unrolled) / v_inner
-(vectorized)``. Depthwise convolutions (the channel axis indexes both operands) copy input and
+(vectorized)``; prepacked panels are blocked to fit L2, the row blocks inside each block. Depthwise convolutions (the channel axis indexes both operands) copy input and
 filter channels-last and vectorize the channels (:func:`schedule_depthwise`). Matmuls whose
 extents do not tile (ViT's 197 tokens) are padded first (``pad_einsum``).
 """
