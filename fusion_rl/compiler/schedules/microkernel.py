@@ -224,7 +224,8 @@ def _prepack(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock,
     pack = WeightPack(dims[0], lay.vec)
     if not pack.fits(tuple(int(n) for n in region.source.shape)):
         return {}
-    sch.transform_layout(anchor, ("read", idx), pack.index_map(len(index)))
+    dtype = str(region.source.shape[0].ty) if region.source.shape else "int64"
+    sch.transform_layout(anchor, ("read", idx), pack.index_map(len(index), dtype))
     return {param: pack}
 
 

@@ -36,11 +36,13 @@ class WeightPack:
     dim: int
     vec: int
 
-    def index_map(self, ndim: int) -> tirx.IndexMap:
+    def index_map(self, ndim: int, index_dtype: str = "int64") -> tirx.IndexMap:
+        """The map from an index of the weights to its index in the packed copy
+        (``index_dtype``: the buffer's, int64 for legalized kernels, int32 in TVMScript)."""
         d, vec = self.dim, self.vec
         return tirx.IndexMap.from_func(
             lambda *i: [i[d] // vec, *(i[k] for k in range(ndim) if k != d), i[d] % vec],
-            ndim=ndim, index_dtype="int64")
+            ndim=ndim, index_dtype=index_dtype)
 
     def fits(self, shape: tuple[int, ...]) -> bool:
         return 0 <= self.dim < len(shape) and shape[self.dim] % self.vec == 0
@@ -103,11 +105,11 @@ def pack_constants(mod: tvm.IRModule) -> tvm.IRModule:
     packs = {name: p for name, p in packs.items() if p}
     if not packs:
         return mod
-    # A GlobalVar carries its function's signature, which packing changed: rebuild the module
-    # so that every GlobalVar is re-derived from its function (names stay the same).
-    bb = relax.BlockBuilder()
-    gvars = {gvar.name_hint: bb.add_func(func, gvar.name_hint)
-             for gvar, func in mod.functions_items() if isinstance(func, tirx.PrimFunc)}
+    # A GlobalVar carries its function's signature, which packing changed: packed kernels get
+    # new GlobalVars (same names). Not through BlockBuilder.add_func, which would merge two
+    # structurally equal kernels under one name (Q, K and V projections with their prologues).
+    gvars = {gvar.name_hint: _typed_global_var(gvar.name_hint, func) if gvar.name_hint in packs
+             else gvar for gvar, func in mod.functions_items() if isinstance(func, tirx.PrimFunc)}
     cache: dict[tuple[relax.Expr, WeightPack], relax.Expr] = {}  # a constant shared by calls packs once
 
     def packed(const: relax.Expr, pack: WeightPack) -> relax.Expr:
@@ -126,13 +128,23 @@ def pack_constants(mod: tvm.IRModule) -> tvm.IRModule:
         return relax.Call(expr.op, [gvars[name], relax.Tuple(fields), *expr.args[2:]],
                           expr.attrs, expr.ty_args)
 
+    functions = {}
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
-            bb.add_func(_rewrite_bindings(func, rewrite), gvar.name_hint)
-    out = bb.get()
-    if mod.attrs is not None:
-        out = out.with_attrs(mod.attrs)
+            functions[gvar] = _rewrite_bindings(func, rewrite)
+        else:
+            functions[gvars.get(gvar.name_hint, gvar)] = func
+    out = tvm.IRModule(functions, attrs=mod.attrs)
     return relax.transform.Normalize()(out)  # types of the rebuilt calls
+
+
+def _typed_global_var(name: str, func: tirx.PrimFunc) -> tvm.ir.GlobalVar:
+    """A new GlobalVar typed by ``func``'s signature (what ``BlockBuilder.add_func`` sets)."""
+    from tvm.relax.expr import _update_type
+
+    gvar = tvm.ir.GlobalVar(name)
+    _update_type(gvar, func.ty)
+    return gvar
 
 
 def _rewrite_bindings(func: relax.Function, rewrite) -> relax.Function:

@@ -47,6 +47,58 @@ class _TwoCalls:
         return b
 
 
+@I.ir_module(s_tir=True)
+class _Twins:
+    """Two kernels equal but for their names (Q and K projections), each with its weights."""
+
+    @T.prim_func(private=True, s_tir=True)
+    def q(A: T.Buffer((32, 64), "float32"), B: T.Buffer((64, 64), "float32"),
+          C: T.Buffer((32, 64), "float32")):
+        for i, j, k in T.grid(32, 64, 64):
+            with T.sblock("C"):
+                vi, vj, vk = T.axis.remap("SSR", [i, j, k])
+                with T.init():
+                    C[vi, vj] = T.float32(0)
+                C[vi, vj] = C[vi, vj] + A[vi, vk] * B[vk, vj]
+
+    @T.prim_func(private=True, s_tir=True)
+    def k(A: T.Buffer((32, 64), "float32"), B: T.Buffer((64, 64), "float32"),
+          C: T.Buffer((32, 64), "float32")):
+        for i, j, k in T.grid(32, 64, 64):
+            with T.sblock("C"):
+                vi, vj, vk = T.axis.remap("SSR", [i, j, k])
+                with T.init():
+                    C[vi, vj] = T.float32(0)
+                C[vi, vj] = C[vi, vj] + A[vi, vk] * B[vk, vj]
+
+    @R.function
+    def main(x: R.Tensor((32, 64), "float32"), wq: R.Tensor((64, 64), "float32"),
+             wk: R.Tensor((64, 64), "float32")):
+        cls = _Twins
+        with R.dataflow():
+            a = R.call_tir(cls.q, (x, wq), out_ty=R.Tensor((32, 64), "float32"))
+            b = R.call_tir(cls.k, (a, wk), out_ty=R.Tensor((32, 64), "float32"))
+            R.output(b)
+        return b
+
+
+def test_equal_kernels_keep_their_names_and_weights() -> None:
+    """Per-kernel times map back to plan groups by kernel name: packing must not merge two
+    equal kernels (a bench_vit plan lost its K projection that way, and its kernels could not
+    be timed)."""
+    rng = np.random.default_rng(0)
+    wq, wk = (rng.standard_normal((64, 64)).astype("float32") for _ in range(2))
+    mod = relax.transform.BindParams("main", {"wq": wq, "wk": wk})(_Twins)
+    out = make_schedule("rules").schedule(mod, parse_target("host").to_tvm())
+    names = {gv.name_hint for gv, f in out.functions_items() if isinstance(f, tirx.PrimFunc)}
+    assert names == {"q", "k"} and all(weight_packs(out[n]) for n in names)
+    calls = {c.args[0].name_hint: c.args[1].fields[1].value.numpy()
+             for c in (b.value for blk in out["main"].body.blocks for b in blk.bindings)}
+    pack = weight_packs(out["q"])[1]
+    np.testing.assert_array_equal(calls["q"], pack.pack(wq))
+    np.testing.assert_array_equal(calls["k"], pack.pack(wk))
+
+
 @pytest.mark.parametrize("shape,dim,vec", [((6, 32), 1, 8), ((32, 3, 2, 2), 0, 16), ((4, 24, 5), 1, 8)])
 def test_pack_is_what_the_index_map_reads(shape, dim, vec) -> None:
     pack = WeightPack(dim, vec)
