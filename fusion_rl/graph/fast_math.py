@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import tvm
-from tvm import relax, topi
+from tvm import relax, te, topi
 
 
 def _fast_sigmoid(x):
@@ -47,9 +48,6 @@ def _power(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     """``x ** n`` for a constant n in 2..4 as n - 1 multiplications: ``powf`` is a scalar libm
     call per element (GPT-2's GELU, ``x + 0.044715 * x ** 3``, ran its whole fused kernel
     lane by lane). Other exponents keep TOPI's ``power``."""
-    import numpy as np
-    from tvm import te
-
     x, y = call.args
     n = None
     if isinstance(y, tvm.ir.expr.Constant) and str(x.ty.dtype).startswith("float"):

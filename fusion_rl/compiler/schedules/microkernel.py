@@ -32,7 +32,7 @@ from fusion_rl.compiler.schedules.anchor_layout import (
     DATA_PAR, REDUCE, Layout, Unschedulable, analyze, channel_groups, einsum_padding, extent_of,
     is_channel, simplified_indices, vars_of, x_operand,
 )
-from fusion_rl.compiler.schedules.prepack import LAYOUT_FREE_ATTR, WeightPack
+from fusion_rl.compiler.schedules.prepack import WeightPack, layout_free_params
 
 #: Bytes of prepacked panels one L2 block holds (half of the smallest L2 of the x86 CPUs this
 #: runs on, Zen 3's 512 KiB: the row blocks and the output tile use the rest).
@@ -168,11 +168,9 @@ def _constant_operand_axis(sch: s_tir.Schedule, stmt: tirx.SBlock, lanes: int) -
     """The innermost spatial axis that only a compile-time-constant operand (a layout-free
     parameter) depends on, or None: vectorized against that operand, it is prepacked, and
     the other operand is broadcast (NCHWc-style direct convolution: no per-call pack)."""
-    func = sch.mod["main"]
-    free = func.attrs.get(LAYOUT_FREE_ATTR) if func.attrs is not None else None
-    if not free:
+    consts = list(layout_free_params(sch.mod["main"]).values())
+    if not consts:
         return None
-    consts = [func.params[int(i)] for i in free]
     out = stmt.writes[0].source
     operands = [r for r in stmt.reads if not r.source.same_as(out)]
     if len(operands) != 2:
@@ -205,15 +203,14 @@ def _prepack(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock,
              lay: Layout) -> dict[int, WeightPack]:
     """Give the panel operand's parameter the panel layout when every caller passes a
     constant (``layout_free_buffers``); returns ``{param index: pack}`` (empty: not packed)."""
-    func = sch.mod["main"]
-    free = func.attrs.get(LAYOUT_FREE_ATTR) if func.attrs is not None else None
+    free = layout_free_params(sch.mod["main"])
     if lay.panel is None or not free:
         return {}
     out = stmt.writes[0].source
     reads = [i for i, r in enumerate(stmt.reads) if not r.source.same_as(out)]
     idx = reads[lay.panel]
     region = stmt.reads[idx]
-    param = next((int(i) for i in free if func.params[int(i)].same_as(region.source)), None)
+    param = next((i for i, p in free.items() if p.same_as(region.source)), None)
     if param is None:
         return {}
     v = stmt.iter_vars[lay.v]

@@ -16,6 +16,7 @@ PrimFunc between identical ops, and a shared kernel may be called with computed 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import tvm
@@ -85,12 +86,19 @@ def mark_layout_free(mod: tvm.IRModule) -> tvm.IRModule:
     return out
 
 
+def layout_free_params(func: tirx.PrimFunc) -> dict[int, "tvm.ir.expr.Var"]:
+    """``{index: parameter}`` of the parameters :func:`mark_layout_free` marked on ``func``."""
+    free = func.attrs.get(LAYOUT_FREE_ATTR) if func.attrs is not None else None
+    return {int(i): func.params[int(i)] for i in free or ()}
+
+
 def weight_packs(func: tirx.PrimFunc) -> dict[int, WeightPack]:
     attr = func.attrs.get(WEIGHT_PACKS_ATTR) if func.attrs is not None else None
     return {int(i): WeightPack(int(v[0]), int(v[1])) for i, v in (attr or {}).items()}
 
 
-def packed_arg_specs(func: tirx.PrimFunc, specs):
+def packed_arg_specs(func: tirx.PrimFunc, specs: Sequence[tuple[Sequence[int], str]]
+                     ) -> tuple[tuple[tuple[int, ...], str], ...]:
     """A call site's ``(shape, dtype)`` per argument, with the packed parameters' shapes as
     ``func`` (scheduled) takes them."""
     packs = weight_packs(func)

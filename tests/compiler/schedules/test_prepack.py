@@ -23,33 +23,9 @@ from fusion_rl.graph.model import load_model
 
 
 @I.ir_module(s_tir=True)
-class _TwoCalls:
-    """One matmul kernel called twice: with ``w`` (bound as a constant below) and with ``v``."""
-
-    @T.prim_func(private=True, s_tir=True)
-    def mm(A: T.Buffer((4, 8), "float32"), B: T.Buffer((8, 8), "float32"),
-           C: T.Buffer((4, 8), "float32")):
-        for i, j, k in T.grid(4, 8, 8):
-            with T.sblock("C"):
-                vi, vj, vk = T.axis.remap("SSR", [i, j, k])
-                with T.init():
-                    C[vi, vj] = T.float32(0)
-                C[vi, vj] = C[vi, vj] + A[vi, vk] * B[vk, vj]
-
-    @R.function
-    def main(x: R.Tensor((4, 8), "float32"), w: R.Tensor((8, 8), "float32"),
-             v: R.Tensor((8, 8), "float32")):
-        cls = _TwoCalls
-        with R.dataflow():
-            a = R.call_tir(cls.mm, (x, w), out_ty=R.Tensor((4, 8), "float32"))
-            b = R.call_tir(cls.mm, (a, v), out_ty=R.Tensor((4, 8), "float32"))
-            R.output(b)
-        return b
-
-
-@I.ir_module(s_tir=True)
-class _Twins:
-    """Two kernels equal but for their names (Q and K projections), each with its weights."""
+class _Kernels:
+    """Two kernels equal but for their names (Q and K projections); ``q`` is called twice, the
+    second time with ``v``, which the tests bind as a constant or leave computed."""
 
     @T.prim_func(private=True, s_tir=True)
     def q(A: T.Buffer((32, 64), "float32"), B: T.Buffer((64, 64), "float32"),
@@ -73,30 +49,48 @@ class _Twins:
 
     @R.function
     def main(x: R.Tensor((32, 64), "float32"), wq: R.Tensor((64, 64), "float32"),
-             wk: R.Tensor((64, 64), "float32")):
-        cls = _Twins
+             wk: R.Tensor((64, 64), "float32"), v: R.Tensor((64, 64), "float32")):
+        cls = _Kernels
         with R.dataflow():
             a = R.call_tir(cls.q, (x, wq), out_ty=R.Tensor((32, 64), "float32"))
             b = R.call_tir(cls.k, (a, wk), out_ty=R.Tensor((32, 64), "float32"))
-            R.output(b)
-        return b
+            c = R.call_tir(cls.q, (b, v), out_ty=R.Tensor((32, 64), "float32"))
+            R.output(c)
+        return c
+
+
+def _weights(n: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal((64, 64)).astype("float32") for _ in range(n)]
 
 
 def test_equal_kernels_keep_their_names_and_weights() -> None:
     """Per-kernel times map back to plan groups by kernel name: packing must not merge two
     equal kernels (a bench_vit plan lost its K projection that way, and its kernels could not
     be timed)."""
-    rng = np.random.default_rng(0)
-    wq, wk = (rng.standard_normal((64, 64)).astype("float32") for _ in range(2))
-    mod = relax.transform.BindParams("main", {"wq": wq, "wk": wk})(_Twins)
+    wq, wk, v = _weights(3)
+    mod = relax.transform.BindParams("main", {"wq": wq, "wk": wk, "v": v})(_Kernels)
     out = make_schedule("rules").schedule(mod, parse_target("host").to_tvm())
     names = {gv.name_hint for gv, f in out.functions_items() if isinstance(f, tirx.PrimFunc)}
     assert names == {"q", "k"} and all(weight_packs(out[n]) for n in names)
-    calls = {c.args[0].name_hint: c.args[1].fields[1].value.numpy()
-             for c in (b.value for blk in out["main"].body.blocks for b in blk.bindings)}
+    calls = [(c.args[0].name_hint, c.args[1].fields[1].value.numpy())
+             for c in (b.value for blk in out["main"].body.blocks for b in blk.bindings)]
     pack = weight_packs(out["q"])[1]
-    np.testing.assert_array_equal(calls["q"], pack.pack(wq))
-    np.testing.assert_array_equal(calls["k"], pack.pack(wk))
+    assert [n for n, _ in calls] == ["q", "k", "q"]
+    for (_, got), w in zip(calls, (wq, wk, v)):
+        np.testing.assert_array_equal(got, pack.pack(w))
+
+
+def test_layout_free_needs_a_constant_at_every_call_site() -> None:
+    wq, wk, v = _weights(3)
+    everywhere = relax.transform.BindParams("main", {"wq": wq, "wk": wk, "v": v})(_Kernels)
+    once = relax.transform.BindParams("main", {"wq": wq, "wk": wk})(_Kernels)
+    assert list(prepack.mark_layout_free(everywhere)["q"].attrs[prepack.LAYOUT_FREE_ATTR]) == [1]
+    marked = prepack.mark_layout_free(once)["q"]
+    assert marked.attrs is None or prepack.LAYOUT_FREE_ATTR not in marked.attrs
+    # ... and a kernel without layout-free parameters keeps its weights' layout.
+    scheduled = make_schedule("rules").schedule(once, parse_target("host").to_tvm())
+    assert not weight_packs(scheduled["q"]) and weight_packs(scheduled["k"])
 
 
 @pytest.mark.parametrize("shape,dim,vec", [((6, 32), 1, 8), ((32, 3, 2, 2), 0, 16), ((4, 24, 5), 1, 8)])
@@ -109,18 +103,6 @@ def test_pack_is_what_the_index_map_reads(shape, dim, vec) -> None:
     for index in np.ndindex(*shape):
         mapped = [int(e) for e in index_map.map_indices([tirx.const(i, "int64") for i in index])]
         assert packed[tuple(mapped)] == array[index]
-
-
-def test_layout_free_needs_a_constant_at_every_call_site() -> None:
-    weights = np.ones((8, 8), "float32")
-    both = relax.transform.BindParams("main", {"w": weights, "v": weights})(_TwoCalls)
-    one = relax.transform.BindParams("main", {"w": weights})(_TwoCalls)
-    assert list(prepack.mark_layout_free(both)["mm"].attrs[prepack.LAYOUT_FREE_ATTR]) == [1]
-    marked = prepack.mark_layout_free(one)["mm"]
-    assert marked.attrs is None or prepack.LAYOUT_FREE_ATTR not in marked.attrs
-    # ... and a kernel without layout-free parameters keeps its weights' layout.
-    scheduled = make_schedule("rules").schedule(one, parse_target("host").to_tvm())
-    assert not weight_packs(scheduled["mm"])
 
 
 class _DenseConv(nn.Module):
