@@ -74,6 +74,14 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
         # vector or register tile; the copies in and out cost O(inputs + output).
         sch.pad_einsum(anchor, padding)
         stmt = sch.get(anchor)
+        # The epilogue reads the padded result directly (the un-pad copy inlined into it), so
+        # that it can join the accumulator tile below instead of two more passes over memory.
+        # An un-pad copy that writes the kernel's output stays, and joins the tile itself.
+        for copy in sch.get_consumers(anchor):
+            try:
+                sch.compute_inline(copy)
+            except ScheduleError:
+                pass
     if vector_axis is None:
         vector_axis = _constant_operand_axis(sch, stmt, lanes)
     lay = analyze(stmt, lanes, registers, vector_axis)
@@ -156,12 +164,43 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
         if ext and ext % 4 == 0 and ext <= 4 * lanes * 4 and not inner_wb.same_as(acc_loop):
             sch.vectorize(inner_wb)
     done.add(sch.get(out_block).name_hint)
+    if padding:
+        done |= _join_tile(sch, out_block, acc_loop, lanes)
     if pack is not None:
         done.add(_place_pack(sch, pack, tile_loop if per_panel else None))
     if reduce:
         done.add(sch.get(sch.decompose_reduction(anchor, reduce[0])).name_hint)
     done.add(sch.get(anchor).name_hint)
     return done, packs
+
+
+def _join_tile(sch: s_tir.Schedule, out_block: SBlockRV, acc_loop: LoopRV, lanes: int) -> set[str]:
+    """Compute a padded anchor's elementwise consumers (epilogue, un-pad copy) at its
+    accumulator tile; returns their names.
+
+    Their domain is the unpadded one, so they cannot be inlined into the padded write-back
+    (:func:`_cache_accumulators` inlines only same-shape consumers); at the tile they read the
+    padded result while it is in L1, the rows past the real extent skipped by a predicate.
+    Without this, ViT's fused dense + GELU wrote the padded result, copied it, and ran its
+    epilogue as separate passes, and was slower fused than unfused.
+    """
+    names: set[str] = set()
+    block = out_block
+    while len(consumers := sch.get_consumers(block)) == 1:
+        nxt = consumers[0]
+        if any(iv.iter_type != DATA_PAR for iv in sch.get(nxt).iter_vars):
+            break
+        try:
+            sch.reverse_compute_at(nxt, acc_loop, preserve_unit_loops=False)
+        except ScheduleError:
+            break
+        loops = sch.get_loops(nxt)
+        ext = _loop_extent(sch, loops[-1]) if loops else None
+        if ext and ext % lanes == 0 and ext <= 4 * lanes and not loops[-1].same_as(acc_loop):
+            sch.vectorize(loops[-1])
+        names.add(sch.get(nxt).name_hint)
+        block = nxt
+    return names
 
 
 def _constant_operand_axis(sch: s_tir.Schedule, stmt: tirx.SBlock, lanes: int) -> int | None:

@@ -78,10 +78,11 @@ class RulesSchedule(ScheduleProvider):
     @property
     def key(self) -> str:
         # v2: packed micro-kernels (microkernel.py); v3: grouped convs as NCHWc micro-kernels,
-        # serial ragged inner loops; v4: constant weights packed at compile time (prepack.py).
+        # serial ragged inner loops; v4: constant weights packed at compile time (prepack.py);
+        # v5: a padded anchor's epilogue runs at its accumulator tile.
         # Records of older schedules must not be served for the new one, so the version is
         # part of every measurement's key.
-        return "rules:v4"
+        return "rules:v5"
 
     def schedule(self, mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         ctx = _make_ctx(target)

@@ -165,6 +165,35 @@ def test_small_anchor_runs_serially_large_one_in_parallel() -> None:
     assert "T.vectorized" in large and "T.parallel" in large
 
 
+def test_padded_anchor_runs_its_epilogue_at_the_tile() -> None:
+    """197 rows do not tile: the anchor runs padded (pad_einsum), and its epilogue reads the
+    padded result at the accumulator tile, inside the anchor's nest (ViT's fused dense + GELU
+    copied the padded result out and ran its epilogue as two more passes over memory)."""
+    m, k, n = 197, 64, 64
+    a = relax.Var("a", relax.TensorType((m, k), "float32"))
+    b = relax.Var("b", relax.TensorType((k, n), "float32"))
+    c = relax.Var("c", relax.TensorType((n,), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [a, b, c]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.nn.relu(relax.op.add(relax.op.matmul(a, b), c)))
+        bb.emit_func_output(out)
+    fused = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                      relax.transform.FuseOps(), relax.transform.FuseTIR()])(bb.get())
+    (name, kernel), = _prim_funcs(fused).items()
+    scheduled = rules.schedule_prim_func(kernel, rules._make_ctx(TARGET))
+    assert scheduled.attrs[SCHEDULE_ATTR] == "microkernel"
+    sch = tvm.s_tir.Schedule(scheduled)
+    outermost = {b: sch.get(sch.get_loops(sch.get_sblock(b))[0]) for b in ("matmul_update", "compute")}
+    assert outermost["compute"].same_as(outermost["matmul_update"]), scheduled.script()
+    rng = np.random.default_rng(0)
+    x, w, bias = (rng.standard_normal(s).astype("float32") for s in ((m, k), (k, n), (n,)))
+    lib = tvm.compile(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target=TARGET)
+    res = tvm.runtime.tensor(np.zeros((m, n), "float32"))
+    lib["main"](*(tvm.runtime.tensor(v) for v in (x, w, bias)), res)
+    np.testing.assert_allclose(res.numpy(), np.maximum(x @ w + bias, 0), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.slow
 def test_rules_does_not_modify_input(block: Models) -> None:
     _, fused, _ = block
