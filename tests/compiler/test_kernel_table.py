@@ -44,6 +44,28 @@ def test_a_plan_that_shares_kernels_times_only_its_new_ones(model_cache, tmp_pat
         assert table.measurer.stats.misses == 2  # one worker job per plan with new kernels
 
 
+def test_retime_keeps_each_kernels_faster_median_and_times_shared_kernels_once(model_cache, tmp_path):
+    model = model_cache("mlp_tiny")
+    unfused, tvm_plan = (make_plan(r, model.mod, model.graph) for r in ("unfused", "tvm"))
+    with _table(tmp_path / "k.sqlite") as table:
+        table.ensure(model, unfused)
+        kernels = sorted(_distinct(model, unfused))
+        # A first pass taken in a slow minute: every kernel 1000x slower than it runs.
+        table._write("UPDATE kernels SET median_ms = median_ms * 1000", [()])
+        slow = table.times(kernels)
+        again: set[str] = set()
+        assert table.retime(model, unfused, again) == len(kernels) and again == set(kernels)
+        fast = table.times(kernels)
+        assert all(fast[k] < slow[k] / 10 for k in kernels)
+        # Kernels already re-timed in this pass are not timed again; the others are.
+        assert table.retime(model, tvm_plan, again) == len(_distinct(model, tvm_plan) - set(kernels))
+        # A pass slower than the kept one leaves the table as it was.
+        table._write("UPDATE kernels SET median_ms = median_ms / 1000", [()])
+        kept = table.times(kernels)
+        table.retime(model, unfused)
+        assert table.times(kernels) == kept
+
+
 def test_estimate_is_kernel_sum_plus_calibrated_launch_cost(model_cache, tmp_path):
     model = model_cache("mlp_tiny")
     plans = [make_plan(r, model.mod, model.graph) for r in ("unfused", "tvm")]
