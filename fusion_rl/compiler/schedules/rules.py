@@ -17,8 +17,11 @@ change nothing measurable. This provider applies a handful of fixed rules to eve
    ``_MIN_PARALLEL_MACS`` multiply-accumulates only), the init is split out
    with ``decompose_reduction``, and the elementwise epilogue is moved into the tile with
    ``reverse_compute_at`` so it runs while the tile is still in L1.
-3. *Plain reductions* (softmax, layer norm) in a kernel without an anchor use dlight's
-   ``cpu.Reduction``; it is never used on kernels with an anchor (it makes them slower).
+3. *Plain reductions* (softmax, layer norm) in a kernel without an anchor: rows in parallel,
+   every block computed per row, each row reduction factored into one partial result per
+   vector lane (``rfactor``, the lanes vectorized); where that does not fit (ragged rows),
+   dlight's ``cpu.Reduction``, which keeps each reduction one scalar chain. Neither is used on
+   kernels with an anchor (it makes them slower).
 4. *Everything else* left at the root gets its outer loops fused and parallelized and its
    innermost spatial loop vectorized.
 
@@ -79,10 +82,11 @@ class RulesSchedule(ScheduleProvider):
     def key(self) -> str:
         # v2: packed micro-kernels (microkernel.py); v3: grouped convs as NCHWc micro-kernels,
         # serial ragged inner loops; v4: constant weights packed at compile time (prepack.py);
-        # v5: a padded anchor's epilogue runs at its accumulator tile.
+        # v5: a padded anchor's epilogue runs at its accumulator tile; v6: row reductions as
+        # vectorized partial results (rfactor).
         # Records of older schedules must not be served for the new one, so the version is
         # part of every measurement's key.
-        return "rules:v5"
+        return "rules:v6"
 
     def schedule(self, mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         ctx = _make_ctx(target)
@@ -412,10 +416,22 @@ def _attach_epilogue(sch: s_tir.Schedule, anchor: SBlockRV, tile: LoopRV, ctx: _
 
 
 def _try_dlight_reduction(sch: s_tir.Schedule, ctx: _Ctx) -> s_tir.Schedule | None:
-    """dlight ``cpu.Reduction`` on an anchor-free kernel with reductions, or ``None``."""
+    """Row reductions (softmax, layer_norm) of an anchor-free kernel, or ``None``.
+
+    First :func:`_schedule_rows`: each row reduction factored into one partial result per
+    vector lane. dlight's ``cpu.Reduction`` (its fallback) leaves reductions scalar, one
+    dependent ``max`` or ``add`` per element, and that chain, not memory, bounded softmax and
+    layer_norm (a 197-wide softmax row: 197 dependent ``max``, then 197 dependent ``add``).
+    """
     blocks = _root_blocks(sch)
     if all(_is_injective(sch, b) for b in blocks):
         return None
+    trial = sch.copy()
+    try:
+        if _schedule_rows(trial, ctx):
+            return trial
+    except ScheduleError as err:
+        log.debug("rules: row reductions not factored: %s", err)
     from tvm.s_tir.dlight.cpu import Reduction  # local: dlight import is slow-ish
 
     func = sch.mod["main"]
@@ -426,6 +442,67 @@ def _try_dlight_reduction(sch: s_tir.Schedule, ctx: _Ctx) -> s_tir.Schedule | No
         log.debug("rules: dlight Reduction failed: %s", err)
         return None
     return result[0] if isinstance(result, list) else result
+
+
+def _schedule_rows(sch: s_tir.Schedule, ctx: _Ctx) -> bool:
+    """dlight's row schedule (rows parallel, every block computed per row, elementwise blocks
+    vectorized), with each row reduction ``rfactor``-ed by the vector width: ``lanes``
+    independent partial results (the rf block, its lane loop vectorized), then one short
+    reduction over the lanes. Returns False when the kernel is not rows of reductions over
+    their innermost axis, a whole number of vectors long (``sch`` may then be half changed:
+    pass a copy)."""
+    blocks = _root_blocks(sch)
+    last = blocks[-1]
+    if not _is_injective(sch, last) or len(sch.get_loops(last)) != len(sch.get(last).iter_vars):
+        return False
+    factored, rows = [], None
+    for block in blocks:
+        stmt = sch.get(block)
+        kinds = [iv.iter_type for iv in stmt.iter_vars]
+        if all(k == _DATA_PAR for k in kinds):
+            continue
+        loops = sch.get_loops(block)
+        if kinds.count(_REDUCE) != 1 or kinds[-1] != _REDUCE or len(loops) != len(kinds):
+            return False
+        lanes = ctx.lanes(stmt.writes[0].source.dtype.bits)
+        extent = _const_extent(sch, loops[-1])
+        # Ragged rows (ViT's 197 keys) stay with dlight: compute_at drops the predicate that
+        # the split gives the last partial vector, and the rows then read past their end.
+        if rows not in (None, len(kinds) - 1) or not extent or extent % lanes or extent < 2 * lanes:
+            return False
+        rows = len(kinds) - 1
+        _, lane = sch.split(loops[-1], factors=[None, lanes])
+        rf = sch.rfactor(lane, factor_axis=len(stmt.writes[0].region))
+        # rfactor makes the lane the first iterator of the rf block: put it innermost, so that
+        # compute_at below gives it the innermost loop, the one that is vectorized.
+        ivs = sch.get(rf).iter_vars
+        sch.reorder_block_iter_var(rf, [i for i in range(1, len(ivs)) if ivs[i].iter_type == _DATA_PAR]
+                                   + [i for i in range(1, len(ivs)) if ivs[i].iter_type != _DATA_PAR] + [0])
+        factored.append(rf)
+    if rows is None or rows == 0:
+        return False
+    head = sch.get_loops(last)[:rows]
+    spatial = sch.fuse(*head) if rows > 1 else head[0]
+    sch.parallel(spatial)
+    # Every other block computed per row, consumers before producers (compute_at's order).
+    for block in reversed(_root_blocks(sch)[:-1]):
+        sch.compute_at(block, spatial, preserve_unit_loops=False)
+    rf_names = {sch.get(b).name_hint for b in factored}
+    for block in _root_blocks(sch):
+        stmt = sch.get(block)
+        lanes = ctx.lanes(stmt.writes[0].source.dtype.bits)
+        inner = sch.get_loops(block)[-1]
+        if inner.same_as(spatial):
+            continue
+        if stmt.name_hint in rf_names:
+            sch.vectorize(inner)
+        elif all(iv.iter_type == _DATA_PAR for iv in stmt.iter_vars):
+            ext = _const_extent(sch, inner)
+            if ext and ext > lanes:
+                inner = sch.split(inner, factors=[None, lanes])[1]
+            if ext and ext >= 2:
+                sch.vectorize(inner)
+    return True
 
 
 _MIN_SERIAL_INNER = 16  # innermost extent worth a serial loop of its own
