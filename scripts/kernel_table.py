@@ -135,6 +135,7 @@ def main() -> int:
         for model, plan, row in measured:
             if row.get("status") == "ok":
                 row.update(kernel_ms=table.estimate(model, plan).kernel_ms)
+        schedule = m.provider.key  # the versioned key (e.g. rules:v6): what the numbers are of
         calib = [(model, plan, row["e2e_ms"]) for model, plan, row in measured
                  if row["kind"] == "rules" and row.get("status") == "ok"]
         launch_ms = table.calibrate(calib) if calib else 0.0
@@ -143,7 +144,7 @@ def main() -> int:
             r["estimate_ms"] = r["kernel_ms"] + r["launches"] * launch_ms
     out = args.out or args.config.parent
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"launch_ms": launch_ms, "rows": rows}, indent=1))
+    (out / "results.json").write_text(json.dumps({"launch_ms": launch_ms, "schedule": schedule, "rows": rows}, indent=1))
     (out / "results.md").write_text(report(cfg, args, spec, schedule, protocol, kprotocol, launch_ms, rows))
     print((out / "results.md").read_text())
     return 0
