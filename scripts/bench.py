@@ -82,7 +82,7 @@ def main() -> int:
     protocol = TimingProtocol(repeat=cfg["repeat"], min_repeat_ms=cfg["min_repeat_ms"])
     peak, peak_note = fp32_peak_gflops(spec)
     results = {"machine": machine_description(spec.num_threads), "target": spec.key,
-               "schedule": DEFAULT_SCHEDULE, "peak_gflops": peak, "peak_note": peak_note,
+               "schedule": make_schedule(DEFAULT_SCHEDULE).key, "peak_gflops": peak, "peak_note": peak_note,
                "protocol": protocol.key, "rounds": cfg["rounds"],
                "command": f"python scripts/bench.py {args.config}", "models": []}
     if args.update:
