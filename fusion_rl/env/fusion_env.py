@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, SupportsFloat
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import logger
 
+from fusion_rl.compiler.kernel_table import KernelTable
 from fusion_rl.compiler.measure import Measurer
 from fusion_rl.compiler.schedules import make_schedule
 from fusion_rl.compiler.store import MeasurementStore, default_store_path
@@ -88,7 +90,8 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
     Set by the env spec's ``reward`` (:mod:`fusion_rl.env.rewards`): ``e2e`` gives 0 per step
     and ``-log(latency / tvm_latency)`` at the end; ``kernel`` adds dense per-fuse shaping from
     per-kernel times and corrects it at the end so the return equals the ``e2e`` reward;
-    ``model`` uses a learned cost model instead of measuring. A plan that fails to build, gives
+    ``model`` uses a learned cost model instead of measuring; ``table`` estimates both plans from
+    the kernel table (only kernels it has not seen are timed). A plan that fails to build, gives
     a wrong output or times out ends with ``FAILURE_PENALTY`` (-1.0). Plus
     :data:`INVALID_ACTION_PENALTY` per invalid action.
 
@@ -173,7 +176,8 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
         self._store_path = cfg.store if cfg.store is not None else str(default_store_path())
         self._plan_index = PlanIndex(plan_index_path(self._store_path)) if cfg.reward == "kernel" else None
         self._reward: Reward = make_reward(
-            cfg.reward, failure_penalty=failure_penalty, cost_model=cost_model, plan_index=self._plan_index
+            cfg.reward, failure_penalty=failure_penalty, cost_model=cost_model, plan_index=self._plan_index,
+            open_table=self._open_table,
         )
         self._store: MeasurementStore | None = None  # opened on first use, in this process
         self._measurers: dict[str, Measurer] = {}
@@ -208,7 +212,8 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
         target = self._target_spec(str(target_name))
         measurer = self.measurer(str(target_name)) if self._reward.needs_measurer else None
         ctx = RewardContext(entry.model, target, entry.tvm_plan, measurer)
-        misses = measurer.stats.misses if measurer is not None else 0
+        # What the episode spends counts from here: the reference's first measurement too.
+        misses = (measurer.stats.misses if measurer is not None else 0) + self._reward.spent
         self._reward.start(ctx)  # may raise (reference failed): leave the last episode intact
         self._entry, self._target_name, self._ctx = entry, str(target_name), ctx
         self._episode_stats = None
@@ -270,6 +275,7 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
                 f"{len(process.members)} groups, fused: {fused}")
 
     def close(self) -> None:
+        self._reward.close()
         for measurer in self._measurers.values():
             measurer.close()
         self._measurers.clear()
@@ -356,8 +362,16 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
 
     @property
     def measurements_spent(self) -> int:
-        """Measurements (store misses) this env's measurers have made so far, all targets."""
-        return sum(m.stats.misses for m in self._measurers.values())
+        """Measurements this env has made so far, all targets: its measurers' store misses, and
+        the kernels a ``table`` reward timed."""
+        return sum(m.stats.misses for m in self._measurers.values()) + self._reward.spent
+
+    def _open_table(self, target: TargetSpec) -> KernelTable:
+        """The kernel table of ``target`` for the ``table`` reward: beside the store, under this
+        spec's schedule provider, kernels timed with the table's own protocol."""
+        cfg = self.config
+        return KernelTable(Path(self._store_path).with_name("kernels.sqlite"), target, cfg.schedule,
+                           dict(cfg.schedule_kwargs), timeout_s=cfg.timeout_s, isolate=cfg.isolate)
 
     def measurer(self, target: str) -> Measurer:
         """The :class:`Measurer` of ``target`` (one per target, sharing this env's store)."""
@@ -445,7 +459,8 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
         info.update(reward_info)
         info.update(
             plan=plan, plan_hash=plan.hash,
-            measurements=(measurer.stats.misses - self._misses_at_reset) if measurer is not None else 0,
+            measurements=(measurer.stats.misses if measurer is not None else 0) + self._reward.spent
+            - self._misses_at_reset,
             invalid_actions=self._invalid, model=self._entry.name, target=self._target_name,
         )
         return final

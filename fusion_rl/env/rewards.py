@@ -1,6 +1,6 @@
 """Rewards of :class:`~fusion_rl.env.fusion_env.FusionEnv`, chosen by the env spec's ``reward``.
 
-All three are relative to TVM's own fusion (the ``tvm`` rule set, ``relax.transform.FuseOps``)
+All four are relative to TVM's own fusion (the ``tvm`` rule set, ``relax.transform.FuseOps``)
 on the same model, target and schedule provider, so a return of 0 means "as good as TVM" and
 returns are comparable across models of very different latency.
 
@@ -14,9 +14,14 @@ returns are comparable across models of very different latency.
   never the objective).
 - ``model``: no measurement; at the end ``-log(pred(plan) / pred(tvm_plan))`` from a learned
   :class:`~fusion_rl.compiler.cost_model.LatencyCostModel` (``fit``/``predict``/``save``/``load``).
+- ``table``: at the end ``-log(est(plan) / est(tvm_plan))``, both estimated from the
+  :class:`~fusion_rl.compiler.kernel_table.KernelTable` (each kernel timed alone once, plus the
+  calibrated per-launch cost): an episode times only the kernels the table has not seen, so
+  training costs kernels, not plans. An estimate is not a measurement (nothing is verified);
+  re-time what a policy trained this way plans, end to end, before reporting it.
 
-A plan whose measurement fails (build error, wrong output, crash, timeout), or a non-positive
-prediction, ends the episode with :data:`FAILURE_PENALTY` as its ``e2e`` reward; the status and
+A plan whose measurement fails (build error, wrong output, crash, timeout), a kernel that cannot
+be timed, or a non-positive prediction, ends the episode with :data:`FAILURE_PENALTY` as its ``e2e`` reward; the status and
 error are in the episode's ``info``. A reference plan that fails to measure is an environment
 error (:class:`~fusion_rl.errors.MeasurementError`): no reward can be computed for that pair.
 """
@@ -26,8 +31,9 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, Callable, ClassVar, Protocol
 
+from fusion_rl.compiler.kernel_table import KernelTable
 from fusion_rl.compiler.kernels import group_kernel_times
 from fusion_rl.compiler.measure import Measurer
 from fusion_rl.compiler.store import MeasurementRecord
@@ -76,6 +82,14 @@ class Reward:
     def terminal(self, ctx: RewardContext, plan: FusionPlan, shaped_return: float) -> tuple[float, dict[str, Any]]:
         """The final reward of ``plan`` given the shaped rewards paid so far, and episode info."""
         raise NotImplementedError
+
+    @property
+    def spent(self) -> int:
+        """Measurements this reward made itself (beyond the env's measurers): kernels timed."""
+        return 0
+
+    def close(self) -> None:
+        """Release what the reward holds open (kernel tables)."""
 
 
 class E2EReward(Reward):
@@ -245,9 +259,72 @@ class ModelReward(Reward):
         return e2e - shaped_return, info
 
 
+class TableReward(Reward):
+    """``-log(est(plan) / est(tvm_plan))`` from the kernel table; see the module docstring.
+
+    ``open_table(target)`` opens the :class:`KernelTable` of a target (the env passes one with
+    its schedule provider and store folder); tables open on first use and stay open.
+    """
+
+    name = "table"
+    needs_measurer = False
+
+    def __init__(self, open_table: Callable[[TargetSpec], KernelTable],
+                 failure_penalty: float = FAILURE_PENALTY) -> None:
+        self.open_table = open_table
+        self.failure_penalty = failure_penalty
+        self._tables: dict[str, KernelTable] = {}
+        self._reference: dict[tuple[str, str], float] = {}
+
+    def table(self, target: TargetSpec) -> KernelTable:
+        if target.key not in self._tables:
+            self._tables[target.key] = self.open_table(target)
+        return self._tables[target.key]
+
+    def reference_ms(self, ctx: RewardContext) -> float:
+        key = (ctx.model.fingerprint, ctx.target.key)
+        if key not in self._reference:
+            try:
+                self._reference[key] = self.table(ctx.target).estimate(ctx.model, ctx.tvm_plan).latency_ms
+            except MeasurementError as exc:
+                raise MeasurementError(
+                    f"the reference plan (TVM FuseOps) of model {ctx.model.name!r} on target "
+                    f"{ctx.target.name!r} could not be estimated from the kernel table: {exc}") from exc
+        return self._reference[key]
+
+    def start(self, ctx: RewardContext) -> None:
+        self.reference_ms(ctx)
+
+    def terminal(self, ctx: RewardContext, plan: FusionPlan, shaped_return: float) -> tuple[float, dict[str, Any]]:
+        reference = self.reference_ms(ctx)
+        table = self.table(ctx.target)
+        info: dict[str, Any] = {"reference_latency_ms": reference, "speedup_vs_tvm": None}
+        before = table.timed
+        try:
+            estimate = table.estimate(ctx.model, plan).latency_ms
+        except MeasurementError as exc:
+            e2e = self.failure_penalty
+            info.update(latency_ms=None, measurement_status="failed", measurement_error=str(exc))
+        else:
+            e2e = -math.log(estimate / reference)
+            info.update(latency_ms=estimate, measurement_status="estimated", speedup_vs_tvm=reference / estimate)
+        info.update(e2e_reward=e2e, kernels_timed=table.timed - before)
+        return e2e - shaped_return, info
+
+    @property
+    def spent(self) -> int:
+        return sum(t.timed for t in self._tables.values())
+
+    def close(self) -> None:
+        for table in self._tables.values():
+            table.close()
+        self._tables.clear()
+
+
 def make_reward(mode: str, *, failure_penalty: float = FAILURE_PENALTY, cost_model: CostModel | None = None,
-                plan_index: PlanIndex | None = None) -> Reward:
-    """The reward of env-spec mode ``mode`` (``e2e``, ``kernel`` or ``model``)."""
+                plan_index: PlanIndex | None = None,
+                open_table: Callable[[TargetSpec], KernelTable] | None = None) -> Reward:
+    """The reward of env-spec mode ``mode`` (``e2e``, ``kernel``, ``model`` or ``table``)."""
     if mode == "e2e":
         return E2EReward(failure_penalty)
     if mode == "kernel":
@@ -259,4 +336,8 @@ def make_reward(mode: str, *, failure_penalty: float = FAILURE_PENALTY, cost_mod
                 "LatencyCostModel) or pass cost_model= to FusionEnv"
             )
         return ModelReward(cost_model, failure_penalty)
-    raise ConfigError(f"unknown reward {mode!r}; choose one of e2e, kernel, model")
+    if mode == "table":
+        if open_table is None:
+            raise ConfigError("reward 'table' needs open_table(target) -> KernelTable (FusionEnv passes one)")
+        return TableReward(open_table, failure_penalty)
+    raise ConfigError(f"unknown reward {mode!r}; choose one of e2e, kernel, model, table")

@@ -6,7 +6,7 @@ An env spec is a small YAML file in ``envs/`` (``envs/default.yaml``, ``envs/tin
     targets: [host]                    # target names (fusion_rl.compiler.target)
     schedule: rules                    # schedule provider: naive | rules (default) | tuned
     schedule_kwargs: {}                # options of the provider, e.g. {trials_per_task: 16}
-    reward: e2e                        # e2e | kernel | model (fusion_rl.env.rewards)
+    reward: e2e                        # e2e | kernel | model | table (fusion_rl.env.rewards)
     max_nodes: 256                     # observation padding; larger models are refused
     max_edges: 512
     store: null                        # measurement store path; null = the default store
@@ -39,7 +39,7 @@ from fusion_rl.errors import ConfigError
 from fusion_rl.io import read_yaml
 
 #: Reward modes (see :mod:`fusion_rl.env.rewards`).
-REWARD_MODES = ("e2e", "kernel", "model")
+REWARD_MODES = ("e2e", "kernel", "model", "table")
 #: Folder of the named specs shipped with fusion_rl (``spec="tiny"`` -> ``envs/tiny.yaml``).
 ENVS_DIR = paths.ENVS_DIR
 

@@ -16,6 +16,7 @@ from fusion_rl.env.rewards import (
     KernelReward,
     ModelReward,
     RewardContext,
+    TableReward,
     make_reward,
 )
 from fusion_rl.errors import ConfigError, MeasurementError
@@ -199,5 +200,44 @@ def test_make_reward_by_mode(tmp_path):
     assert type(model) is ModelReward and model.cost_model is cost and not model.needs_measurer
     with pytest.raises(ConfigError, match="needs a cost model"):
         make_reward("model")
-    with pytest.raises(ConfigError, match="unknown reward 'latency'; choose one of e2e, kernel, model"):
+    with pytest.raises(ConfigError, match="needs open_table"):
+        make_reward("table")
+    table = make_reward("table", open_table=lambda target: None)
+    assert type(table) is TableReward and not table.needs_measurer and table.spent == 0
+    with pytest.raises(ConfigError, match="unknown reward 'latency'; choose one of e2e, kernel, model, table"):
         make_reward("latency")
+
+
+def test_table_reward_estimates_from_the_kernel_table_and_times_only_new_kernels(tmp_path):
+    """reward: table on a real tiny model: the return is -log(est(plan) / est(tvm plan)) from
+    the kernel table beside the store, a replay of a known plan times nothing, and what was
+    timed is what the episode reports as spent."""
+    from fusion_rl.compiler.kernel_table import KernelTable
+    from fusion_rl.env.fusion_env import FusionEnv
+    from fusion_rl.fusion.rules import make_plan
+
+    env = FusionEnv("tiny", store=str(tmp_path / "m.sqlite"), reward="table", models=["mlp_tiny"])
+    try:
+        def episode(plan):
+            env.reset(options={"model": "mlp_tiny"})
+            for action in env.actions_for_plan(plan):
+                *_, reward, terminated, _, info = env.step(action)
+            assert terminated
+            return reward, info
+
+        tvm_reward, tvm_info = episode(env.tvm_plan("mlp_tiny"))
+        model = env._current().model
+        assert tvm_reward == pytest.approx(0.0) and tvm_info["measurement_status"] == "estimated"
+        unfused = make_plan("unfused", model.mod, model.graph)
+        reward, info = episode(unfused)
+        assert info["measurements"] == info["kernels_timed"] > 0  # the unfused kernels are new
+        assert tvm_info["measurements"] > tvm_info["kernels_timed"] == 0  # the reference's, at reset
+        assert env.measurements_spent == tvm_info["measurements"] + info["measurements"]
+        again, info = episode(unfused)
+        assert again == reward and info["kernels_timed"] == 0 == info["measurements"]
+    finally:
+        env.close()
+    with KernelTable(tmp_path / "kernels.sqlite", "host", "naive") as table:
+        expected = -math.log(table.estimate(model, unfused).latency_ms / table.estimate(model, env.tvm_plan("mlp_tiny")).latency_ms)
+        assert table.timed == 0  # every kernel was kept on disk
+    assert reward == pytest.approx(expected)
