@@ -57,6 +57,7 @@ from fusion_rl.errors import ConfigError
 from fusion_rl.io import read_json, read_yaml, write_atomic
 from fusion_rl.policy.tracking import finish_wandb, init_wandb, log_policy_artifact  # noqa: F401 (re-exported)
 from fusion_rl.policy.config import from_mapping
+from fusion_rl.policy.imitation import WarmStart
 from fusion_rl.policy.policy import PPOConfig
 
 __all__ = [
@@ -104,6 +105,8 @@ class TrainConfig:
     #: contend (20x slower on a loaded 2-core machine) and take cores from TVM's measurements.
     torch_threads: int = 1
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    #: Behaviour cloning on the best known plans before PPO (off unless ``epochs`` > 0).
+    warm_start: WarmStart = field(default_factory=WarmStart)
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "config") -> TrainConfig:
@@ -117,6 +120,9 @@ class TrainConfig:
         for name in ("total_timesteps", "checkpoint_every", "window", "torch_threads"):
             if getattr(config, name) <= 0:
                 raise ConfigError(f"{where}.{name} must be > 0, got {getattr(config, name)}")
+        ws = config.warm_start
+        if ws.epochs < 0 or ws.batch_size <= 0 or ws.learning_rate <= 0:
+            raise ConfigError(f"{where}.warm_start: need epochs >= 0, batch_size > 0, learning_rate > 0")
         return config
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,10 +148,11 @@ def load_config(path: str | os.PathLike[str]) -> TrainConfig:
     config = TrainConfig.from_dict(data if data is not None else {}, where=str(path))
     if config.env_spec:
         config.env_spec = str(_resolve(config.env_spec, path.parent))
+    config.warm_start.plans = [str(_resolve(p, path.parent, "warm-start plan")) for p in config.warm_start.plans]
     return config
 
 
-def _resolve(spec: str, config_dir: Path) -> Path:
+def _resolve(spec: str, config_dir: Path, what: str = "env spec") -> Path:
     candidates = [Path(spec), config_dir / spec]
     if paths.REPO_ROOT is not None:
         candidates.append(paths.REPO_ROOT / spec)
@@ -155,7 +162,7 @@ def _resolve(spec: str, config_dir: Path) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
-    raise ConfigError(f"env spec {spec!r} not found (looked in {', '.join(str(c.parent) for c in candidates)})")
+    raise ConfigError(f"{what} {spec!r} not found (looked in {', '.join(str(c.parent) for c in candidates)})")
 
 
 def make_env(config: TrainConfig):
@@ -384,6 +391,28 @@ def _truncate_episodes(path: Path, step: int) -> None:
     write_atomic(path, "".join(line + "\n" for line in kept), what="episode log")
 
 
+def warm_start(model: Any, env: Any, config: TrainConfig, run_dir: Path) -> dict[str, Any]:
+    """Behaviour-clone ``model`` on the best known plans (:mod:`fusion_rl.policy.imitation`) and
+    write what was imitated, the losses and the measurements spent to ``warm_start.json``."""
+    from fusion_rl.fusion.plan import FusionPlan
+    from fusion_rl.policy.imitation import behaviour_clone, best_known_plans, demonstration_steps
+
+    ws = config.warm_start
+    spent = env.measurements_spent
+    plans = [FusionPlan.load(p) for p in ws.plans]
+    demos = best_known_plans(env, ws.rules, plans)
+    steps = demonstration_steps(env, demos)
+    losses = behaviour_clone(model, steps, ws.epochs, ws.learning_rate, ws.batch_size, config.seed)
+    record = {
+        "demonstrations": [{"model": d.model, "target": d.target, "source": d.source,
+                            "plan_hash": d.plan.hash, "reward": d.reward} for d in demos],
+        "decisions": int(len(steps.actions)), "losses": losses,
+        "measurements": env.measurements_spent - spent,
+    }
+    write_atomic(run_dir / "warm_start.json", json.dumps(record, indent=2), what="warm-start record")
+    return record
+
+
 def run_name(config: TrainConfig) -> str:
     """``<env>__<exp>__<seed>__<unix time>``, CleanRL's deterministic run name."""
     return f"{config.env_name}__{config.exp_name}__{config.seed}__{int(time.time())}"
@@ -454,6 +483,8 @@ def train(
         set_random_seed(config.seed)
         model = make_model(env, config.ppo, seed=config.seed, tensorboard_log=str(run_dir / "tb"), verbose=verbose)
         _truncate_episodes(run_dir / "episodes.jsonl", 0)
+        if config.warm_start.epochs > 0:
+            warm_start(model, env.unwrapped, config, run_dir)
     remaining = config.total_timesteps - model.num_timesteps
     if remaining <= 0:
         print(f"{run_dir} is already trained to {model.num_timesteps} steps", flush=True)
