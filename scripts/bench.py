@@ -87,7 +87,9 @@ def main() -> int:
                "command": f"python scripts/bench.py {args.config}", "models": []}
     if args.update:
         previous = json.loads((out_dir / "results.json").read_text())
-        results["models"] = [m for m in previous["models"] if m["model"] not in (args.models or [])]
+        # Kept rows keep the schedule they were measured under (the report names each).
+        results["models"] = [{"schedule": previous.get("schedule"), **m} for m in previous["models"]
+                             if m["model"] not in (args.models or [])]
         results["command"] += " (rows of " + ", ".join(args.models or []) + " re-measured with --update)"
     for name in args.models or cfg["models"]:
         print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
@@ -97,7 +99,8 @@ def main() -> int:
         prep_s = time.perf_counter() - t0
         gflop = zoo.flops(name) / 1e9
         row = {"model": name, "family": zoo.get_entry(name).family, "gflop": gflop,
-               "ops": len(model.graph), "prep_s": prep_s, "tvm": {}, "runtimes": {}}
+               "ops": len(model.graph), "prep_s": prep_s, "tvm": {}, "runtimes": {},
+               "schedule": results["schedule"]}
         # 2. TVM rule sets, head to head (fresh builds each round, never from a store).
         plans = {r: make_plan(r, model.mod, model.graph) for r in cfg["rules"]}
         t0 = time.perf_counter()

@@ -98,6 +98,17 @@ def _fmt(x: float | None, digits: int = 2) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def schedule_note(results: dict[str, Any]) -> str:
+    """The schedule the rows were measured under: one key, or each row's where an ``--update``
+    re-measured some rows under a newer schedule than the others."""
+    main = results["schedule"]
+    other: dict[str, list[str]] = {}
+    for m in results["models"]:
+        if m.get("schedule", main) != main:
+            other.setdefault(str(m["schedule"]), []).append(m["model"])
+    return f"`{main}`" + "".join(f" (`{k}` for {', '.join(v)})" for k, v in other.items())
+
+
 def write_markdown(results: dict[str, Any], path: Path) -> None:
     """results.md: latency, GFLOP/s and % of peak per system; head-to-head speedups; classes."""
     peak = results["peak_gflops"]
@@ -109,7 +120,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         "# Bench suite: deployment sizes, default schedule",
         "",
         f"Machine: {results['machine']}; target `{results['target']}`; schedule "
-        f"`{results['schedule']}`; protocol `{results['protocol']}`; TVM plans timed head to head "
+        f"{schedule_note(results)}; protocol `{results['protocol']}`; TVM plans timed head to head "
         f"in {results['rounds']} interleaved rounds. fp32 peak {peak:.0f} GFLOP/s "
         f"({results['peak_note']}).",
         "",

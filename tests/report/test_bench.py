@@ -32,3 +32,13 @@ def test_paired_ort_section_comes_from_the_rows(tmp_path):
     results["models"] = [_row("b", None)]
     write_markdown(results, path)
     assert "best rule set vs ONNX Runtime" not in path.read_text()
+
+
+def test_rows_measured_under_another_schedule_are_named():
+    from fusion_rl.report.bench import schedule_note
+
+    results = {"schedule": "rules:v6", "models": [_row("a", None), {**_row("b", None), "schedule": "rules:v6"},
+                                                  {**_row("c", None), "schedule": "rules:v5"}]}
+    assert schedule_note(results) == "`rules:v6` (`rules:v5` for c)"
+    results["models"] = results["models"][:2]
+    assert schedule_note(results) == "`rules:v6`"
