@@ -222,6 +222,25 @@ def test_row_reductions_run_as_vector_partial_results(width: int) -> None:
     np.testing.assert_allclose(res.numpy(), e / e.sum(-1, keepdims=True), rtol=1e-5, atol=1e-6)
 
 
+def test_a_keepdims_row_mean_builds_and_is_exact() -> None:
+    """Llama's RMSNorm mean: the kernel's last block (the divide) has no loop of its own beside
+    the row loop; v6 vectorized that parallel row loop and the kernel did not build."""
+    x = relax.Var("x", relax.TensorType((1, 128, 768), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.mean(x, axis=[-1], keepdims=True))
+        bb.emit_func_output(out)
+    (name, kernel), = _prim_funcs(relax.transform.LegalizeOps()(bb.get())).items()
+    scheduled = rules.schedule_prim_func(kernel, rules._make_ctx(TARGET))
+    assert scheduled.attrs[SCHEDULE_ATTR] == "reduction"
+    lib = tvm.compile(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target=TARGET)
+    data = np.random.default_rng(0).standard_normal((1, 128, 768)).astype("float32")
+    res = tvm.runtime.tensor(np.zeros((1, 128, 1), "float32"))
+    lib["main"](tvm.runtime.tensor(data), res)
+    np.testing.assert_allclose(res.numpy(), data.mean(-1, keepdims=True), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_rules_does_not_modify_input(block: Models) -> None:
     _, fused, _ = block
