@@ -83,8 +83,9 @@ class RulesSchedule(ScheduleProvider):
         # v2: packed micro-kernels (microkernel.py); v3: grouped convs as NCHWc micro-kernels,
         # serial ragged inner loops; v4: constant weights packed at compile time (prepack.py);
         # v5: a padded anchor's epilogue runs at its accumulator tile; v6: row reductions as
-        # vectorized partial results (rfactor); v7: v6 without vectorizing the row loop of a
-        # kernel whose last block has no loop of its own (a keepdims mean did not build).
+        # vectorized partial results (rfactor); v7: v6 without its two keepdims bugs (a mean
+        # whose last block has no loop of its own did not build; a kept unit axis was counted
+        # as a row, so RMSNorm recomputed its mean per element).
         # Records of older schedules must not be served for the new one, so the version is
         # part of every measurement's key.
         return "rules:v7"
@@ -445,6 +446,11 @@ def _try_dlight_reduction(sch: s_tir.Schedule, ctx: _Ctx) -> s_tir.Schedule | No
     return result[0] if isinstance(result, list) else result
 
 
+def _iv_extent(iv: tirx.IterVar) -> int | None:
+    ext = iv.dom.extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
 def _schedule_rows(sch: s_tir.Schedule, ctx: _Ctx) -> bool:
     """dlight's row schedule (rows parallel, every block computed per row, elementwise blocks
     vectorized), with each row reduction ``rfactor``-ed by the vector width: ``lanes``
@@ -469,9 +475,14 @@ def _schedule_rows(sch: s_tir.Schedule, ctx: _Ctx) -> bool:
         extent = _const_extent(sch, loops[-1])
         # Ragged rows (ViT's 197 keys) stay with dlight: compute_at drops the predicate that
         # the split gives the last partial vector, and the rows then read past their end.
-        if rows not in (None, len(kinds) - 1) or not extent or extent % lanes or extent < 2 * lanes:
+        # The rows are the spatial iterators but trailing unit ones (a keepdims reduction's
+        # kept axis): counting those would take the last block's element loop for a row loop.
+        dims = [_iv_extent(iv) for iv in stmt.iter_vars[:-1]]
+        while dims and dims[-1] == 1:
+            dims.pop()
+        if rows not in (None, len(dims)) or not extent or extent % lanes or extent < 2 * lanes:
             return False
-        rows = len(kinds) - 1
+        rows = len(dims)
         _, lane = sch.split(loops[-1], factors=[None, lanes])
         rf = sch.rfactor(lane, factor_axis=len(stmt.writes[0].region))
         # rfactor makes the lane the first iterator of the rf block: put it innermost, so that

@@ -222,23 +222,37 @@ def test_row_reductions_run_as_vector_partial_results(width: int) -> None:
     np.testing.assert_allclose(res.numpy(), e / e.sum(-1, keepdims=True), rtol=1e-5, atol=1e-6)
 
 
-def test_a_keepdims_row_mean_builds_and_is_exact() -> None:
-    """Llama's RMSNorm mean: the kernel's last block (the divide) has no loop of its own beside
-    the row loop; v6 vectorized that parallel row loop and the kernel did not build."""
+@pytest.mark.parametrize("rms", [False, True])
+def test_a_keepdims_row_mean_runs_per_row_and_is_exact(rms: bool) -> None:
+    """Llama's RMSNorm: a keepdims mean (alone, its last block has no loop of its own: v6
+    vectorized the parallel row loop and it did not build) and the whole norm (v6 counted the
+    kept unit axis as a row and recomputed the mean for every element, 0.63x end to end). The
+    parallel loop runs over the 128 rows."""
     x = relax.Var("x", relax.TensorType((1, 128, 768), "float32"))
     bb = relax.BlockBuilder()
     with bb.function("main", [x]):
         with bb.dataflow():
-            out = bb.emit_output(relax.op.mean(x, axis=[-1], keepdims=True))
+            mean = relax.op.mean(relax.op.multiply(x, x) if rms else x, axis=[-1], keepdims=True)
+            out = bb.emit_output(relax.op.multiply(x, relax.op.rsqrt(mean)) if rms else mean)
         bb.emit_func_output(out)
-    (name, kernel), = _prim_funcs(relax.transform.LegalizeOps()(bb.get())).items()
-    scheduled = rules.schedule_prim_func(kernel, rules._make_ctx(TARGET))
-    assert scheduled.attrs[SCHEDULE_ATTR] == "reduction"
-    lib = tvm.compile(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target=TARGET)
     data = np.random.default_rng(0).standard_normal((1, 128, 768)).astype("float32")
-    res = tvm.runtime.tensor(np.zeros((1, 128, 1), "float32"))
-    lib["main"](tvm.runtime.tensor(data), res)
-    np.testing.assert_allclose(res.numpy(), data.mean(-1, keepdims=True), rtol=1e-5, atol=1e-6)
+    if rms:  # the mean, the rsqrt and the scaling fused, as the tvm rule set makes them
+        mod = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                        relax.transform.FuseOps(), relax.transform.FuseTIR()])(bb.get())
+        scheduled_mod = RulesSchedule().schedule(mod, TARGET)
+        scheduled = next(f for n, f in _prim_funcs(scheduled_mod).items() if "mean" in n)
+        result = _run(scheduled_mod, data)
+        expected = data / np.sqrt((data * data).mean(-1, keepdims=True))
+    else:
+        (name, kernel), = _prim_funcs(relax.transform.LegalizeOps()(bb.get())).items()
+        scheduled = rules.schedule_prim_func(kernel, rules._make_ctx(TARGET))
+        lib = tvm.compile(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target=TARGET)
+        res = tvm.runtime.tensor(np.zeros((1, 128, 1), "float32"))
+        lib["main"](tvm.runtime.tensor(data), res)
+        result, expected = res.numpy(), data.mean(-1, keepdims=True)
+    assert scheduled.attrs[SCHEDULE_ATTR] == "reduction"
+    assert "T.parallel(T.int64(128))" in scheduled.script()
+    np.testing.assert_allclose(result, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
