@@ -40,6 +40,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.schedule import LoopRV, SBlockRV, ScheduleError
 
 from . import microkernel, prepack
+from .anchor_layout import extent_of
 from .base import SCHEDULE_ATTR, ScheduleProvider
 
 log = logging.getLogger(__name__)
@@ -446,11 +447,6 @@ def _try_dlight_reduction(sch: s_tir.Schedule, ctx: _Ctx) -> s_tir.Schedule | No
     return result[0] if isinstance(result, list) else result
 
 
-def _iv_extent(iv: tirx.IterVar) -> int | None:
-    ext = iv.dom.extent
-    return int(ext) if isinstance(ext, tirx.IntImm) else None
-
-
 def _schedule_rows(sch: s_tir.Schedule, ctx: _Ctx) -> bool:
     """dlight's row schedule (rows parallel, every block computed per row, elementwise blocks
     vectorized), with each row reduction ``rfactor``-ed by the vector width: ``lanes``
@@ -477,7 +473,7 @@ def _schedule_rows(sch: s_tir.Schedule, ctx: _Ctx) -> bool:
         # the split gives the last partial vector, and the rows then read past their end.
         # The rows are the spatial iterators but trailing unit ones (a keepdims reduction's
         # kept axis): counting those would take the last block's element loop for a row loop.
-        dims = [_iv_extent(iv) for iv in stmt.iter_vars[:-1]]
+        dims = [extent_of(iv) for iv in stmt.iter_vars[:-1]]
         while dims and dims[-1] == 1:
             dims.pop()
         if rows not in (None, len(dims)) or not extent or extent % lanes or extent < 2 * lanes:
