@@ -40,11 +40,11 @@ PANEL_BLOCK_BYTES = 256 << 10
 
 
 def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers: int,
-                    min_work: int) -> tuple[set[str], dict[int, WeightPack]]:
+                    min_work: int) -> tuple[set[str], dict[int, WeightPack], Layout]:
     """Schedule ``anchor`` (and its elementwise epilogue) as a packed micro-kernel.
 
-    Returns the names of the blocks it scheduled and the parameters it gave a packed layout
-    (:mod:`.prepack`; their callers must pass packed constants). Raises :class:`Unschedulable` or a TVM
+    Returns the names of the blocks it scheduled, the parameters it gave a packed layout
+    (:mod:`.prepack`; their callers must pass packed constants) and the layout it chose. Raises :class:`Unschedulable` or a TVM
     ``ScheduleError`` when the anchor does not fit; the caller reports it.
     """
     stmt = sch.get(anchor)
@@ -52,6 +52,12 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
     if len(loops) != len(stmt.iter_vars):
         raise Unschedulable("anchor loop nest is not one loop per block iterator")
     grouped = channel_groups(stmt, lanes)
+    while grouped is None and lanes > 4 and channel_groups(stmt, lanes // 2) is not None:
+        # Groups narrower than a register (RegNetX's 8-channel groups under AVX-512's 16
+        # lanes): half-width vectors keep the grouped micro-kernel; without it the anchor fell
+        # to the plain tile rule at 1/4-1/10 of its AVX2 speed.
+        lanes //= 2
+        grouped = channel_groups(stmt, lanes)
     vector_axis = None
     if grouped is not None:
         # Grouped convolution, ``G`` output channels per group: split the channel iterator into
@@ -86,7 +92,7 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
         vector_axis = _constant_operand_axis(sch, stmt, lanes)
     lay = analyze(stmt, lanes, registers, vector_axis)
     if lay.panel == -1:
-        return schedule_depthwise(sch, anchor, stmt, lay, lanes, min_work), {}
+        return schedule_depthwise(sch, anchor, stmt, lay, lanes, min_work), {}, lay
     names = [iv.var.name for iv in stmt.iter_vars]
     kinds = [iv.iter_type for iv in stmt.iter_vars]
     exts = [extent_of(iv) for iv in stmt.iter_vars]
@@ -153,7 +159,7 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
         sch.parallel(fused)
     if r_in is not None:
         sch.unroll(r_in)
-    sch.vectorize(v_in)
+    vectorize_by_registers(sch, v_in, lanes)
     done = {stmt.name_hint}
     # Write-back (+ epilogue) at the accumulator tile, vectorized along v.
     sch.reverse_compute_at(out_block, acc_loop, preserve_unit_loops=False)
@@ -162,16 +168,43 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
         inner_wb = wb_loops[-1]
         ext = _loop_extent(sch, inner_wb)
         if ext and ext % 4 == 0 and ext <= 4 * lanes * 4 and not inner_wb.same_as(acc_loop):
-            sch.vectorize(inner_wb)
+            vectorize_by_registers(sch, inner_wb, lanes)
     done.add(sch.get(out_block).name_hint)
     if padding:
         done |= _join_tile(sch, out_block, acc_loop, lanes)
     if pack is not None:
-        done.add(_place_pack(sch, pack, tile_loop if per_panel else None))
+        done.add(_place_pack(sch, pack, tile_loop if per_panel else None, lanes))
     if reduce:
         done.add(sch.get(sch.decompose_reduction(anchor, reduce[0])).name_hint)
     done.add(sch.get(anchor).name_hint)
-    return done, packs
+    return done, packs, lay
+
+
+def vectorize_by_registers(sch: s_tir.Schedule, loop: LoopRV, lanes: int) -> None:
+    """Vectorize ``loop`` one register (``lanes`` elements) at a time, the registers unrolled.
+
+    A loop vectorized whole becomes one LLVM vector of its full width. For widths that are not
+    a power of two (3 x 16 = 48 lanes with AVX-512), LLVM's code for Zen 4 was 13-30x slower
+    than for 64 lanes (bench_bert's dense: 9.4 ms, 0.30 ms split) and, on ViT, wrong (inf in
+    every output); experiments/bench/znver4 has the run that showed it. Split per register
+    (or per the largest power of two >= 4 dividing the extent), every width is plain vectors.
+    """
+    ext = _loop_extent(sch, loop)
+    if ext and ext > lanes:
+        factor = lanes
+        while factor > 4 and ext % factor:
+            factor //= 2
+        if ext % factor == 0:
+            outer, loop = sch.split(loop, factors=[None, factor])
+            sch.unroll(outer)
+    sch.vectorize(loop)
+
+
+def _reads_pointwise(stmt: tirx.SBlock, buffer: tirx.Buffer) -> bool:
+    """Whether ``stmt`` reads ``buffer`` only at single points indexed by plain iterators or
+    constants (no div/mod or sums that remap the tile)."""
+    regions = [r.region for r in stmt.reads if r.source.same_as(buffer)]
+    return bool(regions) and all(isinstance(rng.min, (tirx.Var, tirx.IntImm)) for region in regions for rng in region)
 
 
 def _join_tile(sch: s_tir.Schedule, out_block: SBlockRV, acc_loop: LoopRV, lanes: int) -> set[str]:
@@ -190,6 +223,12 @@ def _join_tile(sch: s_tir.Schedule, out_block: SBlockRV, acc_loop: LoopRV, lanes
         nxt = consumers[0]
         if any(iv.iter_type != DATA_PAR for iv in sch.get(nxt).iter_vars):
             break
+        if not _reads_pointwise(sch.get(nxt), sch.get(block).writes[0].source):
+            # A reshape folded into the consumer (ViT-style head split: ``(h * 32 + d) % 96``)
+            # maps a tile to a region TVM's bound inference does not cover exactly: joined at a
+            # 48-wide AVX-512 tile, such a consumer computed wrong values. Only a consumer that
+            # reads the tile element by element joins it.
+            break
         try:
             sch.reverse_compute_at(nxt, acc_loop, preserve_unit_loops=False)
         except ScheduleError:
@@ -197,7 +236,7 @@ def _join_tile(sch: s_tir.Schedule, out_block: SBlockRV, acc_loop: LoopRV, lanes
         loops = sch.get_loops(nxt)
         ext = _loop_extent(sch, loops[-1]) if loops else None
         if ext and ext % lanes == 0 and ext <= 4 * lanes and not loops[-1].same_as(acc_loop):
-            sch.vectorize(loops[-1])
+            vectorize_by_registers(sch, loops[-1], lanes)
         names.add(sch.get(nxt).name_hint)
         block = nxt
     return names
@@ -348,7 +387,7 @@ def _make_pack(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock, lay: La
     return pack
 
 
-def _place_pack(sch: s_tir.Schedule, pack: SBlockRV, at: LoopRV | None) -> str:
+def _place_pack(sch: s_tir.Schedule, pack: SBlockRV, at: LoopRV | None, lanes: int) -> str:
     """Pack per panel under ``at`` (inside the parallel loop), or whole at the kernel's start
     (parallel over its outer loop); vectorize the copy's innermost loop."""
     if at is not None:
@@ -359,7 +398,7 @@ def _place_pack(sch: s_tir.Schedule, pack: SBlockRV, at: LoopRV | None) -> str:
         ext = _loop_extent(sch, inner)
         if ext and ext % 4 == 0 and ext <= 256:
             try:
-                sch.vectorize(inner)
+                vectorize_by_registers(sch, inner, lanes)
             except ScheduleError:
                 pass
         if at is None and len(loops) > 1 and (_loop_extent(sch, loops[0]) or 1) > 1:
@@ -428,9 +467,9 @@ def schedule_depthwise(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock,
     sch.reverse_compute_at(out_block, acc_loop, preserve_unit_loops=False)
     done = {stmt.name_hint, sch.get(out_block).name_hint}
     sch.compute_at(x_pack, head, preserve_unit_loops=False)
-    _vectorize_inner(sch, x_pack)
+    _vectorize_inner(sch, x_pack, lanes)
     sch.compute_at(w_pack, head, preserve_unit_loops=False)
-    _vectorize_inner(sch, w_pack)
+    _vectorize_inner(sch, w_pack, lanes)
     done |= {sch.get(x_pack).name_hint, sch.get(w_pack).name_hint}
     if reduce:
         done.add(sch.get(sch.decompose_reduction(anchor, reduce[0])).name_hint)
@@ -438,11 +477,11 @@ def schedule_depthwise(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock,
     return done
 
 
-def _vectorize_inner(sch: s_tir.Schedule, block: SBlockRV) -> None:
+def _vectorize_inner(sch: s_tir.Schedule, block: SBlockRV, lanes: int) -> None:
     loops = sch.get_loops(block)
     ext = _loop_extent(sch, loops[-1]) if loops else None
     if ext and ext % 4 == 0 and ext <= 256:
         try:
-            sch.vectorize(loops[-1])
+            vectorize_by_registers(sch, loops[-1], lanes)
         except ScheduleError:
             pass
