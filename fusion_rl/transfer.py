@@ -72,6 +72,27 @@ def get_runs(cfg: dict[str, Any], train_config_path: Path, runs_dir: Path,
     return runs, commands
 
 
+def check_family_split(families: dict[str, str], train_models: Sequence[str], heldout_models: Sequence[str]) -> None:
+    """Refuse a split where a held-out model shares a family with a training model, or a model
+    has no declared family: "held out" must mean an architecture the policy never saw.
+
+    Raises
+    ------
+    ConfigError
+        naming the first offending model.
+    """
+    for name in [*train_models, *heldout_models]:
+        if name not in families:
+            raise ConfigError(f"families: model {name!r} has no family; declare every model's family")
+    seen = {families[m]: m for m in train_models}
+    for name in heldout_models:
+        if name in train_models:
+            raise ConfigError(f"heldout_models: {name!r} is also a training model")
+        if families[name] in seen:
+            raise ConfigError(f"heldout_models: {name!r} is of family {families[name]!r}, which training "
+                              f"sees through {seen[families[name]]!r}")
+
+
 def search_settings(search: dict[str, Any], budget: int, targets: Sequence[str]) -> SearchSettings:
     """The config's ``search`` section at the equal ``budget``, on the training ``targets``."""
     s = search

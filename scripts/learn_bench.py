@@ -1,0 +1,171 @@
+#!/usr/bin/env python
+"""Learned fusion on held-out bench families, head to head: regenerate experiments/learn_bench/.
+
+    TVM_NUM_THREADS=2 python scripts/learn_bench.py experiments/learn_bench/config.yaml [--runs RUN ...]
+
+Top to bottom:
+
+1. read the experiment config and its training config; refuse a split where a held-out model
+   shares a family with a training model;
+2. one finished run per seed (trained here when missing: behaviour cloning on the best rule
+   plan per training model, then MaskablePPO, rewards from the kernel table);
+3. learning curves: each episode's estimated speedup over ``tvm`` and over the best fixed rule
+   of the training models (estimated from the same kernel table);
+4. per held-out model: each seed's plan (decided with zero measurements, asserted), each fixed
+   rule's plan, and the search's best plan over the kernel table (the training table, so its
+   kernels are shared);
+5. the model's distinct plans built, verified and timed head to head (interleaved rounds),
+   every plan's paired speedup over every rule and the search;
+6. the summary over seeds (:mod:`fusion_rl.report.learn_bench`) and ``results.json``,
+   ``results.md``, ``curves.png``; the results are written after every model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fusion_rl import transfer  # noqa: E402
+from fusion_rl.baselines.search import run_search  # noqa: E402
+from fusion_rl.cli.common import run_script  # noqa: E402
+from fusion_rl.compare import machine_description  # noqa: E402
+from fusion_rl.compiler.kernel_table import KernelTable, TableObjective  # noqa: E402
+from fusion_rl.compiler.measure import Measurer  # noqa: E402
+from fusion_rl.compiler.paired import head_to_head  # noqa: E402
+from fusion_rl.compiler.target import parse_target  # noqa: E402
+from fusion_rl.compiler.timing import TimingProtocol  # noqa: E402
+from fusion_rl.env.spec import EnvSpec  # noqa: E402
+from fusion_rl.evaluate import decide_plan, geomean, load_policy, make_eval_env, training_stats  # noqa: E402
+from fusion_rl.fusion.rules import make_plan  # noqa: E402
+from fusion_rl.io import read_yaml, write_atomic  # noqa: E402
+from fusion_rl.policy.training import load_config  # noqa: E402
+from fusion_rl.report import learn_bench as report  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", type=Path)
+    p.add_argument("--runs", type=Path, nargs="+", default=None, help="reuse these run dirs (one per seed)")
+    args = p.parse_args(argv)
+
+    # 1. Configs and the split.
+    cfg = read_yaml(args.config, "learn-bench config")
+    train_config_path = REPO / cfg["train_config"]
+    train_cfg = load_config(train_config_path)
+    env_spec = EnvSpec.resolve(train_cfg.env_spec)
+    heldout = list(cfg["heldout_models"])
+    transfer.check_family_split(cfg["families"], env_spec.models, heldout)
+    out = args.config.parent
+    t_start = time.time()
+
+    # 2. Runs (trained when missing).
+    runs, commands = transfer.get_runs(cfg, train_config_path, REPO / cfg.get("runs_dir", "runs"), args.runs)
+    training = []
+    for run in runs:
+        stats = training_stats(run)
+        warm = run / "warm_start.json"
+        stats["seed"] = json.loads((run / "config.json").read_text())["seed"]
+        stats["imitated"] = ", ".join(sorted({d["source"] for d in json.loads(warm.read_text())["demonstrations"]})
+                                      ) if warm.is_file() else "—"
+        training.append(stats)
+    policies = [load_policy(r) for r in runs]
+    env = make_eval_env(policies[0].config)
+    target = cfg.get("target", "host")
+    spec = parse_target(target)
+    rules = list(cfg["rules"])
+    protocol = TimingProtocol(repeat=cfg.get("repeat", 5), min_repeat_ms=cfg.get("min_repeat_ms", 50))
+    table = KernelTable(Path(env.store_path).with_name("kernels.sqlite"), spec, env_spec.schedule,
+                        dict(env_spec.schedule_kwargs), timeout_s=env_spec.timeout_s)
+    measurer = Measurer(spec, env_spec.schedule, dict(env_spec.schedule_kwargs), store=None,
+                        protocol=protocol, timeout_s=cfg.get("timeout_s", 900))
+    try:
+        # 3. Learning curves against tvm and the best fixed rule of the training models (estimates).
+        est: dict[str, dict[str, float]] = {}
+        for name in env_spec.models:
+            model = env.model(name)
+            est[name] = {r: table.estimate(model, make_plan(r, model.mod, model.graph)).latency_ms for r in rules}
+        train_best = max(rules, key=lambda r: geomean(est[m]["tvm"] / est[m][r] for m in est))
+        finals = report.plot_curves(runs, cfg.get("window", 20), {m: est[m]["tvm"] / est[m][train_best] for m in est},
+                                    out / "curves.png")
+
+        rows: list[dict] = []
+        searches: list[dict] = []
+        search = cfg.get("search")
+        search_label = f"{search['algo']}@{search['budget']}" if search else None
+        for name in heldout:
+            model = env.model(name)
+            print(f"[{time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)
+            # 4. Plans: rules, each seed (no measurement), the search's best.
+            plans = {r: make_plan(r, model.mod, model.graph) for r in rules}
+            for policy in policies:
+                before = env.measurements_spent
+                plans[f"seed {policy.seed}"] = decide_plan(policy.model, env, name, target)
+                if env.measurements_spent != before:
+                    raise AssertionError(f"the policy of seed {policy.seed} measured while deciding {name}")
+            if search:
+                objective = TableObjective(table)
+                t0 = time.perf_counter()
+                res = run_search(search["algo"], model, objective, int(search["budget"]), seed=search.get("seed", 0))
+                searches.append({"model": name, "label": search_label, "evaluations": res.evaluations,
+                                 "kernels_timed": res.measurements_spent, "estimate_ms": res.best_ms,
+                                 "wall_s": time.perf_counter() - t0})
+                if res.best_plan is not None:
+                    plans[search_label] = res.best_plan
+            # 5. Distinct plans head to head; every label's paired speedups over the references.
+            alias: dict[str, str] = {}
+            distinct = {}
+            for label, plan in plans.items():
+                same = next((k for k, q in distinct.items() if q.hash == plan.hash), None)
+                alias[label] = same or label
+                if same is None:
+                    distinct[label] = plan
+            h2h = head_to_head(measurer, model, distinct, cfg.get("rounds", 3))
+            refs = [*rules, *([search_label] if search_label in plans else [])]
+            for label, plan in plans.items():
+                a = alias[label]
+                known = table.estimate_known(model, plan)
+                row = {"model": name, "label": label, "plan_hash": plan.hash, "same_as": a if a != label else None,
+                       "estimate_ms": known.latency_ms if known is not None else None}
+                if a in h2h.failures:
+                    row.update(latency_ms=None, status="failed", error=h2h.failures[a])
+                else:
+                    vs = {}
+                    for ref in refs:
+                        b = alias[ref]
+                        v = h2h.verdict(b, a) if b != a else {"paired_speedup": 1.0, "paired_spread": 0.0}
+                        vs[ref] = [v["paired_speedup"], v["paired_spread"]]
+                    row.update(status="ok", latency_ms=h2h.median_ms(a), spread_ms=h2h.iqr_ms(a),
+                               num_kernels=h2h.num_kernels.get(a), vs=vs)
+                rows.append(row)
+            # 6. Written after every model, so an interrupted run keeps what it measured.
+            seeds = [pol.seed for pol in policies]
+            summary = report.summarize(rows, rules, seeds, search_label)
+            header = (f"Machine: {machine_description(spec.num_threads)}; schedule `{env_spec.schedule}`; target `{spec.key}`; "
+                      f"head-to-head protocol `{protocol.key}`, {cfg.get('rounds', 3)} rounds. Training families' "
+                      f"best fixed rule by kernel-table estimate: `{train_best}`. Wall time of this run "
+                      f"(training of missing seeds included): {time.time() - t_start:.0f} s.")
+            result = {"summary": summary, "rows": rows, "training": training, "searches": searches,
+                      "finals": finals, "train_best_rule": train_best, "train_estimates_ms": est,
+                      "commands": commands}
+            write_atomic(out / "results.json", json.dumps(result, indent=1), what="report")
+            cmds = [f"TVM_NUM_THREADS=2 python scripts/learn_bench.py {args.config}", *commands]
+            write_atomic(out / "results.md", report.render(cfg, summary, rows, training, searches, finals, header, cmds),
+                         what="report")
+    finally:
+        table.close()
+        measurer.close()
+        env.close()
+    print((out / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    run_script(main)

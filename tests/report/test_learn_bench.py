@@ -1,0 +1,90 @@
+"""experiments/learn_bench: the family split, the summary over seeds (fusion_rl/report/learn_bench.py)
+and scripts/learn_bench.py end to end on tiny models (train with table rewards and a warm start,
+decide on a held-out family, time head to head, report)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import yaml
+
+from conftest import REPO_ROOT
+from fusion_rl.errors import ConfigError
+from fusion_rl.report.learn_bench import best_fixed_rule, summarize
+from fusion_rl.transfer import check_family_split
+
+
+def _row(model, label, hash_, vs_tvm, **vs):
+    return {"model": model, "label": label, "plan_hash": hash_, "latency_ms": 1.0, "spread_ms": 0.1,
+            "vs": {"tvm": [vs_tvm, 0.01], **{k: [v, 0.01] for k, v in vs.items()}}}
+
+
+@pytest.mark.unit
+def test_split_refuses_a_heldout_family_seen_in_training():
+    families = {"a": "cnn", "b": "transformer", "c": "cnn", "d": "vit"}
+    check_family_split(families, ["a", "b"], ["d"])
+    with pytest.raises(ConfigError, match="'c' is of family 'cnn'.*'a'"):
+        check_family_split(families, ["a", "b"], ["c", "d"])
+    with pytest.raises(ConfigError, match="'e' has no family"):
+        check_family_split(families, ["a"], ["e"])
+    with pytest.raises(ConfigError, match="also a training model"):
+        check_family_split(families, ["a"], ["a"])
+
+
+@pytest.mark.unit
+def test_summary_judges_seeds_against_the_best_rule_of_the_split():
+    rows = []
+    for m, agg in (("m1", 1.20), ("m2", 0.90)):
+        rows += [_row(m, "tvm", f"{m}t", 1.0, aggressive=1 / agg), _row(m, "aggressive", f"{m}a", agg, aggressive=1.0)]
+        rows.append(_row(m, "seed 0", f"{m}a", agg, aggressive=1.0))  # seed 0 plans = aggressive
+        rows.append(_row(m, "seed 1", f"{m}x", 1.30, aggressive=1.30 / agg))
+    # aggressive: geomean(1.2, 0.9) = 1.039 > tvm's 1.0
+    assert best_fixed_rule(rows, ["tvm", "aggressive"]) == "aggressive"
+    s = summarize(rows, ["tvm", "aggressive"], [0, 1], None)
+    by_seed = {x["seed"]: x for x in s["per_seed"]}
+    assert by_seed[0]["collapsed_to"] == "aggressive" and by_seed[1]["collapsed_to"] is None
+    assert by_seed[1]["vs_tvm"] == pytest.approx(1.30)
+    assert by_seed[1]["vs_best_rule"] == pytest.approx((1.30 / 1.2 * 1.30 / 0.9) ** 0.5)
+    assert s["best_seed"] == 1 and s["vs_tvm"]["n"] == 2 and s["vs_tvm"]["low"] < s["vs_tvm"]["mean"]
+    # A seed missing a model is not summarised (its geomean would skip the hard case).
+    s = summarize([r for r in rows if not (r["label"] == "seed 1" and r["model"] == "m2")], ["tvm", "aggressive"],
+                  [0, 1], None)
+    assert [x["seed"] for x in s["per_seed"]] == [0]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("learn_bench", REPO_ROOT / "scripts" / "learn_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path):
+    (tmp_path / "env.yaml").write_text(yaml.safe_dump({
+        "models": ["mlp_tiny"], "reward": "table", "store": str(tmp_path / "store.sqlite"),
+        "protocol": {"repeat": 2, "min_repeat_ms": 1}, "timeout_s": 300, "max_nodes": 64, "max_edges": 128}))
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump({
+        "env_spec": str(tmp_path / "env.yaml"), "exp_name": "lb", "total_timesteps": 32, "checkpoint_every": 32,
+        "wandb": "disabled", "warm_start": {"epochs": 2, "rules": ["tvm", "aggressive"]},
+        "ppo": {"n_steps": 16, "batch_size": 8, "n_epochs": 1,
+                "features_extractor_kwargs": {"hidden": 8, "heads": 1, "num_layers": 1, "hw_hidden": 4}}}))
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "train_config": str(tmp_path / "train.yaml"), "seeds": [0], "runs_dir": str(tmp_path / "runs"),
+        "families": {"mlp_tiny": "mlp", "cnn_plain": "cnn"}, "heldout_models": ["cnn_plain"],
+        "rules": ["tvm", "aggressive"], "search": {"algo": "annealing", "budget": 4, "seed": 0},
+        "rounds": 2, "repeat": 2, "min_repeat_ms": 1, "timeout_s": 300, "window": 2}))
+    assert _script().main([str(config)]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    labels = {r["label"]: r for r in result["rows"]}
+    assert set(labels) == {"tvm", "aggressive", "seed 0", "annealing@4"}
+    assert all(r["status"] == "ok" and r["latency_ms"] > 0 for r in labels.values())
+    assert labels["tvm"]["vs"]["tvm"] == [1.0, 0.0] and labels["seed 0"]["vs"]["annealing@4"][0] > 0
+    run = result["training"][0]
+    assert run["episodes"] > 0 and run["imitated"] in {"tvm", "aggressive"}
+    assert result["summary"]["per_seed"][0]["seed"] == 0 and result["summary"]["best_rule"] in {"tvm", "aggressive"}
+    text = (tmp_path / "results.md").read_text()
+    assert text.startswith("# Learned fusion on held-out bench families") and "cnn_plain (cnn)" in text
+    assert (tmp_path / "curves.png").stat().st_size > 0
