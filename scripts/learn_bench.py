@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", type=Path)
     p.add_argument("--runs", type=Path, nargs="+", default=None, help="reuse these run dirs (one per seed)")
+    p.add_argument("--render", action="store_true", help="only rewrite results.md from results.json (nothing is run)")
     args = p.parse_args(argv)
+    if args.render:
+        return render_only(args.config)
 
     # 1. Configs and the split.
     cfg = read_yaml(args.config, "learn-bench config")
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"(training of missing seeds included): {time.time() - t_start:.0f} s.")
             result = {"summary": summary, "rows": rows, "training": training, "searches": searches,
                       "finals": finals, "train_best_rule": train_best, "train_estimates_ms": est,
-                      "commands": commands}
+                      "commands": commands, "header": header}
             write_atomic(out / "results.json", json.dumps(result, indent=1), what="report")
             cmds = [f"TVM_NUM_THREADS=2 python scripts/learn_bench.py {args.config}", *commands]
             write_atomic(out / "results.md", report.render(cfg, summary, rows, training, searches, finals, header, cmds),
@@ -163,6 +166,20 @@ def main(argv: list[str] | None = None) -> int:
         table.close()
         measurer.close()
         env.close()
+    print((out / "results.md").read_text())
+    return 0
+
+
+def render_only(config: Path) -> int:
+    """Rewrite results.md from the config and results.json (after editing a label, say)."""
+    cfg = read_yaml(config, "learn-bench config")
+    out = config.parent
+    result = json.loads((out / "results.json").read_text())
+    header = result.get("header") or next(
+        line for line in (out / "results.md").read_text().splitlines() if line.startswith("Machine:"))
+    cmds = [f"TVM_NUM_THREADS=2 python scripts/learn_bench.py {config}", *result["commands"]]
+    write_atomic(out / "results.md", report.render(cfg, result["summary"], result["rows"], result["training"],
+                                                   result["searches"], result["finals"], header, cmds), what="report")
     print((out / "results.md").read_text())
     return 0
 

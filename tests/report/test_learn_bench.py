@@ -88,3 +88,7 @@ def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path):
     text = (tmp_path / "results.md").read_text()
     assert text.startswith("# Learned fusion on held-out bench families") and "cnn_plain (cnn)" in text
     assert (tmp_path / "curves.png").stat().st_size > 0
+    # The report is regenerated from the results file alone.
+    (tmp_path / "results.md").write_text("stale")
+    assert _script().main([str(config), "--render"]) == 0
+    assert (tmp_path / "results.md").read_text() == text
