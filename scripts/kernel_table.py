@@ -162,7 +162,7 @@ def report(cfg, args, spec, schedule, protocol, kprotocol, launch_ms, rows) -> s
         "touches one pass of a plan, not all).  ",
         f"Kernel time: the faster median of {cfg.get('kernel_passes', 1)} pass(es) over all kernels "
         "(the second after the end-to-end passes).  ",
-        f"Command: `python scripts/kernel_table.py {args.config}`\n",
+        f"Command: `python scripts/kernel_table.py {args.config}{f' --out {args.out}' if args.out else ''}`\n",
         f"Estimate = sum of the plan's kernels, each timed alone, + launches x {launch_ms:.5f} ms "
         f"(per-launch cost fitted on the {sum(r['kind'] == 'rules' and r.get('status') == 'ok' for r in rows)} "
         "rule-set plans). Scored on random legal plans only (held out from the fit).\n",
