@@ -54,6 +54,15 @@ class _Encoder(nn.Module):
         return self.layer(x)
 
 
+class _Depthwise(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, 2, 1, groups=c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x))
+
+
 def _model(module: nn.Module, shape: tuple[int, ...], tmp_path: Path, name: str):
     torch.manual_seed(0)
     path = tmp_path / f"{name}.onnx"
@@ -82,6 +91,7 @@ CASES = {
     "dense_64": (lambda: _Dense(64), (1, 16, 64), 16, True),
     "pointwise_24": (lambda: _Pointwise(32, 24), (1, 32, 8, 8), 8, True),  # MobileNet's 24 channels
     "pointwise_40": (lambda: _Pointwise(16, 40), (1, 16, 8, 8), 8, True),  # RegNetX-like 8k channels
+    "depthwise_32": (lambda: _Depthwise(32), (1, 32, 12, 12), 8, False),  # 8 lanes (DEPTHWISE_LANES)
 }
 
 
