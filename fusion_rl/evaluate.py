@@ -139,7 +139,8 @@ def decide_plan(policy: Any, env: Any, model: str, target: str, name: str = "lea
     return env.decide(choose, model, target, name=name, hardware_stats=getattr(policy, "hardware_stats", None))
 
 
-def _read_episodes(run_dir: Path) -> list[dict[str, Any]]:
+def read_episodes(run_dir: Path) -> list[dict[str, Any]]:
+    """The finished episodes of a run (``episodes.jsonl``; a torn last line is skipped)."""
     path = Path(run_dir) / "episodes.jsonl"
     if not path.is_file():
         return []
@@ -159,7 +160,7 @@ def training_stats(run_dir: str | Path) -> dict[str, Any]:
     because the plans it shares with earlier seeds are free.
     """
     run_dir = Path(run_dir)
-    episodes = _read_episodes(run_dir)
+    episodes = read_episodes(run_dir)
     final = run_dir / "final_model.zip"
     start = (run_dir / "config.json").stat().st_mtime if (run_dir / "config.json").exists() else None
     wall = (final.stat().st_mtime - start) if final.exists() and start is not None else None
@@ -178,7 +179,7 @@ def training_stats(run_dir: str | Path) -> dict[str, Any]:
 def learning_curve(run_dir: str | Path, window: int = 20) -> dict[str, list[float]]:
     """Per finished episode: env step, cumulative measurements, speedup vs tvm and its rolling
     mean over the last ``window`` episodes (episodes with a failed measurement count as 0)."""
-    episodes = _read_episodes(Path(run_dir))
+    episodes = read_episodes(Path(run_dir))
     steps, spent, speedup, rolling = [], [], [], []
     total = 0
     for e in episodes:

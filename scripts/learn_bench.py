@@ -37,7 +37,7 @@ from fusion_rl import transfer  # noqa: E402
 from fusion_rl.baselines.search import run_search  # noqa: E402
 from fusion_rl.cli.common import run_script  # noqa: E402
 from fusion_rl.compare import machine_description  # noqa: E402
-from fusion_rl.compiler.kernel_table import KernelTable, TableObjective  # noqa: E402
+from fusion_rl.compiler.kernel_table import TableObjective  # noqa: E402
 from fusion_rl.compiler.measure import Measurer  # noqa: E402
 from fusion_rl.compiler.paired import head_to_head  # noqa: E402
 from fusion_rl.compiler.target import parse_target  # noqa: E402
@@ -85,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = parse_target(target)
     rules = list(cfg["rules"])
     protocol = TimingProtocol(repeat=cfg.get("repeat", 5), min_repeat_ms=cfg.get("min_repeat_ms", 50))
-    table = KernelTable(Path(env.store_path).with_name("kernels.sqlite"), spec, env_spec.schedule,
-                        dict(env_spec.schedule_kwargs), timeout_s=env_spec.timeout_s)
+    table = env.open_kernel_table(spec)  # the training runs' table: their kernels are reused
     measurer = Measurer(spec, env_spec.schedule, dict(env_spec.schedule_kwargs), store=None,
                         protocol=protocol, timeout_s=cfg.get("timeout_s", 900))
     try:

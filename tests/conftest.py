@@ -89,6 +89,17 @@ def target():
 # ---- the CLI ----------------------------------------------------------------------------------
 
 
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as a module (scripts are not a package), for calling its
+    ``main`` in-process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
     """Run ``fusion-rl argv...`` in this process; returns (exit status, stdout, stderr)."""
     from fusion_rl.cli import main

@@ -177,7 +177,7 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
         self._plan_index = PlanIndex(plan_index_path(self._store_path)) if cfg.reward == "kernel" else None
         self._reward: Reward = make_reward(
             cfg.reward, failure_penalty=failure_penalty, cost_model=cost_model, plan_index=self._plan_index,
-            open_table=self._open_table,
+            open_table=self.open_kernel_table,
         )
         self._store: MeasurementStore | None = None  # opened on first use, in this process
         self._measurers: dict[str, Measurer] = {}
@@ -366,7 +366,7 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
         the kernels a ``table`` reward timed."""
         return sum(m.stats.misses for m in self._measurers.values()) + self._reward.spent
 
-    def _open_table(self, target: TargetSpec) -> KernelTable:
+    def open_kernel_table(self, target: TargetSpec) -> KernelTable:
         """The kernel table of ``target`` for the ``table`` reward: beside the store, under this
         spec's schedule provider, kernels timed with the table's own protocol."""
         cfg = self.config

@@ -4,13 +4,12 @@ decide on a held-out family, time head to head, report)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 import yaml
 
-from conftest import REPO_ROOT
+from conftest import load_script
 from fusion_rl.errors import ConfigError
 from fusion_rl.report.learn_bench import best_fixed_rule, summarize
 from fusion_rl.transfer import check_family_split
@@ -54,13 +53,6 @@ def test_summary_judges_seeds_against_the_best_rule_of_the_split():
     assert [x["seed"] for x in s["per_seed"]] == [0]
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("learn_bench", REPO_ROOT / "scripts" / "learn_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path):
     (tmp_path / "env.yaml").write_text(yaml.safe_dump({
         "models": ["mlp_tiny"], "reward": "table", "store": str(tmp_path / "store.sqlite"),
@@ -76,7 +68,7 @@ def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path):
         "families": {"mlp_tiny": "mlp", "cnn_plain": "cnn"}, "heldout_models": ["cnn_plain"],
         "rules": ["tvm", "aggressive"], "search": {"algo": "annealing", "budget": 4, "seed": 0},
         "rounds": 2, "repeat": 2, "min_repeat_ms": 1, "timeout_s": 300, "window": 2}))
-    assert _script().main([str(config)]) == 0
+    assert load_script("learn_bench").main([str(config)]) == 0
     result = json.loads((tmp_path / "results.json").read_text())
     labels = {r["label"]: r for r in result["rows"]}
     assert set(labels) == {"tvm", "aggressive", "seed 0", "annealing@4"}
@@ -90,5 +82,5 @@ def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 0
     # The report is regenerated from the results file alone.
     (tmp_path / "results.md").write_text("stale")
-    assert _script().main([str(config), "--render"]) == 0
+    assert load_script("learn_bench").main([str(config), "--render"]) == 0
     assert (tmp_path / "results.md").read_text() == text

@@ -3,19 +3,11 @@ plans re-timed head to head, and the generated report (fusion_rl/report/search.p
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import yaml
 
-from conftest import REPO_ROOT
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("table_search", REPO_ROOT / "scripts" / "table_search.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script
 
 
 def test_table_search_script_searches_retimes_and_reports(tmp_path):
@@ -25,7 +17,7 @@ def test_table_search_script_searches_retimes_and_reports(tmp_path):
         "rounds": 2, "seed": 0, "max_anchors": 1, "target": "host", "schedule": "rules",
         "repeat": 2, "min_repeat_ms": 1, "kernel_repeat": 2, "kernel_min_repeat_ms": 1, "timeout_s": 300,
     }))
-    assert _script().main([str(config), "--table", str(tmp_path / "kernels.sqlite")]) == 0
+    assert load_script("table_search").main([str(config), "--table", str(tmp_path / "kernels.sqlite")]) == 0
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     searches = [r for r in rows if r["algo"] != "retime"]
     assert {(r["algo"], r["budget"]) for r in searches} == {(a, b) for a in ("random", "annealing") for b in (4, 8)}

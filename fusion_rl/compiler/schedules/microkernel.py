@@ -39,8 +39,9 @@ from fusion_rl.compiler.schedules.prepack import WeightPack, layout_free_params
 PANEL_BLOCK_BYTES = 256 << 10
 
 
-#: Vector lanes of the depthwise path (fp32: one AVX2 register, half an AVX-512 one).
-DEPTHWISE_LANES = 8
+#: Vector lanes (fp32: one AVX2 register, half an AVX-512 one) that AVX-512 targets use where
+#: 16 lanes do not pay: groups of 8 channels, and the depthwise path.
+NARROW_LANES = 8
 
 
 def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers: int,
@@ -48,19 +49,20 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
     """Schedule ``anchor`` (and its elementwise epilogue) as a packed micro-kernel.
 
     Returns the names of the blocks it scheduled, the parameters it gave a packed layout
-    (:mod:`.prepack`; their callers must pass packed constants) and the layout it chose. Raises :class:`Unschedulable` or a TVM
-    ``ScheduleError`` when the anchor does not fit; the caller reports it.
+    (:mod:`.prepack`; their callers must pass packed constants) and the layout it chose.
+    Raises :class:`Unschedulable` or a TVM ``ScheduleError`` when the anchor does not fit; the
+    caller reports it.
     """
     stmt = sch.get(anchor)
     loops = sch.get_loops(anchor)
     if len(loops) != len(stmt.iter_vars):
         raise Unschedulable("anchor loop nest is not one loop per block iterator")
     grouped = channel_groups(stmt, lanes)
-    while grouped is None and lanes > 4 and channel_groups(stmt, lanes // 2) is not None:
+    if grouped is None and lanes > NARROW_LANES and channel_groups(stmt, NARROW_LANES) is not None:
         # Groups narrower than a register (RegNetX's 8-channel groups under AVX-512's 16
         # lanes): half-width vectors keep the grouped micro-kernel; without it the anchor fell
         # to the plain tile rule at 1/4-1/10 of its AVX2 speed.
-        lanes //= 2
+        lanes = NARROW_LANES
         grouped = channel_groups(stmt, lanes)
     vector_axis = None
     if grouped is not None:
@@ -95,12 +97,12 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
     if vector_axis is None:
         vector_axis = _constant_operand_axis(sch, stmt, lanes)
     lay = analyze(stmt, lanes, registers, vector_axis)
-    if lay.panel == -1 and lanes > DEPTHWISE_LANES:
+    if lay.panel == -1 and lanes > NARROW_LANES:
         # Depthwise at 8 lanes under AVX-512 too: its per-call channels-last copies are per
         # block of ``lanes`` channels, and half-width blocks made MobileNetV2 9% faster end to
         # end, head to head (1.087 and 1.091, IQR 0.014-0.029, on a Zen 5 host; ConvNeXt's 7x7
         # depthwise unchanged, 1.001).
-        lanes = DEPTHWISE_LANES
+        lanes = NARROW_LANES
         lay = analyze(stmt, lanes, registers, vector_axis)
     if lay.panel == -1:
         return schedule_depthwise(sch, anchor, stmt, lay, lanes, min_work), {}, lay
@@ -195,9 +197,9 @@ def vectorize_by_registers(sch: s_tir.Schedule, loop: LoopRV, lanes: int) -> Non
     """Vectorize ``loop`` one register (``lanes`` elements) at a time, the registers unrolled.
 
     A loop vectorized whole becomes one LLVM vector of its full width. For widths that are not
-    a power of two (3 x 16 = 48 lanes with AVX-512), LLVM's code for Zen 4 was 13-30x slower
-    than for 64 lanes (bench_bert's dense: 9.4 ms, 0.30 ms split) and, on ViT, wrong (inf in
-    every output); experiments/bench/znver4 has the run that showed it. Split per register
+    a power of two (3 x 16 = 48 lanes with AVX-512), LLVM's code (target ``znver4``, on a Zen 5
+    host) was 13-30x slower than for 64 lanes (bench_bert's dense: 9.4 ms, 0.30 ms split) and,
+    on ViT, wrong (inf in every output). Split per register
     (or per the largest power of two >= 4 dividing the extent), every width is plain vectors.
     """
     ext = _loop_extent(sch, loop)
@@ -215,7 +217,8 @@ def _reads_pointwise(stmt: tirx.SBlock, buffer: tirx.Buffer) -> bool:
     """Whether ``stmt`` reads ``buffer`` only at single points indexed by plain iterators or
     constants (no div/mod or sums that remap the tile)."""
     regions = [r.region for r in stmt.reads if r.source.same_as(buffer)]
-    return bool(regions) and all(isinstance(rng.min, (tirx.Var, tirx.IntImm)) for region in regions for rng in region)
+    return bool(regions) and all(isinstance(rng.min, (tirx.Var, tirx.IntImm))
+                                 for region in regions for rng in region)
 
 
 def _join_tile(sch: s_tir.Schedule, out_block: SBlockRV, acc_loop: LoopRV, lanes: int) -> set[str]:

@@ -131,30 +131,28 @@ def schedule_prim_func(func: tirx.PrimFunc, ctx: _Ctx, name: str = "") -> tirx.P
     (``microkernel``, ``tile``, ``reduction``, ``elementwise``), or ``fallback: <reason>`` when
     every rule failed and the kernel is left as naive loops (see :func:`schedule_report`).
     """
-    reasons = []
-    attempts = [("microkernel", ctx)]
-    if ctx.vector_bits > 256:
+    reasons: list[str] = []
+
+    def attempt(rule: str, rule_ctx: _Ctx) -> tuple | None:
+        try:
+            return (*_schedule_with(func, rule_ctx, rule), list(reasons))
+        except Exception as err:  # noqa: BLE001 - a failed rule falls through to the next one
+            reasons.append(f"{rule} at {rule_ctx.vector_bits} bits: {first_line(err)}")
+            return None
+
+    chosen = attempt("microkernel", ctx)
+    if ctx.vector_bits > 256 and (chosen is None or not chosen[3]):
         # Extents that are multiples of 8 but not of 16 (RegNetX's 152 channels, MobileNet's
         # 24) have no 16-lane axis to pack against: at 16 lanes the anchor either fails or
         # falls to a layout without register reuse, where 8-lane vectors keep the packed
-        # micro-kernel (3-10x faster on those convolutions, Zen 4).
-        attempts.append(("microkernel", _Ctx(ctx.target, ctx.vector_bits // 2, ctx.registers)))
-    attempts.append(("tile", ctx))
-    chosen = None
-    for rule, rule_ctx in attempts:
-        if chosen is not None and rule != "microkernel":
-            break
-        try:
-            sch, kind, packs, reuse = _schedule_with(func, rule_ctx, rule)
-        except Exception as err:  # noqa: BLE001 - a failed rule falls through to the next one
-            reasons.append(f"{rule} at {rule_ctx.vector_bits} bits: {first_line(err)}")
-            continue
-        if chosen is None or reuse:
-            chosen = (sch, kind, packs, list(reasons))
-        if reuse:
-            break
+        # micro-kernel (3-10x faster on those convolutions on a Zen 5 host).
+        narrow = attempt("microkernel", _Ctx(ctx.target, ctx.vector_bits // 2, ctx.registers))
+        if narrow is not None and (chosen is None or narrow[3]):
+            chosen = narrow
+    if chosen is None:
+        chosen = attempt("tile", ctx)
     if chosen is not None:
-        sch, kind, packs, before = chosen
+        sch, kind, packs, _, before = chosen
         out = sch.mod["main"].with_attr("tirx.is_scheduled", True)
         if packs:
             out = out.with_attr(prepack.WEIGHT_PACKS_ATTR,
