@@ -54,6 +54,15 @@ class _Encoder(nn.Module):
         return self.layer(x)
 
 
+class _Conv3x3(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x) + x)
+
+
 class _Depthwise(nn.Module):
     def __init__(self, c: int) -> None:
         super().__init__()
@@ -92,6 +101,7 @@ CASES = {
     "pointwise_24": (lambda: _Pointwise(32, 24), (1, 32, 8, 8), 8, True),  # MobileNet's 24 channels
     "pointwise_40": (lambda: _Pointwise(16, 40), (1, 16, 8, 8), 8, True),  # RegNetX-like 8k channels
     "depthwise_32": (lambda: _Depthwise(32), (1, 32, 12, 12), 8, False),  # 8 lanes (DEPTHWISE_LANES)
+    "conv3x3_7x7": (lambda: _Conv3x3(64), (1, 64, 7, 7), 16, True),  # ResNet's last stage, narrower
 }
 
 
@@ -106,6 +116,26 @@ def test_avx512_kernels_use_register_wide_vectors_and_packed_panels(name: str, t
         extents = _vector_extents(func)
         assert extents and max(extents) <= widest, (label, extents)
         assert (prepack.WEIGHT_PACKS_ATTR in func.attrs) == packed, label
+
+
+def _register_tiles(func: tirx.PrimFunc) -> list[tuple[int, int, int]]:
+    """(rows, vectors, lanes) of each accumulator tile: the unrolled row and register loops and
+    the vectorized lane loop right above a reduction's update block."""
+    loop = r"for \w+ in T\.{}\(T\.int64\((\d+)\)\):\s*"
+    pattern = loop.format("unroll") * 2 + loop.format("vectorized") + r'with T\.sblock\("\w+_update"\)'
+    return [tuple(int(g) for g in m) for m in re.findall(pattern, func.script())]
+
+
+@pytest.mark.parametrize("name", ["conv3x3_7x7", "dense_64"])
+def test_avx512_register_tile_leaves_room_for_operands(name: str, tmp_path) -> None:
+    # The accumulators, the panel vectors of one reduction step and the broadcast must all fit
+    # AVX-512's 32 registers: a 7-row x 4-vector tile (33) made LLVM spill accumulators in the
+    # reduction loop, and ResNet-18's 7x7 and 14x14 convs ran at half speed.
+    build, shape, _, _ = CASES[name]
+    tiles = [t for f in _anchor_kernels(_model(build(), shape, tmp_path, name)) for t in _register_tiles(f)]
+    assert tiles
+    for rows, vectors, lanes in tiles:
+        assert lanes == 16 and rows * vectors + vectors + 1 <= 32, (rows, vectors, lanes)
 
 
 #: Run on the host: the cases above, and an encoder layer whose fused QKV dense reshapes its
