@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             # 6. Written after every model, so an interrupted run keeps what it measured.
             seeds = [pol.seed for pol in policies]
             summary = report.summarize(rows, rules, seeds, search_label)
-            header = (f"Machine: {machine_description(spec.num_threads)}; schedule `{env_spec.schedule}`; target `{spec.key}`; "
+            header = (f"Machine: {machine_description(spec.num_threads)}; schedule `{measurer.provider.key}`; target `{spec.key}`; "
                       f"head-to-head protocol `{protocol.key}`, {cfg.get('rounds', 3)} rounds. Training families' "
                       f"best fixed rule by kernel-table estimate: `{train_best}`. Wall time of this run "
                       f"(training of missing seeds included): {time.time() - t_start:.0f} s.")
