@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ torch = pytest.importorskip("torch")
 tvm = pytest.importorskip("tvm")
 
 import tvm_ffi  # noqa: E402
-from tvm import relax, tirx  # noqa: E402
+from tvm import relax, te, tirx, topi  # noqa: E402
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline  # noqa: E402
 from tvm.relax.frontend.onnx import from_onnx  # noqa: E402
 from tvm.script import tirx as T  # noqa: E402
@@ -220,6 +221,43 @@ def test_row_reductions_run_as_vector_partial_results(width: int) -> None:
     lib["main"](tvm.runtime.tensor(data), res)
     e = np.exp(data - data.max(-1, keepdims=True))
     np.testing.assert_allclose(res.numpy(), e / e.sum(-1, keepdims=True), rtol=1e-5, atol=1e-6)
+
+
+def _iterations(script: str, block: str) -> int:
+    """How many times ``block`` runs: the product of the loops that enclose it in ``script``."""
+    lines = script.splitlines()
+    at = next(i for i, line in enumerate(lines) if f'T.sblock("{block}")' in line)
+    indent, total = len(lines[at]) - len(lines[at].lstrip()), 1
+    for line in reversed(lines[:at]):
+        depth = len(line) - len(line.lstrip())
+        if depth < indent and line.lstrip().startswith("for "):
+            indent = depth
+            loop = line.split(" in ", 1)[1].split(", annotations", 1)[0]
+            for ext in re.findall(r"(?<![\w.])\d+(?![\w.])", loop):  # not the 64 of T.int64
+                total *= int(ext)
+    return total
+
+
+def test_a_norm_fused_with_a_transpose_computes_its_statistics_once() -> None:
+    """ConvNeXt's channels-last layer_norm with the transpose back to NCHW in one kernel (a
+    policy's plan): the row schedules compute every block per row of the *last* block, here a
+    channel, and dlight's did so: each pixel's mean and variance 40 times, 30x slower than
+    computing them once. Now each block runs over its own domain, and the output is exact."""
+    x = te.placeholder((1, 6, 6, 40), name="x")
+    gamma, beta = te.placeholder((40,), name="g"), te.placeholder((40,), name="b")
+    out = topi.transpose(topi.nn.layer_norm(x, gamma, beta, axis=[3], epsilon=1e-6), (0, 3, 1, 2))
+    kernel = te.create_prim_func([x, gamma, beta, out])
+    scheduled = rules.schedule_prim_func(kernel, rules._make_ctx(TARGET))
+    script = scheduled.script()
+    for block in ("x_sum", "x_var_sum"):
+        assert _iterations(script, block) == 6 * 6 * 40, script
+    rng = np.random.default_rng(0)
+    data, g, b = (rng.standard_normal(s).astype("float32") for s in ((1, 6, 6, 40), (40,), (40,)))
+    lib = tvm.compile(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target=TARGET)
+    res = tvm.runtime.tensor(np.zeros((1, 40, 6, 6), "float32"))
+    lib["main"](*(tvm.runtime.tensor(v) for v in (data, g, b)), res)
+    norm = (data - data.mean(-1, keepdims=True)) / np.sqrt(data.var(-1, keepdims=True) + 1e-6) * g + b
+    np.testing.assert_allclose(res.numpy(), norm.transpose(0, 3, 1, 2), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("rms", [False, True])
