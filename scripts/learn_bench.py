@@ -174,8 +174,7 @@ def render_only(config: Path) -> int:
     cfg = read_yaml(config, "learn-bench config")
     out = config.parent
     result = json.loads((out / "results.json").read_text())
-    header = result.get("header") or next(
-        line for line in (out / "results.md").read_text().splitlines() if line.startswith("Machine:"))
+    header = result["header"]
     cmds = [f"TVM_NUM_THREADS=2 python scripts/learn_bench.py {config}", *result["commands"]]
     write_atomic(out / "results.md", report.render(cfg, result["summary"], result["rows"], result["training"],
                                                    result["searches"], result["finals"], header, cmds), what="report")

@@ -100,7 +100,7 @@ CASES = {
     "dense_64": (lambda: _Dense(64), (1, 16, 64), 16, True),
     "pointwise_24": (lambda: _Pointwise(32, 24), (1, 32, 8, 8), 8, True),  # MobileNet's 24 channels
     "pointwise_40": (lambda: _Pointwise(16, 40), (1, 16, 8, 8), 8, True),  # RegNetX-like 8k channels
-    "depthwise_32": (lambda: _Depthwise(32), (1, 32, 12, 12), 8, False),  # 8 lanes (DEPTHWISE_LANES)
+    "depthwise_32": (lambda: _Depthwise(32), (1, 32, 12, 12), 8, False),  # 8 lanes (microkernel.NARROW_LANES)
     "conv3x3_7x7": (lambda: _Conv3x3(64), (1, 64, 7, 7), 16, True),  # ResNet's last stage, narrower
 }
 
