@@ -12,10 +12,11 @@ Top to bottom:
 3. learning curves: each episode's estimated speedup over ``tvm`` and over the best fixed rule
    of the training models (estimated from the same kernel table);
 4. per held-out model: each seed's plan (decided with zero measurements, asserted), each fixed
-   rule's plan, and the search's best plan over the kernel table (the training table, so its
-   kernels are shared);
+   rule's plan, and each search's best plan over the kernel table (the training table, so its
+   kernels are shared); every search is seeded with the fixed rules' plans, so random search
+   measures them first and greedy and annealing start from the fastest of them;
 5. the model's distinct plans built, verified and timed head to head (interleaved rounds),
-   every plan's paired speedup over every rule and the search;
+   every plan's paired speedup over every rule and every search;
 6. the summary over seeds (:mod:`fusion_rl.report.learn_bench`) and ``results.json``,
    ``results.md``, ``curves.png``; the results are written after every model.
 """
@@ -34,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fusion_rl import transfer  # noqa: E402
-from fusion_rl.baselines.search import run_search  # noqa: E402
+from fusion_rl.baselines.search import ALGORITHMS, run_search  # noqa: E402
 from fusion_rl.cli.common import run_script  # noqa: E402
 from fusion_rl.compare import machine_description  # noqa: E402
 from fusion_rl.compiler.kernel_table import TableObjective  # noqa: E402
@@ -42,6 +43,7 @@ from fusion_rl.compiler.measure import Measurer  # noqa: E402
 from fusion_rl.compiler.paired import head_to_head  # noqa: E402
 from fusion_rl.compiler.target import parse_target  # noqa: E402
 from fusion_rl.compiler.timing import TimingProtocol  # noqa: E402
+from fusion_rl.errors import ConfigError  # noqa: E402
 from fusion_rl.env.spec import EnvSpec  # noqa: E402
 from fusion_rl.evaluate import decide_plan, geomean, load_policy, make_eval_env, training_stats  # noqa: E402
 from fusion_rl.fusion.rules import make_plan  # noqa: E402
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     env_spec = EnvSpec.resolve(train_cfg.env_spec)
     heldout = list(cfg["heldout_models"])
     transfer.check_family_split(cfg["families"], env_spec.models, heldout)
+    search_runs, goal_search, search_seed = parse_searches(cfg.get("search"))
     out = args.config.parent
     t_start = time.time()
 
@@ -100,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
         rows: list[dict] = []
         searches: list[dict] = []
-        search = cfg.get("search")
-        search_label = f"{search['algo']}@{search['budget']}" if search else None
+        search_labels = [f"{algo}@{budget}" for algo, budget in search_runs]
         for name in heldout:
             model = env.model(name)
             print(f"[{time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)
@@ -112,15 +114,17 @@ def main(argv: list[str] | None = None) -> int:
                 plans[f"seed {policy.seed}"] = decide_plan(policy.model, env, name, target)
                 if env.measurements_spent != before:
                     raise AssertionError(f"the policy of seed {policy.seed} measured while deciding {name}")
-            if search:
-                objective = TableObjective(table)
+            rule_plans = [plans[r] for r in rules]
+            for (algo, budget), label in zip(search_runs, search_labels):
                 t0 = time.perf_counter()
-                res = run_search(search["algo"], model, objective, int(search["budget"]), seed=search.get("seed", 0))
-                searches.append({"model": name, "label": search_label, "evaluations": res.evaluations,
+                res = run_search(algo, model, TableObjective(table), budget, seed=search_seed, seeds=rule_plans)
+                searches.append({"model": name, "label": label, "evaluations": res.evaluations,
                                  "kernels_timed": res.measurements_spent, "estimate_ms": res.best_ms,
-                                 "wall_s": time.perf_counter() - t0})
+                                 "wall_s": time.perf_counter() - t0, "info": res.info})
+                print(f"[{time.strftime('%H:%M:%S')}]   {label}: {res.evaluations} plans, "
+                      f"{res.measurements_spent} kernels timed, best {res.best_ms:.3f} ms", file=sys.stderr, flush=True)
                 if res.best_plan is not None:
-                    plans[search_label] = res.best_plan
+                    plans[label] = res.best_plan
             # 5. Distinct plans head to head; every label's paired speedups over the references.
             alias: dict[str, str] = {}
             distinct = {}
@@ -130,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                 if same is None:
                     distinct[label] = plan
             h2h = head_to_head(measurer, model, distinct, cfg.get("rounds", 3))
-            refs = [*rules, *([search_label] if search_label in plans else [])]
+            refs = [*rules, *(label for label in search_labels if label in plans)]
             for label, plan in plans.items():
                 a = alias[label]
                 known = table.estimate_known(model, plan)
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
             # 6. Written after every model, so an interrupted run keeps what it measured.
             seeds = [pol.seed for pol in policies]
-            summary = report.summarize(rows, rules, seeds, search_label)
+            summary = report.summarize(rows, rules, seeds, search_labels, goal_search)
             header = (f"Machine: {machine_description(spec.num_threads)}; schedule `{measurer.provider.key}`; target `{spec.key}`; "
                       f"head-to-head protocol `{protocol.key}`, {cfg.get('rounds', 3)} rounds. Training families' "
                       f"best fixed rule by kernel-table estimate: `{train_best}`. Wall time of this run "
@@ -167,6 +171,29 @@ def main(argv: list[str] | None = None) -> int:
         env.close()
     print((out / "results.md").read_text())
     return 0
+
+
+def parse_searches(search: dict | None) -> tuple[list[tuple[str, int]], str | None, int]:
+    """The config's ``search`` block: ``runs`` (algorithm -> kernel-table budgets), ``goal``
+    (the run the policy must reach 95 % of) and ``seed``. Returns the (algorithm, budget) runs,
+    the goal's label and the seed."""
+    if not search:
+        return [], None, 0
+    unknown = set(search) - {"runs", "goal", "seed"}
+    if unknown:
+        raise ConfigError(f"search: unknown key(s) {', '.join(sorted(unknown))}; expected runs, goal, seed")
+    runs = []
+    for algo, budgets in (search.get("runs") or {}).items():
+        if algo not in ALGORITHMS or algo == "exhaustive":
+            raise ConfigError(f"search: unknown algorithm '{algo}'; choose from random, greedy, annealing")
+        if not isinstance(budgets, list) or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0
+                                                    for b in budgets):
+            raise ConfigError(f"search: {algo}'s budgets must be a list of positive ints, got {budgets!r}")
+        runs += [(algo, b) for b in budgets]
+    goal = search.get("goal")
+    if goal is not None and goal not in {f"{a}@{b}" for a, b in runs}:
+        raise ConfigError(f"search: goal '{goal}' is not one of the runs")
+    return runs, goal, int(search.get("seed", 0))
 
 
 def render_only(config: Path) -> int:

@@ -35,7 +35,6 @@ import numpy as np
 
 from fusion_rl.compiler.measure import Measurer
 from fusion_rl.errors import ConfigError
-from fusion_rl.fusion.legality import check_plan
 from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.fusion.plan_space import EXHAUSTIVE_LIMIT, is_legal, legal_plans, merge_candidates, peel_node
 from fusion_rl.fusion.random_plans import mutate_plan, random_plan
@@ -115,7 +114,7 @@ class _Evaluator:
     def evaluate(self, plan: FusionPlan) -> float | None:
         """Latency of ``plan`` (``inf`` if it failed); ``None`` when the budget is spent.
 
-        The plan must be legal (callers filter with :func:`check_plan`).
+        The plan must be legal (callers filter with :func:`is_legal`).
         """
         if plan.hash in self.seen:
             return self.seen[plan.hash]
@@ -171,6 +170,21 @@ def within_anchor_cap(graph: Any, plan: FusionPlan, max_anchors: int | None) -> 
     return all(sum(graph.nodes[n].is_mac_anchor for n in g) <= max_anchors for g in plan.groups)
 
 
+def _best_seed(ev: _Evaluator, graph: Any, seeds: Sequence[FusionPlan], default: FusionPlan) -> FusionPlan:
+    """Evaluate the legal ``seeds`` (within the budget) and return the fastest that measured
+    ``ok``; ``default`` when there is none. A local search that starts here can only improve on
+    its seeds, e.g. on the best fixed rule's plan."""
+    best, best_ms = default, math.inf
+    for plan in seeds:
+        if ev.exhausted:
+            break
+        if is_legal(graph, plan):
+            ms = ev.evaluate(plan)
+            if ms is not None and ms < best_ms:
+                best, best_ms = plan, ms
+    return best
+
+
 def _check_budget(budget: int) -> None:
     if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
         raise ConfigError(f"search budget must be a positive number of measurements, got {budget!r}")
@@ -200,11 +214,7 @@ def random_search(
     ev = _Evaluator(model, measurer, budget, progress=progress)
     rng = np.random.default_rng(seed)
     graph = model.graph
-    for plan in seeds:
-        if ev.exhausted:
-            break
-        if is_legal(graph, plan):
-            ev.evaluate(plan)
+    _best_seed(ev, graph, seeds, FusionPlan.singletons(len(graph), graph.fingerprint, "random"))
     proposals = 0
     limit = max_proposals if max_proposals is not None else 50 * budget
     while not ev.exhausted and proposals < limit:
@@ -226,16 +236,17 @@ def random_search(
 
 
 def greedy(model: Model, measurer: Measurer, budget: int, seed: int | None = None,
-           max_anchors: int | None = None,
+           seeds: Sequence[FusionPlan] = (), max_anchors: int | None = None,
            progress: Callable[[int, int | None, str], None] | None = None) -> SearchResult:
-    """Best-improvement merging: start unfused; each round measure every legal one-edge merge of
+    """Best-improvement merging: start unfused (or from the fastest of ``seeds``, measured
+    first); each round measure every legal one-edge merge of
     the current plan (within ``max_anchors`` per group) and take the best-measured one; stop
     when no merge improves on the current plan or the budget is spent (the best merge measured
     so far in an interrupted round is still taken if it improves). Deterministic: ``seed`` is
     unused and only recorded."""
     ev = _Evaluator(model, measurer, budget, progress=progress)
     graph = model.graph
-    current = FusionPlan.singletons(len(graph), graph.fingerprint, "greedy")
+    current = _best_seed(ev, graph, seeds, FusionPlan.singletons(len(graph), graph.fingerprint, "greedy"))
     current_ms = ev.evaluate(current)
     rounds = 0
     stop = "budget"
@@ -271,7 +282,7 @@ def annealing(
     measurer: Measurer,
     budget: int,
     seed: int = 0,
-    start: FusionPlan | None = None,
+    seeds: Sequence[FusionPlan] = (),
     t_start: float = 0.1,
     t_end: float = 0.002,
     max_proposals: int | None = None,
@@ -300,9 +311,8 @@ def annealing(
     ev = _Evaluator(model, measurer, budget, progress=progress)
     rng = np.random.default_rng(seed)
     graph = model.graph
-    current = start or FusionPlan.singletons(len(graph), graph.fingerprint, "annealing")
-    if not is_legal(graph, current):
-        check_plan(graph, current).raise_if_illegal()
+    # Start unfused, or from the fastest of ``seeds`` (measured first, within the budget).
+    current = _best_seed(ev, graph, seeds, FusionPlan.singletons(len(graph), graph.fingerprint, "annealing"))
     current_ms = ev.evaluate(current)
     proposals = accepted = 0
     limit = max_proposals if max_proposals is not None else 50 * budget

@@ -108,6 +108,25 @@ def test_greedy_takes_the_best_measured_merge(mlp2, store):
         assert record.status != "ok" or record.median_ms >= result.best_ms
 
 
+def test_seeded_searches_start_from_the_fastest_seed(mlp2, store):
+    g = mlp2.graph
+    unfused = FusionPlan.singletons(len(g), g.fingerprint, "unfused")
+    whole = FusionPlan.from_groups([range(len(g))], len(g), g.fingerprint, "one group")
+    seeds = [p for p in (unfused, merge_candidates(g, unfused)[0], whole) if check_plan(g, p).legal]
+    m = measurer(store)
+    seed_ms = {p.hash: m.measure(mlp2, p).median_ms for p in seeds}
+    fastest = min(seeds, key=lambda p: seed_ms[p.hash])
+    for algo, fn in SEARCHES.items():
+        # A budget of exactly the seeds: the search spends it on them and returns the fastest.
+        res = fn(mlp2, measurer(store), budget=len(seeds), seeds=seeds)
+        assert res.evaluations == len(seeds) and res.best_plan.hash == fastest.hash, algo
+    # Greedy only merges, so from a seed every group of the seed stays inside one group.
+    res = greedy(mlp2, measurer(store), budget=100, seeds=seeds)
+    assert res.best_ms <= seed_ms[fastest.hash]
+    owner = {n: i for i, grp in enumerate(res.best_plan.groups) for n in grp}
+    assert all(len({owner[n] for n in grp}) == 1 for grp in fastest.groups)
+
+
 def test_exhaustive_is_an_oracle(mlp2, store):
     others = [
         random_search(mlp2, measurer(store), budget=6, seed=0),

@@ -41,7 +41,7 @@ def test_summary_judges_seeds_against_the_best_rule_of_the_split():
         rows.append(_row(m, "seed 1", f"{m}x", 1.30, aggressive=1.30 / agg))
     # aggressive: geomean(1.2, 0.9) = 1.039 > tvm's 1.0
     assert best_fixed_rule(rows, ["tvm", "aggressive"]) == "aggressive"
-    s = summarize(rows, ["tvm", "aggressive"], [0, 1], None)
+    s = summarize(rows, ["tvm", "aggressive"], [0, 1])
     by_seed = {x["seed"]: x for x in s["per_seed"]}
     assert by_seed[0]["collapsed_to"] == "aggressive" and by_seed[1]["collapsed_to"] is None
     assert by_seed[1]["vs_tvm"] == pytest.approx(1.30)
@@ -49,7 +49,7 @@ def test_summary_judges_seeds_against_the_best_rule_of_the_split():
     assert s["best_seed"] == 1 and s["vs_tvm"]["n"] == 2 and s["vs_tvm"]["low"] < s["vs_tvm"]["mean"]
     # A seed missing a model is not summarised (its geomean would skip the hard case).
     s = summarize([r for r in rows if not (r["label"] == "seed 1" and r["model"] == "m2")], ["tvm", "aggressive"],
-                  [0, 1], None)
+                  [0, 1])
     assert [x["seed"] for x in s["per_seed"]] == [0]
 
 
@@ -66,14 +66,19 @@ def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path):
     config.write_text(yaml.safe_dump({
         "train_config": str(tmp_path / "train.yaml"), "seeds": [0], "runs_dir": str(tmp_path / "runs"),
         "families": {"mlp_tiny": "mlp", "cnn_plain": "cnn"}, "heldout_models": ["cnn_plain"],
-        "rules": ["tvm", "aggressive"], "search": {"algo": "annealing", "budget": 4, "seed": 0},
+        "rules": ["tvm", "aggressive"], "search": {"runs": {"annealing": [4], "greedy": [3]}, "goal": "annealing@4", "seed": 0},
         "rounds": 2, "repeat": 2, "min_repeat_ms": 1, "timeout_s": 300, "window": 2}))
     assert load_script("learn_bench").main([str(config)]) == 0
     result = json.loads((tmp_path / "results.json").read_text())
     labels = {r["label"]: r for r in result["rows"]}
-    assert set(labels) == {"tvm", "aggressive", "seed 0", "annealing@4"}
+    assert set(labels) == {"tvm", "aggressive", "seed 0", "annealing@4", "greedy@3"}
     assert all(r["status"] == "ok" and r["latency_ms"] > 0 for r in labels.values())
     assert labels["tvm"]["vs"]["tvm"] == [1.0, 0.0] and labels["seed 0"]["vs"]["annealing@4"][0] > 0
+    # Seeded with the rules' plans, no search's best estimate is worse than the best rule's.
+    rule_est = min(labels[r]["estimate_ms"] for r in ("tvm", "aggressive"))
+    assert all(s["estimate_ms"] <= rule_est * (1 + 1e-9) for s in result["searches"])
+    assert set(result["summary"]["vs_searches"]) == {"annealing@4", "greedy@3"}
+    assert result["summary"]["search"] == "annealing@4"
     run = result["training"][0]
     assert run["episodes"] > 0 and run["imitated"] in {"tvm", "aggressive"}
     assert result["summary"]["per_seed"][0]["seed"] == 0 and result["summary"]["best_rule"] in {"tvm", "aggressive"}
@@ -84,3 +89,15 @@ def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path):
     (tmp_path / "results.md").write_text("stale")
     assert load_script("learn_bench").main([str(config), "--render"]) == 0
     assert (tmp_path / "results.md").read_text() == text
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("search, match", [
+    ({"runs": {"bogo": [10]}}, "unknown algorithm 'bogo'"),
+    ({"runs": {"random": [0]}}, "positive ints"),
+    ({"runs": {"random": [10]}, "goal": "annealing@500"}, "goal 'annealing@500' is not one of the runs"),
+    ({"algo": "annealing", "budget": 500}, "unknown key"),
+])
+def test_learn_bench_refuses_a_bad_search_block(search, match):
+    with pytest.raises(ConfigError, match=match):
+        load_script("learn_bench").parse_searches(search)
