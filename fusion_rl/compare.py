@@ -8,12 +8,12 @@ from __future__ import annotations
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from fusion_rl.baselines.runtimes import RUNTIMES, run_runtime
 from fusion_rl.compiler.measure import Measurer
 from fusion_rl.compiler.store import MeasurementStore
-from fusion_rl.compiler.target import parse_target
+from fusion_rl.compiler.target import TargetSpec, parse_target
 from fusion_rl.compiler.timing import TimingProtocol
 from fusion_rl.fusion.metrics import plan_metrics
 from fusion_rl.fusion.plan import FusionPlan
@@ -106,6 +106,51 @@ def compare_model(
         )
         done(runtime)
     return rows
+
+
+def time_systems(model: Model, plans: Mapping[str, FusionPlan], runtimes: Sequence[str], spec: TargetSpec,
+                 protocol: TimingProtocol, rounds: int) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Plans (default schedule) and runtimes timed head to head in this process.
+
+    Every plan is compiled and verified and every runtime is verified against the model's
+    reference first; then all run in ``rounds`` interleaved rounds
+    (:func:`~fusion_rl.baselines.runtimes.time_paired`), so repeat ``i`` of two systems ran
+    seconds apart and their ratio is paired. Returns each system's ms per repeat (plans under
+    their label, runtimes under their name) and each plan's kernel count. Raises if a plan or a
+    runtime computes a wrong output.
+    """
+    import tvm
+    from tvm import relax
+
+    from fusion_rl.baselines.runtimes import runtime_callable, time_paired
+    from fusion_rl.compiler.build import compile_plan
+    from fusion_rl.compiler.schedules import DEFAULT_SCHEDULE, make_schedule
+    from fusion_rl.compiler.target.threads import threads_env
+    from fusion_rl.compiler.verify import verify_executable
+
+    fns: dict[str, Callable[[], object]] = {}
+    kernels: dict[str, int] = {}
+    with threads_env(spec):
+        dev = tvm.cpu()
+        for label, plan in plans.items():
+            compiled = compile_plan(model, plan, spec.to_tvm(), make_schedule(DEFAULT_SCHEDULE))
+            verify_executable(compiled.executable, model, label)
+            vm = relax.VirtualMachine(compiled.executable, dev)
+            vm.save_function("main", label, *[tvm.runtime.tensor(a, dev) for a in model.inputs])
+            fns[label], kernels[label] = vm[label], compiled.num_kernels
+        for runtime in runtimes:
+            fns[runtime] = runtime_callable(runtime, model, spec.num_threads)
+        return time_paired(fns, protocol, rounds), kernels
+
+
+def paired_speedup(times: Mapping[str, Sequence[float]], slower: str, faster: str) -> tuple[float, float]:
+    """Median and IQR of the per-repeat ratios ``slower / faster`` of :func:`time_systems`' times
+    (above 1: ``faster`` is faster)."""
+    import numpy as np
+
+    ratios = np.asarray(times[slower]) / np.asarray(times[faster])
+    q25, q50, q75 = np.percentile(ratios, [25, 50, 75])
+    return float(q50), float(q75 - q25)
 
 
 def to_markdown(rows: Sequence[CompareRow], title: str = "") -> str:

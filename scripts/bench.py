@@ -27,15 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from fusion_rl.baselines.runtimes import run_runtime, runtime_callable, time_paired  # noqa: E402
-from fusion_rl.compiler.build import compile_plan  # noqa: E402
-from fusion_rl.compare import machine_description  # noqa: E402
+from fusion_rl.baselines.runtimes import run_runtime  # noqa: E402
+from fusion_rl.compare import machine_description, paired_speedup, time_systems  # noqa: E402
 from fusion_rl.compiler.measure import Measurer  # noqa: E402
 from fusion_rl.compiler.paired import head_to_head  # noqa: E402
 from fusion_rl.compiler.schedules import DEFAULT_SCHEDULE, make_schedule  # noqa: E402
 from fusion_rl.compiler.target import parse_target  # noqa: E402
-from fusion_rl.compiler.target.threads import threads_env  # noqa: E402
-from fusion_rl.compiler.verify import verify_executable  # noqa: E402
 from fusion_rl.compiler.timing import TimingProtocol  # noqa: E402
 from fusion_rl.errors import read_yaml  # noqa: E402
 from fusion_rl.fusion.random_plans import random_plan  # noqa: E402
@@ -50,23 +47,11 @@ from fusion_rl.report.bench import (  # noqa: E402
 def versus_runtime(model, plan, spec, protocol: TimingProtocol, rounds: int, runtime: str) -> dict:
     """``plan`` (default schedule, verified) and ``runtime`` in interleaved rounds: the median
     and IQR of the paired ratios runtime time / TVM time (above 1: TVM is faster)."""
-    import tvm
-    from tvm import relax
-
-    with threads_env(spec):
-        compiled = compile_plan(model, plan, spec.to_tvm(), make_schedule(DEFAULT_SCHEDULE))
-        verify_executable(compiled.executable, model, "best plan")
-        dev = tvm.cpu()
-        vm = relax.VirtualMachine(compiled.executable, dev)
-        vm.save_function("main", "paired", *[tvm.runtime.tensor(a, dev) for a in model.inputs])
-        run_tvm = vm["paired"]
-        times = time_paired({"tvm": run_tvm, runtime: runtime_callable(runtime, model, spec.num_threads)},
-                            protocol, rounds)
-    ratios = np.array(times[runtime]) / np.array(times["tvm"])
-    q25, q50, q75 = np.percentile(ratios, [25, 50, 75])
+    times, _ = time_systems(model, {"tvm": plan}, [runtime], spec, protocol, rounds)
+    speedup, spread = paired_speedup(times, runtime, "tvm")
     return {"runtime": runtime, "tvm_ms": float(np.median(times["tvm"])),
-            "runtime_ms": float(np.median(times[runtime])), "speedup": float(q50),
-            "speedup_spread": float(q75 - q25), "repeats": len(ratios)}
+            "runtime_ms": float(np.median(times[runtime])), "speedup": speedup,
+            "speedup_spread": spread, "repeats": len(times["tvm"])}
 
 
 def main() -> int:

@@ -19,6 +19,10 @@ Top to bottom:
    every plan's paired speedup over every rule and every search;
 6. the summary over seeds (:mod:`fusion_rl.report.learn_bench`) and ``results.json``,
    ``results.md``, ``curves.png``; the results are written after every model.
+
+With ``--card POLICY`` nothing is run: the policy's ``card.json`` evaluation and the README's
+model card are rewritten from ``results.json`` (:mod:`fusion_rl.report.card`); the policy must be
+the export of the best seed's run (``fusion-rl export runs/<run> -o POLICY``).
 """
 
 from __future__ import annotations
@@ -57,9 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", type=Path)
     p.add_argument("--runs", type=Path, nargs="+", default=None, help="reuse these run dirs (one per seed)")
     p.add_argument("--render", action="store_true", help="only rewrite results.md from results.json (nothing is run)")
+    p.add_argument("--card", type=Path, default=None, metavar="POLICY",
+                   help="only rewrite POLICY's card.json evaluation and README.md's model card from results.json "
+                        "(nothing is run); POLICY must be the export of the best seed's run")
     args = p.parse_args(argv)
     if args.render:
         return render_only(args.config)
+    if args.card:
+        return write_card(args.card, args.config)
 
     # 1. Configs and the split.
     cfg = read_yaml(args.config, "learn-bench config")
@@ -206,6 +215,27 @@ def render_only(config: Path) -> int:
     write_atomic(out / "results.md", report.render(cfg, result["summary"], result["rows"], result["training"],
                                                    result["searches"], result["finals"], header, cmds), what="report")
     print((out / "results.md").read_text())
+    return 0
+
+
+def write_card(policy: Path, config: Path) -> int:
+    """The shipped policy's card evaluation and the README's model card, from the results file."""
+    from fusion_rl.export.artifact import read_card, set_evaluation
+    from fusion_rl.paths import relative_to_repo
+    from fusion_rl.report import blocks, card
+
+    evaluation = card.policy_evaluation(config.parent)
+    best = evaluation["best_seed"]
+    run = next(t["run"] for t in evaluation["training"] if t["seed"] == best)
+    exported = read_card(policy)[0]["training"]["run"]
+    if exported != run:
+        raise ConfigError(f"{policy} was exported from run {exported}, but the best seed of {config.parent} is "
+                          f"seed {best} (run {run}); export that one first: fusion-rl export runs/{run} -o {policy}")
+    print(f"wrote {set_evaluation(policy, evaluation)}")
+    readme = REPO / "README.md"
+    block = card.card_block(read_card(policy)[0], relative_to_repo(policy))
+    write_atomic(readme, blocks.replace_block(readme.read_text(), card.BEGIN, card.END, block), what="README")
+    print(f"wrote {readme}'s model card")
     return 0
 
 

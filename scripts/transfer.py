@@ -17,9 +17,10 @@ CleanRL style, top to bottom:
 6. the report: ``README.md`` (tables, plots, commands, machine, wall times);
 7. with ``--metaschedule``: ``tvm`` rules + MetaSchedule against learned fusion + MetaSchedule
    at the same trials per task, to ``metaschedule.md``;
-8. with ``--remeasure``: the held-out cases' plans timed again without the store, interleaved;
-9. with ``--card POLICY``: nothing is run; the policy's ``card.json`` evaluation and the README's
-   model card are rewritten from the report folder's results files (:mod:`fusion_rl.report.card`).
+8. with ``--remeasure``: the held-out cases' plans timed again without the store, interleaved.
+
+The shipped policy's card comes from ``experiments/learn_bench`` (``scripts/learn_bench.py --card``),
+not from this tiny-zoo experiment.
 
 The measuring steps are :mod:`fusion_rl.transfer`; the tables and plots :mod:`fusion_rl.report.transfer`.
 """
@@ -57,8 +58,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=None, help="report folder (default: the config's folder)")
     p.add_argument("--replot", action="store_true",
                    help="only redraw speedups.png from the report folder's results.json (nothing is run)")
-    p.add_argument("--card", type=Path, default=None, metavar="POLICY",
-                   help="only rewrite POLICY's card.json evaluation and README.md's model card from the results files")
     return p.parse_args(argv)
 
 
@@ -77,8 +76,6 @@ def main(argv: list[str] | None = None) -> int:
         rows = json.loads((out_dir / "results.json").read_text())
         report.plot_heldout([r for r in rows if r["split"] != "train"], out_dir / "speedups.png")
         return 0
-    if args.card:
-        return write_card(args.card, out_dir, tuple(cfg.get("rules", RULE_BASELINES)))
     train_config_path = (REPO / cfg["train_config"]).resolve()
     env_spec = EnvSpec.from_yaml(load_config(train_config_path).env_spec)
 
@@ -129,21 +126,6 @@ def main(argv: list[str] | None = None) -> int:
         marker = "## Held-out models (training target)"
         write_atomic(out_dir / "README.md", text.replace(marker, "\n".join(section) + "\n" + marker, 1), what="report")
     print(f"wrote {out_dir / 'README.md'} ({time.time() - t_start:.0f} s)")
-    return 0
-
-
-def write_card(policy: Path, out_dir: Path, rules: tuple[str, ...]) -> int:
-    """9. The policy card's evaluation and the README's model card, from the results files."""
-    from fusion_rl.export.artifact import read_card, set_evaluation
-    from fusion_rl.report import blocks, card
-
-    models = {r["model"] for r in json.loads((out_dir / "results.json").read_text())}
-    evaluation = card.policy_evaluation(out_dir, card.rule_plan_hashes(sorted(models), rules), rules)
-    print(f"wrote {set_evaluation(policy, evaluation)}")
-    readme = REPO / "README.md"
-    block = card.card_block(read_card(policy)[0], relative_to_repo(policy))
-    write_atomic(readme, blocks.replace_block(readme.read_text(), card.BEGIN, card.END, block), what="README")
-    print(f"wrote {readme}'s model card")
     return 0
 
 

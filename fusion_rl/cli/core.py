@@ -217,7 +217,7 @@ def _measure_head_to_head(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from fusion_rl.demo import run_demo
 
-    with bar(args, "demo", unit="row") as progress:
+    with bar(args, "demo", unit="model") as progress:
         return run_demo(quick=args.quick, as_json=args.json, progress=progress, log=progress.print)
 
 
@@ -256,7 +256,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_measure)
 
     p = sub.add_parser("demo", help="the main job on the built-in default (README)")
-    p.add_argument("--quick", action="store_true", help="one small model, for smoke tests")
+    p.add_argument("--quick", action="store_true", help="the first model only, fewer repeats")
     add_json(p, "the rows")
     add_no_progress(p)
     p.set_defaults(func=cmd_demo)

@@ -117,32 +117,38 @@ def test_worker_relays_progress_messages_before_the_result() -> None:
     assert seen == [(0, 2, "tuning fused_conv2d"), (2, 2, "tuned")]
 
 
-def test_demo_reports_each_row_and_prints_one_json_object(monkeypatch, tmp_path, capsys) -> None:
-    """``demo --json``: stdout is the result alone; progress counts every row (compare_model is
-    scripted: the rows' numbers are not the point here)."""
+def test_demo_reports_each_model_and_prints_one_json_object(monkeypatch, tmp_path, capsys) -> None:
+    """``demo --json``: stdout is the result alone; progress counts every model; the learned plan is
+    timed beside tvm, the card's best fixed rule and ONNX Runtime (time_systems is scripted: the
+    numbers are not the point here, and bench models are too big for the suite)."""
     import fusion_rl.demo as demo
     from fusion_rl.cli import main
-    from fusion_rl.compare import CompareRow
 
-    def fake_compare(model, schedules, target, store, protocol, runtimes, plans, progress=None):
-        systems = [f"tvm[{r} / rules]" for r in plans] + list(runtimes)
-        rows = [CompareRow(model=model.name, system=s, rules=s[4:].split(" ")[0] if s.startswith("tvm") else None,
-                           schedule="rules", status="ok", latency_ms=1.0 + i, spread_ms=0.1, repeats=3)
-                for i, s in enumerate(systems)]
-        for i, row in enumerate(rows, 1):
-            progress(i, len(rows), row.system)
-        return rows
+    seen_systems = []
+
+    def fake_time_systems(model, plans, runtimes, spec, protocol, rounds):
+        seen_systems.append(list(plans) + list(runtimes))
+        names = list(plans) + list(runtimes)
+        return {n: [1.0 + i, 1.1 + i, 1.2 + i] for i, n in enumerate(names)}, {n: 3 for n in plans}
 
     monkeypatch.setenv("FUSION_RL_CACHE", str(tmp_path))
-    monkeypatch.setattr(demo, "compare_model", fake_compare)
+    monkeypatch.setattr(demo, "time_systems", fake_time_systems)
     calls = []
-    assert demo.run_demo(quick=True, policy=tmp_path / "no_policy", as_json=True,
+    assert demo.run_demo(quick=True, models=("mlp_tiny",), policy=tmp_path / "no_policy", as_json=True,
                          progress=lambda d, t, label: calls.append((d, t))) == 0
     out = json.loads(capsys.readouterr().out)
-    assert [c[0] for c in calls] == list(range(1, len(out["rows"]) + 1)) and calls[-1][1] == len(out["rows"])
-    assert {r["system"] for r in out["rows"]} >= {"tvm[tvm / rules]", "ort"}
+    assert calls == [(1, 1)]
+    assert [r["system"] for r in out["rows"]] == ["tvm[unfused]", "tvm[tvm]", "ort"]
+    tvm_row = next(r for r in out["rows"] if r["system"] == "tvm[tvm]")
+    assert tvm_row["speedup_vs_tvm"] == 1.0 and out["rows"][0]["speedup_vs_tvm"] == pytest.approx(2.1 / 1.1)  # median of per-repeat tvm / unfused
+    # With the shipped policy: its plan, and the best fixed rule its card names.
+    assert demo.run_demo(quick=True, models=("mlp_tiny",), as_json=True) == 0
+    out = json.loads(capsys.readouterr().out)
+    systems = seen_systems[-1]
+    assert any(s.startswith("learned") for s in systems) and "ort" in systems
+    assert f"tvm[{out['best_rule']}]" in systems
     # The command: JSON only on stdout.
-    assert main(["demo", "--quick", "--json"]) == 0
+    assert main(["demo", "--quick", "--json"]) == 0  # the first bench model, planned by the shipped policy
     out = capsys.readouterr().out
     assert json.loads(out)["rows"]
 

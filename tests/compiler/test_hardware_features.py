@@ -251,15 +251,14 @@ def test_evaluation_decides_with_the_policys_statistics(tmp_path, bench):
 def test_old_cards_load_with_raw_vectors(tmp_path, bench):
     from fusion_rl.export.artifact import hardware_stats
 
-    # The shipped policy predates the statistics: format 1, no 'hardware'.
-    planner = LearnedPlanner("policies/default", "x86-64-t1")
-    assert planner.card["format"] == 1 and "hardware" not in planner.card
-    assert planner.hardware_stats.is_identity
-    np.testing.assert_array_equal(planner.hardware, _raw("x86-64-t1"))  # what it was trained on
-    # A card written without statistics is still format 1, and reads the same way.
+    # A card written without statistics (policies exported before them) is format 1; its
+    # planner feeds the raw vector, which is what such a policy was trained on.
     old = _artifact(tmp_path / "old", hardware=None)
     card, _ = read_card(old)
-    assert card["format"] == 1 and hardware_stats(card).is_identity
+    assert card["format"] == 1 and "hardware" not in card and hardware_stats(card).is_identity
+    planner = LearnedPlanner(old, "x86-64-t1")
+    assert planner.hardware_stats.is_identity
+    np.testing.assert_array_equal(planner.hardware, _raw("x86-64-t1"))
     # A format-2 card must carry them.
     data = json.loads((old / CARD_FILE).read_text())
     data["format"] = 2

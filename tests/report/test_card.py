@@ -1,5 +1,6 @@
-"""The shipped policy's card and the README's model card agree with the transfer experiment's
-results files (issue 11 item 7: one source of truth for results)."""
+"""The shipped policy's card and the README's model card agree with the learn_bench experiment's
+results (issue 11 item 7: one source of truth for results), and the shipped policy is that
+experiment's best seed."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fusion_rl.errors import FusionRLError
+from conftest import load_script
+from fusion_rl.errors import ConfigError, FusionRLError
 from fusion_rl.export.artifact import read_card, set_evaluation
-from fusion_rl.fusion.rules import make_plan
 from fusion_rl.report import blocks, card
 
 ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "experiments" / "transfer"
+RESULTS = ROOT / "experiments" / "learn_bench"
 POLICY = ROOT / "policies" / "default"
 
 
@@ -25,9 +26,8 @@ def shipped() -> dict:
     return read_card(POLICY)[0]
 
 
-def test_card_evaluation_is_computed_from_the_results_files(shipped):
-    ev = shipped["evaluation"]
-    assert card.policy_evaluation(RESULTS, ev["untimed_rule_plans"], ev["rules"]) == ev
+def test_card_evaluation_is_computed_from_the_results_file(shipped):
+    assert card.policy_evaluation(RESULTS) == shipped["evaluation"]
 
 
 def test_readme_model_card_is_generated_from_the_card(shipped):
@@ -35,43 +35,51 @@ def test_readme_model_card_is_generated_from_the_card(shipped):
     assert blocks.current_block(readme, card.BEGIN, card.END) == card.card_block(shipped)
 
 
-def test_headline_numbers_come_from_the_head_to_head_rows(shipped):
-    # The held-out-model split was re-timed head to head: its per-seed numbers are geomeans of
-    # remeasured.json's learned rows, not of the store's rows in results.json.
-    again = json.loads((RESULTS / "remeasured.json").read_text())
+def test_the_shipped_policy_is_the_best_seed_of_the_run(shipped):
+    ev = shipped["evaluation"]
+    split = ev["splits"]["heldout-model"]
+    best = max(zip(split["per_seed"], split["seeds"]))[1]
+    assert ev["best_seed"] == best == shipped["training"]["seed"]
+    run = next(t["run"] for t in ev["training"] if t["seed"] == best)
+    assert shipped["training"]["run"] == run
+
+
+def test_headline_numbers_are_geomeans_of_the_head_to_head_rows(shipped):
+    rows = json.loads((RESULTS / "results.json").read_text())["rows"]
     split = shipped["evaluation"]["splits"]["heldout-model"]
-    assert split["timing"].startswith("head to head")
-    tvm = {r["model"]: r["latency_ms"] for r in again if r["method"] == "tvm"}
-    seed0 = [tvm[r["model"]] / r["latency_ms"] for r in again if r["method"] == "learned" and r["seed"] == 0]
-    geo = float(np.exp(np.mean(np.log(seed0))))
-    assert split["per_seed"][0] == pytest.approx(geo, abs=1e-4)
-
-
-@pytest.mark.parametrize("name", ["se_cnn", "mlp_tiny"])
-def test_untimed_rule_plan_hashes_are_the_rules_plans(shipped, model_cache, name):
-    # The collapse claim compares plan hashes; the hashes stored for rules without a timed row
-    # must be what the rule set plans today.
-    model = model_cache(name)
-    for rule, h in shipped["evaluation"]["untimed_rule_plans"][name].items():
-        assert make_plan(rule, model.mod, model.graph).hash == h
+    for seed, value in zip(split["seeds"], split["per_seed"]):
+        own = [r["vs"]["tvm"][0] for r in rows if r["label"] == f"seed {seed}"]
+        assert len(own) == len(split["models"])
+        assert value == pytest.approx(float(np.exp(np.mean(np.log(own)))), abs=1e-4)
 
 
 def test_edited_results_change_the_evaluation(tmp_path, shipped):
     # The agreement checks can fail: a results file edited after the card was written no longer
     # reproduces the card.
-    for f in ("results.json", "remeasured.json", "summary.json"):
+    for f in ("results.json", "config.yaml"):
         shutil.copy(RESULTS / f, tmp_path / f)
-    rows = json.loads((tmp_path / "remeasured.json").read_text())
-    for r in rows:
-        if r["method"] == "learned":
-            r["latency_ms"] *= 0.5
-    (tmp_path / "remeasured.json").write_text(json.dumps(rows))
-    ev = shipped["evaluation"]
-    fresh = card.policy_evaluation(tmp_path, ev["untimed_rule_plans"], ev["rules"])
-    assert fresh != ev
-    assert fresh["splits"]["heldout-model"]["mean"] == pytest.approx(2 * ev["splits"]["heldout-model"]["mean"], rel=1e-3)
-    # The plans themselves did not change, so neither does the collapse onto a rule.
-    assert fresh["collapsed_to"] == ev["collapsed_to"]
+    data = json.loads((tmp_path / "results.json").read_text())
+    for s in data["summary"]["per_seed"]:
+        s["vs_tvm"] *= 2
+    (tmp_path / "results.json").write_text(json.dumps(data))
+    fresh = card.policy_evaluation(tmp_path)
+    assert fresh != shipped["evaluation"]
+    ev = shipped["evaluation"]["splits"]["heldout-model"]
+    assert fresh["splits"]["heldout-model"]["per_seed"] == pytest.approx([2 * v for v in ev["per_seed"]], rel=1e-3)
+
+
+def test_card_refuses_a_policy_that_is_not_the_best_seed(tmp_path, shipped):
+    folder = tmp_path / "policy"
+    shutil.copytree(POLICY, folder)
+    data = json.loads((folder / "card.json").read_text())
+    other = next(t["run"] for t in shipped["evaluation"]["training"] if t["seed"] != shipped["evaluation"]["best_seed"])
+    data["training"]["run"] = other
+    from fusion_rl.export.artifact import content_hash
+
+    data["content_hash"] = content_hash(data, (folder / "weights.safetensors").read_bytes())
+    (folder / "card.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="export that one first"):
+        load_script("learn_bench").write_card(folder, RESULTS / "config.yaml")
 
 
 def test_set_evaluation_rehashes_and_refuses_a_damaged_card(tmp_path):
