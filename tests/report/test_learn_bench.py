@@ -101,3 +101,31 @@ def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path):
 def test_learn_bench_refuses_a_bad_search_block(search, match):
     with pytest.raises(ConfigError, match=match):
         load_script("learn_bench").parse_searches(search)
+
+
+def test_search_demos_writes_a_plan_per_training_model(tmp_path):
+    (tmp_path / "env.yaml").write_text(yaml.safe_dump({
+        "models": ["mlp_tiny"], "reward": "table", "store": str(tmp_path / "store.sqlite"),
+        "protocol": {"repeat": 2, "min_repeat_ms": 1}, "timeout_s": 300, "max_nodes": 64, "max_edges": 128}))
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump({"env_spec": str(tmp_path / "env.yaml"), "exp_name": "sd"}))
+    config = tmp_path / "config.yaml"
+    cfg = {"train_config": str(tmp_path / "train.yaml"), "rules": ["tvm", "unfused"],
+           "heldout_models": ["cnn_plain"],
+           "demonstrations": {"algo": "greedy", "budget": 4, "seed": 0, "out": str(tmp_path / "demos")}}
+    config.write_text(yaml.safe_dump(cfg))
+    assert load_script("search_demos").main([str(config), "--retime", "2"]) == 0
+    row = json.loads((tmp_path / "demos" / "results.json").read_text())[0]
+    assert row["model"] == "mlp_tiny" and row["retimed_speedup"] > 0 and row["estimate_ms"] <= row["tvm_estimate_ms"]
+    assert "| mlp_tiny |" in (tmp_path / "demos" / "results.md").read_text()
+    from fusion_rl.fusion.plan import FusionPlan
+    from fusion_rl.graph.model import load_model
+
+    plan = FusionPlan.load(tmp_path / "demos" / "mlp_tiny.json")
+    assert plan.fingerprint == load_model("mlp_tiny").fingerprint and plan.name == "greedy@4"
+    # A held-out model in the training env is refused before anything is searched.
+    config.write_text(yaml.safe_dump({**cfg, "heldout_models": ["mlp_tiny"]}))
+    with pytest.raises(ConfigError, match="mlp_tiny is held out"):
+        load_script("search_demos").main([str(config)])
+    config.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k != "demonstrations"}))
+    with pytest.raises(ConfigError, match="demonstrations"):
+        load_script("search_demos").main([str(config)])
