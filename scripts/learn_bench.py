@@ -6,10 +6,12 @@
 Top to bottom:
 
 1. read the experiment config and its training config; refuse a split where a held-out model
-   shares a family with a training model;
+   shares a family with a training model; time every fixed rule's kernels a second time, the
+   faster kept (``retime_rules``), so no reference plan is rated from one slow-regime timing;
 2. one finished run per seed (trained here when missing: behaviour cloning on the best known
-   plan per training model, among the rules' plans and the search results that
-   ``scripts/search_demos.py`` wrote, then MaskablePPO, rewards from the kernel table);
+   plan per training model, among the rules' plans and any plan files the training config's
+   ``warm_start.plans`` lists, e.g. ``scripts/search_demos.py``'s, then MaskablePPO, rewards
+   from the kernel table);
 3. learning curves: each episode's estimated speedup over ``tvm`` and over the best fixed rule
    of the training models (estimated from the same kernel table);
 4. per held-out model: each seed's plan (decided with zero measurements, asserted), each fixed
