@@ -10,8 +10,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
+
 from fusion_rl.baselines.runtimes import RUNTIMES, run_runtime
 from fusion_rl.compiler.measure import Measurer
+from fusion_rl.compiler.paired import HeadToHead
 from fusion_rl.compiler.store import MeasurementStore
 from fusion_rl.compiler.target import TargetSpec, parse_target
 from fusion_rl.compiler.timing import TimingProtocol
@@ -109,15 +112,15 @@ def compare_model(
 
 
 def time_systems(model: Model, plans: Mapping[str, FusionPlan], runtimes: Sequence[str], spec: TargetSpec,
-                 protocol: TimingProtocol, rounds: int) -> tuple[dict[str, list[float]], dict[str, int]]:
+                 protocol: TimingProtocol, rounds: int) -> HeadToHead:
     """Plans (default schedule) and runtimes timed head to head in this process.
 
     Every plan is compiled and verified and every runtime is verified against the model's
     reference first; then all run in ``rounds`` interleaved rounds
     (:func:`~fusion_rl.baselines.runtimes.time_paired`), so repeat ``i`` of two systems ran
-    seconds apart and their ratio is paired. Returns each system's ms per repeat (plans under
-    their label, runtimes under their name) and each plan's kernel count. Raises if a plan or a
-    runtime computes a wrong output.
+    seconds apart and :meth:`HeadToHead.verdict` gives their paired ratio. Plans are under their
+    label, runtimes under their name; ``num_kernels`` has the plans' kernel counts. Two labels
+    with the same plan share one build. Raises if a plan or a runtime computes a wrong output.
     """
     import tvm
     from tvm import relax
@@ -129,28 +132,25 @@ def time_systems(model: Model, plans: Mapping[str, FusionPlan], runtimes: Sequen
     from fusion_rl.compiler.verify import verify_executable
 
     fns: dict[str, Callable[[], object]] = {}
-    kernels: dict[str, int] = {}
+    out = HeadToHead(rounds)
+    built: dict[str, tuple[Callable[[], object], int]] = {}  # plan hash -> (run, kernels)
     with threads_env(spec):
         dev = tvm.cpu()
         for label, plan in plans.items():
-            compiled = compile_plan(model, plan, spec.to_tvm(), make_schedule(DEFAULT_SCHEDULE))
-            verify_executable(compiled.executable, model, label)
-            vm = relax.VirtualMachine(compiled.executable, dev)
-            vm.save_function("main", label, *[tvm.runtime.tensor(a, dev) for a in model.inputs])
-            fns[label], kernels[label] = vm[label], compiled.num_kernels
+            if plan.hash not in built:
+                compiled = compile_plan(model, plan, spec.to_tvm(), make_schedule(DEFAULT_SCHEDULE))
+                verify_executable(compiled.executable, model, label)
+                vm = relax.VirtualMachine(compiled.executable, dev)
+                vm.save_function("main", "timed", *[tvm.runtime.tensor(a, dev) for a in model.inputs])
+                built[plan.hash] = (vm["timed"], compiled.num_kernels)
+            fns[label], out.num_kernels[label] = built[plan.hash]
         for runtime in runtimes:
             fns[runtime] = runtime_callable(runtime, model, spec.num_threads)
-        return time_paired(fns, protocol, rounds), kernels
-
-
-def paired_speedup(times: Mapping[str, Sequence[float]], slower: str, faster: str) -> tuple[float, float]:
-    """Median and IQR of the per-repeat ratios ``slower / faster`` of :func:`time_systems`' times
-    (above 1: ``faster`` is faster)."""
-    import numpy as np
-
-    ratios = np.asarray(times[slower]) / np.asarray(times[faster])
-    q25, q50, q75 = np.percentile(ratios, [25, 50, 75])
-    return float(q50), float(q75 - q25)
+        times = time_paired(fns, protocol, rounds)
+    for label, ms in times.items():
+        out.pooled_ms[label] = ms
+        out.round_medians[label] = [float(np.median(r)) for r in np.array_split(ms, rounds)]
+    return out
 
 
 def to_markdown(rows: Sequence[CompareRow], title: str = "") -> str:

@@ -15,10 +15,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 
 from fusion_rl import paths
-from fusion_rl.compare import machine_description, paired_speedup, time_systems
+from fusion_rl.compare import machine_description, time_systems
 from fusion_rl.compiler.target import parse_target
 from fusion_rl.compiler.timing import TimingProtocol
 from fusion_rl.fusion.rules import make_plan
@@ -75,13 +74,13 @@ def run_demo(quick: bool = False, models: tuple[str, ...] = DEMO_MODELS, policy:
         plans = {f"tvm[{r}]": make_plan(r, model.mod, model.graph) for r in rules}
         if planner is not None:
             plans["learned" + ("" if name in trained_on else " (never seen)")] = planner.plan(model.graph)
-        times, kernels = time_systems(model, plans, RUNTIMES, spec, protocol, rounds)
-        for system, ms in times.items():
-            speedup, spread = paired_speedup(times, "tvm[tvm]", system)
-            q25, q50, q75 = np.percentile(ms, [25, 50, 75])
-            row = {"model": name, "system": system, "kernels": kernels.get(system), "median_ms": float(q50),
-                   "iqr_ms": float(q75 - q25), "speedup_vs_tvm": speedup, "speedup_spread": spread,
-                   "plan_hash": plans[system].hash if system in plans else None}
+        h2h = time_systems(model, plans, RUNTIMES, spec, protocol, rounds)
+        for system in h2h.pooled_ms:
+            v = h2h.verdict("tvm[tvm]", system)
+            speedup, spread = v["paired_speedup"], v["paired_spread"]
+            row = {"model": name, "system": system, "kernels": h2h.num_kernels.get(system),
+                   "median_ms": h2h.median_ms(system), "iqr_ms": h2h.iqr_ms(system), "speedup_vs_tvm": speedup,
+                   "speedup_spread": spread, "plan_hash": plans[system].hash if system in plans else None}
             out_rows.append(row)
             say(f"{name:20s} {system:28s} {'' if row['kernels'] is None else row['kernels']:>7} "
                 f"{row['median_ms']:10.3f} {row['iqr_ms']:7.3f}  {speedup:5.3f}x ({spread:.3f})")

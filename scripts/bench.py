@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from fusion_rl.baselines.runtimes import run_runtime  # noqa: E402
-from fusion_rl.compare import machine_description, paired_speedup, time_systems  # noqa: E402
+from fusion_rl.compare import machine_description, time_systems  # noqa: E402
 from fusion_rl.compiler.measure import Measurer  # noqa: E402
 from fusion_rl.compiler.paired import head_to_head  # noqa: E402
 from fusion_rl.compiler.schedules import DEFAULT_SCHEDULE, make_schedule  # noqa: E402
@@ -47,11 +47,10 @@ from fusion_rl.report.bench import (  # noqa: E402
 def versus_runtime(model, plan, spec, protocol: TimingProtocol, rounds: int, runtime: str) -> dict:
     """``plan`` (default schedule, verified) and ``runtime`` in interleaved rounds: the median
     and IQR of the paired ratios runtime time / TVM time (above 1: TVM is faster)."""
-    times, _ = time_systems(model, {"tvm": plan}, [runtime], spec, protocol, rounds)
-    speedup, spread = paired_speedup(times, runtime, "tvm")
-    return {"runtime": runtime, "tvm_ms": float(np.median(times["tvm"])),
-            "runtime_ms": float(np.median(times[runtime])), "speedup": speedup,
-            "speedup_spread": spread, "repeats": len(times["tvm"])}
+    h2h = time_systems(model, {"tvm": plan}, [runtime], spec, protocol, rounds)
+    v = h2h.verdict(runtime, "tvm")
+    return {"runtime": runtime, "tvm_ms": h2h.median_ms("tvm"), "runtime_ms": h2h.median_ms(runtime),
+            "speedup": v["paired_speedup"], "speedup_spread": v["paired_spread"], "repeats": v["repeats"]}
 
 
 def main() -> int:

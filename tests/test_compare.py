@@ -130,3 +130,29 @@ def test_experiment_confirm_rounds_must_be_off_or_two_plus(tmp_path, rounds):
                     f"repeat: 3\nmin_repeat_ms: 1\nconfirm_rounds: {rounds!r}\n".replace("'", '"'))
     with pytest.raises(ConfigError, match="confirm_rounds"):
         load_experiment(path)
+
+
+def test_time_systems_times_plans_and_runtimes_head_to_head(model_cache, monkeypatch):
+    """Plans and ORT in one process: every system gets rounds x repeat timings, round medians
+    for the verdict, and two labels of one plan share a build."""
+    from fusion_rl.compare import time_systems
+    from fusion_rl.compiler.target import parse_target
+    from fusion_rl.fusion.rules import make_plan
+
+    import fusion_rl.compiler.build as build
+
+    builds = []
+    real = build.compile_plan
+    monkeypatch.setattr(build, "compile_plan", lambda model, plan, *a, **k: builds.append(plan.hash) or real(model, plan, *a, **k))
+    model = model_cache("mlp_tiny")
+    tvm_plan = make_plan("tvm", model.mod, model.graph)
+    plans = {"tvm": tvm_plan, "again": tvm_plan, "unfused": make_plan("unfused", model.mod, model.graph)}
+    h2h = time_systems(model, plans, ["ort"], parse_target("host"), TimingProtocol(repeat=3, min_repeat_ms=1), 2)
+    assert list(h2h.pooled_ms) == ["tvm", "again", "unfused", "ort"]
+    assert sorted(builds) == sorted({p.hash for p in plans.values()})  # one build per distinct plan
+    assert all(len(ms) == 6 and min(ms) > 0 for ms in h2h.pooled_ms.values())
+    assert all(len(r) == 2 for r in h2h.round_medians.values())
+    assert h2h.num_kernels["tvm"] == h2h.num_kernels["again"] < h2h.num_kernels["unfused"]
+    assert "ort" not in h2h.num_kernels
+    v = h2h.verdict("unfused", "ort")
+    assert v["repeats"] == 6 and v["paired_speedup"] > 0

@@ -127,9 +127,12 @@ def test_demo_reports_each_model_and_prints_one_json_object(monkeypatch, tmp_pat
     seen_systems = []
 
     def fake_time_systems(model, plans, runtimes, spec, protocol, rounds):
+        from fusion_rl.compiler.paired import HeadToHead
+
         seen_systems.append(list(plans) + list(runtimes))
         names = list(plans) + list(runtimes)
-        return {n: [1.0 + i, 1.1 + i, 1.2 + i] for i, n in enumerate(names)}, {n: 3 for n in plans}
+        times = {n: [1.0 + i, 1.1 + i, 1.2 + i] for i, n in enumerate(names)}
+        return HeadToHead(1, {n: [t[1]] for n, t in times.items()}, times, {}, {n: 3 for n in plans})
 
     monkeypatch.setenv("FUSION_RL_CACHE", str(tmp_path))
     monkeypatch.setattr(demo, "time_systems", fake_time_systems)
