@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-
 from fusion_rl import paths
 from fusion_rl.compare import machine_description, time_systems
 from fusion_rl.compiler.target import parse_target
