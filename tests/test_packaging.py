@@ -86,8 +86,11 @@ def test_core_works_without_the_optional_extras():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[1:] == ["exit 2", "exit 2"], proc.stdout
-    errors = proc.stderr.strip().splitlines()
-    assert len(errors) == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    # The shipped policy trained on one host: on a machine whose measured rates differ, planning
+    # with it says so in one warning line (compiler/target/normalize.py). Nothing else may appear.
+    errors = [line for line in lines if not line.startswith("warning: plan: target host is outside")]
+    assert len(lines) - len(errors) <= 1 and len(errors) == 2, proc.stderr
     assert errors[0].startswith("error: fusion-rl train needs stable_baselines3")
     assert "pip install 'fusion_rl[train]'" in errors[0]
     assert errors[1].startswith("error: zoo model hf_bert needs transformers")
