@@ -93,6 +93,24 @@ def check_family_split(families: dict[str, str], train_models: Sequence[str], he
                               f"sees through {seen[families[name]]!r}")
 
 
+def check_target_split(train_targets: Sequence[str], heldout_targets: Sequence[str]) -> None:
+    """Refuse a held-out target that training saw: two names of one target (``host`` and
+    ``llvm:znver4:t2`` on a Zen 4 machine) compile the same code, so targets are compared by key.
+
+    Raises
+    ------
+    ConfigError
+        naming the first held-out target that is a training target (or not a target at all).
+    """
+    from fusion_rl.compiler.target import parse_target
+
+    seen = {parse_target(t).key: t for t in train_targets}
+    for name in heldout_targets:
+        key = parse_target(name).key
+        if key in seen:
+            raise ConfigError(f"heldout_targets: {name!r} is the training target {seen[key]!r} ({key})")
+
+
 def search_settings(search: dict[str, Any], budget: int, targets: Sequence[str]) -> SearchSettings:
     """The config's ``search`` section at the equal ``budget``, on the training ``targets``."""
     s = search

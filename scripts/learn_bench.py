@@ -45,7 +45,7 @@ from fusion_rl import transfer  # noqa: E402
 from fusion_rl.baselines.search import ALGORITHMS, run_search  # noqa: E402
 from fusion_rl.cli.common import run_script  # noqa: E402
 from fusion_rl.compare import machine_description  # noqa: E402
-from fusion_rl.compiler.kernel_table import TableObjective  # noqa: E402
+from fusion_rl.compiler.kernel_table import KernelTable, TableObjective  # noqa: E402
 from fusion_rl.compiler.measure import Measurer  # noqa: E402
 from fusion_rl.compiler.paired import head_to_head  # noqa: E402
 from fusion_rl.compiler.target import parse_target  # noqa: E402
@@ -53,6 +53,7 @@ from fusion_rl.compiler.timing import TimingProtocol  # noqa: E402
 from fusion_rl.errors import ConfigError  # noqa: E402
 from fusion_rl.env.spec import EnvSpec  # noqa: E402
 from fusion_rl.evaluate import decide_plan, geomean, load_policy, make_eval_env, training_stats  # noqa: E402
+from fusion_rl.fusion.plan import FusionPlan  # noqa: E402
 from fusion_rl.fusion.rules import make_plan  # noqa: E402
 from fusion_rl.io import read_yaml, write_atomic  # noqa: E402
 from fusion_rl.policy.training import load_config  # noqa: E402
@@ -88,8 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     # the table: a kernel timed once in one of this VM's slow regimes mis-rates the reference
     # that every reward and search divides by (seen: ResNet-18's tvm plan estimated at 10.9 ms,
     # 8.2 ms after a second pass, so behaviour cloning imitated `aggressive` there).
+    # Each training target's table is retimed on the training models; the evaluation target's on
+    # the held-out models too (its searches read them).
+    target = cfg.get("target", "host")
+    heldout_targets = list(cfg.get("heldout_targets") or [])
+    transfer.check_target_split(env_spec.targets, heldout_targets)
     if cfg.get("retime_rules", True):
-        retime_rule_kernels(train_cfg.env_spec, [*env_spec.models, *heldout], list(cfg["rules"]), cfg.get("target", "host"))
+        todo = {parse_target(t).key: (t, list(env_spec.models)) for t in env_spec.targets}
+        key = parse_target(target).key
+        todo[key] = (target, [*todo.get(key, (target, []))[1], *heldout])
+        retime_rule_kernels(train_cfg.env_spec, dict(todo.values()), list(cfg["rules"]))
 
     # 2. Runs (trained when missing).
     runs, commands = transfer.get_runs(cfg, train_config_path, REPO / cfg.get("runs_dir", "runs"), args.runs)
@@ -103,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
         training.append(stats)
     policies = [load_policy(r) for r in runs]
     env = make_eval_env(policies[0].config)
-    target = cfg.get("target", "host")
     spec = parse_target(target)
     rules = list(cfg["rules"])
     protocol = TimingProtocol(repeat=cfg.get("repeat", 5), min_repeat_ms=cfg.get("min_repeat_ms", 50))
@@ -120,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         finals = report.plot_curves(runs, cfg.get("window", 20), {m: est[m]["tvm"] / est[m][train_best] for m in est},
                                     out / "curves.png")
 
+        def header() -> str:
+            return (f"Machine: {machine_description(spec.num_threads)}; schedule `{measurer.provider.key}`; "
+                    f"target `{spec.key}`; head-to-head protocol `{protocol.key}`, {cfg.get('rounds', 3)} rounds. "
+                    f"Training families' best fixed rule by kernel-table estimate: `{train_best}`. Wall time of "
+                    f"this run (training of missing seeds included): {time.time() - t_start:.0f} s.")
+
         rows: list[dict] = []
         searches: list[dict] = []
         search_labels = [f"{algo}@{budget}" for algo, budget in search_runs]
@@ -127,12 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             model = env.model(name)
             print(f"[{time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)
             # 4. Plans: rules, each seed (no measurement), the search's best.
-            plans = {r: make_plan(r, model.mod, model.graph) for r in rules}
-            for policy in policies:
-                before = env.measurements_spent
-                plans[f"seed {policy.seed}"] = decide_plan(policy.model, env, name, target)
-                if env.measurements_spent != before:
-                    raise AssertionError(f"the policy of seed {policy.seed} measured while deciding {name}")
+            plans = {**{r: make_plan(r, model.mod, model.graph) for r in rules},
+                     **policy_plans(policies, env, name, target)}
             rule_plans = [plans[r] for r in rules]
             for (algo, budget), label in zip(search_runs, search_labels):
                 t0 = time.perf_counter()
@@ -145,45 +155,37 @@ def main(argv: list[str] | None = None) -> int:
                 if res.best_plan is not None:
                     plans[label] = res.best_plan
             # 5. Distinct plans head to head; every label's paired speedups over the references.
-            alias: dict[str, str] = {}
-            distinct = {}
-            for label, plan in plans.items():
-                same = next((k for k, q in distinct.items() if q.hash == plan.hash), None)
-                alias[label] = same or label
-                if same is None:
-                    distinct[label] = plan
-            h2h = head_to_head(measurer, model, distinct, cfg.get("rounds", 3))
             refs = [*rules, *(label for label in search_labels if label in plans)]
-            for label, plan in plans.items():
-                a = alias[label]
-                known = table.estimate_known(model, plan)
-                row = {"model": name, "label": label, "plan_hash": plan.hash, "same_as": a if a != label else None,
-                       "estimate_ms": known.latency_ms if known is not None else None}
-                if a in h2h.failures:
-                    row.update(latency_ms=None, status="failed", error=h2h.failures[a])
-                else:
-                    vs = {}
-                    for ref in refs:
-                        b = alias[ref]
-                        v = h2h.verdict(b, a) if b != a else {"paired_speedup": 1.0, "paired_spread": 0.0}
-                        vs[ref] = [v["paired_speedup"], v["paired_spread"]]
-                    row.update(status="ok", latency_ms=h2h.median_ms(a), spread_ms=h2h.iqr_ms(a),
-                               num_kernels=h2h.num_kernels.get(a), vs=vs)
-                rows.append(row)
+            rows += compare_plans(measurer, model, plans, refs, cfg.get("rounds", 3), table)
             # 6. Written after every model, so an interrupted run keeps what it measured.
             seeds = [pol.seed for pol in policies]
             summary = report.summarize(rows, rules, seeds, search_labels, goal_search)
-            header = (f"Machine: {machine_description(spec.num_threads)}; schedule `{measurer.provider.key}`; target `{spec.key}`; "
-                      f"head-to-head protocol `{protocol.key}`, {cfg.get('rounds', 3)} rounds. Training families' "
-                      f"best fixed rule by kernel-table estimate: `{train_best}`. Wall time of this run "
-                      f"(training of missing seeds included): {time.time() - t_start:.0f} s.")
             result = {"summary": summary, "rows": rows, "training": training, "searches": searches,
                       "finals": finals, "train_best_rule": train_best, "train_estimates_ms": est,
-                      "commands": commands, "header": header}
-            write_atomic(out / "results.json", json.dumps(result, indent=1), what="report")
-            cmds = [f"TVM_NUM_THREADS=2 python scripts/learn_bench.py {args.config}", *commands]
-            write_atomic(out / "results.md", report.render(cfg, summary, rows, training, searches, finals, header, cmds),
-                         what="report")
+                      "commands": commands, "header": header(), "heldout_targets": {}}
+            write_results(out, args.config, cfg, result)
+
+        # 7. The held-out targets: each seed's plan decided for that target (its own hardware
+        # vector) against the rules, head to head on that target. There is no kernel table there.
+        for name_t in heldout_targets:
+            t_spec = parse_target(name_t)
+            t_rows: list[dict] = []
+            t_measurer = Measurer(t_spec, env_spec.schedule, dict(env_spec.schedule_kwargs), store=None,
+                                  protocol=protocol, timeout_s=cfg.get("timeout_s", 900))
+            try:
+                for name in heldout:
+                    model = env.model(name)
+                    print(f"[{time.strftime('%H:%M:%S')}] {name} on {name_t}", file=sys.stderr, flush=True)
+                    plans = {**{r: make_plan(r, model.mod, model.graph) for r in rules},
+                             **policy_plans(policies, env, name, name_t)}
+                    t_rows += compare_plans(t_measurer, model, plans, rules, cfg.get("rounds", 3))
+                    result["heldout_targets"][name_t] = {
+                        "key": t_spec.key, "rows": t_rows,
+                        "summary": report.summarize(t_rows, rules, [pol.seed for pol in policies])}
+                    result["header"] = header()
+                    write_results(out, args.config, cfg, result)
+            finally:
+                t_measurer.close()
     finally:
         table.close()
         measurer.close()
@@ -192,23 +194,82 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def retime_rule_kernels(env_spec: str, models: list[str], rules: list[str], target: str) -> None:
-    """:meth:`KernelTable.retime` of every rule's plan on every model (each kernel once)."""
+def retime_rule_kernels(env_spec: str, models: dict[str, list[str]], rules: list[str]) -> None:
+    """:meth:`KernelTable.retime` of every rule's plan on every model, per target (``models``:
+    target -> its models), each kernel once per target. Kernels a table lacks are timed first,
+    so a new target's table gets two passes too."""
     from fusion_rl.env.fusion_env import FusionEnv
 
     env = FusionEnv(env_spec)
-    table = env.open_kernel_table(parse_target(target))
     try:
-        done: set[str] = set()
-        for name in models:
-            model = env.model(name)
-            t0 = time.perf_counter()
-            timed = sum(table.retime(model, make_plan(r, model.mod, model.graph), done) for r in rules)
-            print(f"[{time.strftime('%H:%M:%S')}] {name}: {timed} rule kernels timed again "
-                  f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+        for target, names in models.items():
+            table = env.open_kernel_table(parse_target(target))
+            try:
+                done: set[str] = set()
+                for name in names:
+                    model = env.model(name)
+                    t0 = time.perf_counter()
+                    new = sum(table.ensure(model, make_plan(r, model.mod, model.graph)) for r in rules)
+                    timed = sum(table.retime(model, make_plan(r, model.mod, model.graph), done) for r in rules)
+                    print(f"[{time.strftime('%H:%M:%S')}] {name} on {target}: {new} rule kernels timed, {timed} "
+                          f"timed again ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+            finally:
+                table.close()
     finally:
-        table.close()
         env.close()
+
+
+def policy_plans(policies: list, env, model: str, target: str) -> dict[str, FusionPlan]:
+    """Each seed's plan for ``model`` on ``target`` (label ``seed N``); asserts that deciding
+    measured nothing."""
+    plans = {}
+    for policy in policies:
+        before = env.measurements_spent
+        plans[f"seed {policy.seed}"] = decide_plan(policy.model, env, model, target)
+        if env.measurements_spent != before:
+            raise AssertionError(f"the policy of seed {policy.seed} measured while deciding {model}")
+    return plans
+
+
+def compare_plans(measurer: Measurer, model, plans: dict[str, FusionPlan], refs: list[str], rounds: int,
+                  table: KernelTable | None = None) -> list[dict]:
+    """The distinct plans of ``plans`` built, verified and timed head to head; one row per label
+    with its paired speedup over every label in ``refs`` (``vs``) and, given a ``table``, its
+    kernel-table estimate."""
+    alias: dict[str, str] = {}
+    distinct: dict[str, FusionPlan] = {}
+    for label, plan in plans.items():
+        same = next((k for k, q in distinct.items() if q.hash == plan.hash), None)
+        alias[label] = same or label
+        if same is None:
+            distinct[label] = plan
+    h2h = head_to_head(measurer, model, distinct, rounds)
+    rows = []
+    for label, plan in plans.items():
+        a = alias[label]
+        known = table.estimate_known(model, plan) if table is not None else None
+        row = {"model": model.name, "label": label, "plan_hash": plan.hash, "same_as": a if a != label else None,
+               "estimate_ms": known.latency_ms if known is not None else None}
+        if a in h2h.failures:
+            row.update(latency_ms=None, status="failed", error=h2h.failures[a])
+        else:
+            vs = {}
+            for ref in refs:
+                b = alias[ref]
+                v = h2h.verdict(b, a) if b != a else {"paired_speedup": 1.0, "paired_spread": 0.0}
+                vs[ref] = [v["paired_speedup"], v["paired_spread"]]
+            row.update(status="ok", latency_ms=h2h.median_ms(a), spread_ms=h2h.iqr_ms(a),
+                       num_kernels=h2h.num_kernels.get(a), vs=vs)
+        rows.append(row)
+    return rows
+
+
+def write_results(out: Path, config: Path, cfg: dict, result: dict) -> None:
+    """``results.json`` and ``results.md`` (written after every model, so an interrupted run
+    keeps what it measured)."""
+    write_atomic(out / "results.json", json.dumps(result, indent=1), what="report")
+    cmds = [f"TVM_NUM_THREADS=2 python scripts/learn_bench.py {config}", *result["commands"]]
+    write_atomic(out / "results.md", report.render(cfg, result, cmds), what="report")
 
 
 def parse_searches(search: dict | None) -> tuple[list[tuple[str, int]], str | None, int]:
@@ -237,13 +298,9 @@ def parse_searches(search: dict | None) -> tuple[list[tuple[str, int]], str | No
 def render_only(config: Path) -> int:
     """Rewrite results.md from the config and results.json (after editing a label, say)."""
     cfg = read_yaml(config, "learn-bench config")
-    out = config.parent
-    result = json.loads((out / "results.json").read_text())
-    header = result["header"]
-    cmds = [f"TVM_NUM_THREADS=2 python scripts/learn_bench.py {config}", *result["commands"]]
-    write_atomic(out / "results.md", report.render(cfg, result["summary"], result["rows"], result["training"],
-                                                   result["searches"], result["finals"], header, cmds), what="report")
-    print((out / "results.md").read_text())
+    result = json.loads((config.parent / "results.json").read_text())
+    write_results(config.parent, config, cfg, result)
+    print((config.parent / "results.md").read_text())
     return 0
 
 

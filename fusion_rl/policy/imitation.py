@@ -166,7 +166,7 @@ def behaviour_clone(model: Any, steps: DemonstrationSteps, epochs: int = 20, lea
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         losses.append(total / n)
     policy.set_training_mode(False)
     return losses

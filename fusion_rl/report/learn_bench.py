@@ -124,16 +124,42 @@ def plot_curves(runs: Sequence[Path], window: int, rule_speedup: dict[str, float
     return finals
 
 
+def _heldout_target(name: str, held: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """The section of one held-out target: headline against ``tvm`` and per-model rows."""
+    summary = held["summary"]
+    x = summary["vs_tvm"]
+    met = "—" if x is None else ("yes" if x["mean"] >= 1.05 and x["low"] > 1.0 else "no")
+    lines = ["", f"## Held-out target `{name}` (`{held['key']}`)", "",
+             "A target no training episode ran on; each seed decides with this target's hardware vector. "
+             f"Same protocol ({cfg['rounds']} interleaved rounds x {cfg['repeat']} repeats, paired speedups); "
+             f"best fixed rule on these timings: `{summary['best_rule']}`.", "",
+             "| policy vs | geomean speedup [95% CI] | goal | met |", "|---|---|---|---|",
+             f"| `tvm` rules | {_interval(x)} | ≥ 1.05, CI above 1 | {met} |",
+             f"| best fixed rule (`{summary['best_rule']}`) | {_interval(summary['vs_best_rule'])} | | |", "",
+             "| seed | vs tvm | vs best rule | plans equal to a rule on every held-out model |", "|---|---|---|---|"]
+    for s in summary["per_seed"]:
+        lines.append(f"| {s['seed']} | {fmt(s['vs_tvm'], '.3f')} | {fmt(s['vs_best_rule'], '.3f')} | "
+                     f"{s['collapsed_to'] or 'no'} |")
+    lines += ["", "| model | plan | ms (IQR) | kernels | vs tvm |", "|---|---|---|---|---|"]
+    for r in held["rows"]:
+        v = r.get("vs", {}).get("tvm")
+        ms = "failed" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f} ({r['spread_ms']:.2f})"
+        lines.append(f"| {r['model']} | {r['label']} | {ms} | {r.get('num_kernels') or '—'} | "
+                     f"{'—' if not v else f'{v[0]:.3f} ({v[1]:.3f})'} |")
+    return lines
+
+
 def _interval(x: dict[str, float] | None) -> str:
     if x is None:
         return "—"
     return f"{x['mean']:.3f} [{fmt(x['low'], '.3f')}, {fmt(x['high'], '.3f')}]"
 
 
-def render(cfg: dict[str, Any], summary: dict[str, Any], rows: Sequence[dict[str, Any]],
-           training: Sequence[dict[str, Any]], searches: Sequence[dict[str, Any]], finals: Sequence[dict[str, Any]],
-           header: str, commands: Sequence[str]) -> str:
-    """The report's markdown: headline against the goals, per-model table, training, search."""
+def render(cfg: dict[str, Any], result: dict[str, Any], commands: Sequence[str]) -> str:
+    """The report's markdown from ``results.json``'s ``result``: headline against the goals,
+    per-model table, held-out targets, training, search."""
+    summary, rows, header = result["summary"], result["rows"], result["header"]
+    training, searches, finals = result["training"], result["searches"], result["finals"]
     best = summary["best_rule"]
     other_best = best != "tvm"  # its own column only when it is not tvm's
     search = summary["search"]
@@ -182,6 +208,8 @@ def render(cfg: dict[str, Any], summary: dict[str, Any], rows: Sequence[dict[str
         ms = "failed" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f} ({r['spread_ms']:.2f})"
         lines.append(f"| {r['model']} | {r['label']} | {ms} | {r.get('num_kernels') or '—'} | {vs('tvm')} | "
                      + (f"{vs(best)} | " if other_best else "") + f"{fmt(r.get('estimate_ms'), '.2f')} |")
+    for name, held in (result.get("heldout_targets") or {}).items():
+        lines += _heldout_target(name, held, cfg)
     lines += ["", "## Training", "", "![learning curves](curves.png)", "",
               "| seed | env steps | episodes | kernels timed (training) | warm start imitated | wall s | "
               "final rolling est. vs tvm | vs best rule |", "|---|---|---|---|---|---|---|---|"]

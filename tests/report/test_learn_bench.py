@@ -12,7 +12,7 @@ import yaml
 from conftest import load_script
 from fusion_rl.errors import ConfigError
 from fusion_rl.report.learn_bench import best_fixed_rule, summarize
-from fusion_rl.transfer import check_family_split
+from fusion_rl.transfer import check_family_split, check_target_split
 
 
 def _row(model, label, hash_, vs_tvm, **vs):
@@ -30,6 +30,16 @@ def test_split_refuses_a_heldout_family_seen_in_training():
         check_family_split(families, ["a"], ["e"])
     with pytest.raises(ConfigError, match="also a training model"):
         check_family_split(families, ["a"], ["a"])
+
+
+@pytest.mark.unit
+def test_split_refuses_a_heldout_target_seen_in_training():
+    check_target_split(["x86-64-t1", "haswell-t2"], ["haswell-t1"])
+    # Two names of one target compile the same code: compared by key, not by name.
+    with pytest.raises(ConfigError, match="'llvm:haswell:t2' is the training target 'haswell-t2'"):
+        check_target_split(["x86-64-t1", "haswell-t2"], ["haswell-t1", "llvm:haswell:t2"])
+    with pytest.raises(ConfigError, match="unknown target|not a known"):
+        check_target_split(["x86-64-t1"], ["no-such-target"])
 
 
 @pytest.mark.unit
@@ -67,6 +77,7 @@ def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path):
         "train_config": str(tmp_path / "train.yaml"), "seeds": [0], "runs_dir": str(tmp_path / "runs"),
         "families": {"mlp_tiny": "mlp", "cnn_plain": "cnn"}, "heldout_models": ["cnn_plain"],
         "rules": ["tvm", "aggressive"], "search": {"runs": {"annealing": [4], "greedy": [3]}, "goal": "annealing@4", "seed": 0},
+        "heldout_targets": ["x86-64-t1"],
         "rounds": 2, "repeat": 2, "min_repeat_ms": 1, "timeout_s": 300, "window": 2}))
     assert load_script("learn_bench").main([str(config)]) == 0
     result = json.loads((tmp_path / "results.json").read_text())
@@ -82,8 +93,15 @@ def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path):
     run = result["training"][0]
     assert run["episodes"] > 0 and run["imitated"] in {"tvm", "aggressive"}
     assert result["summary"]["per_seed"][0]["seed"] == 0 and result["summary"]["best_rule"] in {"tvm", "aggressive"}
+    # The held-out target: the rules and the seed's plan decided for it, timed there head to head.
+    held = result["heldout_targets"]["x86-64-t1"]
+    assert held["key"] == "llvm-x86-64-t1"
+    assert {r["label"] for r in held["rows"]} == {"tvm", "aggressive", "seed 0"}
+    assert all(r["status"] == "ok" and r["estimate_ms"] is None for r in held["rows"])
+    assert held["summary"]["per_seed"][0]["vs_tvm"] > 0
     text = (tmp_path / "results.md").read_text()
     assert text.startswith("# Learned fusion on held-out bench families") and "cnn_plain (cnn)" in text
+    assert "## Held-out target `x86-64-t1` (`llvm-x86-64-t1`)" in text
     assert (tmp_path / "curves.png").stat().st_size > 0
     # The report is regenerated from the results file alone.
     (tmp_path / "results.md").write_text("stale")
