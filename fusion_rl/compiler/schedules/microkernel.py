@@ -156,7 +156,7 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
     # kernel's start).
     lead_ext = 1
     for lp in order[:lead]:
-        lead_ext *= _loop_extent(sch, lp) or 1
+        lead_ext *= loop_extent(sch, lp) or 1
     split = lead_ext >= 8 and lead < len(order) and (pack is not None or bool(packs))
     if split:
         fused = sch.fuse(*order[:lead]) if lead > 1 else order[0]
@@ -168,7 +168,7 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
         acc_loop = pin[0] if pin else fused
     tile_loop = fused
     per_panel = split and not packs
-    if work >= min_work and (_loop_extent(sch, fused) or 2) > 1:
+    if work >= min_work and (loop_extent(sch, fused) or 2) > 1:
         sch.parallel(fused)
     if r_in is not None:
         sch.unroll(r_in)
@@ -179,7 +179,7 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
     wb_loops = sch.get_loops(out_block)
     if wb_loops:
         inner_wb = wb_loops[-1]
-        ext = _loop_extent(sch, inner_wb)
+        ext = loop_extent(sch, inner_wb)
         if ext and ext % 4 == 0 and ext <= 4 * lanes * 4 and not inner_wb.same_as(acc_loop):
             vectorize_by_registers(sch, inner_wb, lanes)
     done.add(sch.get(out_block).name_hint)
@@ -202,7 +202,7 @@ def vectorize_by_registers(sch: s_tir.Schedule, loop: LoopRV, lanes: int) -> Non
     on ViT, wrong (inf in every output). Split per register
     (or per the largest power of two >= 4 dividing the extent), every width is plain vectors.
     """
-    ext = _loop_extent(sch, loop)
+    ext = loop_extent(sch, loop)
     if ext and ext > lanes:
         factor = lanes
         while factor > 4 and ext % factor:
@@ -248,7 +248,7 @@ def _join_tile(sch: s_tir.Schedule, out_block: SBlockRV, acc_loop: LoopRV, lanes
         except ScheduleError:
             break
         loops = sch.get_loops(nxt)
-        ext = _loop_extent(sch, loops[-1]) if loops else None
+        ext = loop_extent(sch, loops[-1]) if loops else None
         if ext and ext % lanes == 0 and ext <= 4 * lanes and not loops[-1].same_as(acc_loop):
             vectorize_by_registers(sch, loops[-1], lanes)
         names.add(sch.get(nxt).name_hint)
@@ -281,7 +281,7 @@ def _constant_operand_axis(sch: s_tir.Schedule, stmt: tirx.SBlock, lanes: int) -
 def _panel_block(sch: s_tir.Schedule, v_out: LoopRV, stmt: tirx.SBlock, vec: int) -> int:
     """Panels per L2 block: the largest divisor of the panel count whose panels fit in
     :data:`PANEL_BLOCK_BYTES`."""
-    panels = _loop_extent(sch, v_out) or 1
+    panels = loop_extent(sch, v_out) or 1
     depth = 1
     for iv in stmt.iter_vars:
         if iv.iter_type == REDUCE:
@@ -342,7 +342,7 @@ def _index_map(fn, stmt: tirx.SBlock) -> tirx.IndexMap:
     return tirx.IndexMap.from_func(fn, ndim=len(stmt.iter_vars), index_dtype="int64")
 
 
-def _loop_extent(sch: s_tir.Schedule, loop: LoopRV) -> int | None:
+def loop_extent(sch: s_tir.Schedule, loop: LoopRV) -> int | None:
     ext = sch.get(loop).extent
     return int(ext) if isinstance(ext, tirx.IntImm) else None
 
@@ -409,23 +409,27 @@ def _place_pack(sch: s_tir.Schedule, pack: SBlockRV, at: LoopRV | None, lanes: i
     loops = sch.get_loops(pack)
     if loops:
         inner = loops[-1]
-        ext = _loop_extent(sch, inner)
+        ext = loop_extent(sch, inner)
         if ext and ext % 4 == 0 and ext <= 256:
             try:
                 vectorize_by_registers(sch, inner, lanes)
             except ScheduleError:
                 pass
-        if at is None and len(loops) > 1 and (_loop_extent(sch, loops[0]) or 1) > 1:
+        if at is None and len(loops) > 1 and (loop_extent(sch, loops[0]) or 1) > 1:
             sch.parallel(loops[0])
     return sch.get(pack).name_hint
 
 
 def schedule_depthwise(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock, lay: Layout,
-                       lanes: int, min_work: int) -> set[str]:
+                       lanes: int, min_work: int, channels_inner: bool = False) -> set[str]:
     """Depthwise convolution, channels-last inside the kernel (ORT's MLAS does the same with
     NCHWc): per block of ``lanes`` channels, the padded input is copied to ``[h, w, c]`` and the
     filter to ``[kh, kw, c]``; each (kh, kw) step is then one vector load of input per output
-    vector and one filter vector shared by ``rows`` outputs, whatever the stride."""
+    vector and one filter vector shared by ``rows`` outputs, whatever the stride.
+
+    The copy runs along the input's rows (vector reads, scattered writes), or with
+    ``channels_inner`` along the channels (for an input that is channels-last already:
+    :mod:`.chain` computes it so)."""
     names = [iv.var.name for iv in stmt.iter_vars]
     kinds = [iv.iter_type for iv in stmt.iter_vars]
     out = stmt.writes[0].source
@@ -470,18 +474,25 @@ def schedule_depthwise(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock,
     work = 1
     for iv in stmt.iter_vars:
         work *= extent_of(iv) or min_work
-    if work >= min_work and (_loop_extent(sch, head) or 2) > 1:
+    if work >= min_work and (loop_extent(sch, head) or 2) > 1:
         sch.parallel(head)
     if r_in is not None:
         sch.unroll(r_in)
     for lp in reduce:
-        if (_loop_extent(sch, lp) or 99) <= 7:
+        if (loop_extent(sch, lp) or 99) <= 7:
             sch.unroll(lp)
     sch.vectorize(v_in)
     sch.reverse_compute_at(out_block, acc_loop, preserve_unit_loops=False)
     done = {stmt.name_hint, sch.get(out_block).name_hint}
     sch.compute_at(x_pack, head, preserve_unit_loops=False)
-    _vectorize_inner(sch, x_pack, lanes)
+    if channels_inner:
+        copy = [lp for lp in sch.get_loops(x_pack)[1:] if (loop_extent(sch, lp) or 0) > 1]
+        if not copy or loop_extent(sch, copy[0]) != lanes:
+            raise Unschedulable("the depthwise copy's loops do not start with its channel block")
+        sch.reorder(*copy[1:], copy[0])
+        sch.vectorize(copy[0])
+    else:
+        _vectorize_inner(sch, x_pack, lanes)
     sch.compute_at(w_pack, head, preserve_unit_loops=False)
     _vectorize_inner(sch, w_pack, lanes)
     done |= {sch.get(x_pack).name_hint, sch.get(w_pack).name_hint}
@@ -493,7 +504,7 @@ def schedule_depthwise(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock,
 
 def _vectorize_inner(sch: s_tir.Schedule, block: SBlockRV, lanes: int) -> None:
     loops = sch.get_loops(block)
-    ext = _loop_extent(sch, loops[-1]) if loops else None
+    ext = loop_extent(sch, loops[-1]) if loops else None
     if ext and ext % 4 == 0 and ext <= 256:
         try:
             vectorize_by_registers(sch, loops[-1], lanes)

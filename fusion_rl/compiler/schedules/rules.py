@@ -22,6 +22,9 @@ change nothing measurable. This provider applies a handful of fixed rules to eve
    vector lane (``rfactor``, the lanes vectorized); where that does not fit (ragged rows),
    dlight's ``cpu.Reduction``, which keeps each reduction one scalar chain. Neither is used on
    kernels with an anchor (it makes them slower).
+   A kernel with two or more anchors has each scheduled on its own, except a pointwise
+   convolution feeding a depthwise one: that pair shares the depthwise channel blocks
+   (:mod:`.chain`).
 4. *Everything else* left at the root gets its outer loops fused and parallelized and its
    innermost spatial loop vectorized.
 
@@ -39,7 +42,7 @@ import tvm_ffi
 from tvm import s_tir, tirx
 from tvm.s_tir.schedule import LoopRV, SBlockRV, ScheduleError
 
-from . import microkernel, prepack
+from . import chain, microkernel, prepack
 from .anchor_layout import extent_of
 from .base import SCHEDULE_ATTR, ScheduleProvider
 
@@ -93,10 +96,12 @@ class RulesSchedule(ScheduleProvider):
         # v9: depthwise convolutions vectorize 8 lanes under AVX-512 too; v10: register tiles
         # leave room for the panel vectors and the broadcast (AVX-512's 7 x 4 tile spilled);
         # v11: a reduction kernel whose output rows are not the statistics' rows (a layer_norm
-        # fused with a transpose) runs each block over its own domain, not per output row.
+        # fused with a transpose) runs each block over its own domain, not per output row;
+        # v12: a pointwise conv fused with the depthwise conv it feeds is computed in the
+        # depthwise channel blocks (chain.py), not anchor by anchor.
         # Records of older schedules must not be served for the new one, so the version is
         # part of every measurement's key.
-        return "rules:v11"
+        return "rules:v12"
 
     def schedule(self, mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         ctx = _make_ctx(target)
@@ -123,6 +128,16 @@ def _make_ctx(target: tvm.target.Target) -> _Ctx:
     return _Ctx(target, bits, 32 if bits == 512 else 16)
 
 
+def _has_chain(func: tirx.PrimFunc) -> bool:
+    """Whether ``func`` is a pair that :mod:`.chain` schedules with one shared tile."""
+    try:
+        sch = s_tir.Schedule(func)
+        _inline_injective(sch)
+        return chain.match(sch, [b for b in _root_blocks(sch) if _is_mac(sch, b)]) is not None
+    except Exception:  # noqa: BLE001 - a kernel the analysis cannot read is simply not a pair
+        return False
+
+
 def _is_scheduled(func: tirx.PrimFunc) -> bool:
     return func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False))
 
@@ -143,7 +158,9 @@ def schedule_prim_func(func: tirx.PrimFunc, ctx: _Ctx, name: str = "") -> tirx.P
             reasons.append(f"{rule} at {rule_ctx.vector_bits} bits: {first_line(err)}")
             return None
 
-    chosen = attempt("microkernel", ctx)
+    chosen = attempt("chain", ctx) if _has_chain(func) else None
+    if chosen is None:
+        chosen = attempt("microkernel", ctx)
     if ctx.vector_bits > 256 and (chosen is None or not chosen[3]):
         # Extents that are multiples of 8 but not of 16 (RegNetX's 152 channels, MobileNet's
         # 24) have no 16-lane axis to pack against: at 16 lanes the anchor either fails or
@@ -174,6 +191,15 @@ def _schedule_with(func: tirx.PrimFunc, ctx: _Ctx,
     sch = s_tir.Schedule(func)
     _inline_injective(sch)
     anchors = [b for b in _root_blocks(sch) if _is_mac(sch, b)]
+    if rule == "chain":
+        pair = chain.match(sch, anchors)
+        if pair is None:
+            raise ValueError("not a pointwise -> depthwise pair")
+        done = chain.schedule_pair(sch, *pair, ctx.registers, _MIN_PARALLEL_MACS)
+        for block in _root_blocks(sch):
+            if sch.get(block).name_hint not in done:
+                _parallel_vectorize(sch, block, ctx)
+        return sch, "chain", {}, True
     if not anchors:
         reduced = _try_dlight_reduction(sch, ctx)
         if reduced is not None:
