@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     train_cfg = load_config(train_config_path)
     env_spec = EnvSpec.resolve(train_cfg.env_spec)
     heldout = list(cfg["heldout_models"])
+    if not heldout:
+        raise ConfigError("heldout_models: list at least one model to evaluate on")
     transfer.check_family_split(cfg["families"], env_spec.models, heldout)
     search_runs, goal_search, search_seed = parse_searches(cfg.get("search"))
     out = args.config.parent
@@ -233,33 +235,21 @@ def policy_plans(policies: list, env, model: str, target: str) -> dict[str, Fusi
 
 def compare_plans(measurer: Measurer, model, plans: dict[str, FusionPlan], refs: list[str], rounds: int,
                   table: KernelTable | None = None) -> list[dict]:
-    """The distinct plans of ``plans`` built, verified and timed head to head; one row per label
-    with its paired speedup over every label in ``refs`` (``vs``) and, given a ``table``, its
-    kernel-table estimate."""
-    alias: dict[str, str] = {}
-    distinct: dict[str, FusionPlan] = {}
-    for label, plan in plans.items():
-        same = next((k for k, q in distinct.items() if q.hash == plan.hash), None)
-        alias[label] = same or label
-        if same is None:
-            distinct[label] = plan
-    h2h = head_to_head(measurer, model, distinct, rounds)
+    """``plans`` built, verified and timed head to head; one row per label with its paired
+    speedup over every label in ``refs`` (``vs``) and, given a ``table``, its kernel-table
+    estimate."""
+    h2h = head_to_head(measurer, model, plans, rounds)
     rows = []
     for label, plan in plans.items():
-        a = alias[label]
         known = table.estimate_known(model, plan) if table is not None else None
-        row = {"model": model.name, "label": label, "plan_hash": plan.hash, "same_as": a if a != label else None,
+        row = {"model": model.name, "label": label, "plan_hash": plan.hash, "same_as": h2h.same_as.get(label),
                "estimate_ms": known.latency_ms if known is not None else None}
-        if a in h2h.failures:
-            row.update(latency_ms=None, status="failed", error=h2h.failures[a])
+        if label in h2h.failures:
+            row.update(latency_ms=None, status="failed", error=h2h.failures[label])
         else:
-            vs = {}
-            for ref in refs:
-                b = alias[ref]
-                v = h2h.verdict(b, a) if b != a else {"paired_speedup": 1.0, "paired_spread": 0.0}
-                vs[ref] = [v["paired_speedup"], v["paired_spread"]]
-            row.update(status="ok", latency_ms=h2h.median_ms(a), spread_ms=h2h.iqr_ms(a),
-                       num_kernels=h2h.num_kernels.get(a), vs=vs)
+            vs = {ref: [(v := h2h.verdict(ref, label))["paired_speedup"], v["paired_spread"]] for ref in refs}
+            row.update(status="ok", latency_ms=h2h.median_ms(label), spread_ms=h2h.iqr_ms(label),
+                       num_kernels=h2h.num_kernels.get(label), vs=vs)
         rows.append(row)
     return rows
 

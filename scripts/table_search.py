@@ -84,30 +84,25 @@ def main(argv: list[str] | None = None) -> int:
                           f"{res.measurements_spent} kernels timed, {row['wall_s']:.0f} s", file=sys.stderr, flush=True)
                     if budget == cfg["retime_budget"] and res.best_plan is not None:
                         best[f"{algo}@{budget}"] = res.best_plan
-            # 3. Head to head against tvm rules (distinct plans once).
+            # 3. Head to head against tvm rules (head_to_head times a plan two labels share once).
             tvm_plan = make_plan("tvm", model.mod, model.graph)
-            plans = {"tvm": tvm_plan}
-            for label, plan in best.items():
-                if plan.hash not in {p.hash for p in plans.values()}:
-                    plans[label] = plan
+            plans = {"tvm": tvm_plan, **best}
             t0 = time.perf_counter()
             h2h = head_to_head(measurer, model, plans, cfg.get("rounds", 3))
             retime_s = time.perf_counter() - t0
             est_tvm = table.estimate(model, tvm_plan).latency_ms
-            for label, plan in {"tvm": tvm_plan, **best}.items():
-                same = next(k for k, p in plans.items() if p.hash == plan.hash)
+            for label, plan in plans.items():
                 row = {"model": name, "algo": "retime", "label": label, "plan_hash": plan.hash,
                        "estimate_ms": est_tvm if label == "tvm" else None, "retime_s": retime_s}
-                if same in h2h.failures:
-                    row.update(status="failed", error=h2h.failures[same])
+                if label in h2h.failures:
+                    row.update(status="failed", error=h2h.failures[label])
                 else:
-                    v = h2h.verdict("tvm", same) if same != "tvm" else None
-                    row.update(status="ok", latency_ms=h2h.median_ms(same), spread_ms=h2h.iqr_ms(same),
-                               num_kernels=h2h.num_kernels.get(same),
-                               speedup_vs_tvm=v["paired_speedup"] if v else 1.0,
-                               speedup_spread=v["paired_spread"] if v else 0.0)
+                    v = h2h.verdict("tvm", label)
+                    row.update(status="ok", latency_ms=h2h.median_ms(label), spread_ms=h2h.iqr_ms(label),
+                               num_kernels=h2h.num_kernels.get(label), speedup_vs_tvm=v["paired_speedup"],
+                               speedup_spread=v["paired_spread"])
                 rows.append(row)
-            print(f"{name}: re-timed {len(plans)} plans in {retime_s:.0f} s", file=sys.stderr, flush=True)
+            print(f"{name}: re-timed {len(h2h.pooled_ms) - len(h2h.same_as)} plans in {retime_s:.0f} s", file=sys.stderr, flush=True)
             # 4. Written after every model, so an interrupted run keeps what it measured.
             write_atomic(results, json.dumps({"launch_ms": launch_ms, "rows": rows}, indent=1), what="report")
             write_atomic(out / "results.md", report.render(cfg, rows, spec, schedule, protocol, kprotocol,

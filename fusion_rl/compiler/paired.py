@@ -45,6 +45,9 @@ class HeadToHead:
     pooled_ms: dict[str, list[float]] = field(default_factory=dict)  #: label -> every repeat
     failures: dict[str, str] = field(default_factory=dict)  #: label -> status of a failed round
     num_kernels: dict[str, int] = field(default_factory=dict)  #: label -> kernels its build launches
+    #: label -> the label whose plan it repeats (same plan hash): built and timed once, its
+    #: series shared, so their paired speedup is exactly 1
+    same_as: dict[str, str] = field(default_factory=dict)
 
     def median_ms(self, label: str) -> float:
         return float(np.median(self.pooled_ms[label]))
@@ -76,8 +79,9 @@ def head_to_head(measurer: Measurer, model: Model, plans: Mapping[str, FusionPla
                  rounds: int,
                  progress: Callable[[int, int | None, str], None] | None = None) -> HeadToHead:
     """``rounds`` x :meth:`Measurer.time_together` of ``plans`` (fresh builds each round, plan order
-    flipping between rounds); never served from a store. ``progress(done, rounds, label)``, if
-    given, is called after each round.
+    flipping between rounds); never served from a store. Labels with the same plan are built and
+    timed once (:attr:`HeadToHead.same_as`). ``progress(done, rounds, label)``, if given, is
+    called after each round.
 
     Raises
     ------
@@ -89,12 +93,16 @@ def head_to_head(measurer: Measurer, model: Model, plans: Mapping[str, FusionPla
         raise ConfigError("head_to_head needs a Measurer without a store (store=None)")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 2:
         raise ConfigError(f"rounds must be an int >= 2, got {rounds!r}")
-    out = HeadToHead(rounds, {k: [] for k in plans}, {k: [] for k in plans})
+    first: dict[str, str] = {}
+    same_as = {k: first.setdefault(plan.hash, k) for k, plan in plans.items()}
+    distinct = [k for k in plans if same_as[k] == k]
+    out = HeadToHead(rounds, {k: [] for k in distinct}, {k: [] for k in distinct},
+                     same_as={k: a for k, a in same_as.items() if a != k})
     for r in range(rounds):
-        labels = list(plans) if r % 2 == 0 else list(reversed(plans))
+        labels = distinct if r % 2 == 0 else distinct[::-1]
         result = measurer.time_together(model, [plans[k] for k in labels])
         if result["status"] != "ok":
-            out.failures = {k: f"{result['status']}: {result.get('error') or ''}".strip() for k in labels}
+            out.failures = {k: f"{result['status']}: {result.get('error') or ''}".strip() for k in plans}
             return out
         for label, times in zip(labels, result["times_ms"]):
             out.round_medians[label].append(float(np.median(times)))
@@ -102,6 +110,10 @@ def head_to_head(measurer: Measurer, model: Model, plans: Mapping[str, FusionPla
         out.num_kernels.update(zip(labels, result.get("num_kernels", [])))
         if progress is not None:
             progress(r + 1, rounds, f"round {r + 1}")
+    for label, a in out.same_as.items():
+        out.round_medians[label], out.pooled_ms[label] = out.round_medians[a], out.pooled_ms[a]
+        if a in out.num_kernels:
+            out.num_kernels[label] = out.num_kernels[a]
     return out
 
 

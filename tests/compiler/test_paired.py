@@ -8,6 +8,18 @@ from fusion_rl.compiler.paired import head_to_head
 from fusion_rl.errors import ConfigError
 
 
+class _Plan(str):
+    """A plan stand-in: its name is its hash (two labels with one name are one plan)."""
+
+    @property
+    def hash(self) -> str:
+        return str(self)
+
+
+def _plans(**labels: str) -> dict[str, _Plan]:
+    return {k: _Plan(v) for k, v in labels.items()}
+
+
 class _ScriptedMeasurer:
     """``time_together`` returns base latency x the machine's regime, which changes every repeat."""
 
@@ -28,7 +40,7 @@ class _ScriptedMeasurer:
 
 def test_rounds_flip_the_plan_order_and_pool_repeats() -> None:
     m = _ScriptedMeasurer({"a": 1.0, "b": 2.0}, [1.0])
-    cmp = head_to_head(m, None, {"a": "a", "b": "b"}, rounds=3)
+    cmp = head_to_head(m, None, _plans(a="a", b="b"), rounds=3)
     assert m.calls == [["a", "b"], ["b", "a"], ["a", "b"]]
     assert cmp.round_medians == {"a": [1.0] * 3, "b": [2.0] * 3}
     assert len(cmp.pooled_ms["a"]) == 12 and cmp.speedups("b", "a") == [2.0] * 12
@@ -37,29 +49,38 @@ def test_rounds_flip_the_plan_order_and_pool_repeats() -> None:
 def test_paired_reading_cancels_a_shared_regime_unpaired_does_not() -> None:
     # Repeats alternate between a fast machine and a 1.7x slower one; the plan effect is 10 %.
     m = _ScriptedMeasurer({"unfused": 1.1, "fused": 1.0}, [1.0, 1.7])
-    v = head_to_head(m, None, {"unfused": "unfused", "fused": "fused"}, rounds=3).verdict("unfused", "fused")
+    v = head_to_head(m, None, _plans(unfused="unfused", fused="fused"), rounds=3).verdict("unfused", "fused")
     assert not v["unpaired"]  # the regime's spread swamps the 10 % gap
     assert v["paired"] and v["paired_speedup"] == pytest.approx(1.1) and v["paired_spread"] == pytest.approx(0.0)
     assert v["repeats_won"] == v["repeats"] == 12 and v["rounds_won"] == 3
 
 
 def test_a_real_effect_passes_both_and_no_effect_passes_neither() -> None:
-    big = head_to_head(_ScriptedMeasurer({"u": 3.0, "f": 1.0}, [1.0, 1.1]), None, {"u": "u", "f": "f"}, 2)
+    big = head_to_head(_ScriptedMeasurer({"u": 3.0, "f": 1.0}, [1.0, 1.1]), None, _plans(u="u", f="f"), 2)
     assert big.verdict("u", "f")["unpaired"] and big.verdict("u", "f")["paired"]
-    same = head_to_head(_ScriptedMeasurer({"u": 1.0, "f": 1.0}, [1.0, 1.3]), None, {"u": "u", "f": "f"}, 2)
+    same = head_to_head(_ScriptedMeasurer({"u": 1.0, "f": 1.0}, [1.0, 1.3]), None, _plans(u="u", f="f"), 2)
     assert not same.verdict("u", "f")["unpaired"] and not same.verdict("u", "f")["paired"]
+
+
+def test_labels_of_one_plan_are_timed_once_and_share_its_series() -> None:
+    m = _ScriptedMeasurer({"a": 1.0, "b": 2.0}, [1.0, 1.5])
+    cmp = head_to_head(m, None, _plans(tvm="a", tensorrt="a", other="b"), rounds=2)
+    assert m.calls == [["a", "b"], ["b", "a"]]  # "a" built and timed once per round
+    assert cmp.same_as == {"tensorrt": "tvm"} and cmp.pooled_ms["tensorrt"] == cmp.pooled_ms["tvm"]
+    assert cmp.verdict("tvm", "tensorrt")["paired_speedup"] == 1.0
+    assert cmp.verdict("other", "tensorrt")["paired_speedup"] == pytest.approx(2.0)
 
 
 def test_a_failed_round_stops_and_is_reported() -> None:
     m = _ScriptedMeasurer({"a": 1.0, "b": 1.0}, [1.0], fail=True)
-    cmp = head_to_head(m, None, {"a": "a", "b": "b"}, rounds=3)
+    cmp = head_to_head(m, None, _plans(a="a", b="b"), rounds=3)
     assert len(m.calls) == 1 and set(cmp.failures) == {"a", "b"} and "wrong_output" in cmp.failures["a"]
 
 
 def test_bad_arguments() -> None:
     m = _ScriptedMeasurer({"a": 1.0}, [1.0])
     with pytest.raises(ConfigError, match="rounds"):
-        head_to_head(m, None, {"a": "a"}, rounds=1)
+        head_to_head(m, None, _plans(a="a"), rounds=1)
     m.store = object()
     with pytest.raises(ConfigError, match="without a store"):
-        head_to_head(m, None, {"a": "a"}, rounds=3)
+        head_to_head(m, None, _plans(a="a"), rounds=3)

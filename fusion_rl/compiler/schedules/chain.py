@@ -107,10 +107,11 @@ def schedule_pair(sch: s_tir.Schedule, pw: SBlockRV, dw: SBlockRV, registers: in
     sch.unroll(c_in)
     sch.vectorize(channel)
     # Weights [c, k, 1, 1] -> [c // lanes, k, 1, 1, c % lanes]: one vector load per (k, tile).
+    # The weight is the operand that no pixel (the output's h and w iterators) indexes.
     out = stmt.writes[0].source
-    row_var = {iv.var.name for iv in stmt.iter_vars if iv.iter_type == DATA_PAR and extent_of(iv) == width}
+    pixel = {iv.var.name for iv in [iv for iv in stmt.iter_vars if iv.iter_type == DATA_PAR][2:]}
     w_idx = next(i for i, r in enumerate(stmt.reads) if not r.source.same_as(out)
-                 and not set().union(*(vars_of(rng.min) for rng in r.region)) & row_var)
+                 and not set().union(*(vars_of(rng.min) for rng in r.region)) & pixel)
     w_pack = sch.cache_read(pw, w_idx, "global")
     sch.transform_layout(w_pack, ("write", 0), lambda o, i, a, b: [o // lanes, i, a, b, o % lanes])
     sch.compute_at(w_pack, head, preserve_unit_loops=False)
