@@ -140,7 +140,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_plan_source(p: argparse.ArgumentParser, required: bool = True) -> None:
     src = p.add_mutually_exclusive_group(required=required)
     src.add_argument("--rules", metavar="R",
-                     help="a rule set: unfused, tvm, tensorrt, aggressive, aggressive_1anchor")
+                     help="a rule set: unfused, tvm, tensorrt, aggressive, aggressive_1anchor, aggressive_shapes")
     src.add_argument("--plan", type=Path, metavar="P.json", help="a plan JSON file (from `fusion-rl plan -o`)")
     src.add_argument("--policy", type=Path, metavar="DIR", help="an exported policy folder (policies/NAME)")
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from fusion_rl.errors import ConfigError, IllegalPlanError, PlanMismatchError
+from fusion_rl.fusion.group_shapes import check_shape_names, within_anchor_limit
 from fusion_rl.fusion.legality import PATTERN_OPAQUE, reaches_via_other
 from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.graph.opgraph import OpGraph
@@ -47,19 +48,36 @@ class DecisionOptions:
     ----------
     max_mac_anchors : int or None
         If set, forbid a fuse that puts more conv/matmul anchors than this in one group (legal,
-        but schedules break on them; docs/design.md §12). ``None``: no cap.
+        but a schedule provider runs such a kernel anchor by anchor; docs/design.md §12), unless
+        the group is one of ``group_shapes``. ``None``: no cap.
+    group_shapes : tuple of str
+        Multi-anchor group shapes allowed past the cap (:mod:`fusion_rl.fusion.group_shapes`):
+        the shapes the schedule provider declares it schedules as one kernel. Needs a cap.
     """
 
     max_mac_anchors: int | None = None
+    group_shapes: tuple[str, ...] = ()
+
+    #: Options a card may lack, with the value that reproduces the planner that wrote it: a
+    #: policy exported before the option existed decided without it.
+    _ADDED_LATER = {"group_shapes": ()}
 
     def __post_init__(self) -> None:
         v = self.max_mac_anchors
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise ConfigError(f"decision option 'max_mac_anchors' must be an int >= 1 or null, got {v!r}")
+        shapes = self.group_shapes
+        if isinstance(shapes, str) or not isinstance(shapes, (list, tuple)):
+            raise ConfigError(f"decision option 'group_shapes' must be a list of shape names, got {shapes!r}")
+        object.__setattr__(self, "group_shapes", check_shape_names(shapes, "decision option 'group_shapes'"))
+        if self.group_shapes and v is None:
+            raise ConfigError("decision option 'group_shapes' needs 'max_mac_anchors': without a cap every group is allowed")
 
     def to_dict(self) -> dict[str, Any]:
         """The options as a JSON-ready mapping (every field, ``None`` included)."""
-        return asdict(self)
+        out = asdict(self)
+        out["group_shapes"] = list(self.group_shapes)
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "decision options") -> DecisionOptions:
@@ -79,11 +97,11 @@ class DecisionOptions:
         unknown = sorted(set(data) - set(names))
         if unknown:
             raise ConfigError(f"{source}: unknown decision option {unknown[0]!r}; valid: {', '.join(names)}")
-        missing = [n for n in names if n not in data]
+        missing = [n for n in names if n not in data and n not in cls._ADDED_LATER]
         if missing:
             raise ConfigError(f"{source}: decision option {missing[0]!r} is not recorded")
         try:
-            return cls(**{n: data[n] for n in names})
+            return cls(**{n: data.get(n, cls._ADDED_LATER.get(n)) for n in names})
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
 
@@ -202,7 +220,9 @@ class DecisionProcess:
         cap = self.options.max_mac_anchors
         if cap is not None:
             macs = int(self._mac[self.members[a]].sum() + self._mac[self.members[b]].sum())
-            if macs > cap:
+            if macs > cap and not within_anchor_limit(
+                self.graph, [*self.members[a], *self.members[b]], cap, self.options.group_shapes
+            ):
                 return False
         return not self._reaches_via_other(a, b)
 
@@ -239,7 +259,7 @@ def actions_for_plan(graph: OpGraph, plan: FusionPlan, options: DecisionOptions 
         if fuse and not process.can_fuse():
             raise IllegalPlanError(
                 f"plan {plan.hash} is not reachable: fusing edge {int(process.src[k])} -> "
-                f"{int(process.dst[k])} is masked (illegal, or over max_mac_anchors)"
+                f"{int(process.dst[k])} is masked (illegal, or over max_mac_anchors and no declared group shape)"
             )
         actions.append(int(fuse))
         process.decide(fuse)

@@ -71,7 +71,8 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
     ``Discrete(2)``: 0 = keep the two groups apart, 1 = fuse them. :meth:`action_masks` (for
     ``MaskablePPO``) is ``[True, legal]``: KEEP is always allowed, FUSE only if the merged group
     is legal (convex, no opaque op, the group graph stays acyclic; optionally at most
-    ``max_mac_anchors`` conv/matmul anchors). An invalid action (out of range, or a masked FUSE)
+    ``max_mac_anchors`` conv/matmul anchors unless the group is one of the spec's
+    ``group_shapes``). An invalid action (out of range, or a masked FUSE)
     does not raise: it is taken as KEEP and earns :data:`INVALID_ACTION_PENALTY` (-1.0), with
     ``info["invalid_action"] = True``.
 

@@ -15,6 +15,7 @@ An env spec is a small YAML file in ``envs/`` (``envs/default.yaml``, ``envs/tin
     timeout_s: 600                     # per measurement, when isolated
     cost_model: null                   # saved LatencyCostModel, for reward: model
     max_mac_anchors: null              # mask fuses giving a group more conv/matmul anchors
+    group_shapes: []                   # ...except into these shapes; "provider": the schedule's own
 
 Unknown keys and wrong types raise :class:`~fusion_rl.errors.ConfigError` naming the key, so a
 typo never silently falls back to a default. Relative ``store``, ``cost_model`` and ``.onnx``
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fusion_rl import paths
-from fusion_rl.compiler.schedules import DEFAULT_SCHEDULE
+from fusion_rl.compiler.schedules import DEFAULT_SCHEDULE, declared_group_shapes
 from fusion_rl.compiler.timing import TimingProtocol
 from fusion_rl.decisions.layout import DEFAULT_MAX_EDGES, DEFAULT_MAX_NODES, MAX_PADDED_EDGES, MAX_PADDED_NODES
 from fusion_rl.decisions.process import DecisionOptions
@@ -69,10 +70,18 @@ class EnvSpec:
     timeout_s: float = 600.0
     cost_model: str | None = None
     max_mac_anchors: int | None = None
+    #: Group shape names (:mod:`fusion_rl.fusion.group_shapes`), or ``"provider"``: those the
+    #: schedule provider declares (:func:`~fusion_rl.compiler.schedules.declared_group_shapes`).
+    group_shapes: tuple[str, ...] | str = ()
 
     def __post_init__(self) -> None:
         # Constructing an EnvSpec directly gets the same checks as a YAML file.
+        if isinstance(self.group_shapes, list):
+            object.__setattr__(self, "group_shapes", tuple(self.group_shapes))
         _validate(self.to_dict(), "EnvSpec")
+        if self.group_shapes and self.max_mac_anchors is None:
+            raise ConfigError("env spec: 'group_shapes' needs 'max_mac_anchors': without a cap every group is allowed")
+        self.decision_options  # noqa: B018 - a shape name or a missing cap fails here, not mid-training
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -155,7 +164,13 @@ class EnvSpec:
     def decision_options(self) -> DecisionOptions:
         """The masks of the decision process this spec trains and evaluates under (what an
         exported policy's card records and the plugin enforces)."""
-        return DecisionOptions(max_mac_anchors=self.max_mac_anchors)
+        shapes = self.group_shapes
+        if shapes == "provider":
+            shapes = declared_group_shapes(self.schedule)
+        try:
+            return DecisionOptions(max_mac_anchors=self.max_mac_anchors, group_shapes=tuple(shapes))
+        except ConfigError as exc:
+            raise ConfigError(f"env spec: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """The YAML mapping of this spec (round-trips through :meth:`from_dict`)."""
@@ -163,6 +178,8 @@ class EnvSpec:
         out["models"] = list(self.models)
         out["targets"] = list(self.targets)
         out["schedule_kwargs"] = dict(self.schedule_kwargs)
+        if not isinstance(self.group_shapes, str):
+            out["group_shapes"] = list(self.group_shapes)
         p = self.protocol
         out["protocol"] = (
             {k: getattr(p, k) for k in _PROTOCOL_KEYS} if isinstance(p, TimingProtocol) else p
@@ -198,6 +215,8 @@ _CHECKS: dict[str, tuple[Any, str]] = {
                   and 0 < v <= MAX_TIMEOUT_S, f"a finite number of seconds in (0, {MAX_TIMEOUT_S}]"),
     "cost_model": (lambda v: v is None or isinstance(v, (str, os.PathLike)), "a path or null"),
     "max_mac_anchors": (lambda v: v is None or (_is_int(v) and 1 <= v <= MAX_PADDED_NODES), "an int >= 1 or null"),
+    "group_shapes": (lambda v: v == "provider" or (isinstance(v, (list, tuple)) and _is_str_list(v)),
+                     "a list of group shape names, or \"provider\""),
 }
 
 

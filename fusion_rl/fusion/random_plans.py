@@ -8,10 +8,11 @@ groups and plans at the legality boundary (every rejected merge was one step fro
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Collection, Iterable
 
 import numpy as np
 
+from fusion_rl.fusion.group_shapes import within_anchor_limit
 from fusion_rl.fusion.legality import PATTERN_OPAQUE, reaches_via_other
 from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.graph.opgraph import OpGraph
@@ -24,11 +25,13 @@ def grow_plan(
     start: FusionPlan | None = None,
     max_anchors: int | None = None,
     name: str = "grown",
+    shapes: Collection[str] = (),
 ) -> FusionPlan:
     """Merge along the edges in ``edge_order`` (indices into ``graph.edges``) whenever the merge
     keeps the plan legal and ``accept()`` says yes. ``start`` must be legal; so is the result.
 
-    Legal merges: neither end opaque, at most ``max_anchors`` conv/matmul per group, and no path
+    Legal merges: neither end opaque, at most ``max_anchors`` conv/matmul per group unless the
+    merged group is one of ``shapes`` (:mod:`~fusion_rl.fusion.group_shapes`), and no path
     between the two groups through a third one (:func:`~fusion_rl.fusion.legality.reaches_via_other`).
     """
     succ = graph.successor_lists()
@@ -47,7 +50,8 @@ def grow_plan(
             continue
         if PATTERN_OPAQUE in (graph.nodes[e.src].pattern, graph.nodes[e.dst].pattern):
             continue
-        if max_anchors is not None and macs[a] + macs[b] > max_anchors:
+        if (max_anchors is not None and macs[a] + macs[b] > max_anchors
+                and not within_anchor_limit(graph, members[a] + members[b], max_anchors, shapes)):
             continue
         if reaches_via_other(succ, label, members, a, b):
             continue

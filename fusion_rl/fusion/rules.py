@@ -13,6 +13,10 @@ all of them are applied, compiled and measured by exactly the same code.
   answers "fuse" on every decision under ``max_mac_anchors: 1``, so a learned policy trained
   with that mask has *collapsed* to a fixed rule when its plans equal this one (or
   ``aggressive`` without the mask); :mod:`fusion_rl.evaluate` reports that.
+- ``aggressive_shapes``: ``aggressive_1anchor``, except that a group may also be any named
+  multi-anchor shape of :mod:`fusion_rl.fusion.group_shapes` (a pointwise conv with the
+  depthwise conv it feeds). The plan of "fuse on every decision" under ``max_mac_anchors: 1``
+  with every shape declared.
 """
 
 from __future__ import annotations
@@ -116,6 +120,16 @@ def aggressive_1anchor(mod: tvm.IRModule, graph: OpGraph) -> FusionPlan:
     return grow_plan(graph, _decision_order(graph), max_anchors=1, name="aggressive_1anchor")
 
 
+def aggressive_shapes(mod: tvm.IRModule, graph: OpGraph) -> FusionPlan:
+    """:func:`aggressive_1anchor`, letting a group past one anchor when it is a named group shape
+    (every one of :data:`~fusion_rl.fusion.group_shapes.GROUP_SHAPES`)."""
+    from fusion_rl.fusion.group_shapes import GROUP_SHAPES
+    from fusion_rl.fusion.random_plans import grow_plan
+
+    return grow_plan(graph, _decision_order(graph), max_anchors=1, name="aggressive_shapes",
+                     shapes=tuple(GROUP_SHAPES))
+
+
 def _decision_order(graph: OpGraph) -> list[int]:
     """Edges by (consumer, producer): the order the decision process asks about them, so that
     the greedy rules equal "fuse on every decision"."""
@@ -128,6 +142,7 @@ RULE_SETS: dict[str, RuleSet] = {
     "tensorrt": tensorrt,
     "aggressive": aggressive,
     "aggressive_1anchor": aggressive_1anchor,
+    "aggressive_shapes": aggressive_shapes,
 }
 
 

@@ -57,6 +57,11 @@ class OpNode:
     bytes_read: int  #: all inputs, weights included
     bytes_written: int
     weight_bytes: int  #: bytes of constant inputs (weights)
+    #: Shapes of the tensor arguments, in call order (a conv's data, then its weight; ``()`` for
+    #: a non-tensor argument). Not in :attr:`OpGraph.fingerprint`: the output shapes, weight
+    #: bytes, flops and edges there already pin them for every op fusion rules tell apart, and
+    #: adding them would orphan every stored plan.
+    arg_shapes: tuple[tuple[int, ...], ...] = ()
 
     @property
     def is_anchor(self) -> bool:
@@ -174,7 +179,9 @@ def extract_opgraph(mod: tvm.IRModule, name: str = "") -> OpGraph:
             args = list(value.args[1].fields)
             read = 0
             weights = 0
+            arg_shapes = []
             for arg in args:
+                arg_shapes.append(_shape(arg.ty))
                 nbytes = _nbytes(arg.ty)
                 read += nbytes
                 if isinstance(arg, tvm.ir.expr.Constant):
@@ -197,6 +204,7 @@ def extract_opgraph(mod: tvm.IRModule, name: str = "") -> OpGraph:
                     bytes_read=read,
                     bytes_written=written,
                     weight_bytes=weights,
+                    arg_shapes=tuple(arg_shapes),
                 )
             )
             source[binding.var] = (nid, 0)
@@ -253,6 +261,12 @@ def _out_shapes(sinfo: tvm.ir.Type) -> tuple[tuple[tuple[int, ...], ...], str]:
         return tuple(s for p in parts for s in p[0]), parts[0][1] if parts else "float32"
     shape = tuple(int(d) for d in sinfo.shape) if sinfo.shape is not None else ()
     return (shape,), str(sinfo.dtype)
+
+
+def _shape(sinfo: tvm.ir.Type) -> tuple[int, ...]:
+    if not isinstance(sinfo, relax.TensorType) or sinfo.shape is None:
+        return ()
+    return tuple(int(d) for d in sinfo.shape)
 
 
 def _nbytes(sinfo: tvm.ir.Type) -> int:

@@ -72,6 +72,7 @@ def test_plugin_cli_and_env_make_the_same_plan_on_every_zoo_model(tmp_path, mode
     from fusion_rl.env.fusion_env import FusionEnv
     from fusion_rl.export import LearnedFusion
     from fusion_rl.export.artifact import hardware_stats, load_network
+    from fusion_rl.fusion.group_shapes import within_anchor_limit
     from fusion_rl.fusion.plan import FusionPlan
     from fusion_rl.graph.zoo import ZOO
 
@@ -84,7 +85,7 @@ def test_plugin_cli_and_env_make_the_same_plan_on_every_zoo_model(tmp_path, mode
                     store=str(tmp_path / "store.sqlite"))
     # The mask the policy trained under, as the env spec and the card each record it (a capped
     # policy's plugin is held to its cap in tests/export/test_export.py).
-    assert env.config.max_mac_anchors == card["decisions"]["max_mac_anchors"]
+    assert env.config.decision_options == DecisionOptions.from_dict(card["decisions"])
 
     @torch.no_grad()
     def choose(obs: dict, mask: np.ndarray) -> int:  # deterministic masked action, as SB3's predict
@@ -101,8 +102,9 @@ def test_plugin_cli_and_env_make_the_same_plan_on_every_zoo_model(tmp_path, mode
             # The policy's hardware statistics, as the plugin applies them (identity: an old card).
             decided = env.decide(choose, name, "host", hardware_stats=hardware_stats(card))
             assert cli.hash == learned.last_plan.hash == decided.hash, name
-            cap = card["decisions"]["max_mac_anchors"]
-            anchors = [sum(model.graph.nodes[n].is_mac_anchor for n in g) for g in cli.groups]
-            assert cap is None or max(anchors) <= cap, name
+            # Every group within the card's mask: the anchor cap, or a declared group shape.
+            options = DecisionOptions.from_dict(card["decisions"])
+            assert all(within_anchor_limit(model.graph, g, options.max_mac_anchors, options.group_shapes)
+                       for g in cli.groups), name
     finally:
         env.close()

@@ -151,6 +151,24 @@ def test_max_mac_anchors_masks_second_anchor(model_cache):
     assert plan.num_groups == 4  # matmul+add+relu x3, matmul+add
 
 
+def test_spec_group_shapes_come_from_the_schedule_provider():
+    from fusion_rl.compiler.schedules.rules import RulesSchedule
+
+    spec = EnvSpec.resolve("tiny", schedule="rules", max_mac_anchors=1, group_shapes="provider")
+    assert spec.decision_options == DecisionOptions(max_mac_anchors=1, group_shapes=RulesSchedule.group_shapes)
+    assert EnvSpec.from_dict(spec.to_dict()) == spec  # "provider" stays the spec's word
+    naive = EnvSpec.resolve("tiny", schedule="naive", max_mac_anchors=1, group_shapes="provider")
+    assert naive.decision_options.group_shapes == ()  # naive declares nothing
+    listed = EnvSpec.resolve("tiny", max_mac_anchors=1, group_shapes=["pointwise_depthwise"])
+    assert listed.decision_options == spec.decision_options
+    with pytest.raises(ConfigError, match="unknown group shape 'attention'"):
+        EnvSpec.resolve("tiny", max_mac_anchors=1, group_shapes=["attention"])
+    with pytest.raises(ConfigError, match="needs 'max_mac_anchors'"):
+        EnvSpec.resolve("tiny", group_shapes="provider")
+    with pytest.raises(ConfigError, match="'group_shapes'.*list of group shape names"):
+        EnvSpec.resolve("tiny", max_mac_anchors=1, group_shapes="all")
+
+
 # ---- the Gymnasium contract -------------------------------------------------------------------
 
 

@@ -195,11 +195,11 @@ def test_export_run_from_an_sb3_model(tmp_path):
     out = export_run(run, tmp_path / "policy")
     net, card = load_network(out)
     assert card["training"]["models"] == ["mlp_tiny", "cnn_plain"]
-    assert card["decisions"] == {"max_mac_anchors": None}  # envs/tiny.yaml has no cap
+    assert card["decisions"] == {"max_mac_anchors": None, "group_shapes": []}  # envs/tiny.yaml has no cap
     # The card records the options the run's env was really built with: spec plus env_kwargs.
     (run / "config.json").write_text(json.dumps(
         {"env_spec": "tiny", "seed": 0, "env_kwargs": {"max_mac_anchors": 1, "render_mode": None}}))
-    assert load_network(export_run(run, tmp_path / "capped"))[1]["decisions"] == {"max_mac_anchors": 1}
+    assert load_network(export_run(run, tmp_path / "capped"))[1]["decisions"] == {"max_mac_anchors": 1, "group_shapes": []}
     (run / "config.json").write_text(json.dumps({"env_spec": "no_such_spec", "seed": 0}))
     with pytest.raises(ConfigError, match="decision options it trained under"):
         export_run(run, tmp_path / "unknown")

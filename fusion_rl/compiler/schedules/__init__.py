@@ -39,6 +39,22 @@ def make_schedule(name: str, **kwargs: Any) -> ScheduleProvider:
     raise ConfigError(f"unknown schedule provider '{name}'; choose one of {', '.join(SCHEDULE_NAMES)}")
 
 
+def declared_group_shapes(name: str) -> tuple[str, ...]:
+    """The group shapes provider ``name`` declares (:attr:`.ScheduleProvider.group_shapes`),
+    without building it."""
+    if name == "naive":
+        return NaiveSchedule.group_shapes
+    if name == "rules":
+        from fusion_rl.compiler.schedules.rules import RulesSchedule
+
+        return RulesSchedule.group_shapes
+    if name == "tuned":
+        from fusion_rl.compiler.schedules.tuned import TunedSchedule
+
+        return TunedSchedule.group_shapes
+    raise ConfigError(f"unknown schedule provider '{name}'; choose one of {', '.join(SCHEDULE_NAMES)}")
+
+
 def check_schedule(name: str, options: Mapping[str, Any]) -> None:
     """Validate a provider name and its options as :func:`make_schedule` would, without building
     the provider (``tuned`` would create its database folder)."""
@@ -53,4 +69,5 @@ def check_schedule(name: str, options: Mapping[str, Any]) -> None:
     make_schedule(name, **options)
 
 
-__all__ = ["DEFAULT_SCHEDULE", "SCHEDULE_NAMES", "NaiveSchedule", "ScheduleProvider", "check_schedule", "make_schedule"]
+__all__ = ["DEFAULT_SCHEDULE", "SCHEDULE_NAMES", "NaiveSchedule", "ScheduleProvider", "check_schedule",
+           "declared_group_shapes", "make_schedule"]

@@ -45,6 +45,12 @@ class ScheduleProvider(abc.ABC):
 
     #: Registry name, used on the CLI (``--schedule NAME``) and as part of the store key.
     name: ClassVar[str]
+    #: The multi-anchor group shapes (names in :data:`fusion_rl.fusion.group_shapes.GROUP_SHAPES`)
+    #: this provider schedules as one kernel with a shared tile. Any other group with several
+    #: conv/matmul anchors it runs anchor by anchor, if at all; a decision mask built from this
+    #: declaration (env spec ``group_shapes: provider``) lets a policy fuse past one anchor only
+    #: where that pays. Every compiled plan is still verified.
+    group_shapes: ClassVar[tuple[str, ...]] = ()
 
     @property
     def budget(self) -> int:

@@ -81,6 +81,7 @@ class RulesSchedule(ScheduleProvider):
     """Rule-based CPU schedule: inline, tile anchors, parallelize and vectorize. No search."""
 
     name = "rules"
+    group_shapes = ("pointwise_depthwise",)  # chain.py; tests/compiler/schedules/test_chain.py holds it to that
 
     @property
     def key(self) -> str:

@@ -68,3 +68,19 @@ def test_a_3x3_producer_is_not_a_pointwise_pair(tmp_path):
     compiled = compile_plan(model, make_plan("aggressive", model.mod, model.graph), target, make_schedule("rules"))
     verify_executable(compiled.executable, model, "conv3x3-depthwise")
     assert list(compiled.schedules.values()) == ["microkernel"], compiled.schedules
+
+
+def test_the_rules_provider_declares_the_pairs_it_schedules_as_one_tile(model_cache):
+    """The declaration is what the provider does: on a MobileNet with three expand -> depthwise
+    pairs, every group that the declared shapes let past one anchor (the ``aggressive_shapes``
+    plan) is scheduled as one shared tile, and the plan is right."""
+    from fusion_rl.compiler.schedules.rules import RulesSchedule
+
+    assert RulesSchedule.group_shapes == ("pointwise_depthwise",)
+    model = model_cache("mobilenet_tiny")
+    plan = make_plan("aggressive_shapes", model.mod, model.graph)
+    pairs = [g for g in plan.groups if sum(model.graph.nodes[n].is_mac_anchor for n in g) == 2]
+    assert len(pairs) == 3, plan.groups
+    compiled = compile_plan(model, plan, parse_target("host").to_tvm(), make_schedule("rules"))
+    verify_executable(compiled.executable, model, "mobilenet_tiny/aggressive_shapes")
+    assert list(compiled.schedules.values()).count("chain") == len(pairs), compiled.schedules

@@ -1,0 +1,121 @@
+"""fusion_rl/fusion/group_shapes.py: named multi-anchor group shapes, and the anchor limit."""
+
+from __future__ import annotations
+
+import pytest
+
+from fusion_rl.decisions import DecisionOptions
+from fusion_rl.decisions.process import DecisionProcess, actions_for_plan
+from fusion_rl.errors import ConfigError, IllegalPlanError
+from fusion_rl.fusion.group_shapes import (
+    check_shape_names,
+    is_depthwise_conv,
+    is_pointwise_conv,
+    pointwise_depthwise,
+    within_anchor_limit,
+)
+from fusion_rl.fusion.rules import make_plan
+from fusion_rl.graph.opgraph import OpEdge, OpGraph, OpNode
+
+_MAP = (1, 16, 8, 8)
+
+
+def _conv(i: int, data: tuple, weight: tuple, out: tuple) -> OpNode:
+    return OpNode(i, f"v{i}", f"conv2d{i}", "conv2d", 4, (out,), "float32", 1e3, 64, 64, 64, (data, weight))
+
+
+def _ewise(i: int, pattern: int = 0, op: str = "add") -> OpNode:
+    return OpNode(i, f"v{i}", f"{op}{i}", op, pattern, (_MAP,), "float32", 64.0, 64, 64, 0, (_MAP,))
+
+
+def _block(first: OpNode | None = None, side_exit: bool = False) -> OpGraph:
+    """[0 first conv] -> 1 pointwise -> 2 relu -> 3 depthwise -> 4 relu -> 5 pointwise project;
+    ``side_exit``: the relu after the pointwise conv is also a model output."""
+    nodes = [
+        first or _conv(0, (1, 16, 8, 8), (16, 16, 3, 3), _MAP),
+        _conv(1, _MAP, (16, 16, 1, 1), _MAP),
+        _ewise(2),
+        _conv(3, _MAP, (16, 1, 3, 3), _MAP),
+        _ewise(4),
+        _conv(5, _MAP, (16, 16, 1, 1), _MAP),
+    ]
+    edges = [OpEdge(i, i + 1, 0, 64) for i in range(5)]
+    return OpGraph(nodes, edges, outputs=[5, 2] if side_exit else [5], name="block")
+
+
+def test_conv_kinds_come_from_the_argument_shapes():
+    g = _block()
+    assert [is_pointwise_conv(n) for n in g.nodes] == [False, True, False, False, False, True]
+    assert [is_depthwise_conv(n) for n in g.nodes] == [False, False, False, True, False, False]
+    # Stride 2 is not the pointwise shape; neither is a grouped conv with 8 channels per group.
+    assert not is_pointwise_conv(_conv(0, (1, 16, 8, 8), (16, 16, 1, 1), (1, 16, 4, 4)))
+    assert not is_depthwise_conv(_conv(0, (1, 16, 8, 8), (16, 8, 3, 3), _MAP))
+    # A node built without argument shapes (an old graph) is neither.
+    assert not is_pointwise_conv(OpNode(0, "v", "conv2d", "conv2d", 4, (_MAP,), "float32", 1.0, 1, 1, 1))
+
+
+def test_pointwise_depthwise_is_the_pair_and_its_epilogues_only():
+    g = _block()
+    assert pointwise_depthwise(g, [1, 2, 3, 4])
+    assert pointwise_depthwise(g, [1, 2, 3])
+    assert not pointwise_depthwise(g, [0, 1, 2, 3, 4])    # an anchor before the pointwise conv
+    assert not pointwise_depthwise(g, [3, 4, 5])          # depthwise -> pointwise: the other order
+    assert not pointwise_depthwise(g, [1, 2, 3, 4, 5])    # three anchors
+    assert not pointwise_depthwise(_block(side_exit=True), [1, 2, 3, 4])  # the intermediate escapes
+    # A 3x3 producer is not pointwise.
+    three = _block(first=_conv(0, (1, 16, 8, 8), (16, 16, 3, 3), _MAP))
+    nodes = list(three.nodes)
+    nodes[1] = _conv(1, _MAP, (16, 16, 3, 3), _MAP)
+    assert not pointwise_depthwise(OpGraph(nodes, three.edges, three.outputs), [1, 2, 3, 4])
+    # A reduction between the two is not elementwise.
+    nodes = list(g.nodes)
+    nodes[2] = _ewise(2, pattern=3, op="mean")
+    assert not pointwise_depthwise(OpGraph(nodes, g.edges, g.outputs), [1, 2, 3, 4])
+
+
+def test_the_anchor_limit_admits_declared_shapes_only_past_the_cap():
+    g = _block()
+    assert within_anchor_limit(g, [1, 2, 3, 4, 5], None)
+    assert within_anchor_limit(g, [1, 2], 1)
+    assert not within_anchor_limit(g, [1, 2, 3, 4], 1)
+    assert within_anchor_limit(g, [1, 2, 3, 4], 1, ("pointwise_depthwise",))
+    assert not within_anchor_limit(g, [0, 1, 2, 3, 4], 1, ("pointwise_depthwise",))
+    with pytest.raises(ConfigError, match="unknown group shape 'attention'; known: pointwise_depthwise"):
+        check_shape_names(["attention"])
+
+
+def test_decision_options_carry_group_shapes_and_old_cards_have_none():
+    opts = DecisionOptions(max_mac_anchors=1, group_shapes=("pointwise_depthwise",))
+    assert DecisionOptions.from_dict(opts.to_dict()) == opts
+    assert opts.to_dict() == {"max_mac_anchors": 1, "group_shapes": ["pointwise_depthwise"]}
+    # A card written before the option existed planned without it.
+    assert DecisionOptions.from_dict({"max_mac_anchors": 1}) == DecisionOptions(max_mac_anchors=1)
+    with pytest.raises(ConfigError, match="unknown group shape"):
+        DecisionOptions.from_dict({"max_mac_anchors": 1, "group_shapes": ["fused_attention"]})
+    with pytest.raises(ConfigError, match="needs 'max_mac_anchors'"):
+        DecisionOptions(group_shapes=("pointwise_depthwise",))
+    with pytest.raises(ConfigError, match="list of shape names"):
+        DecisionOptions(max_mac_anchors=1, group_shapes="pointwise_depthwise")
+
+
+def test_the_decision_mask_opens_exactly_the_declared_pairs(model_cache):
+    """Under a cap of one anchor, fusing on every decision gives ``aggressive_1anchor``; with the
+    pair declared it gives ``aggressive_shapes`` (each pair one group), and that plan is
+    unreachable without the declaration."""
+    model = model_cache("mobilenet_tiny")
+    graph = model.graph
+
+    def always_fuse(options: DecisionOptions) -> str:
+        process = DecisionProcess(graph, options)
+        while not process.done:
+            process.decide(process.can_fuse())
+        return process.plan().hash
+
+    shaped = make_plan("aggressive_shapes", model.mod, graph)
+    capped = DecisionOptions(max_mac_anchors=1)
+    declared = DecisionOptions(max_mac_anchors=1, group_shapes=("pointwise_depthwise",))
+    assert always_fuse(capped) == make_plan("aggressive_1anchor", model.mod, graph).hash
+    assert always_fuse(declared) == shaped.hash != always_fuse(capped)
+    assert actions_for_plan(graph, shaped, declared)
+    with pytest.raises(IllegalPlanError, match="no declared group shape"):
+        actions_for_plan(graph, shaped, capped)
