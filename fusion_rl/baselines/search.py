@@ -35,6 +35,7 @@ import numpy as np
 
 from fusion_rl.compiler.measure import Measurer
 from fusion_rl.errors import ConfigError
+from fusion_rl.fusion.group_shapes import within_anchor_limit
 from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.fusion.plan_space import EXHAUSTIVE_LIMIT, is_legal, legal_plans, merge_candidates, peel_node
 from fusion_rl.fusion.random_plans import mutate_plan, random_plan
@@ -165,9 +166,7 @@ class _Evaluator:
 def within_anchor_cap(graph: Any, plan: FusionPlan, max_anchors: int | None) -> bool:
     """Whether every group of ``plan`` holds at most ``max_anchors`` conv/matmul anchors
     (``None``: no cap), the constraint the training env's mask enforces."""
-    if max_anchors is None:
-        return True
-    return all(sum(graph.nodes[n].is_mac_anchor for n in g) <= max_anchors for g in plan.groups)
+    return all(within_anchor_limit(graph, g, max_anchors) for g in plan.groups)
 
 
 def _best_seed(ev: _Evaluator, graph: Any, seeds: Sequence[FusionPlan], default: FusionPlan) -> FusionPlan:
