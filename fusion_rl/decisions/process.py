@@ -22,12 +22,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import numpy as np
 
 from fusion_rl.errors import ConfigError, IllegalPlanError, PlanMismatchError
-from fusion_rl.fusion.group_shapes import check_shape_names, within_anchor_limit
+from fusion_rl.fusion.group_shapes import check_shape_names, matches_shape
 from fusion_rl.fusion.legality import PATTERN_OPAQUE, reaches_via_other
 from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.graph.opgraph import OpGraph
@@ -60,7 +61,7 @@ class DecisionOptions:
 
     #: Options a card may lack, with the value that reproduces the planner that wrote it: a
     #: policy exported before the option existed decided without it.
-    _ADDED_LATER = {"group_shapes": ()}
+    _ADDED_LATER: ClassVar[Mapping[str, Any]] = MappingProxyType({"group_shapes": ()})
 
     def __post_init__(self) -> None:
         v = self.max_mac_anchors
@@ -220,8 +221,8 @@ class DecisionProcess:
         cap = self.options.max_mac_anchors
         if cap is not None:
             macs = int(self._mac[self.members[a]].sum() + self._mac[self.members[b]].sum())
-            if macs > cap and not within_anchor_limit(
-                self.graph, [*self.members[a], *self.members[b]], cap, self.options.group_shapes
+            if macs > cap and not matches_shape(
+                self.graph, [*self.members[a], *self.members[b]], self.options.group_shapes
             ):
                 return False
         return not self._reaches_via_other(a, b)

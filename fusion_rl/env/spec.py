@@ -215,7 +215,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
                   and 0 < v <= MAX_TIMEOUT_S, f"a finite number of seconds in (0, {MAX_TIMEOUT_S}]"),
     "cost_model": (lambda v: v is None or isinstance(v, (str, os.PathLike)), "a path or null"),
     "max_mac_anchors": (lambda v: v is None or (_is_int(v) and 1 <= v <= MAX_PADDED_NODES), "an int >= 1 or null"),
-    "group_shapes": (lambda v: v == "provider" or (isinstance(v, (list, tuple)) and _is_str_list(v)),
+    "group_shapes": (lambda v: v == "provider" or _is_str_list(v),
                      "a list of group shape names, or \"provider\""),
 }
 

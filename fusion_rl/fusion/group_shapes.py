@@ -101,12 +101,19 @@ def check_shape_names(names: Collection[str], source: str = "group_shapes") -> t
     return tuple(sorted(set(names)))
 
 
+def matches_shape(graph: OpGraph, members: Sequence[int], shapes: Collection[str]) -> bool:
+    """Whether the group ``members`` is one of the named ``shapes``."""
+    return any(GROUP_SHAPES[s](graph, members) for s in shapes)
+
+
 def within_anchor_limit(graph: OpGraph, members: Sequence[int], max_mac_anchors: int | None,
                         shapes: Collection[str] = ()) -> bool:
     """Whether a group may exist under the mask: at most ``max_mac_anchors`` conv/matmul
-    anchors, or one of ``shapes`` (``None``: no limit)."""
+    anchors, or one of ``shapes`` (``None``: no limit). Callers that keep anchor counts per
+    group (the decision process, :func:`~fusion_rl.fusion.random_plans.grow_plan`) test the
+    count themselves and call :func:`matches_shape` past it."""
     if max_mac_anchors is None:
         return True
     if sum(graph.nodes[n].is_mac_anchor for n in members) <= max_mac_anchors:
         return True
-    return any(GROUP_SHAPES[s](graph, members) for s in shapes)
+    return matches_shape(graph, members, shapes)

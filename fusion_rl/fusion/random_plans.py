@@ -12,7 +12,7 @@ from typing import Callable, Collection, Iterable
 
 import numpy as np
 
-from fusion_rl.fusion.group_shapes import within_anchor_limit
+from fusion_rl.fusion.group_shapes import matches_shape
 from fusion_rl.fusion.legality import PATTERN_OPAQUE, reaches_via_other
 from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.graph.opgraph import OpGraph
@@ -51,7 +51,7 @@ def grow_plan(
         if PATTERN_OPAQUE in (graph.nodes[e.src].pattern, graph.nodes[e.dst].pattern):
             continue
         if (max_anchors is not None and macs[a] + macs[b] > max_anchors
-                and not within_anchor_limit(graph, members[a] + members[b], max_anchors, shapes)):
+                and not matches_shape(graph, members[a] + members[b], shapes)):
             continue
         if reaches_via_other(succ, label, members, a, b):
             continue

@@ -16,43 +16,37 @@ SCHEDULE_NAMES = ("naive", "rules", "tuned")
 DEFAULT_SCHEDULE = "rules"
 
 
-def make_schedule(name: str, **kwargs: Any) -> ScheduleProvider:
-    """Build a provider by name; ``kwargs`` go to its constructor (e.g. ``trials_per_task``)."""
+def _provider_class(name: str) -> type[ScheduleProvider]:
+    """The provider class registered as ``name`` (imported on demand: ``tuned`` pulls in
+    MetaSchedule)."""
     if name == "naive":
-        if kwargs:
-            raise ConfigError(f"schedule 'naive' takes no options, got {sorted(kwargs)}")
-        return NaiveSchedule()
+        return NaiveSchedule
     if name == "rules":
         from fusion_rl.compiler.schedules.rules import RulesSchedule
 
-        try:
-            return RulesSchedule(**kwargs)
-        except TypeError as exc:
-            raise ConfigError(f"bad options for schedule 'rules': {exc}") from None
+        return RulesSchedule
     if name == "tuned":
         from fusion_rl.compiler.schedules.tuned import TunedSchedule
 
-        try:
-            return TunedSchedule(**kwargs)
-        except TypeError as exc:
-            raise ConfigError(f"bad options for schedule 'tuned': {exc}") from None
+        return TunedSchedule
     raise ConfigError(f"unknown schedule provider '{name}'; choose one of {', '.join(SCHEDULE_NAMES)}")
+
+
+def make_schedule(name: str, **kwargs: Any) -> ScheduleProvider:
+    """Build a provider by name; ``kwargs`` go to its constructor (e.g. ``trials_per_task``)."""
+    cls = _provider_class(name)
+    if cls is NaiveSchedule and kwargs:
+        raise ConfigError(f"schedule 'naive' takes no options, got {sorted(kwargs)}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"bad options for schedule '{name}': {exc}") from None
 
 
 def declared_group_shapes(name: str) -> tuple[str, ...]:
     """The group shapes provider ``name`` declares (:attr:`.ScheduleProvider.group_shapes`),
     without building it."""
-    if name == "naive":
-        return NaiveSchedule.group_shapes
-    if name == "rules":
-        from fusion_rl.compiler.schedules.rules import RulesSchedule
-
-        return RulesSchedule.group_shapes
-    if name == "tuned":
-        from fusion_rl.compiler.schedules.tuned import TunedSchedule
-
-        return TunedSchedule.group_shapes
-    raise ConfigError(f"unknown schedule provider '{name}'; choose one of {', '.join(SCHEDULE_NAMES)}")
+    return _provider_class(name).group_shapes
 
 
 def check_schedule(name: str, options: Mapping[str, Any]) -> None:
