@@ -30,7 +30,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import tvm
@@ -76,6 +76,9 @@ class KernelSite:
     kernel: str
     name: str
     args: tuple[tuple[tuple[int, ...], str], ...]
+    #: The provider's key for this kernel's schedule (``ScheduleProvider.kernel_key``); empty
+    #: when the sites were listed without a provider.
+    schedule: str = ""
 
 
 @dataclass(frozen=True)
@@ -89,11 +92,13 @@ class PlanEstimate:
     timed: int  #: kernels timed to make this estimate (0 when all were in the table)
 
 
-def plan_kernels(model: Model, plan: FusionPlan) -> list[KernelSite]:
-    """The kernels ``plan`` launches, in order (a shared kernel once per launch)."""
+def plan_kernels(model: Model, plan: FusionPlan,
+                 kernel_key: Callable[[tvm.tirx.PrimFunc], str] | None = None) -> list[KernelSite]:
+    """The kernels ``plan`` launches, in order (a shared kernel once per launch), each with
+    ``kernel_key`` of its PrimFunc (a provider's :meth:`~.ScheduleProvider.kernel_key`) if given."""
     fused = apply_plan(model.mod, plan, model.graph)
     lowered = relax.transform.RewriteDataflowReshape()(fused)  # views are not launches
-    sites, hashes = [], {}
+    sites, hashes, keys = [], {}, {}
     for block in lowered["main"].body.blocks:
         for binding in block.bindings:
             call = binding.value
@@ -102,10 +107,11 @@ def plan_kernels(model: Model, plan: FusionPlan) -> list[KernelSite]:
             gv = call.args[0]
             if gv.name_hint not in hashes:
                 hashes[gv.name_hint] = f"{tvm_ffi.structural_hash(fused[gv]) & (2**64 - 1):016x}"
+                keys[gv.name_hint] = kernel_key(fused[gv]) if kernel_key is not None else ""
             out = call.ty_args[0]
             types = [a.ty for a in call.args[1].fields] + list(getattr(out, "fields", [out]))
             args = tuple((tuple(int(d) for d in t.shape.values), str(t.dtype)) for t in types)
-            sites.append(KernelSite(hashes[gv.name_hint], gv.name_hint, args))
+            sites.append(KernelSite(hashes[gv.name_hint], gv.name_hint, args, keys[gv.name_hint]))
     return sites
 
 
@@ -129,7 +135,10 @@ class KernelTable:
         self.measurer = Measurer(target, schedule, dict(schedule_kwargs or {}), store=None,
                                  protocol=protocol, timeout_s=timeout_s, isolate=isolate)
         m = self.measurer
+        #: The table's key: plan-level rows (the launch cost) use it whole; a kernel's row
+        #: puts its own schedule key (``KernelSite.schedule``) in the provider's place.
         self.key = (m.spec.key, m.provider.key, m.provider.budget, library_versions(), protocol.key)
+        self._schedule_of: dict[str, str] = {}  # kernel hash -> its schedule key, as listed
         self.path = Path(path or default_table_path()).expanduser()
         self.timed = 0  #: kernels this instance has timed (what the table saves is the rest)
         self._sites: dict[tuple[str, str], list[KernelSite]] = {}
@@ -160,14 +169,24 @@ class KernelTable:
         where = " AND ".join(f"{c} = ?" for c in _KEY)
         for k in set(kernels):
             row = self._db.execute(f"SELECT median_ms FROM kernels WHERE kernel = ? AND {where}",
-                                   (k, *self.key)).fetchone()
+                                   (k, *self._row_key(k))).fetchone()
             if row is not None:
                 out[k] = float(row[0])
         return out
 
+    def _row_key(self, kernel: str) -> tuple:
+        """The key of ``kernel``'s row: the provider's key for that kernel's schedule."""
+        target, provider, *rest = self.key
+        return (target, self._schedule_of.get(kernel) or provider, *rest)
+
     def __len__(self) -> int:
-        where = " AND ".join(f"{c} = ?" for c in _KEY)
-        return int(self._db.execute(f"SELECT COUNT(*) FROM kernels WHERE {where}", self.key).fetchone()[0])
+        """Kernels held for this key, under every schedule key of the provider's kernels."""
+        target, _, *rest = self.key
+        keys = self.measurer.provider.kernel_keys
+        where = " AND ".join(f"{c} = ?" for c in _KEY if c != "provider")
+        return int(self._db.execute(
+            f"SELECT COUNT(*) FROM kernels WHERE provider IN ({', '.join('?' * len(keys))}) AND {where}",
+            (*keys, target, *rest)).fetchone()[0])
 
     @property
     def launch_ms(self) -> float:
@@ -182,7 +201,8 @@ class KernelTable:
         """:func:`plan_kernels`, remembered per (model, plan)."""
         key = (model.fingerprint, plan.hash)
         if key not in self._sites:
-            self._sites[key] = plan_kernels(model, plan)
+            self._sites[key] = plan_kernels(model, plan, self.measurer.provider.kernel_key)
+            self._schedule_of.update((s.kernel, s.schedule) for s in self._sites[key])
         return self._sites[key]
 
     def ensure(self, model: Model, plan: FusionPlan) -> int:
@@ -233,7 +253,7 @@ class KernelTable:
             q1, q2, q3 = np.percentile(times, [25, 50, 75])
             if k in known and known[k] <= q2:
                 continue
-            rows.append((k, *self.key, todo[k].name, float(q2), float(q3 - q1), json.dumps(times),
+            rows.append((k, *self._row_key(k), todo[k].name, float(q2), float(q3 - q1), json.dumps(times),
                          time.time()))
         self._write("INSERT OR REPLACE INTO kernels VALUES (" + ", ".join("?" * 11) + ")", rows)
         self.timed += len(timed)

@@ -46,19 +46,48 @@ def is_depthwise_conv(node: OpNode) -> bool:
             and weight[0] == data[1] == out[1])
 
 
+def is_grouped_conv(node: OpNode, width: int) -> bool:
+    """A 2-D NCHW convolution of groups of ``width`` input and ``width`` output channels
+    (RegNetX's 3x3 with a group width of 8); more than one group, so never a dense conv."""
+    if node.op != "conv2d" or len(node.arg_shapes) < 2 or len(node.shapes) != 1:
+        return False
+    data, weight = node.arg_shapes[0], node.arg_shapes[1]
+    out = node.shapes[0]
+    return (len(data) == len(weight) == len(out) == 4 and weight[1] == width
+            and data[1] == out[1] == weight[0] and data[1] % width == 0 and data[1] > width)
+
+
 def pointwise_depthwise(graph: OpGraph, members: Sequence[int]) -> bool:
     """A pointwise convolution, its elementwise epilogue, the depthwise convolution it feeds, and
     that one's epilogue: nothing before the pointwise conv, no other anchor, and nothing of the
     pointwise side read outside the group (its result is consumed tile by tile)."""
+    return _pointwise_into(graph, members, is_depthwise_conv)
+
+
+#: Channels per group of the grouped convolutions :func:`pointwise_grouped` admits: one vector
+#: of the shared tile's channel block (``rules``: 8 lanes, an AVX2 register or half an AVX-512 one).
+GROUP_WIDTH = 8
+
+
+def pointwise_grouped(graph: OpGraph, members: Sequence[int]) -> bool:
+    """As :func:`pointwise_depthwise`, with a grouped convolution of :data:`GROUP_WIDTH`
+    channels per group in place of the depthwise one (RegNetX's 1x1 -> grouped 3x3): a block
+    of those output channels reads the same channels of the pointwise output and no other."""
+    return _pointwise_into(graph, members, lambda node: is_grouped_conv(node, GROUP_WIDTH))
+
+
+def _pointwise_into(graph: OpGraph, members: Sequence[int], is_consumer: Callable[[OpNode], bool]) -> bool:
+    """A pointwise conv and its epilogue, then a conv that ``is_consumer`` accepts and its
+    epilogue, and nothing else: the shared-tile pairs of :mod:`fusion_rl.compiler.schedules.chain`."""
     group = set(members)
     macs = [n for n in group if graph.nodes[n].is_mac_anchor]
     if len(macs) != 2:
         return False
     pw, dw = sorted(macs)  # program order: the producer first
-    if not (is_pointwise_conv(graph.nodes[pw]) and is_depthwise_conv(graph.nodes[dw])):
+    if not (is_pointwise_conv(graph.nodes[pw]) and is_consumer(graph.nodes[dw])):
         return False
     succ = graph.successor_lists()
-    # The pointwise side: everything the pointwise conv reaches without passing the depthwise.
+    # The pointwise side: everything the pointwise conv reaches without passing the consumer.
     between, frontier = {pw}, [pw]
     while frontier:
         for nxt in succ[frontier.pop()]:
@@ -69,7 +98,7 @@ def pointwise_depthwise(graph: OpGraph, members: Sequence[int]) -> bool:
                 frontier.append(nxt)
     if dw not in {c for n in between for c in succ[n]} or between & set(graph.outputs):
         return False
-    # The depthwise side: its epilogue, within the group.
+    # The consumer side: its epilogue, within the group.
     after, frontier = {dw}, [dw]
     while frontier:
         for nxt in succ[frontier.pop()]:
@@ -84,6 +113,7 @@ def pointwise_depthwise(graph: OpGraph, members: Sequence[int]) -> bool:
 #: Every shape by name: what a provider may declare and an env spec may list.
 GROUP_SHAPES: dict[str, GroupShape] = {
     "pointwise_depthwise": pointwise_depthwise,
+    "pointwise_grouped": pointwise_grouped,
 }
 
 

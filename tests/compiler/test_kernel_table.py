@@ -156,3 +156,37 @@ def test_table_objective_reports_a_failed_kernel_as_a_failed_evaluation(model_ca
         record = objective.measure(model, plan)
         assert record.status == "failed" and record.median_ms is None and "injected" in record.error
         assert objective.stats.failures == 1 and objective.cached(model, plan) is None
+
+
+def test_each_kernel_is_kept_under_the_rules_version_that_last_changed_its_schedule(tmp_path):
+    """``rules:v13`` rescheduled only pointwise -> grouped pairs (chain.py): every other kernel
+    keeps its ``rules:v12`` row, so a table filled under v12 stays valid for them, while the
+    pair is timed under v13."""
+    import torch
+    from torch import nn
+
+    from fusion_rl.graph.model import load_model
+
+    class ExpandGrouped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.expand, self.grouped = nn.Conv2d(8, 16, 1), nn.Conv2d(16, 16, 3, 1, 1, groups=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.grouped(torch.relu(self.expand(x))))
+
+    torch.manual_seed(0)
+    path = tmp_path / "eg.onnx"
+    torch.onnx.export(ExpandGrouped().eval(), (torch.randn(1, 8, 6, 6),), str(path), dynamo=False)
+    model = load_model(str(path))
+    pair, apart = (make_plan(r, model.mod, model.graph) for r in ("aggressive_shapes", "tvm"))
+    with _table(tmp_path / "k.sqlite", schedule="rules") as table:
+        assert table.key[1] == "rules:v13"
+        assert {s.schedule for s in table.kernels(model, apart)} == {"rules:v12"}
+        assert [s.schedule for s in table.kernels(model, pair)] == ["rules:v13"]
+        timed = table.ensure(model, apart) + table.ensure(model, pair)
+        assert timed == len(table) == len(_distinct(model, apart)) + 1
+        assert table.ensure(model, apart) == table.ensure(model, pair) == 0
+    rows = sqlite3.connect(tmp_path / "k.sqlite").execute(
+        "SELECT provider, COUNT(*) FROM kernels GROUP BY provider ORDER BY provider").fetchall()
+    assert rows == [("rules:v12", len(_distinct(model, apart))), ("rules:v13", 1)]

@@ -159,7 +159,7 @@ def test_spec_group_shapes_come_from_the_schedule_provider():
     assert EnvSpec.from_dict(spec.to_dict()) == spec  # "provider" stays the spec's word
     naive = EnvSpec.resolve("tiny", schedule="naive", max_mac_anchors=1, group_shapes="provider")
     assert naive.decision_options.group_shapes == ()  # naive declares nothing
-    listed = EnvSpec.resolve("tiny", max_mac_anchors=1, group_shapes=["pointwise_depthwise"])
+    listed = EnvSpec.resolve("tiny", max_mac_anchors=1, group_shapes=["pointwise_grouped", "pointwise_depthwise"])
     assert listed.decision_options == spec.decision_options
     with pytest.raises(ConfigError, match="unknown group shape 'attention'"):
         EnvSpec.resolve("tiny", max_mac_anchors=1, group_shapes=["attention"])

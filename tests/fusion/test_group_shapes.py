@@ -10,8 +10,10 @@ from fusion_rl.errors import ConfigError, IllegalPlanError
 from fusion_rl.fusion.group_shapes import (
     check_shape_names,
     is_depthwise_conv,
+    is_grouped_conv,
     is_pointwise_conv,
     pointwise_depthwise,
+    pointwise_grouped,
     within_anchor_limit,
 )
 from fusion_rl.fusion.rules import make_plan
@@ -71,6 +73,28 @@ def test_pointwise_depthwise_is_the_pair_and_its_epilogues_only():
     nodes = list(g.nodes)
     nodes[2] = _ewise(2, pattern=3, op="mean")
     assert not pointwise_depthwise(OpGraph(nodes, g.edges, g.outputs), [1, 2, 3, 4])
+
+
+def _grouped_block(width: int = 8) -> OpGraph:
+    """As :func:`_block`, with a grouped 3x3 conv of ``width`` channels per group at node 3."""
+    g = _block()
+    nodes = list(g.nodes)
+    nodes[3] = _conv(3, _MAP, (16, width, 3, 3), _MAP)
+    return OpGraph(nodes, g.edges, g.outputs, name="grouped")
+
+
+def test_pointwise_grouped_needs_groups_of_eight_channels():
+    assert is_grouped_conv(_conv(0, _MAP, (16, 8, 3, 3), _MAP), 8)
+    assert not is_grouped_conv(_conv(0, _MAP, (16, 16, 3, 3), _MAP), 16)  # one group: a dense conv
+    assert not is_grouped_conv(_conv(0, _MAP, (16, 1, 3, 3), _MAP), 8)    # depthwise
+    assert not is_grouped_conv(_conv(0, (1, 16, 8, 8), (32, 8, 3, 3), (1, 32, 8, 8)), 8)  # 8 in, 16 out per group
+    g = _grouped_block()
+    assert pointwise_grouped(g, [1, 2, 3, 4]) and not pointwise_depthwise(g, [1, 2, 3, 4])
+    assert not pointwise_grouped(g, [0, 1, 2, 3, 4])      # an anchor before the pointwise conv
+    assert not pointwise_grouped(_grouped_block(width=4), [1, 2, 3, 4])  # groups of 4
+    assert not pointwise_grouped(_block(), [1, 2, 3, 4])  # depthwise is the other shape
+    assert within_anchor_limit(g, [1, 2, 3, 4], 1, ["pointwise_grouped"])
+    assert not within_anchor_limit(g, [1, 2, 3, 4], 1, ["pointwise_depthwise"])
 
 
 def test_the_anchor_limit_admits_declared_shapes_only_past_the_cap():

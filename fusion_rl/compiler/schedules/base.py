@@ -66,6 +66,20 @@ class ScheduleProvider(abc.ABC):
         changes the schedules it produces (two such options are two different providers)."""
         return self.name
 
+    def kernel_key(self, func: tvm.tirx.PrimFunc) -> str:
+        """The key under which the kernel ``func``'s timings are kept (the kernel table): the
+        version of this provider that last changed *this kernel's* schedule.
+
+        :attr:`key` by default. A provider whose new version reschedules only some kernels
+        returns the older key for the others, so their timings stay valid instead of being
+        taken again (hours for a bench suite on 2 cores)."""
+        return self.key
+
+    @property
+    def kernel_keys(self) -> tuple[str, ...]:
+        """Every key :meth:`kernel_key` may return."""
+        return (self.key,)
+
     @abc.abstractmethod
     def schedule(self, mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         """Return a scheduled *copy* of ``mod``; ``mod`` itself must not be modified.

@@ -1,18 +1,22 @@
-"""A two-anchor group with one shared tile: a pointwise convolution computed inside the channel
-blocks of the depthwise convolution it feeds (MobileNet's inverted residual, expand -> depthwise).
+"""Two-anchor groups with one shared tile: a pointwise convolution computed inside the channel
+blocks of the depthwise or grouped convolution it feeds (MobileNet's inverted residual, expand ->
+depthwise; RegNetX's 1x1 -> grouped 3x3 with 8 channels per group).
 
 The rules schedule every other multi-anchor kernel anchor by anchor: each anchor gets its own
 loop nest and the intermediate between them goes through memory, so such a group is never faster
-than its anchors as separate kernels. This pair is different, and is the shape AGO (INFOCOM'23)
-fuses on mobile CPUs:
+than its anchors as separate kernels. These pairs are different, and are the shape AGO
+(INFOCOM'23) fuses on mobile CPUs:
 
-- output channel ``c`` of a depthwise convolution reads input channel ``c`` only, so a block of
-  ``lanes`` depthwise channels needs the same ``lanes`` channels of the pointwise output and
-  nothing else. Computing the pointwise convolution per block recomputes nothing;
-- the depthwise schedule (:func:`~.microkernel.schedule_depthwise`) copies each channel block of
-  its input channels-last before the taps. Here the pointwise convolution writes that block
-  channels-last itself, so the copy is a contiguous one and the intermediate (4.8 MB for
-  MobileNetV2's first expand) stays in the cache, never a round trip through memory.
+- output channel ``c`` of a depthwise convolution reads input channel ``c`` only, and a group of
+  a grouped convolution reads its own input channels only; so a block of ``lanes`` output
+  channels (one depthwise block, or one group of ``lanes`` channels) needs the same ``lanes``
+  channels of the pointwise output and nothing else. Computing the pointwise convolution per
+  block recomputes nothing;
+- the consumer copies each channel block of its input channels-last before the taps
+  (:func:`~.microkernel.schedule_depthwise`, :func:`schedule_grouped`). Here the pointwise
+  convolution writes that block channels-last itself, so the copy is a contiguous one and the
+  intermediate (4.8 MB for MobileNetV2's first expand) stays in the cache, never a round trip
+  through memory.
 
 The pointwise convolution inside a block is a register tile of ``rows`` pixels x one vector of
 channels, accumulated over its input channels, its weights copied ``[input channel, channel]``
@@ -25,25 +29,25 @@ from tvm import s_tir, tirx
 from tvm.s_tir.schedule import SBlockRV
 
 from fusion_rl.compiler.schedules import microkernel
-from fusion_rl.compiler.schedules.anchor_layout import DATA_PAR, REDUCE, Unschedulable, analyze, extent_of, vars_of
+from fusion_rl.compiler.schedules.anchor_layout import (
+    DATA_PAR, REDUCE, Unschedulable, analyze, channel_groups, extent_of, simplified_indices, vars_of,
+)
 
 #: Pixels per register tile of the pointwise convolution (x one vector of channels each).
 _ROWS = (8, 7, 4, 2)
 
 
 def match(sch: s_tir.Schedule, anchors: list[SBlockRV]) -> tuple[SBlockRV, SBlockRV] | None:
-    """``(pointwise, depthwise)`` when ``anchors`` are a 1x1 convolution whose output reaches a
-    depthwise convolution through elementwise blocks only; else ``None``."""
+    """``(pointwise, consumer)`` when ``anchors`` are a 1x1 convolution whose output reaches a
+    depthwise convolution, or a grouped one of ``NARROW_LANES`` channels per group, through
+    elementwise blocks only; else ``None``."""
     if len(anchors) != 2:
         return None
     pw, dw = anchors
     p_stmt, d_stmt = sch.get(pw), sch.get(dw)
     if not (_is_pointwise_conv(p_stmt) and len(d_stmt.writes[0].source.shape) == 4):
         return None
-    try:
-        if analyze(d_stmt, microkernel.NARROW_LANES).panel != -1:
-            return None  # not a depthwise convolution
-    except Unschedulable:
+    if not (_is_depthwise(d_stmt) or _group_width(d_stmt) == microkernel.NARROW_LANES):
         return None
     # Every block between them must be elementwise (the epilogue and the padding), one path.
     frontier, seen = list(sch.get_consumers(pw)), set()
@@ -61,6 +65,28 @@ def match(sch: s_tir.Schedule, anchors: list[SBlockRV]) -> tuple[SBlockRV, SBloc
     return (pw, dw) if d_stmt.name_hint in seen else None
 
 
+def consumer_kind(sch: s_tir.Schedule, consumer: SBlockRV) -> str:
+    """``"depthwise"`` or ``"grouped"``: the kind of a pair's consumer (:func:`match`)."""
+    return "depthwise" if _is_depthwise(sch.get(consumer)) else "grouped"
+
+
+def _is_depthwise(stmt: tirx.SBlock) -> bool:
+    try:
+        return analyze(stmt, microkernel.NARROW_LANES).panel == -1
+    except Unschedulable:
+        return False
+
+
+def _group_width(stmt: tirx.SBlock) -> int | None:
+    """Channels per group of a grouped convolution with as many input as output channels per
+    group (``None``: not one). Its first reduction iterator is the group's input channel."""
+    grouped = channel_groups(stmt, microkernel.NARROW_LANES)
+    reduce = [iv for iv in stmt.iter_vars if iv.iter_type == REDUCE]
+    if grouped is None or not reduce or extent_of(reduce[0]) != grouped[1]:
+        return None
+    return grouped[1]
+
+
 def _is_pointwise_conv(stmt: tirx.SBlock) -> bool:
     """A 4-D (NCHW) convolution whose reduction is over input channels only (1x1 kernel)."""
     if len(stmt.writes[0].source.shape) != 4:
@@ -70,16 +96,19 @@ def _is_pointwise_conv(stmt: tirx.SBlock) -> bool:
 
 
 def schedule_pair(sch: s_tir.Schedule, pw: SBlockRV, dw: SBlockRV, registers: int, min_work: int) -> set[str]:
-    """Schedule the depthwise convolution, then compute the pointwise one (and its epilogue) in
-    each of its channel blocks. Returns the names of the blocks scheduled.
+    """Schedule the consumer convolution (depthwise or grouped), then compute the pointwise one
+    (and its epilogue) in each of its channel blocks. Returns the names of the blocks scheduled.
 
     Raises :class:`Unschedulable` or a TVM ``ScheduleError`` when the pair does not fit.
     """
     pw_name = sch.get(pw).name_hint
     lanes = microkernel.NARROW_LANES
     d_stmt = sch.get(dw)
-    lay = analyze(d_stmt, lanes, registers)
-    done = microkernel.schedule_depthwise(sch, dw, d_stmt, lay, lanes, min_work, channels_inner=True)
+    if _is_depthwise(d_stmt):
+        lay = analyze(d_stmt, lanes, registers)
+        done = microkernel.schedule_depthwise(sch, dw, d_stmt, lay, lanes, min_work, channels_inner=True)
+    else:
+        done = schedule_grouped(sch, dw, lanes, registers, min_work)
     # The pointwise input's padding block (1x1: a plain copy): read directly.
     for producer in sch.get_producers(pw):
         sch.compute_inline(producer)
@@ -117,3 +146,86 @@ def schedule_pair(sch: s_tir.Schedule, pw: SBlockRV, dw: SBlockRV, registers: in
     sch.compute_at(w_pack, head, preserve_unit_loops=False)
     done.add(sch.get(sch.decompose_reduction(pw, red)).name_hint)
     return done | {pw_name, sch.get(w_pack).name_hint}
+
+
+def schedule_grouped(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers: int,
+                     min_work: int) -> set[str]:
+    """A grouped convolution of ``lanes`` channels per group, one group per block: the group's
+    output channels are one vector against its filter, copied ``[rc, kh, kw, channel]``, and the
+    input is a broadcast per output pixel from a channels-last copy of the group's input
+    channels (made per block, as the depthwise schedule does), so that :func:`schedule_pair`
+    can compute the pointwise convolution into that copy.
+
+    The standalone grouped micro-kernel (:func:`~.microkernel.schedule_anchor`) packs the filter
+    at compile time and fuses the group loop with the rows when there are fewer than 8 groups;
+    here the group loop must stay the outer loop, since the pointwise tile is computed in it.
+    """
+    stmt = sch.get(anchor)
+    if _group_width(stmt) != lanes:
+        raise Unschedulable(f"not a grouped convolution of {lanes} channels per group")
+    axis, group = channel_groups(stmt, lanes)
+    sch.transform_block_layout(anchor, tirx.IndexMap.from_func(
+        lambda *a: [*a[:axis], a[axis] // group, a[axis] % group, *a[axis + 1:]],
+        ndim=len(stmt.iter_vars), index_dtype="int64"))
+    stmt = sch.get(anchor)
+    lay = analyze(stmt, lanes, registers, vector_axis=axis + 1)
+    if lay.v != axis + 1 or lay.vec != lanes or lay.panel in (None, -1):
+        raise Unschedulable("the grouped convolution has no per-group vector layout")
+    kinds = [iv.iter_type for iv in stmt.iter_vars]
+    out = stmt.writes[0].source
+    operands = [i for i, r in enumerate(stmt.reads) if not r.source.same_as(out)]
+    x_idx = operands[1 - lay.panel]
+    # The input's channel dimension: the one the group iterator indexes.
+    g_name = stmt.iter_vars[axis].var.name
+    c_dim = next(d for d, e in enumerate(simplified_indices(stmt.reads[x_idx], stmt))
+                 if g_name in vars_of(e))
+    ndim = len(stmt.reads[x_idx].source.shape)
+
+    out_block = microkernel.cache_accumulators(sch, anchor, stmt, lay)
+    w_pack = microkernel.make_pack(sch, anchor, stmt, lay)
+    x_pack = sch.cache_read(anchor, x_idx, "global")
+
+    def channels_last(*idx):
+        rest = [idx[d] for d in range(ndim) if d != c_dim]
+        return [idx[c_dim] // lanes, *rest, idx[c_dim] % lanes]
+
+    sch.transform_layout(x_pack, ("write", 0), channels_last)
+    for producer in sch.get_producers(x_pack):  # the padding block, computed while copying
+        sch.compute_inline(producer)
+
+    loops, spatial, reduce, (v_out, v_in), (r_out, r_in) = microkernel.split_tile(sch, anchor, kinds, lay)
+    before = [loops[i] for i in spatial if i < lay.v]
+    after = [loops[i] for i in spatial if i > lay.v and i != lay.r]
+    rest = after + ([r_out] if r_out is not None else [])
+    sch.reorder(*before, v_out, *rest, *reduce, *([r_in] if r_in is not None else []), v_in)
+    head = sch.fuse(*before, v_out)
+    acc_loop = sch.fuse(*rest) if len(rest) > 1 else rest[0]
+    work = 1
+    for iv in stmt.iter_vars:
+        work *= extent_of(iv) or min_work
+    if work >= min_work and (microkernel.loop_extent(sch, head) or 2) > 1:
+        sch.parallel(head)
+    if r_in is not None:
+        sch.unroll(r_in)
+    for lp in reduce[1:]:  # the taps; the channel loop stays a loop
+        if (microkernel.loop_extent(sch, lp) or 99) <= 7:
+            sch.unroll(lp)
+    sch.vectorize(v_in)
+    sch.reverse_compute_at(out_block, acc_loop, preserve_unit_loops=False)
+    wb_loops = sch.get_loops(out_block)
+    if wb_loops and microkernel.loop_extent(sch, wb_loops[-1]) == lanes:
+        sch.vectorize(wb_loops[-1])
+    sch.compute_at(x_pack, head, preserve_unit_loops=False)
+    copy = [lp for lp in sch.get_loops(x_pack)[1:] if (microkernel.loop_extent(sch, lp) or 0) > 1]
+    if not copy or microkernel.loop_extent(sch, copy[0]) != lanes:
+        raise Unschedulable("the grouped input copy's loops do not start with its channel block")
+    sch.reorder(*copy[1:], copy[0])
+    sch.vectorize(copy[0])
+    sch.compute_at(w_pack, head, preserve_unit_loops=False)
+    w_loops = sch.get_loops(w_pack)
+    if w_loops and microkernel.loop_extent(sch, w_loops[-1]) == lanes:
+        sch.vectorize(w_loops[-1])
+    done = {stmt.name_hint, sch.get(out_block).name_hint, sch.get(x_pack).name_hint,
+            sch.get(w_pack).name_hint}
+    done.add(sch.get(sch.decompose_reduction(anchor, reduce[0])).name_hint)
+    return done

@@ -118,12 +118,12 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
     packs = _prepack(sch, anchor, stmt, lay)
     stmt = sch.get(anchor)
     # Accumulator tile in registers, layout [.., r, v]; the epilogue joins its write-back.
-    out_block = _cache_accumulators(sch, anchor, stmt, lay)
+    out_block = cache_accumulators(sch, anchor, stmt, lay)
     # The packed copy is made while the anchor's loops are still plain (one per iterator):
     # its loop order can only be permuted then.
-    pack = _make_pack(sch, anchor, stmt, lay) if lay.panel is not None and not packs else None
+    pack = make_pack(sch, anchor, stmt, lay) if lay.panel is not None and not packs else None
 
-    loops, spatial, reduce, (v_out, v_in), (r_out, r_in) = _split_tile(sch, anchor, kinds, lay)
+    loops, spatial, reduce, (v_out, v_in), (r_out, r_in) = split_tile(sch, anchor, kinds, lay)
     others = [loops[i] for i in spatial if i not in (lay.v, lay.r)]
     # Panel operand dependence: outer loops the panel ignores go *inside* the pack point.
     if lay.panel is not None:
@@ -226,7 +226,7 @@ def _join_tile(sch: s_tir.Schedule, out_block: SBlockRV, acc_loop: LoopRV, lanes
     accumulator tile; returns their names.
 
     Their domain is the unpadded one, so they cannot be inlined into the padded write-back
-    (:func:`_cache_accumulators` inlines only same-shape consumers); at the tile they read the
+    (:func:`cache_accumulators` inlines only same-shape consumers); at the tile they read the
     padded result while it is in L1, the rows past the real extent skipped by a predicate.
     Without this, ViT's fused dense + GELU wrote the padded result, copied it, and ran its
     epilogue as separate passes, and was slower fused than unfused.
@@ -318,7 +318,7 @@ def _prepack(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock,
     return {param: pack}
 
 
-def _split_tile(sch: s_tir.Schedule, anchor: SBlockRV, kinds: list, lay: Layout) -> tuple:
+def split_tile(sch: s_tir.Schedule, anchor: SBlockRV, kinds: list, lay: Layout) -> tuple:
     """Split the vector axis by ``vec`` and the register axis by ``rows``.
 
     Returns (loops before the split, spatial iterator indices, reduction loops, (v_outer,
@@ -347,7 +347,7 @@ def loop_extent(sch: s_tir.Schedule, loop: LoopRV) -> int | None:
     return int(ext) if isinstance(ext, tirx.IntImm) else None
 
 
-def _cache_accumulators(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock, lay: Layout) -> SBlockRV:
+def cache_accumulators(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock, lay: Layout) -> SBlockRV:
     """``local`` accumulators indexed in block-iterator order with ``v`` last; returns the
     write-back block with every single-producer elementwise consumer inlined into it."""
     spatial = [i for i, iv in enumerate(stmt.iter_vars) if iv.iter_type == DATA_PAR]
@@ -380,7 +380,7 @@ def _cache_accumulators(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock
     return wb
 
 
-def _make_pack(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock, lay: Layout) -> SBlockRV:
+def make_pack(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock, lay: Layout) -> SBlockRV:
     """Copy the panel operand into ``[reduction/other..., v]`` order (contiguous ``v``)."""
     out = stmt.writes[0].source
     reads = list(stmt.reads)
@@ -441,7 +441,7 @@ def schedule_depthwise(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock,
     c_dim = next(d for d, rng in enumerate(stmt.reads[x_idx].region)
                  if is_channel(rng.min, stmt.iter_vars[lay.v]))
 
-    out_block = _cache_accumulators(sch, anchor, stmt, lay)
+    out_block = cache_accumulators(sch, anchor, stmt, lay)
     # Filter: [reduction..., c] through the block iterators (a single point per iteration).
     w_used = uses[1 - xk]
     w_ivs = [i for i, iv in enumerate(stmt.iter_vars) if iv.var.name in w_used]
@@ -464,7 +464,7 @@ def schedule_depthwise(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock,
         except ScheduleError:
             pass
 
-    loops, spatial, reduce, (v_out, v_in), (r_out, r_in) = _split_tile(sch, anchor, kinds, lay)
+    loops, spatial, reduce, (v_out, v_in), (r_out, r_in) = split_tile(sch, anchor, kinds, lay)
     before = [loops[i] for i in spatial if i < lay.v]
     after = [loops[i] for i in spatial if i > lay.v and i != lay.r]
     rest = after + ([r_out] if r_out is not None else [])

@@ -77,11 +77,16 @@ class _Ctx:
         return max(self.vector_bits // dtype_bits, 1)
 
 
+#: The key of every kernel whose schedule v13 left as it was (:meth:`RulesSchedule.kernel_key`).
+_V12 = "rules:v12"
+
+
 class RulesSchedule(ScheduleProvider):
     """Rule-based CPU schedule: inline, tile anchors, parallelize and vectorize. No search."""
 
     name = "rules"
-    group_shapes = ("pointwise_depthwise",)  # chain.py; tests/compiler/schedules/test_chain.py holds it to that
+    # chain.py; tests/compiler/schedules/test_chain.py holds the provider to this declaration.
+    group_shapes = ("pointwise_depthwise", "pointwise_grouped")
 
     @property
     def key(self) -> str:
@@ -99,10 +104,22 @@ class RulesSchedule(ScheduleProvider):
         # v11: a reduction kernel whose output rows are not the statistics' rows (a layer_norm
         # fused with a transpose) runs each block over its own domain, not per output row;
         # v12: a pointwise conv fused with the depthwise conv it feeds is computed in the
-        # depthwise channel blocks (chain.py), not anchor by anchor.
+        # depthwise channel blocks (chain.py), not anchor by anchor; v13: the same for a
+        # pointwise conv fused with a grouped conv of 8 channels per group (chain.py).
         # Records of older schedules must not be served for the new one, so the version is
         # part of every measurement's key.
-        return "rules:v12"
+        return "rules:v13"
+
+    def kernel_key(self, func: tirx.PrimFunc) -> str:
+        """v13 changed only the kernels that are a pointwise -> grouped pair; every other
+        kernel is scheduled as v12 scheduled it, and keeps its v12 timings."""
+        if _has_chain(func, consumer="grouped"):
+            return self.key
+        return _V12
+
+    @property
+    def kernel_keys(self) -> tuple[str, ...]:
+        return (_V12, self.key)
 
     def schedule(self, mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         ctx = _make_ctx(target)
@@ -129,8 +146,9 @@ def _make_ctx(target: tvm.target.Target) -> _Ctx:
     return _Ctx(target, bits, 32 if bits == 512 else 16)
 
 
-def _has_chain(func: tirx.PrimFunc) -> bool:
-    """Whether ``func`` is a pair that :mod:`.chain` schedules with one shared tile.
+def _has_chain(func: tirx.PrimFunc, consumer: str | None = None) -> bool:
+    """Whether ``func`` is a pair that :mod:`.chain` schedules with one shared tile (with
+    ``consumer`` ``"depthwise"`` or ``"grouped"``: a pair with that consumer).
 
     Every kernel of every build passes here: anchors are counted before anything is inlined
     (inlining neither makes nor removes one), so a kernel without two costs no inlining."""
@@ -139,7 +157,8 @@ def _has_chain(func: tirx.PrimFunc) -> bool:
         if sum(_is_mac(sch, b) for b in _root_blocks(sch)) != 2:
             return False
         _inline_injective(sch)
-        return chain.match(sch, [b for b in _root_blocks(sch) if _is_mac(sch, b)]) is not None
+        pair = chain.match(sch, [b for b in _root_blocks(sch) if _is_mac(sch, b)])
+        return pair is not None and consumer in (None, chain.consumer_kind(sch, pair[1]))
     except Exception:  # noqa: BLE001 - a kernel the analysis cannot read is simply not a pair
         return False
 
@@ -200,7 +219,7 @@ def _schedule_with(func: tirx.PrimFunc, ctx: _Ctx,
     if rule == "chain":
         pair = chain.match(sch, anchors)
         if pair is None:
-            raise ValueError("not a pointwise -> depthwise pair")
+            raise ValueError("not a pointwise -> depthwise or grouped pair")
         done = chain.schedule_pair(sch, *pair, ctx.registers, _MIN_PARALLEL_MACS)
         for block in _root_blocks(sch):
             if sch.get(block).name_hint not in done:

@@ -1,5 +1,5 @@
 """fusion_rl/compiler/schedules/chain.py: a pointwise convolution computed in the channel blocks
-of the depthwise convolution it feeds, verified against ONNX Runtime."""
+of the depthwise or grouped convolution it feeds, verified against ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -28,6 +28,40 @@ class _ExpandDepthwise(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = nn.functional.relu6(self.bn1(self.expand(x)))
         return nn.functional.relu6(self.bn2(self.dw(y)))
+
+
+class _ExpandGrouped(nn.Module):
+    """RegNetX's 1x1 -> grouped 3x3: conv 1x1 + BN + ReLU, then a grouped 3x3 of ``width``
+    channels per group + BN + ReLU."""
+
+    def __init__(self, ci: int, hidden: int, stride: int, width: int = 8) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(ci, hidden, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.grouped = nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden // width, bias=False)
+        self.bn2 = nn.BatchNorm2d(hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.relu(self.bn1(self.expand(x)))
+        return nn.functional.relu(self.bn2(self.grouped(y)))
+
+
+class _RegNetStage(nn.Module):
+    """Two RegNetX blocks (1x1 -> grouped 3x3 -> 1x1, residual) of 16 and 24 channels in
+    groups of 8, a 1x1 transition between them (two distinct pair kernels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleList([_ExpandGrouped(w, w, 1), nn.Conv2d(w, w, 1, bias=False),
+                                                   nn.BatchNorm2d(w)]) for w in (16, 24))
+        self.transition = nn.Conv2d(16, 24, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, (pair, project, bn) in enumerate(self.blocks):
+            x = nn.functional.relu(x + bn(project(pair(x))))
+            if i == 0:
+                x = self.transition(x)
+        return x
 
 
 def _model(tmp_path, name: str, module: nn.Module, shape: tuple[int, ...]):
@@ -70,17 +104,41 @@ def test_a_3x3_producer_is_not_a_pointwise_pair(tmp_path):
     assert list(compiled.schedules.values()) == ["microkernel"], compiled.schedules
 
 
-def test_the_rules_provider_declares_the_pairs_it_schedules_as_one_tile(model_cache):
-    """The declaration is what the provider does: on a MobileNet with three expand -> depthwise
-    pairs, every group that the declared shapes let past one anchor (the ``aggressive_shapes``
-    plan) is scheduled as one shared tile, and the plan is right."""
-    from fusion_rl.compiler.schedules.rules import RulesSchedule
+@pytest.mark.parametrize("target_name", ["host", "haswell-t1"])
+@pytest.mark.parametrize("ci, hidden, stride, size", [
+    (8, 24, 1, 12),   # three groups of 8
+    (8, 16, 2, 14),   # stride 2, as RegNetX's first block of a stage
+    (16, 16, 1, 7),   # two groups, 7 columns (RegNetX's last stage)
+])
+def test_expand_then_grouped_is_one_tile_and_matches_onnx_runtime(tmp_path, target_name, ci, hidden, stride, size):
+    model = _model(tmp_path, "eg", _ExpandGrouped(ci, hidden, stride), (1, ci, size, size))
+    target = parse_target(target_name).to_tvm()
+    plan = make_plan("aggressive", model.mod, model.graph)
+    compiled = compile_plan(model, plan, target, make_schedule("rules"))
+    verify_executable(compiled.executable, model, f"expand-grouped/{target_name}")
+    assert list(compiled.schedules.values()) == ["chain"], compiled.schedules
 
-    assert RulesSchedule.group_shapes == ("pointwise_depthwise",)
-    model = model_cache("mobilenet_tiny")
+
+def test_groups_wider_than_a_channel_block_are_not_a_pair(tmp_path):
+    # 16 channels per group: a block of 8 output channels would need all 16 pointwise channels,
+    # so the kernel runs anchor by anchor, and is still right.
+    model = _model(tmp_path, "eg16", _ExpandGrouped(8, 32, 1, width=16), (1, 8, 10, 10))
+    compiled = compile_plan(model, make_plan("aggressive", model.mod, model.graph),
+                            parse_target("host").to_tvm(), make_schedule("rules"))
+    verify_executable(compiled.executable, model, "expand-grouped16")
+    assert list(compiled.schedules.values()) == ["microkernel"], compiled.schedules
+
+
+@pytest.mark.parametrize("name, pairs", [("mobilenet_tiny", 3), ("regnet", 2)])
+def test_the_rules_provider_declares_the_pairs_it_schedules_as_one_tile(model_cache, tmp_path, name, pairs):
+    """The declaration is what the provider does: every group that the declared shapes let
+    past one anchor (the ``aggressive_shapes`` plan) is scheduled as one shared tile, and the
+    plan is right."""
+    model = (model_cache(name) if name != "regnet"
+             else _model(tmp_path, name, _RegNetStage(), (1, 16, 12, 12)))
     plan = make_plan("aggressive_shapes", model.mod, model.graph)
-    pairs = [g for g in plan.groups if sum(model.graph.nodes[n].is_mac_anchor for n in g) == 2]
-    assert len(pairs) == 3, plan.groups
+    found = [g for g in plan.groups if sum(model.graph.nodes[n].is_mac_anchor for n in g) == 2]
+    assert len(found) == pairs, plan.groups
     compiled = compile_plan(model, plan, parse_target("host").to_tvm(), make_schedule("rules"))
-    verify_executable(compiled.executable, model, "mobilenet_tiny/aggressive_shapes")
-    assert list(compiled.schedules.values()).count("chain") == len(pairs), compiled.schedules
+    verify_executable(compiled.executable, model, f"{name}/aggressive_shapes")
+    assert list(compiled.schedules.values()).count("chain") == pairs, compiled.schedules
