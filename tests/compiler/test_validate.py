@@ -100,7 +100,12 @@ def test_tampered_result_does_not_hold(capsys, measured, tmp_path, monkeypatch, 
 
     from fusion_rl.compiler.measure import Measurer
 
-    first = measured["data"]
+    # The spread is pinned at 5% of the median: a first timing taken while the other test
+    # worker compiled once had an IQR of 14x its median (0.63 ms on 0.045 ms), a band in which
+    # a x10 claim holds. What is under test is the CLI path, not this machine's noise
+    # (test_criterion covers the criterion itself).
+    first = dict(measured["data"])
+    first["spread_ms"] = 0.05 * first["latency_ms"]
     real = Measurer.measure
 
     def as_first_timed(self, model, plan, **kwargs):
