@@ -164,7 +164,10 @@ class KernelTable:
             raise StoreError(f"cannot open kernel table {self.path}: {exc}") from exc
 
     def times(self, kernels: Sequence[str]) -> dict[str, float]:
-        """Median ms of each of ``kernels`` that the table holds for this key."""
+        """Median ms of each of ``kernels`` that the table holds for this key.
+
+        Each kernel is looked up under its schedule key, known once :meth:`kernels` has listed
+        it; a kernel never listed is looked up under the provider's current key."""
         out: dict[str, float] = {}
         where = " AND ".join(f"{c} = ?" for c in _KEY)
         for k in set(kernels):

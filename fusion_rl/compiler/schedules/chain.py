@@ -171,7 +171,6 @@ def schedule_grouped(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, register
     lay = analyze(stmt, lanes, registers, vector_axis=axis + 1)
     if lay.v != axis + 1 or lay.vec != lanes or lay.panel in (None, -1):
         raise Unschedulable("the grouped convolution has no per-group vector layout")
-    kinds = [iv.iter_type for iv in stmt.iter_vars]
     out = stmt.writes[0].source
     operands = [i for i, r in enumerate(stmt.reads) if not r.source.same_as(out)]
     x_idx = operands[1 - lay.panel]
@@ -179,53 +178,12 @@ def schedule_grouped(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, register
     g_name = stmt.iter_vars[axis].var.name
     c_dim = next(d for d, e in enumerate(simplified_indices(stmt.reads[x_idx], stmt))
                  if g_name in vars_of(e))
-    ndim = len(stmt.reads[x_idx].source.shape)
-
     out_block = microkernel.cache_accumulators(sch, anchor, stmt, lay)
     w_pack = microkernel.make_pack(sch, anchor, stmt, lay)
-    x_pack = sch.cache_read(anchor, x_idx, "global")
-
-    def channels_last(*idx):
-        rest = [idx[d] for d in range(ndim) if d != c_dim]
-        return [idx[c_dim] // lanes, *rest, idx[c_dim] % lanes]
-
-    sch.transform_layout(x_pack, ("write", 0), channels_last)
-    for producer in sch.get_producers(x_pack):  # the padding block, computed while copying
-        sch.compute_inline(producer)
-
-    loops, spatial, reduce, (v_out, v_in), (r_out, r_in) = microkernel.split_tile(sch, anchor, kinds, lay)
-    before = [loops[i] for i in spatial if i < lay.v]
-    after = [loops[i] for i in spatial if i > lay.v and i != lay.r]
-    rest = after + ([r_out] if r_out is not None else [])
-    sch.reorder(*before, v_out, *rest, *reduce, *([r_in] if r_in is not None else []), v_in)
-    head = sch.fuse(*before, v_out)
-    acc_loop = sch.fuse(*rest) if len(rest) > 1 else rest[0]
-    work = 1
-    for iv in stmt.iter_vars:
-        work *= extent_of(iv) or min_work
-    if work >= min_work and (microkernel.loop_extent(sch, head) or 2) > 1:
-        sch.parallel(head)
-    if r_in is not None:
-        sch.unroll(r_in)
-    for lp in reduce[1:]:  # the taps; the channel loop stays a loop
-        if (microkernel.loop_extent(sch, lp) or 99) <= 7:
-            sch.unroll(lp)
-    sch.vectorize(v_in)
-    sch.reverse_compute_at(out_block, acc_loop, preserve_unit_loops=False)
+    done = microkernel.tile_channel_blocks(sch, anchor, stmt, lay, lanes, min_work, out_block, w_pack,
+                                           x_idx, c_dim, channels_inner=True)
+    out_block = sch.get_sblock(sch.get(out_block).name_hint)
     wb_loops = sch.get_loops(out_block)
     if wb_loops and microkernel.loop_extent(sch, wb_loops[-1]) == lanes:
-        sch.vectorize(wb_loops[-1])
-    sch.compute_at(x_pack, head, preserve_unit_loops=False)
-    copy = [lp for lp in sch.get_loops(x_pack)[1:] if (microkernel.loop_extent(sch, lp) or 0) > 1]
-    if not copy or microkernel.loop_extent(sch, copy[0]) != lanes:
-        raise Unschedulable("the grouped input copy's loops do not start with its channel block")
-    sch.reorder(*copy[1:], copy[0])
-    sch.vectorize(copy[0])
-    sch.compute_at(w_pack, head, preserve_unit_loops=False)
-    w_loops = sch.get_loops(w_pack)
-    if w_loops and microkernel.loop_extent(sch, w_loops[-1]) == lanes:
-        sch.vectorize(w_loops[-1])
-    done = {stmt.name_hint, sch.get(out_block).name_hint, sch.get(x_pack).name_hint,
-            sch.get(w_pack).name_hint}
-    done.add(sch.get(sch.decompose_reduction(anchor, reduce[0])).name_hint)
+        sch.vectorize(wb_loops[-1])  # the group's channels, one vector store per pixel
     return done

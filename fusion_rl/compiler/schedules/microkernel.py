@@ -431,13 +431,11 @@ def schedule_depthwise(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock,
     ``channels_inner`` along the channels (for an input that is channels-last already:
     :mod:`.chain` computes it so)."""
     names = [iv.var.name for iv in stmt.iter_vars]
-    kinds = [iv.iter_type for iv in stmt.iter_vars]
     out = stmt.writes[0].source
     operands = [i for i, r in enumerate(stmt.reads) if not r.source.same_as(out)]
     uses = [set().union(*(vars_of(rng.min) for rng in stmt.reads[i].region)) for i in operands]
     xk = x_operand([stmt.reads[i] for i in operands], names[lay.v], uses)
     x_idx, w_idx = operands[xk], operands[1 - xk]
-    x_buf = stmt.reads[x_idx].source
     c_dim = next(d for d, rng in enumerate(stmt.reads[x_idx].region)
                  if is_channel(rng.min, stmt.iter_vars[lay.v]))
 
@@ -448,9 +446,22 @@ def schedule_depthwise(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock,
     w_perm = [i for i in w_ivs if i != lay.v] + [lay.v]
     w_pack = sch.reindex_cache_read(anchor, w_idx, "global",
                                     _index_map(lambda *a: [a[i] for i in w_perm], stmt))
+    return tile_channel_blocks(sch, anchor, stmt, lay, lanes, min_work, out_block, w_pack,
+                               x_idx, c_dim, channels_inner)
+
+
+def tile_channel_blocks(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock, lay: Layout,
+                        lanes: int, min_work: int, out_block: SBlockRV, w_pack: SBlockRV,
+                        x_idx: int, c_dim: int, channels_inner: bool) -> set[str]:
+    """The loop nest that :func:`schedule_depthwise` and :func:`.chain.schedule_grouped` share:
+    one parallel block of ``lanes`` channels outside, in it a channels-last copy of the input
+    operand ``x_idx`` (its channel dimension ``c_dim`` moved last, padding computed in the copy)
+    and the filter copy ``w_pack``, then ``rows`` outputs x one vector per reduction step, the
+    accumulators ``out_block`` written back per row tile. Returns the blocks scheduled."""
+    kinds = [iv.iter_type for iv in stmt.iter_vars]
     # Input: the buffer's own layout with the channel moved last, blocked by ``lanes``.
     x_pack = sch.cache_read(anchor, x_idx, "global")
-    ndim = len(x_buf.shape)
+    ndim = len(stmt.reads[x_idx].source.shape)
 
     def channels_last(*idx):
         rest = [idx[d] for d in range(ndim) if d != c_dim]
@@ -488,7 +499,7 @@ def schedule_depthwise(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock,
     if channels_inner:
         copy = [lp for lp in sch.get_loops(x_pack)[1:] if (loop_extent(sch, lp) or 0) > 1]
         if not copy or loop_extent(sch, copy[0]) != lanes:
-            raise Unschedulable("the depthwise copy's loops do not start with its channel block")
+            raise Unschedulable("the input copy's loops do not start with its channel block")
         sch.reorder(*copy[1:], copy[0])
         sch.vectorize(copy[0])
     else:
