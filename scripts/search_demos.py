@@ -8,7 +8,8 @@ Top to bottom:
 1. read the experiment config's ``demonstrations`` block (``algo``, ``budget``, ``seed``,
    ``out``) and its training config's env spec (the training models, the kernel table);
 2. on each training model, run the search over the kernel table, seeded with the experiment's
-   fixed rules' plans (so it starts from the best of them);
+   fixed rules' plans (so it starts from the best of them), within the env's action space (its
+   anchor cap and declared group shapes): behaviour cloning skips a plan the mask forbids;
 3. write each best plan as a plan file in ``out``; a training config's ``warm_start.plans``
    may list them, and behaviour cloning then imitates whichever candidate (rule or search
    plan) the table rates best per model (issue 11, item 5: "the best known plans, rule sets
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     env = FusionEnv(env_spec)
     spec = parse_target(env.config.targets[0])
+    options = env.config.decision_options  # the mask training plays under
     table = env.open_kernel_table(spec)
     rows = []
     # Head to head never reads a store: a store-less measurer of the env's schedule.
@@ -84,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             seeds = [make_plan(r, model.mod, model.graph) for r in cfg["rules"]]
             t0 = time.perf_counter()
             res = run_search(demos["algo"], model, TableObjective(table), int(demos["budget"]),
-                             seed=int(demos.get("seed", 0)), seeds=seeds)
+                             seed=int(demos.get("seed", 0)), seeds=seeds,
+                             max_anchors=options.max_mac_anchors, shapes=options.group_shapes)
             if res.best_plan is None:
                 raise ConfigError(f"{demos['algo']} found no plan that compiles on {name}")
             tvm = make_plan("tvm", model.mod, model.graph)

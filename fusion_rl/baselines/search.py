@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 
@@ -163,21 +163,24 @@ class _Evaluator:
         )
 
 
-def within_anchor_cap(graph: Any, plan: FusionPlan, max_anchors: int | None) -> bool:
-    """Whether every group of ``plan`` holds at most ``max_anchors`` conv/matmul anchors
-    (``None``: no cap), the constraint the training env's mask enforces."""
-    return all(within_anchor_limit(graph, g, max_anchors) for g in plan.groups)
+def within_anchor_cap(graph: Any, plan: FusionPlan, max_anchors: int | None,
+                      shapes: Collection[str] = ()) -> bool:
+    """Whether every group of ``plan`` holds at most ``max_anchors`` conv/matmul anchors or is
+    one of the group ``shapes`` (``None``: no cap), the constraint the training env's mask
+    enforces (:attr:`~fusion_rl.env.spec.EnvSpec.decision_options`)."""
+    return all(within_anchor_limit(graph, g, max_anchors, shapes) for g in plan.groups)
 
 
-def _best_seed(ev: _Evaluator, graph: Any, seeds: Sequence[FusionPlan], default: FusionPlan) -> FusionPlan:
-    """Evaluate the legal ``seeds`` (within the budget) and return the fastest that measured
-    ``ok``; ``default`` when there is none. A local search that starts here can only improve on
-    its seeds, e.g. on the best fixed rule's plan."""
+def _best_seed(ev: _Evaluator, graph: Any, seeds: Sequence[FusionPlan], default: FusionPlan,
+               max_anchors: int | None = None, shapes: Collection[str] = ()) -> FusionPlan:
+    """Evaluate the legal ``seeds`` within the anchor cap (and the budget) and return the
+    fastest that measured ``ok``; ``default`` when there is none. A local search that starts
+    here can only improve on its seeds, e.g. on the best fixed rule's plan."""
     best, best_ms = default, math.inf
     for plan in seeds:
         if ev.exhausted:
             break
-        if is_legal(graph, plan):
+        if is_legal(graph, plan) and within_anchor_cap(graph, plan, max_anchors, shapes):
             ms = ev.evaluate(plan)
             if ms is not None and ms < best_ms:
                 best, best_ms = plan, ms
@@ -202,18 +205,20 @@ def random_search(
     seeds: Sequence[FusionPlan] = (),
     max_anchors: int | None = None,
     max_proposals: int | None = None,
+    shapes: Collection[str] = (),
     progress: Callable[[int, int | None, str], None] | None = None,
 ) -> SearchResult:
     """Measure random legal plans (:func:`random_plan`, ``merge_prob ~ U[0, 1]`` per plan).
 
     ``seeds`` are measured first (e.g. rule-set plans); by default the search is purely random.
+    ``max_anchors`` and ``shapes`` bound every plan's groups as :func:`within_anchor_cap` does.
     Duplicates are free, so on a small graph the plan space can run out before the budget:
     the search stops after ``max_proposals`` proposals (default ``50 * budget``).
     """
     ev = _Evaluator(model, measurer, budget, progress=progress)
     rng = np.random.default_rng(seed)
     graph = model.graph
-    _best_seed(ev, graph, seeds, FusionPlan.singletons(len(graph), graph.fingerprint, "random"))
+    _best_seed(ev, graph, seeds, FusionPlan.singletons(len(graph), graph.fingerprint, "random"), max_anchors, shapes)
     proposals = 0
     limit = max_proposals if max_proposals is not None else 50 * budget
     while not ev.exhausted and proposals < limit:
@@ -221,7 +226,7 @@ def random_search(
         batch: dict[str, FusionPlan] = {}
         while len(batch) < min(ev.runners, budget - len(ev.seen)) and proposals < limit:
             proposals += 1
-            plan = random_plan(graph, rng, merge_prob=None, max_anchors=max_anchors)
+            plan = random_plan(graph, rng, merge_prob=None, max_anchors=max_anchors, shapes=shapes)
             # random_plan keeps groups convex; a cycle *between* groups is possible
             if plan.hash not in ev.seen and is_legal(graph, plan):
                 batch.setdefault(plan.hash, plan)
@@ -235,17 +240,18 @@ def random_search(
 
 
 def greedy(model: Model, measurer: Measurer, budget: int, seed: int | None = None,
-           seeds: Sequence[FusionPlan] = (), max_anchors: int | None = None,
+           seeds: Sequence[FusionPlan] = (), max_anchors: int | None = None, shapes: Collection[str] = (),
            progress: Callable[[int, int | None, str], None] | None = None) -> SearchResult:
     """Best-improvement merging: start unfused (or from the fastest of ``seeds``, measured
     first); each round measure every legal one-edge merge of
-    the current plan (within ``max_anchors`` per group) and take the best-measured one; stop
+    the current plan (within ``max_anchors`` per group, or into one of ``shapes``) and take the best-measured one; stop
     when no merge improves on the current plan or the budget is spent (the best merge measured
     so far in an interrupted round is still taken if it improves). Deterministic: ``seed`` is
     unused and only recorded."""
     ev = _Evaluator(model, measurer, budget, progress=progress)
     graph = model.graph
-    current = _best_seed(ev, graph, seeds, FusionPlan.singletons(len(graph), graph.fingerprint, "greedy"))
+    current = _best_seed(ev, graph, seeds, FusionPlan.singletons(len(graph), graph.fingerprint, "greedy"),
+                         max_anchors, shapes)
     current_ms = ev.evaluate(current)
     rounds = 0
     stop = "budget"
@@ -253,7 +259,7 @@ def greedy(model: Model, measurer: Measurer, budget: int, seed: int | None = Non
         rounds += 1
         best_cand, best_ms = None, current_ms
         interrupted = False
-        cands = [c for c in merge_candidates(graph, current) if within_anchor_cap(graph, c, max_anchors)]
+        cands = [c for c in merge_candidates(graph, current) if within_anchor_cap(graph, c, max_anchors, shapes)]
         for start in range(0, len(cands), ev.runners):
             chunk = cands[start:start + ev.runners]
             for cand, ms in zip(chunk, ev.evaluate_many(chunk)):
@@ -286,10 +292,12 @@ def annealing(
     t_end: float = 0.002,
     max_proposals: int | None = None,
     max_anchors: int | None = None,
+    shapes: Collection[str] = (),
     progress: Callable[[int, int | None, str], None] | None = None,
 ) -> SearchResult:
     """Simulated annealing over legal plans, moving with :func:`mutate_plan` and :func:`peel_node`
-    (a move that puts more than ``max_anchors`` conv/matmul anchors in a group is not proposed).
+    (a move that puts more than ``max_anchors`` conv/matmul anchors in a group not of one of
+    ``shapes`` is not proposed).
 
     Neighbourhood: with probability 1/2 :func:`mutate_plan` (split a fused group into
     singletons, or merge along a few more edges), else :func:`peel_node` (move one node out of a
@@ -311,14 +319,15 @@ def annealing(
     rng = np.random.default_rng(seed)
     graph = model.graph
     # Start unfused, or from the fastest of ``seeds`` (measured first, within the budget).
-    current = _best_seed(ev, graph, seeds, FusionPlan.singletons(len(graph), graph.fingerprint, "annealing"))
+    current = _best_seed(ev, graph, seeds, FusionPlan.singletons(len(graph), graph.fingerprint, "annealing"),
+                         max_anchors, shapes)
     current_ms = ev.evaluate(current)
     proposals = accepted = 0
     limit = max_proposals if max_proposals is not None else 50 * budget
     while current_ms is not None and not ev.exhausted and proposals < limit:
         proposals += 1
         cand = mutate_plan(graph, current, rng) if rng.uniform() < 0.5 else peel_node(graph, current, rng)
-        if cand.hash == current.hash or not within_anchor_cap(graph, cand, max_anchors) \
+        if cand.hash == current.hash or not within_anchor_cap(graph, cand, max_anchors, shapes) \
                 or not is_legal(graph, cand):
             continue
         ms = ev.evaluate(cand)
@@ -388,7 +397,8 @@ def run_search(algo: str, model: Model, measurer: Measurer, budget: int, seed: i
     """Run search algorithm ``algo`` (a key of :data:`ALGORITHMS`).
 
     ``progress(evaluated, budget, label)``, if given, is called after each plan evaluated;
-    ``options`` go to the algorithm (e.g. ``max_anchors`` for random, greedy and annealing).
+    ``options`` go to the algorithm (e.g. ``max_anchors`` and ``shapes`` for random, greedy and
+    annealing).
     """
     try:
         fn = ALGORITHMS[algo]

@@ -69,15 +69,16 @@ def random_plan(
     merge_prob: float | None = None,
     start: FusionPlan | None = None,
     max_anchors: int | None = None,
+    shapes: Collection[str] = (),
 ) -> FusionPlan:
     """A random legal plan; ``start`` (a legal plan) is grown further if given.
 
     ``merge_prob=None`` draws it uniformly from [0, 1] per plan. ``max_anchors`` caps the
-    conv/matmul anchors per group (``None``: no cap).
+    conv/matmul anchors per group (``None``: no cap) except in a group of one of ``shapes``.
     """
     p = float(rng.uniform()) if merge_prob is None else merge_prob
     order = rng.permutation(len(graph.edges))
-    return grow_plan(graph, order, lambda: bool(rng.uniform() < p), start, max_anchors, "random")
+    return grow_plan(graph, order, lambda: bool(rng.uniform() < p), start, max_anchors, "random", shapes)
 
 
 def mutate_plan(graph: OpGraph, plan: FusionPlan, rng: np.random.Generator) -> FusionPlan:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -176,26 +177,47 @@ def test_cli_exhaustive_refusal_is_one_line(capsys, tmp_path):
     assert line.startswith("error: exhaustive search")
 
 
+class _Recording:
+    """A measurer without TVM: fewer groups is faster, so searches drive towards big groups."""
+
+    def __init__(self) -> None:
+        self.stats, self.plans = SimpleNamespace(misses=0), []
+
+    def measure(self, model, plan, per_kernel=False):
+        self.stats.misses += 1
+        self.plans.append(plan)
+        return SimpleNamespace(status="ok", median_ms=float(len(plan.groups)))
+
+
 @pytest.mark.parametrize("algo", ["random", "greedy", "annealing"])
 def test_anchor_cap_bounds_every_evaluated_plan(model_cache, algo):
     """With ``max_anchors=1`` no evaluated plan has a group with two conv/matmul anchors (the
     training env's mask); without it, some search plans do (the cap is what restricts them)."""
-    from types import SimpleNamespace
-
     from fusion_rl.baselines.search import run_search, within_anchor_cap
 
-    class Recording:  # no TVM: fewer groups is faster, so searches drive towards big groups
-        def __init__(self) -> None:
-            self.stats, self.plans = SimpleNamespace(misses=0), []
-
-        def measure(self, model, plan, per_kernel=False):
-            self.stats.misses += 1
-            self.plans.append(plan)
-            return SimpleNamespace(status="ok", median_ms=float(len(plan.groups)))
-
     model = model_cache("cnn_plain")
-    capped, free = Recording(), Recording()
+    capped, free = _Recording(), _Recording()
     run_search(algo, model, capped, 40, seed=0, max_anchors=1)
     run_search(algo, model, free, 40, seed=0)
     assert capped.plans and all(within_anchor_cap(model.graph, p, 1) for p in capped.plans)
     assert not all(within_anchor_cap(model.graph, p, 1) for p in free.plans)
+
+
+@pytest.mark.parametrize("algo", ["random", "greedy", "annealing"])
+def test_declared_shapes_pass_the_anchor_cap_and_nothing_else(model_cache, algo):
+    """A search bounded as the training mask is (one anchor per group, except a declared
+    shape) reaches the pointwise -> depthwise pair and no other multi-anchor group: search
+    demonstrations stay plans that behaviour cloning can replay. The seeds include
+    ``aggressive`` (outside the mask), which must not become the start."""
+    from fusion_rl.baselines.search import run_search, within_anchor_cap
+    from fusion_rl.fusion.group_shapes import pointwise_depthwise
+    from fusion_rl.fusion.rules import make_plan
+
+    model = model_cache("mobilenet_tiny")
+    graph, shapes = model.graph, ("pointwise_depthwise",)
+    seeds = [make_plan(r, model.mod, graph) for r in ("tvm", "aggressive")]
+    rec = _Recording()
+    run_search(algo, model, rec, 60, seed=0, seeds=seeds, max_anchors=1, shapes=shapes)
+    assert rec.plans and all(within_anchor_cap(graph, p, 1, shapes) for p in rec.plans)
+    multi = [g for p in rec.plans for g in p.groups if sum(graph.nodes[n].is_mac_anchor for n in g) > 1]
+    assert multi and all(pointwise_depthwise(graph, g) for g in multi)
