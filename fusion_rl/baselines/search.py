@@ -218,7 +218,8 @@ def random_search(
     ev = _Evaluator(model, measurer, budget, progress=progress)
     rng = np.random.default_rng(seed)
     graph = model.graph
-    _best_seed(ev, graph, seeds, FusionPlan.singletons(len(graph), graph.fingerprint, "random"), max_anchors, shapes)
+    _best_seed(ev, graph, seeds, FusionPlan.singletons(len(graph), graph.fingerprint, "random"),
+               max_anchors, shapes)
     proposals = 0
     limit = max_proposals if max_proposals is not None else 50 * budget
     while not ev.exhausted and proposals < limit:
@@ -240,11 +241,12 @@ def random_search(
 
 
 def greedy(model: Model, measurer: Measurer, budget: int, seed: int | None = None,
-           seeds: Sequence[FusionPlan] = (), max_anchors: int | None = None, shapes: Collection[str] = (),
+           seeds: Sequence[FusionPlan] = (), max_anchors: int | None = None,
+           shapes: Collection[str] = (),
            progress: Callable[[int, int | None, str], None] | None = None) -> SearchResult:
     """Best-improvement merging: start unfused (or from the fastest of ``seeds``, measured
-    first); each round measure every legal one-edge merge of
-    the current plan (within ``max_anchors`` per group, or into one of ``shapes``) and take the best-measured one; stop
+    first); each round measure every legal one-edge merge of the current plan (within
+    ``max_anchors`` per group, or into one of ``shapes``) and take the best-measured one; stop
     when no merge improves on the current plan or the budget is spent (the best merge measured
     so far in an interrupted round is still taken if it improves). Deterministic: ``seed`` is
     unused and only recorded."""
@@ -259,7 +261,8 @@ def greedy(model: Model, measurer: Measurer, budget: int, seed: int | None = Non
         rounds += 1
         best_cand, best_ms = None, current_ms
         interrupted = False
-        cands = [c for c in merge_candidates(graph, current) if within_anchor_cap(graph, c, max_anchors, shapes)]
+        cands = [c for c in merge_candidates(graph, current)
+                 if within_anchor_cap(graph, c, max_anchors, shapes)]
         for start in range(0, len(cands), ev.runners):
             chunk = cands[start:start + ev.runners]
             for cand, ms in zip(chunk, ev.evaluate_many(chunk)):
