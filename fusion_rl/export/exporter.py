@@ -40,9 +40,12 @@ def export_run(
         raise ConfigError(f"{config_path}: a run config must be a JSON object")
     # Before the path is made portable: the run recorded where its spec was.
     decisions = _decision_options(config)
+    # The run resolved its paths to absolute ones; a card must not name the exporting machine.
     if isinstance(config.get("env_spec"), str):
-        # The run resolved it to an absolute path; a card must not name the exporting machine.
-        config["env_spec"] = _portable(config["env_spec"])
+        config["env_spec"] = relative_to_repo(config["env_spec"])
+    warm = config.get("warm_start")
+    if isinstance(warm, dict) and isinstance(warm.get("plans"), list):
+        warm["plans"] = [relative_to_repo(p) if isinstance(p, str) else p for p in warm["plans"]]
     snapshot = load_snapshot(run_snapshot(run))
     network = snapshot.network
     training = {
@@ -73,11 +76,6 @@ def export_run(
     if command:
         card.training["export_command"] = command
     return save_artifact(out_dir, network, card)
-
-
-def _portable(path: str) -> str:
-    """``path`` relative to the repository when it lies inside it, else unchanged."""
-    return relative_to_repo(path)
 
 
 def _decision_options(config: dict[str, Any]) -> DecisionOptions:

@@ -200,6 +200,16 @@ def test_export_run_from_an_sb3_model(tmp_path):
     (run / "config.json").write_text(json.dumps(
         {"env_spec": "tiny", "seed": 0, "env_kwargs": {"max_mac_anchors": 1, "render_mode": None}}))
     assert load_network(export_run(run, tmp_path / "capped"))[1]["decisions"] == {"max_mac_anchors": 1, "group_shapes": []}
+    # The run recorded absolute paths (training resolves them); the card names them from the
+    # repository, so it carries no folder of the exporting machine.
+    from fusion_rl.paths import REPO_ROOT
+
+    demo = str(REPO_ROOT / "experiments" / "learn_bench" / "demos" / "bench_regnetx.json")
+    (run / "config.json").write_text(json.dumps(
+        {"env_spec": str(REPO_ROOT / "envs" / "tiny.yaml"), "seed": 0, "warm_start": {"plans": [demo]}}))
+    config = load_network(export_run(run, tmp_path / "portable"))[1]["training"]["config"]
+    assert config["env_spec"] == "envs/tiny.yaml"
+    assert config["warm_start"]["plans"] == ["experiments/learn_bench/demos/bench_regnetx.json"]
     (run / "config.json").write_text(json.dumps({"env_spec": "no_such_spec", "seed": 0}))
     with pytest.raises(ConfigError, match="decision options it trained under"):
         export_run(run, tmp_path / "unknown")
@@ -210,3 +220,25 @@ def test_export_run_from_an_sb3_model(tmp_path):
         expected = dist.distribution.logits
         got = torch.log_softmax(net(t_obs), dim=-1)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_shipped_cards_name_no_folder_of_a_machine():
+    """Every path a shipped policy card records is repository-relative: an absolute one
+    (``/home/...``, ``/tmp/...``) names the machine that exported it."""
+    from fusion_rl.paths import REPO_ROOT
+
+    def strings(value):
+        if isinstance(value, dict):
+            for v in value.values():
+                yield from strings(v)
+        elif isinstance(value, list):
+            for v in value:
+                yield from strings(v)
+        elif isinstance(value, str):
+            yield value
+
+    cards = sorted((REPO_ROOT / "policies").glob("*/card.json"))
+    assert cards
+    for card in cards:
+        found = [s for s in strings(json.loads(card.read_text())) if re.search(r"(^|\s)/[\w.]", s)]
+        assert not found, f"{card.relative_to(REPO_ROOT)} records absolute paths: {found}"
