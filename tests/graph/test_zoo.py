@@ -210,6 +210,7 @@ def test_export_onnx_uses_env_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 TINY_BENCH: dict[str, dict[str, object]] = {
     "bench_resnet18": {"image_size": 32, "embedding_size": 8, "hidden_sizes": (8, 16), "depths": (1, 1)},
     "bench_mobilenet_v2": {"image_size": 32, "width_percent": 35},
+    "bench_efficientnet_b0": {"image_size": 32, "width_percent": 25, "depth_percent": 25},
     "bench_regnetx": {"image_size": 32, "embedding_size": 8, "hidden_sizes": (8, 16), "depths": (1, 1),
                       "groups_width": 4},
     "bench_convnext": {"image_size": 32, "hidden_sizes": (8, 16), "depths": (1, 1)},
@@ -218,7 +219,7 @@ TINY_BENCH: dict[str, dict[str, object]] = {
     "bench_llama": {"seq": 16, "vocab": 64, "hidden": 32, "heads": 4, "kv_heads": 2, "ff": 64, "layers": 1},
     "bench_vit": {"image_size": 32, "patch": 8, "hidden": 32, "heads": 4, "ff": 64, "layers": 1},
 }
-CNN_FAMILIES = {"residual_cnn", "mobile_cnn", "grouped_cnn", "convnext"}
+CNN_FAMILIES = {"residual_cnn", "mobile_cnn", "efficientnet", "grouped_cnn", "convnext"}
 TRANSFORMER_FAMILIES = {"transformer", "decoder", "vit"}
 
 
@@ -254,7 +255,7 @@ def test_bench_builders_make_tiny_instances(name: str) -> None:
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     if zoo.get_entry(name).family == "grouped_cnn":
         assert any(1 < c.groups < c.in_channels for c in convs)
-    if zoo.get_entry(name).family in ("mobile_cnn", "convnext"):
+    if zoo.get_entry(name).family in ("mobile_cnn", "efficientnet", "convnext"):
         assert any(c.groups == c.in_channels > 1 for c in convs)
 
 
@@ -271,9 +272,11 @@ def test_flops_count_multiply_accumulates_twice() -> None:
 
 def test_bench_flops_match_the_published_architectures() -> None:
     # Counted on torch's meta device: shapes only, no weights are made.
-    gmacs = {name: zoo.flops(name) / 2e9 for name in ("bench_resnet18", "bench_mobilenet_v2")}
+    names = ("bench_resnet18", "bench_mobilenet_v2", "bench_efficientnet_b0")
+    gmacs = {name: zoo.flops(name) / 2e9 for name in names}
     assert gmacs["bench_resnet18"] == pytest.approx(1.81, rel=0.01)  # ResNet-18 at 224x224
     assert gmacs["bench_mobilenet_v2"] == pytest.approx(0.30, rel=0.01)  # MobileNetV2 1.0
+    assert gmacs["bench_efficientnet_b0"] == pytest.approx(0.39, rel=0.02)  # EfficientNet-B0
 
 
 # ------------------------------------------------------------------------------------------

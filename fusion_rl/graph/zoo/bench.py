@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from fusion_rl.graph.zoo.blocks import ZooEntry, make_entry
 from fusion_rl.graph.zoo.hf import (
-    build_hf_bert, build_hf_convnext, build_hf_gpt2, build_hf_llama, build_hf_mobilenet_v2,
-    build_hf_regnet, build_hf_resnet, build_hf_vit,
+    build_hf_bert, build_hf_convnext, build_hf_efficientnet, build_hf_gpt2, build_hf_llama,
+    build_hf_mobilenet_v2, build_hf_regnet, build_hf_resnet, build_hf_vit,
 )
 
 _TEXT = {"source": "transformers", "suite": "bench", "input_names": ("input_ids",)}
@@ -39,6 +39,14 @@ ENTRIES: tuple[ZooEntry, ...] = (
         "MobileNetV2 1.0: inverted residuals, depthwise 3x3, ReLU6, TF 'same' padding, 224x224",
         build_hf_mobilenet_v2,
         {"batch": 1, "image_size": 224, "width_percent": 100},
+        fold_shapes=True,
+        **_IMAGE,
+    ),
+    make_entry(
+        "bench_efficientnet_b0", "efficientnet",
+        "EfficientNet-B0: MBConv blocks, 3x3 and 5x5 depthwise, squeeze-excite, swish, 224x224",
+        build_hf_efficientnet,
+        {"batch": 1, "image_size": 224, "width_percent": 100, "depth_percent": 100},
         fold_shapes=True,
         **_IMAGE,
     ),

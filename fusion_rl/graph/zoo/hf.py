@@ -122,6 +122,25 @@ def build_hf_mobilenet_v2(batch: int, image_size: int, width_percent: int) -> Bu
     return model, (image_input(batch, image_size),)
 
 
+def build_hf_efficientnet(batch: int, image_size: int, width_percent: int, depth_percent: int) -> Built:
+    """EfficientNet (B0 at ``width_percent = depth_percent = 100``): MBConv blocks, a pointwise
+    expansion feeding a 3x3 or 5x5 depthwise conv, squeeze-excite and swish. Strided depthwise
+    convs pad explicitly (``ZeroPad2d`` then "valid"), as in the TensorFlow original, so the
+    export needs ``fold_shapes``."""
+    import transformers
+    from transformers.models.efficientnet.modeling_efficientnet import round_filters
+
+    config = transformers.EfficientNetConfig(
+        num_channels=3, image_size=image_size, width_coefficient=width_percent / 100.0,
+        depth_coefficient=depth_percent / 100.0,
+    )
+    # The head conv is sized by round_filters(1280) but its batch norm by hidden_dim: they agree
+    # only at the default width unless hidden_dim follows the width.
+    config.hidden_dim = round_filters(config, 1280)
+    model = HFTensorOutput(transformers.EfficientNetModel(config), "pooler_output")
+    return model, (image_input(batch, image_size),)
+
+
 def build_hf_regnet(
     batch: int, image_size: int, embedding_size: int, hidden_sizes: tuple[int, ...],
     depths: tuple[int, ...], groups_width: int, layer_type: str = "x",
