@@ -143,3 +143,22 @@ def test_the_decision_mask_opens_exactly_the_declared_pairs(model_cache):
     assert actions_for_plan(graph, shaped, declared)
     with pytest.raises(IllegalPlanError, match="no declared group shape"):
         actions_for_plan(graph, shaped, capped)
+
+
+def test_efficientnet_mbconv_expansions_are_the_declared_pair(tmp_path):
+    """EfficientNet-B0 is the training family that shows the policy ``pointwise_depthwise``:
+    at tiny size, fusing every declared pair forms the pair in its MBConv blocks, including
+    across the explicit zero pad of a strided depthwise conv (the pad is injective, so it is
+    computed inside the shared tile)."""
+    from fusion_rl.graph import zoo
+    from fusion_rl.graph.model import load_onnx_model
+
+    path = zoo.import_path("bench_efficientnet_b0", cache_dir=tmp_path, image_size=32,
+                           width_percent=25, depth_percent=25)
+    model = load_onnx_model(path)
+    graph = model.graph
+    pairs = [g for g in make_plan("aggressive_shapes", model.mod, graph).groups
+             if sum(graph.nodes[n].is_mac_anchor for n in g) == 2]
+    assert pairs and all(pointwise_depthwise(graph, g) for g in pairs)
+    assert any("pad" in {graph.nodes[n].op for n in g} for g in pairs)
+    assert not any(pointwise_grouped(graph, g) for g in pairs)
