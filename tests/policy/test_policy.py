@@ -11,6 +11,7 @@ from fusion_rl.env.spaces import action_space, observation_space
 from fusion_rl.errors import ConfigError
 from fusion_rl.policy.encoder import GraphEncoder, GraphFeaturesExtractor, obs_to_batch
 from fusion_rl.policy.layers import MLP, GATv2Block, add_reverse_edges
+from fusion_rl.policy.network import DecisionFeatures, node_chunks
 from fusion_rl.policy.policy import PPOConfig
 
 from _tiny import diamond
@@ -126,6 +127,37 @@ def test_extractor_batches_graphs_of_different_sizes(graphs):
     # Graphs in one batch do not see each other.
     torch.testing.assert_close(feats[0:1], ext(as_batch(a)), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(feats[1:2], ext(as_batch(b)), atol=1e-5, rtol=1e-5)
+
+
+def test_node_chunks_respect_the_budget_and_keep_large_graphs_whole():
+    mask = torch.zeros(5, 8)
+    for row, count in enumerate([3, 2, 6, 1, 1]):
+        mask[row, :count] = 1.0
+    assert node_chunks(mask, 5) == [slice(0, 2), slice(2, 3), slice(3, 5)]
+    assert node_chunks(mask, 100) == [slice(0, 5)]
+    assert node_chunks(mask, 1) == [slice(i, i + 1) for i in range(5)]
+    assert node_chunks(torch.zeros(0, 8), 5) == [slice(0, 0)]
+
+
+def test_chunked_encoding_gives_the_features_and_gradients_of_one_batch(graphs, monkeypatch):
+    mlp, cnn = graphs
+    observations = [graph_observation(g, HW, 64, 64, decision_edge=i) for g in (mlp, cnn, cnn, mlp) for i in (0, 1)]
+    batch = as_batch(*observations)
+
+    def features_and_grads(chunk_nodes: int):
+        monkeypatch.setattr(DecisionFeatures, "CHUNK_NODES", chunk_nodes)
+        ext = extractor()
+        feats = ext(batch)
+        feats.square().sum().backward()
+        return feats.detach(), [p.grad.clone() for p in ext.parameters() if p.grad is not None]
+
+    whole, whole_grads = features_and_grads(10_000)
+    assert len(node_chunks(batch["node_mask"], len(cnn))) > 2
+    chunked, chunked_grads = features_and_grads(len(cnn))
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+    assert len(chunked_grads) == len(whole_grads)
+    for a, b in zip(chunked_grads, whole_grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_padding_invariance(graphs):
