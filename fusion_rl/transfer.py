@@ -93,6 +93,26 @@ def check_family_split(families: dict[str, str], train_models: Sequence[str], he
                               f"sees through {seen[families[name]]!r}")
 
 
+def group_shape_instances(graphs: dict[str, Any], shapes: Sequence[str]) -> dict[str, dict[str, int]]:
+    """How many instances of each declared group shape each training model has (models with
+    none left out): a shape no training model shows is one the policy can meet only by exploring.
+
+    Parameters
+    ----------
+    graphs
+        Training model name -> its :class:`~fusion_rl.graph.opgraph.OpGraph`.
+    shapes
+        Group shape names (:mod:`fusion_rl.fusion.group_shapes`).
+    """
+    from fusion_rl.fusion.group_shapes import shape_instances
+
+    counts: dict[str, dict[str, int]] = {}
+    for shape in shapes:
+        found = {name: len(shape_instances(graph, shape)) for name, graph in graphs.items()}
+        counts[shape] = {name: n for name, n in found.items() if n}
+    return counts
+
+
 def check_target_split(train_targets: Sequence[str], heldout_targets: Sequence[str]) -> None:
     """Refuse a held-out target that training saw: two names of one target (``host`` and
     ``llvm:znver4:t2`` on a Zen 4 machine) compile the same code, so targets are compared by key.

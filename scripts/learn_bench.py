@@ -55,6 +55,7 @@ from fusion_rl.env.spec import EnvSpec  # noqa: E402
 from fusion_rl.evaluate import decide_plan, geomean, load_policy, make_eval_env, training_stats  # noqa: E402
 from fusion_rl.fusion.plan import FusionPlan  # noqa: E402
 from fusion_rl.fusion.rules import make_plan  # noqa: E402
+from fusion_rl.graph.model import load_model  # noqa: E402
 from fusion_rl.io import read_yaml, write_atomic  # noqa: E402
 from fusion_rl.policy.training import load_config  # noqa: E402
 from fusion_rl.report import learn_bench as report  # noqa: E402
@@ -83,6 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     if not heldout:
         raise ConfigError("heldout_models: list at least one model to evaluate on")
     transfer.check_family_split(cfg["families"], env_spec.models, heldout)
+    shapes = env_spec.decision_options.group_shapes
+    shape_instances = transfer.group_shape_instances(
+        {m: load_model(m).graph for m in env_spec.models} if shapes else {}, shapes)
+    for shape, found in shape_instances.items():
+        if not found:
+            print(f"warning: group shape {shape!r} is declared, but no training model has an instance "
+                  "of it; the policy can meet it only by exploring", file=sys.stderr)
     search_runs, goal_search, search_seed = parse_searches(cfg.get("search"))
     out = args.config.parent
     t_start = time.time()
@@ -164,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = report.summarize(rows, rules, seeds, search_labels, goal_search)
             result = {"summary": summary, "rows": rows, "training": training, "searches": searches,
                       "finals": finals, "train_best_rule": train_best, "train_estimates_ms": est,
-                      "commands": commands, "header": header(), "heldout_targets": {}}
+                      "commands": commands, "header": header(), "heldout_targets": {},
+                      "group_shapes": shape_instances}
             write_results(out, args.config, cfg, result)
 
         # 7. The held-out targets: each seed's plan decided for that target (its own hardware

@@ -117,6 +117,40 @@ GROUP_SHAPES: dict[str, GroupShape] = {
 }
 
 
+def shape_instances(graph: OpGraph, name: str) -> list[tuple[int, ...]]:
+    """The smallest groups of ``graph`` that are the shape ``name``, one per anchor pair.
+
+    For each conv/matmul anchor, the group is the anchor, the injective ops it reaches without
+    passing another anchor, and one anchor those feed. A pair whose intermediate also leaves
+    that group (another consumer) is no instance: the shape's tile would not hold it.
+
+    Raises
+    ------
+    ConfigError
+        If ``name`` is not a known shape.
+    """
+    (name,) = check_shape_names([name])
+    shape = GROUP_SHAPES[name]
+    succ = graph.successor_lists()
+    found = []
+    for first, node in enumerate(graph.nodes):
+        if not node.is_mac_anchor:
+            continue
+        reached, frontier, seconds = {first}, [first], set()
+        while frontier:
+            for nxt in succ[frontier.pop()]:
+                if graph.nodes[nxt].is_mac_anchor:
+                    seconds.add(nxt)
+                elif graph.nodes[nxt].pattern in _INJECTIVE and nxt not in reached:
+                    reached.add(nxt)
+                    frontier.append(nxt)
+        for second in sorted(seconds):
+            group = tuple(sorted(reached | {second}))
+            if shape(graph, group):
+                found.append(group)
+    return found
+
+
 def check_shape_names(names: Collection[str], source: str = "group_shapes") -> tuple[str, ...]:
     """``names`` as a sorted tuple, each a known shape.
 

@@ -169,8 +169,13 @@ def render(cfg: dict[str, Any], result: dict[str, Any], commands: Sequence[str])
     fam = cfg["families"]
     train_models = [m for m in fam if m not in cfg["heldout_models"]]
     lines += ["", "Split by family: training " + ", ".join(f"{m} ({fam[m]})" for m in train_models)
-              + "; held out " + ", ".join(f"{m} ({fam[m]})" for m in cfg["heldout_models"]) + ".", "",
-              "## Headline (held-out families, head to head)", "",
+              + "; held out " + ", ".join(f"{m} ({fam[m]})" for m in cfg["heldout_models"]) + "."]
+    if result.get("group_shapes"):  # absent in results written before it was recorded
+        lines += ["", "Group shapes the decision mask admits past one anchor, with their instances in the "
+                  "training models: " + "; ".join(
+                      f"`{shape}` " + (", ".join(f"{m} {n}" for m, n in found.items()) or "**none**")
+                      for shape, found in result["group_shapes"].items()) + "."]
+    lines += ["", "## Headline (held-out families, head to head)", "",
               "Geomean over the held-out models of the paired speedup (median of per-repeat ratios); "
               f"mean over {len(summary['per_seed'])} seeds with its 95% t-interval. Best fixed rule on "
               f"these timings: `{best}`.", "",

@@ -14,6 +14,7 @@ from fusion_rl.fusion.group_shapes import (
     is_pointwise_conv,
     pointwise_depthwise,
     pointwise_grouped,
+    shape_instances,
     within_anchor_limit,
 )
 from fusion_rl.fusion.rules import make_plan
@@ -162,3 +163,21 @@ def test_efficientnet_mbconv_expansions_are_the_declared_pair(tmp_path):
     assert pairs and all(pointwise_depthwise(graph, g) for g in pairs)
     assert any("pad" in {graph.nodes[n].op for n in g} for g in pairs)
     assert not any(pointwise_grouped(graph, g) for g in pairs)
+
+
+def test_shape_instances_are_the_pairs_of_fusing_every_declared_shape(model_cache):
+    """On tiny MobileNet, the instances of ``pointwise_depthwise`` are the anchor pairs that
+    ``aggressive_shapes`` fuses; a residual CNN has none; an escaping intermediate is none."""
+    model = model_cache("mobilenet_tiny")
+    graph = model.graph
+    found = shape_instances(graph, "pointwise_depthwise")
+    anchors = lambda group: tuple(n for n in group if graph.nodes[n].is_mac_anchor)  # noqa: E731
+    fused = [anchors(g) for g in make_plan("aggressive_shapes", model.mod, graph).groups if len(anchors(g)) == 2]
+    assert found and sorted(anchors(g) for g in found) == sorted(fused)
+    assert all(pointwise_depthwise(graph, g) for g in found)
+    assert shape_instances(graph, "pointwise_grouped") == []
+    assert shape_instances(model_cache("resnet_tiny").graph, "pointwise_depthwise") == []
+    assert shape_instances(_block(), "pointwise_depthwise") == [(1, 2, 3)]
+    assert shape_instances(_block(side_exit=True), "pointwise_depthwise") == []
+    with pytest.raises(ConfigError, match="unknown group shape 'attention'"):
+        shape_instances(_block(), "attention")

@@ -63,10 +63,11 @@ def test_summary_judges_seeds_against_the_best_rule_of_the_split():
     assert [x["seed"] for x in s["per_seed"]] == [0]
 
 
-def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path):
+def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path, capsys):
     (tmp_path / "env.yaml").write_text(yaml.safe_dump({
         "models": ["mlp_tiny"], "reward": "table", "store": str(tmp_path / "store.sqlite"),
-        "protocol": {"repeat": 2, "min_repeat_ms": 1}, "timeout_s": 300, "max_nodes": 64, "max_edges": 128}))
+        "protocol": {"repeat": 2, "min_repeat_ms": 1}, "timeout_s": 300, "max_nodes": 64, "max_edges": 128,
+        "max_mac_anchors": 1, "group_shapes": ["pointwise_depthwise"]}))
     (tmp_path / "train.yaml").write_text(yaml.safe_dump({
         "env_spec": str(tmp_path / "env.yaml"), "exp_name": "lb", "total_timesteps": 32, "checkpoint_every": 32,
         "wandb": "disabled", "warm_start": {"epochs": 2, "rules": ["tvm", "aggressive"]},
@@ -80,7 +81,10 @@ def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path):
         "heldout_targets": ["x86-64-t1"],
         "rounds": 2, "repeat": 2, "min_repeat_ms": 1, "timeout_s": 300, "window": 2}))
     assert load_script("learn_bench").main([str(config)]) == 0
+    # An MLP has no pointwise -> depthwise pair: the declared shape is one training never shows.
+    assert "warning: group shape 'pointwise_depthwise' is declared, but no training model" in capsys.readouterr().err
     result = json.loads((tmp_path / "results.json").read_text())
+    assert result["group_shapes"] == {"pointwise_depthwise": {}}
     labels = {r["label"]: r for r in result["rows"]}
     assert set(labels) == {"tvm", "aggressive", "seed 0", "annealing@4", "greedy@3"}
     assert all(r["status"] == "ok" and r["latency_ms"] > 0 for r in labels.values())
@@ -102,6 +106,7 @@ def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path):
     text = (tmp_path / "results.md").read_text()
     assert text.startswith("# Learned fusion on held-out bench families") and "cnn_plain (cnn)" in text
     assert "## Held-out target `x86-64-t1` (`llvm-x86-64-t1`)" in text
+    assert "training models: `pointwise_depthwise` **none**." in text
     assert (tmp_path / "curves.png").stat().st_size > 0
     # The report is regenerated from the results file alone.
     (tmp_path / "results.md").write_text("stale")
