@@ -209,8 +209,8 @@ class DecisionFeatures(nn.Module):
         # Graphs are independent, so encoding them in slices of at most ``CHUNK_NODES`` real
         # nodes gives the same features. It keeps every per-edge tensor of a PPO minibatch of
         # 400-op graphs (tens of MB at once) small enough for the allocator's heap: above glibc's
-        # mmap threshold each one was a fresh mapping, zeroed page by page, which made an update
-        # about three times slower than the arithmetic needs.
+        # mmap threshold each one was a fresh mapping, zeroed page by page, and the update spent
+        # most of its time faulting pages in (docs/design.md, section 9).
         chunks = node_chunks(observations["node_mask"], self.CHUNK_NODES)
         if len(chunks) == 1:
             return self._forward(observations)
