@@ -7,8 +7,9 @@ Top to bottom:
 
 1. read the experiment config and its training config; refuse a split where a held-out model
    shares a family with a training model; count each declared group shape's instances in the
-   training models (a warning when a shape has none: training never shows it); time every fixed rule's kernels a second time, the
-   faster kept (``retime_rules``), so no reference plan is rated from one slow-regime timing;
+   training models (a warning when a shape has none: training never shows it); time every
+   fixed rule's kernels a second time, the faster kept (``retime_rules``), so no reference plan
+   is rated from one slow-regime timing;
 2. one finished run per seed (trained here when missing: behaviour cloning on the best known
    plan per training model, among the rules' plans and any plan files the training config's
    ``warm_start.plans`` lists, e.g. ``scripts/search_demos.py``'s, then MaskablePPO, rewards
