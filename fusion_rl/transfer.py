@@ -15,12 +15,15 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
 from fusion_rl.errors import ConfigError
 from fusion_rl.evaluate import RULE_BASELINES, Case, SearchSettings, fill_speedups, load_policy
+
+if TYPE_CHECKING:
+    from fusion_rl.graph.opgraph import OpGraph
 
 
 def find_run(runs_dir: Path, env_name: str, exp_name: str, seed: int) -> Path | None:
@@ -93,7 +96,7 @@ def check_family_split(families: dict[str, str], train_models: Sequence[str], he
                               f"sees through {seen[families[name]]!r}")
 
 
-def group_shape_instances(graphs: dict[str, Any], shapes: Sequence[str]) -> dict[str, dict[str, int]]:
+def group_shape_instances(graphs: Mapping[str, OpGraph], shapes: Sequence[str]) -> dict[str, dict[str, int]]:
     """How many instances of each declared group shape each training model has (models with
     none left out): a shape no training model shows is one the policy can meet only by exploring.
 

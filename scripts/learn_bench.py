@@ -53,11 +53,11 @@ from fusion_rl.compiler.paired import head_to_head  # noqa: E402
 from fusion_rl.compiler.target import parse_target  # noqa: E402
 from fusion_rl.compiler.timing import TimingProtocol  # noqa: E402
 from fusion_rl.errors import ConfigError  # noqa: E402
+from fusion_rl.env.fusion_env import FusionEnv  # noqa: E402
 from fusion_rl.env.spec import EnvSpec  # noqa: E402
 from fusion_rl.evaluate import decide_plan, geomean, load_policy, make_eval_env, training_stats  # noqa: E402
 from fusion_rl.fusion.plan import FusionPlan  # noqa: E402
 from fusion_rl.fusion.rules import make_plan  # noqa: E402
-from fusion_rl.graph.model import load_model  # noqa: E402
 from fusion_rl.io import read_yaml, write_atomic  # noqa: E402
 from fusion_rl.policy.training import load_config  # noqa: E402
 from fusion_rl.report import learn_bench as report  # noqa: E402
@@ -86,31 +86,38 @@ def main(argv: list[str] | None = None) -> int:
     if not heldout:
         raise ConfigError("heldout_models: list at least one model to evaluate on")
     transfer.check_family_split(cfg["families"], env_spec.models, heldout)
-    shapes = env_spec.decision_options.group_shapes
-    shape_instances = transfer.group_shape_instances(
-        {m: load_model(m).graph for m in env_spec.models} if shapes else {}, shapes)
-    for shape, found in shape_instances.items():
-        if not found:
-            print(f"warning: group shape {shape!r} is declared, but no training model has an instance "
-                  "of it; the policy can meet it only by exploring", file=sys.stderr)
     search_runs, goal_search, search_seed = parse_searches(cfg.get("search"))
-    out = args.config.parent
-    t_start = time.time()
-
-    # 1b. Every fixed rule's kernels timed a second time, the faster kept, before anything reads
-    # the table: a kernel timed once in one of this VM's slow regimes mis-rates the reference
-    # that every reward and search divides by (seen: ResNet-18's tvm plan estimated at 10.9 ms,
-    # 8.2 ms after a second pass, so behaviour cloning imitated `aggressive` there).
-    # Each training target's table is retimed on the training models; the evaluation target's on
-    # the held-out models too (its searches read them).
     target = cfg.get("target", "host")
     heldout_targets = list(cfg.get("heldout_targets") or [])
     transfer.check_target_split(env_spec.targets, heldout_targets)
-    if cfg.get("retime_rules", True):
-        todo = {parse_target(t).key: (t, list(env_spec.models)) for t in env_spec.targets}
-        key = parse_target(target).key
-        todo[key] = (target, [*todo.get(key, (target, []))[1], *heldout])
-        retime_rule_kernels(train_cfg.env_spec, dict(todo.values()), list(cfg["rules"]))
+    out = args.config.parent
+    t_start = time.time()
+
+    # 1a. Each declared group shape's instances in the training models (one env loads the models
+    # for this and for 1b).
+    start_env = FusionEnv(train_cfg.env_spec)
+    try:
+        shapes = env_spec.decision_options.group_shapes
+        shape_instances = transfer.group_shape_instances({m: start_env.model(m).graph for m in env_spec.models}
+                                                         if shapes else {}, shapes)
+        for shape, found in shape_instances.items():
+            if not found:
+                print(f"warning: group shape {shape!r} is declared, but no training model has an instance "
+                      "of it; the policy can meet it only by exploring", file=sys.stderr)
+
+        # 1b. Every fixed rule's kernels timed a second time, the faster kept, before anything reads
+        # the table: a kernel timed once in one of this VM's slow regimes mis-rates the reference
+        # that every reward and search divides by (seen: ResNet-18's tvm plan estimated at 10.9 ms,
+        # 8.2 ms after a second pass, so behaviour cloning imitated `aggressive` there).
+        # Each training target's table is retimed on the training models; the evaluation target's
+        # on the held-out models too (its searches read them).
+        if cfg.get("retime_rules", True):
+            todo = {parse_target(t).key: (t, list(env_spec.models)) for t in env_spec.targets}
+            key = parse_target(target).key
+            todo[key] = (target, [*todo.get(key, (target, []))[1], *heldout])
+            retime_rule_kernels(start_env, dict(todo.values()), list(cfg["rules"]))
+    finally:
+        start_env.close()
 
     # 2. Runs (trained when missing).
     runs, commands = transfer.get_runs(cfg, train_config_path, REPO / cfg.get("runs_dir", "runs"), args.runs)
@@ -207,29 +214,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def retime_rule_kernels(env_spec: str, models: dict[str, list[str]], rules: list[str]) -> None:
+def retime_rule_kernels(env, models: dict[str, list[str]], rules: list[str]) -> None:
     """:meth:`KernelTable.retime` of every rule's plan on every model, per target (``models``:
-    target -> its models), each kernel once per target. Kernels a table lacks are timed first,
-    so a new target's table gets two passes too."""
-    from fusion_rl.env.fusion_env import FusionEnv
-
-    env = FusionEnv(env_spec)
-    try:
-        for target, names in models.items():
-            table = env.open_kernel_table(parse_target(target))
-            try:
-                done: set[str] = set()
-                for name in names:
-                    model = env.model(name)
-                    t0 = time.perf_counter()
-                    new = sum(table.ensure(model, make_plan(r, model.mod, model.graph)) for r in rules)
-                    timed = sum(table.retime(model, make_plan(r, model.mod, model.graph), done) for r in rules)
-                    print(f"[{time.strftime('%H:%M:%S')}] {name} on {target}: {new} rule kernels timed, {timed} "
-                          f"timed again ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-            finally:
-                table.close()
-    finally:
-        env.close()
+    target -> its models), each kernel once per target, through ``env`` (a
+    :class:`~fusion_rl.env.fusion_env.FusionEnv`, which loads each model once). Kernels a table
+    lacks are timed first, so a new target's table gets two passes too."""
+    for target, names in models.items():
+        table = env.open_kernel_table(parse_target(target))
+        try:
+            done: set[str] = set()
+            for name in names:
+                model = env.model(name)
+                t0 = time.perf_counter()
+                new = sum(table.ensure(model, make_plan(r, model.mod, model.graph)) for r in rules)
+                timed = sum(table.retime(model, make_plan(r, model.mod, model.graph), done) for r in rules)
+                print(f"[{time.strftime('%H:%M:%S')}] {name} on {target}: {new} rule kernels timed, {timed} "
+                      f"timed again ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+        finally:
+            table.close()
 
 
 def policy_plans(policies: list, env, model: str, target: str) -> dict[str, FusionPlan]:
