@@ -6,7 +6,8 @@ a :class:`DecisionProcess` built with the same :class:`DecisionOptions`, so a po
 states and the same masks wherever it runs. No gymnasium here.
 
 Edges are decided in topological order, sorted by (consumer, producer, tuple index). An edge
-whose two ends already share a group is skipped (marked decided without asking). Fusing merges
+whose two ends already share a group is skipped (marked decided without asking), and so is a
+legal epilogue edge under ``prefuse_epilogues``, which is fused. Fusing merges
 the producer's group into the consumer's; the merged group is labelled by its smallest node id.
 
 Legality is kept as an invariant: the partial plan is legal after every step (each group convex,
@@ -28,6 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from fusion_rl.errors import ConfigError, IllegalPlanError, PlanMismatchError
+from fusion_rl.fusion.epilogues import epilogue_edges
 from fusion_rl.fusion.group_shapes import check_shape_names, matches_shape
 from fusion_rl.fusion.legality import PATTERN_OPAQUE, reaches_via_other
 from fusion_rl.fusion.plan import FusionPlan
@@ -54,14 +56,21 @@ class DecisionOptions:
     group_shapes : tuple of str
         Multi-anchor group shapes allowed past the cap (:mod:`fusion_rl.fusion.group_shapes`):
         the shapes the schedule provider declares it schedules as one kernel. Needs a cap.
+    prefuse_epilogues : bool
+        Fuse every epilogue edge (:func:`~fusion_rl.fusion.epilogues.epilogue_edges`: a
+        conv/matmul's elementwise epilogue and elementwise chains, the ``tensorrt`` rule) when
+        the process reaches it and the fuse is legal, without asking. Every rule set fuses these
+        edges, so deciding them only gives a policy a way to under-fuse; the policy decides the
+        rest.
     """
 
     max_mac_anchors: int | None = None
     group_shapes: tuple[str, ...] = ()
+    prefuse_epilogues: bool = False
 
     #: Options a card may lack, with the value that reproduces the planner that wrote it: a
     #: policy exported before the option existed decided without it.
-    _ADDED_LATER: ClassVar[Mapping[str, Any]] = MappingProxyType({"group_shapes": ()})
+    _ADDED_LATER: ClassVar[Mapping[str, Any]] = MappingProxyType({"group_shapes": (), "prefuse_epilogues": False})
 
     def __post_init__(self) -> None:
         v = self.max_mac_anchors
@@ -73,6 +82,8 @@ class DecisionOptions:
         object.__setattr__(self, "group_shapes", check_shape_names(shapes, "decision option 'group_shapes'"))
         if self.group_shapes and v is None:
             raise ConfigError("decision option 'group_shapes' needs 'max_mac_anchors': without a cap every group is allowed")
+        if not isinstance(self.prefuse_epilogues, bool):
+            raise ConfigError(f"decision option 'prefuse_epilogues' must be true or false, got {self.prefuse_epilogues!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """The options as a JSON-ready mapping (every field, ``None`` included)."""
@@ -134,6 +145,9 @@ class DecisionProcess:
         self._succ = graph.successor_lists()
         self._opaque = [node.pattern == PATTERN_OPAQUE for node in graph.nodes]
         self._mac = np.array([node.is_mac_anchor for node in graph.nodes], dtype=np.int64)
+        self._prefused = np.zeros(self.num_edges, dtype=bool)
+        if options.prefuse_epilogues:
+            self._prefused[epilogue_edges(graph)] = True
         self.reset()
 
     # ---- state -----------------------------------------------------------------------------
@@ -142,7 +156,8 @@ class DecisionProcess:
         self.label = np.arange(self.num_nodes, dtype=np.int64)  #: group label per node
         self.members: dict[int, list[int]] = {i: [i] for i in range(self.num_nodes)}
         self.decided = np.zeros(self.num_edges, dtype=bool)
-        self.steps = 0  #: decisions taken (skipped edges are not decisions)
+        self.steps = 0  #: decisions taken (skipped and prefused edges are not decisions)
+        self.prefused: list[int] = []  #: edges fused without asking (``prefuse_epilogues``)
         self._pos = 0
         self.current: int | None = None  #: edge index being decided; None when done
         self._fuse_ok = False
@@ -199,15 +214,23 @@ class DecisionProcess:
         return tuple(group_a), tuple(group_b)
 
     def _advance(self) -> None:
-        """Move to the next edge whose ends are in different groups, skipping the others."""
+        """Move to the next edge whose ends are in different groups, skipping the others and
+        fusing the legal prefused ones (a masked prefused edge is asked as usual: only keep)."""
         while self._pos < len(self.order):
             k = self.order[self._pos]
             if self.label[self.src[k]] == self.label[self.dst[k]]:
                 self.decided[k] = True
                 self._pos += 1
                 continue
+            legal = self._legal_merge(k)
+            if legal and self._prefused[k]:
+                self._merge(int(self.label[self.src[k]]), int(self.label[self.dst[k]]))
+                self.prefused.append(k)
+                self.decided[k] = True
+                self._pos += 1
+                continue
             self.current = k
-            self._fuse_ok = self._legal_merge(k)
+            self._fuse_ok = legal
             return
         self.current = None
         self._fuse_ok = False
@@ -244,7 +267,8 @@ def actions_for_plan(graph: OpGraph, plan: FusionPlan, options: DecisionOptions 
         if the plan is for another model.
     IllegalPlanError
         if a needed fuse is masked (illegal plan, or over
-        ``options.max_mac_anchors``) or a group is not connected (unreachable by edge merges).
+        ``options.max_mac_anchors``), a group is not connected (unreachable by edge merges), or
+        the plan keeps apart an epilogue edge that ``options.prefuse_epilogues`` fuses.
     """
     if plan.num_nodes != len(graph) or (plan.fingerprint and plan.fingerprint != graph.fingerprint):
         raise PlanMismatchError(
@@ -265,6 +289,12 @@ def actions_for_plan(graph: OpGraph, plan: FusionPlan, options: DecisionOptions 
         actions.append(int(fuse))
         process.decide(fuse)
     if process.plan().hash != plan.hash:
+        split = [k for k in process.prefused if target[int(process.src[k])] != target[int(process.dst[k])]]
+        if split:
+            raise IllegalPlanError(
+                f"plan {plan.hash} is not reachable: it keeps apart the epilogue edge "
+                f"{int(process.src[split[0]])} -> {int(process.dst[split[0]])}, which prefuse_epilogues fuses"
+            )
         raise IllegalPlanError(
             f"plan {plan.hash} is not reachable by edge merges: some group is not a connected subgraph"
         )

@@ -72,7 +72,8 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
     ``MaskablePPO``) is ``[True, legal]``: KEEP is always allowed, FUSE only if the merged group
     is legal (convex, no opaque op, the group graph stays acyclic; optionally at most
     ``max_mac_anchors`` conv/matmul anchors unless the group is one of the spec's
-    ``group_shapes``). An invalid action (out of range, or a masked FUSE)
+    ``group_shapes``). Under the spec's ``prefuse_epilogues`` the epilogue edges are fused
+    without a step. An invalid action (out of range, or a masked FUSE)
     does not raise: it is taken as KEEP and earns :data:`INVALID_ACTION_PENALTY` (-1.0), with
     ``info["invalid_action"] = True``.
 

@@ -16,6 +16,7 @@ An env spec is a small YAML file in ``envs/`` (``envs/default.yaml``, ``envs/tin
     cost_model: null                   # saved LatencyCostModel, for reward: model
     max_mac_anchors: null              # mask fuses giving a group more conv/matmul anchors
     group_shapes: []                   # ...except into these shapes; "provider": the schedule's own
+    prefuse_epilogues: false           # fuse epilogue edges (the tensorrt rule's) without asking
 
 Unknown keys and wrong types raise :class:`~fusion_rl.errors.ConfigError` naming the key, so a
 typo never silently falls back to a default. Relative ``store``, ``cost_model`` and ``.onnx``
@@ -73,6 +74,9 @@ class EnvSpec:
     #: Group shape names (:mod:`fusion_rl.fusion.group_shapes`), or ``"provider"``: those the
     #: schedule provider declares (:func:`~fusion_rl.compiler.schedules.declared_group_shapes`).
     group_shapes: tuple[str, ...] | str = ()
+    #: Fuse the epilogue edges (:func:`~fusion_rl.fusion.epilogues.epilogue_edges`) without a
+    #: decision (:class:`~fusion_rl.decisions.DecisionOptions`).
+    prefuse_epilogues: bool = False
 
     def __post_init__(self) -> None:
         # Constructing an EnvSpec directly gets the same checks as a YAML file.
@@ -168,7 +172,8 @@ class EnvSpec:
         if shapes == "provider":
             shapes = declared_group_shapes(self.schedule)
         try:
-            return DecisionOptions(max_mac_anchors=self.max_mac_anchors, group_shapes=tuple(shapes))
+            return DecisionOptions(max_mac_anchors=self.max_mac_anchors, group_shapes=tuple(shapes),
+                                   prefuse_epilogues=self.prefuse_epilogues)
         except ConfigError as exc:
             raise ConfigError(f"env spec: {exc}") from None
 
@@ -217,6 +222,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "max_mac_anchors": (lambda v: v is None or (_is_int(v) and 1 <= v <= MAX_PADDED_NODES), "an int >= 1 or null"),
     "group_shapes": (lambda v: v == "provider" or _is_str_list(v),
                      "a list of group shape names, or \"provider\""),
+    "prefuse_epilogues": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 

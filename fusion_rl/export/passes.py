@@ -3,8 +3,8 @@
 The policy proposes, legality disposes (as MLGO keeps correctness in the compiler): the policy
 only ever chooses among the moves the legality mask allows, and the final plan is checked again
 before it is applied; any group that fails the check is split back into single ops. The masks are
-those the policy was trained under: the card's ``decisions`` options (``max_mac_anchors``, ``group_shapes``)
-build the same :class:`~fusion_rl.decisions.DecisionProcess` as training and ``FusionEnv.decide``,
+those the policy was trained under: the card's ``decisions`` options (``max_mac_anchors``, ``group_shapes``,
+``prefuse_epilogues``) build the same :class:`~fusion_rl.decisions.DecisionProcess` as training and ``FusionEnv.decide``,
 and the card's ``hardware`` statistics normalise the target's hardware vector as training did
 (:class:`~fusion_rl.compiler.target.HardwareStats`; a target outside their range logs a warning).
 Numerics never change: the pass only regroups ``call_tir`` operators and fuses their TIR.

@@ -27,12 +27,12 @@ import tvm
 from tvm import relax
 
 from fusion_rl.errors import ConfigError
+from fusion_rl.fusion.epilogues import epilogue_edges
 from fusion_rl.fusion.legality import require_legal
 from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.graph.opgraph import OpGraph
 
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
-_EWISE = (0, 1)  # elementwise, broadcast
 _NODE_PREFIX = "__fusion_rl_node_"
 
 RuleSet = Callable[[tvm.IRModule, OpGraph], FusionPlan]
@@ -77,27 +77,20 @@ def tvm_fuseops(mod: tvm.IRModule, graph: OpGraph) -> FusionPlan:
 
 def tensorrt(mod: tvm.IRModule, graph: OpGraph) -> FusionPlan:
     """Conv/matmul with their elementwise epilogue (bias, BN, activation, residual add), and
-    chains of elementwise ops. An op joins its producer's group only if it is that producer's
-    sole consumer, so no intermediate escapes a kernel (the TensorRT rule)."""
-    consumers = graph.successor_lists()
-    producers = graph.predecessor_lists()
-    group = list(range(len(graph)))  # group label = the id of the group's first node
+    chains of elementwise ops: the :func:`~fusion_rl.fusion.epilogues.epilogue_edges`. An op
+    joins its producer's group only if it is that producer's sole consumer, so no intermediate
+    escapes a kernel (the TensorRT rule)."""
+    group = list(range(len(graph)))  # union-find over node ids
 
     def root(n: int) -> int:
         while group[n] != n:
             n = group[n]
         return n
 
-    for node in graph.nodes:  # program order is topological
-        if node.pattern not in _EWISE:
-            continue
-        for p in producers[node.id]:
-            pnode = graph.nodes[p]
-            if len(consumers[p]) != 1 or p in graph.outputs:
-                continue
-            if pnode.pattern in _EWISE or pnode.is_mac_anchor:
-                group[node.id] = root(p)
-                break
+    for k in epilogue_edges(graph):
+        edge = graph.edges[k]
+        a, b = root(edge.src), root(edge.dst)
+        group[max(a, b)] = min(a, b)
     assignment = [root(n) for n in range(len(graph))]
     return FusionPlan.from_assignment(assignment, graph.fingerprint, "tensorrt")
 

@@ -169,6 +169,29 @@ def test_spec_group_shapes_come_from_the_schedule_provider():
         EnvSpec.resolve("tiny", max_mac_anchors=1, group_shapes="all")
 
 
+def test_spec_prefuse_epilogues_reaches_the_env(store_path):
+    """The spec key builds the env's decision process: a policy that always keeps gets the
+    tensorrt plan, and is asked fewer decisions than without it."""
+    spec = EnvSpec.resolve("tiny", max_mac_anchors=1, prefuse_epilogues=True)
+    assert spec.decision_options == DecisionOptions(max_mac_anchors=1, prefuse_epilogues=True)
+    assert EnvSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ConfigError, match="'prefuse_epilogues' must be true or false"):
+        EnvSpec.resolve("tiny", prefuse_epilogues=1)
+    asked = {}
+    for prefuse in (False, True):
+        env = FusionEnv("tiny", max_mac_anchors=1, prefuse_epilogues=prefuse, store=store_path)
+        try:
+            calls = []
+            plan = env.decide(lambda obs, mask: calls.append(1) or 0, "cnn_plain", "host")
+            asked[prefuse] = len(calls)
+            model = env.model("cnn_plain")
+            if prefuse:
+                assert plan.hash == make_plan("tensorrt", model.mod, model.graph).hash
+        finally:
+            env.close()
+    assert asked[True] < asked[False]
+
+
 # ---- the Gymnasium contract -------------------------------------------------------------------
 
 

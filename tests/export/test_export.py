@@ -20,6 +20,7 @@ from fusion_rl.errors import ConfigError
 from fusion_rl.export import PASS_NAME, LearnedFusion, LearnedPlanner, PolicyArtifactError, load_network
 from fusion_rl.export.artifact import CARD_FILE, WEIGHTS_FILE, PolicyCard, content_hash, save_artifact
 from fusion_rl.fusion.legality import check_plan
+from fusion_rl.fusion.rules import make_plan
 from fusion_rl.graph.features import feature_schema
 from fusion_rl.graph.zoo import ZOO
 from fusion_rl.policy.network import PolicyNetwork
@@ -112,6 +113,18 @@ def test_planner_enforces_the_decision_options_of_its_card(tmp_path, model_cache
     assert most_anchors(capped_plan) == 1 and check_plan(graph, capped_plan).legal
 
 
+def test_planner_prefuses_the_epilogues_when_its_card_says_so(tmp_path, model_cache):
+    """A policy biased to keep every edge apart plans the unfused model, unless its card records
+    prefuse_epilogues: then the plugin fuses the epilogue edges without asking it, which gives
+    the tensorrt rule's plan."""
+    model = model_cache("resnet_tiny")
+    keep = LearnedPlanner(_artifact(tmp_path / "keep", -5.0, DecisionOptions(max_mac_anchors=1)))
+    prefused = LearnedPlanner(_artifact(tmp_path / "prefused", -5.0,
+                                        DecisionOptions(max_mac_anchors=1, prefuse_epilogues=True)))
+    assert len(keep.plan(model.graph).groups) == len(model.graph)
+    assert prefused.plan(model.graph).hash == make_plan("tensorrt", model.mod, model.graph).hash
+
+
 @pytest.mark.parametrize(
     "edit, words",
     [
@@ -195,11 +208,14 @@ def test_export_run_from_an_sb3_model(tmp_path):
     out = export_run(run, tmp_path / "policy")
     net, card = load_network(out)
     assert card["training"]["models"] == ["mlp_tiny", "cnn_plain"]
-    assert card["decisions"] == {"max_mac_anchors": None, "group_shapes": []}  # envs/tiny.yaml has no cap
+    assert card["decisions"] == {"max_mac_anchors": None, "group_shapes": [],  # envs/tiny.yaml has no cap
+                                 "prefuse_epilogues": False}
     # The card records the options the run's env was really built with: spec plus env_kwargs.
     (run / "config.json").write_text(json.dumps(
-        {"env_spec": "tiny", "seed": 0, "env_kwargs": {"max_mac_anchors": 1, "render_mode": None}}))
-    assert load_network(export_run(run, tmp_path / "capped"))[1]["decisions"] == {"max_mac_anchors": 1, "group_shapes": []}
+        {"env_spec": "tiny", "seed": 0,
+         "env_kwargs": {"max_mac_anchors": 1, "prefuse_epilogues": True, "render_mode": None}}))
+    assert load_network(export_run(run, tmp_path / "capped"))[1]["decisions"] == {
+        "max_mac_anchors": 1, "group_shapes": [], "prefuse_epilogues": True}
     # The run recorded absolute paths (training resolves them); the card names them from the
     # repository, so it carries no folder of the exporting machine.
     from fusion_rl.paths import REPO_ROOT

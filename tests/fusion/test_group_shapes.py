@@ -112,7 +112,7 @@ def test_the_anchor_limit_admits_declared_shapes_only_past_the_cap():
 def test_decision_options_carry_group_shapes_and_old_cards_have_none():
     opts = DecisionOptions(max_mac_anchors=1, group_shapes=("pointwise_depthwise",))
     assert DecisionOptions.from_dict(opts.to_dict()) == opts
-    assert opts.to_dict() == {"max_mac_anchors": 1, "group_shapes": ["pointwise_depthwise"]}
+    assert opts.to_dict() == {"max_mac_anchors": 1, "group_shapes": ["pointwise_depthwise"], "prefuse_epilogues": False}
     # A card written before the option existed planned without it.
     assert DecisionOptions.from_dict({"max_mac_anchors": 1}) == DecisionOptions(max_mac_anchors=1)
     with pytest.raises(ConfigError, match="unknown group shape"):
