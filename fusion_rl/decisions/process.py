@@ -59,9 +59,10 @@ class DecisionOptions:
     prefuse_epilogues : bool
         Fuse every epilogue edge (:func:`~fusion_rl.fusion.epilogues.epilogue_edges`: a
         conv/matmul's elementwise epilogue and elementwise chains, the ``tensorrt`` rule) when
-        the process reaches it and the fuse is legal, without asking. Every rule set fuses these
-        edges, so deciding them only gives a policy a way to under-fuse; the policy decides the
-        rest.
+        the process reaches it and the fuse is legal, without asking; the policy decides the
+        rest. Every rule set fuses these edges on the bench models, so a policy that decides
+        them can only under-fuse there; but taking them away changes the states of the other
+        decisions too (docs/design.md §9 has what it did to transfer).
     """
 
     max_mac_anchors: int | None = None

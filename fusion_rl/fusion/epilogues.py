@@ -1,4 +1,4 @@
-"""The epilogue edges of an OpGraph: the fusion every rule set agrees on.
+"""The epilogue edges of an OpGraph: the fusion every rule set agrees on (on every bench model).
 
 An elementwise or broadcast op joins the group of its first producer that is a conv/matmul
 anchor or another elementwise op, when it is that producer's sole consumer and the producer is
