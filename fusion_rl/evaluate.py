@@ -130,7 +130,15 @@ def decide_plan(policy: Any, env: Any, model: str, target: str, name: str = "lea
     env
         A :class:`~fusion_rl.env.fusion_env.FusionEnv` whose observation space matches
         the policy's (the run's own env spec).
+
+    Raises
+    ------
+    ConfigError
+        if ``policy`` is a snapshot that recorded decision options other than ``env``'s.
     """
+    if hasattr(policy, "check_decisions"):  # a snapshot: the options it trained under
+        policy.check_decisions(env.config.decision_options, "the evaluation env")
+
     def choose(obs: dict[str, np.ndarray], mask: np.ndarray) -> int:
         action, _ = policy.predict(obs, action_masks=mask, deterministic=True)
         return int(np.asarray(action).reshape(-1)[0])

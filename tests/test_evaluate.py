@@ -133,6 +133,21 @@ def test_decisions_spend_no_measurement(tiny_run: Path) -> None:
         env.close()
 
 
+def test_decide_plan_refuses_an_env_with_other_decision_options(tiny_run: Path) -> None:
+    """The run's snapshot records the options it trained under; an env whose spec now decides
+    under others (a changed spec file) is refused, not silently used."""
+    from fusion_rl.decisions import DecisionOptions
+
+    policy = load_policy(tiny_run)
+    assert policy.model.decisions == DecisionOptions()  # envs/tiny.yaml: no masks
+    env = make_eval_env(policy.config, max_mac_anchors=1)
+    try:
+        with pytest.raises(ConfigError, match="trained under decision options .* the evaluation env"):
+            decide_plan(policy.model, env, "mlp_tiny", "host")
+    finally:
+        env.close()
+
+
 def test_evaluate_rows_for_every_baseline(tiny_run: Path) -> None:
     search = SearchSettings(algos=("random", "greedy"), budget=2, multiplier=2,
                             search_models=("mlp_tiny",), multiplied_models=("mlp_tiny",),

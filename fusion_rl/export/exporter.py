@@ -47,6 +47,7 @@ def export_run(
     if isinstance(warm, dict) and isinstance(warm.get("plans"), list):
         warm["plans"] = [relative_to_repo(p) if isinstance(p, str) else p for p in warm["plans"]]
     snapshot = load_snapshot(run_snapshot(run))
+    snapshot.check_decisions(decisions, f"the run's env spec ({config.get('env_spec')})")
     network = snapshot.network
     training = {
         "run": run.name,

@@ -8,7 +8,8 @@ Training therefore writes, beside every ``final_model.zip`` and ``checkpoints/st
     final_model.json          {"format": 1, "network": {"class": ..., "kwargs": ...},
                                "observation": {"max_nodes", "max_edges", "hw_dim"},
                                "num_timesteps": N,
-                               "hardware_stats": {...}}   (the training targets' statistics)
+                               "hardware_stats": {...},   (the training targets' statistics)
+                               "decisions": {...}}        (the training env's DecisionOptions)
 
 and ``fusion-rl export`` and ``fusion-rl evaluate`` read only these (:func:`load_snapshot`).
 The network class is not read from the file: :class:`~fusion_rl.policy.network.PolicyNetwork`
@@ -18,6 +19,11 @@ is the only one, and its keyword arguments are checked against its schema before
 training env normalised the hardware vector with; evaluation normalises with them, and export
 copies them into the card. A snapshot written before they existed has none and reads as
 :meth:`HardwareStats.identity` (raw vectors, as it was trained).
+
+``decisions`` are the :class:`~fusion_rl.decisions.DecisionOptions` the training env decided
+under. The run's ``config.json`` names its env spec by path, and that file can change after
+training; evaluation and export compare the spec's options with these and refuse a mismatch. A
+snapshot written before they were recorded has none (``None``: nothing to compare).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import numpy as np
 import torch
 
 from fusion_rl.compiler.target.normalize import HardwareStats
+from fusion_rl.decisions.process import DecisionOptions
 from fusion_rl.decisions.layout import MAX_PADDED_EDGES, MAX_PADDED_NODES
 from fusion_rl.errors import ConfigError, FusionRLError
 from fusion_rl.io import read_bounded, read_json, write_atomic
@@ -116,6 +123,22 @@ class PolicySnapshot:
     path: Path  #: the description (``.json``)
     #: The training targets' statistics (identity for snapshots written before they existed).
     hardware_stats: HardwareStats = dataclasses.field(default_factory=HardwareStats.identity)
+    #: The training env's decision options (None for snapshots written before they were recorded).
+    decisions: DecisionOptions | None = None
+
+    def check_decisions(self, options: DecisionOptions, where: str) -> None:
+        """Refuse to decide under ``options`` (those of ``where``) if training recorded others.
+
+        Raises
+        ------
+        ConfigError
+            naming both, when the snapshot recorded options and they differ.
+        """
+        if self.decisions is not None and self.decisions != options:
+            raise ConfigError(
+                f"{self.path}: the policy was trained under decision options {self.decisions.to_dict()}, "
+                f"but {where} decides under {options.to_dict()} (has its env spec changed since training?)"
+            )
 
     @torch.no_grad()
     def predict(self, observation: dict[str, np.ndarray], action_masks: np.ndarray | None = None,
@@ -140,6 +163,15 @@ def _env_hardware_stats(model: Any) -> HardwareStats | None:
     return stats if isinstance(stats, HardwareStats) else None
 
 
+def _env_decision_options(model: Any) -> DecisionOptions | None:
+    """The decision options of ``model``'s (first) training env, None if it has none."""
+    try:
+        spec = model.get_env().get_attr("config", indices=[0])[0]
+        return spec.decision_options
+    except Exception:  # noqa: BLE001 - an env without a spec (not a FusionEnv)
+        return None
+
+
 def save_snapshot(model: Any, zip_path: str | os.PathLike[str],
                   hardware_stats: HardwareStats | None = None) -> tuple[Path, Path]:
     """Write the actor of MaskablePPO ``model`` beside ``zip_path`` (see the module docstring).
@@ -162,6 +194,9 @@ def save_snapshot(model: Any, zip_path: str | os.PathLike[str],
     stats = hardware_stats if hardware_stats is not None else _env_hardware_stats(model)
     if stats is not None:
         description["hardware_stats"] = stats.to_dict()
+    options = _env_decision_options(model)
+    if options is not None:
+        description["decisions"] = options.to_dict()
     weights_path, json_path = snapshot_paths(zip_path)
     write_atomic(weights_path, save({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}),
                  what="policy weights")
@@ -188,6 +223,9 @@ def load_snapshot(json_path: str | os.PathLike[str]) -> PolicySnapshot:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ConfigError(f"{json_path}: num_timesteps must be an integer >= 0, got {steps!r}")
     stats = HardwareStats.from_dict(data.get("hardware_stats"), f"{json_path}: hardware_stats")
+    decisions = data.get("decisions")
+    if decisions is not None:
+        decisions = DecisionOptions.from_dict(decisions, f"{json_path}: decisions")
     load_weights(network, read_bounded(weights_path, "policy weights", ConfigError, MAX_WEIGHTS_BYTES),
                  str(weights_path))
-    return PolicySnapshot(network.eval(), observation, steps, json_path, stats)
+    return PolicySnapshot(network.eval(), observation, steps, json_path, stats, decisions)

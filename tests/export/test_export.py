@@ -210,11 +210,27 @@ def test_export_run_from_an_sb3_model(tmp_path):
     assert card["training"]["models"] == ["mlp_tiny", "cnn_plain"]
     assert card["decisions"] == {"max_mac_anchors": None, "group_shapes": [],  # envs/tiny.yaml has no cap
                                  "prefuse_epilogues": False}
-    # The card records the options the run's env was really built with: spec plus env_kwargs.
+    # The snapshot records the options training decided under; the run's config names its spec
+    # by path, and a spec that changed since (here: env_kwargs that training did not use) is
+    # refused rather than written into the card.
+    from fusion_rl.policy.snapshot import load_snapshot
+
+    assert load_snapshot(run / "final_model.json").decisions == DecisionOptions()
     (run / "config.json").write_text(json.dumps(
-        {"env_spec": "tiny", "seed": 0,
-         "env_kwargs": {"max_mac_anchors": 1, "prefuse_epilogues": True, "render_mode": None}}))
-    assert load_network(export_run(run, tmp_path / "capped"))[1]["decisions"] == {
+        {"env_spec": "tiny", "seed": 0, "env_kwargs": {"max_mac_anchors": 1, "render_mode": None}}))
+    with pytest.raises(ConfigError, match="trained under decision options .* but the run's env spec"):
+        export_run(run, tmp_path / "changed")
+    # The card records the options the run's env was really built with: spec plus env_kwargs.
+    options = {"max_mac_anchors": 1, "prefuse_epilogues": True}
+    capped_env = gym.make("fusion_rl/Fusion-v0", spec="tiny", reward="e2e", store=str(tmp_path / "s.sqlite"), **options)
+    capped = make_model(capped_env, {"n_steps": 8, "batch_size": 8, "features_extractor_kwargs": {
+        "hidden": 8, "heads": 2, "num_layers": 1, "hw_hidden": 4}}, seed=0)
+    capped_run = tmp_path / "capped_run"
+    capped_run.mkdir()
+    save_checkpoint(capped, capped_run / "final_model.zip")
+    (capped_run / "config.json").write_text(json.dumps(
+        {"env_spec": "tiny", "seed": 0, "env_kwargs": {**options, "render_mode": None}}))
+    assert load_network(export_run(capped_run, tmp_path / "capped"))[1]["decisions"] == {
         "max_mac_anchors": 1, "group_shapes": [], "prefuse_epilogues": True}
     # The run recorded absolute paths (training resolves them); the card names them from the
     # repository, so it carries no folder of the exporting machine.
