@@ -154,21 +154,11 @@ class PolicySnapshot:
         return np.array(int(torch.argmax(logits))), None
 
 
-def _env_hardware_stats(model: Any) -> HardwareStats | None:
-    """The hardware statistics of ``model``'s (first) training env, None if it has none."""
+def _training_env_attr(model: Any, name: str) -> Any:
+    """Attribute ``name`` of ``model``'s (first) training env, None if it has none."""
     try:
-        stats = model.get_env().get_attr("hardware_stats", indices=[0])[0]
+        return model.get_env().get_attr(name, indices=[0])[0]
     except Exception:  # noqa: BLE001 - an env without the attribute (not a FusionEnv)
-        return None
-    return stats if isinstance(stats, HardwareStats) else None
-
-
-def _env_decision_options(model: Any) -> DecisionOptions | None:
-    """The decision options of ``model``'s (first) training env, None if it has none."""
-    try:
-        spec = model.get_env().get_attr("config", indices=[0])[0]
-        return spec.decision_options
-    except Exception:  # noqa: BLE001 - an env without a spec (not a FusionEnv)
         return None
 
 
@@ -191,12 +181,12 @@ def save_snapshot(model: Any, zip_path: str | os.PathLike[str],
                         "hw_dim": int(space["hardware"].shape[0])},
         "num_timesteps": int(model.num_timesteps),
     }
-    stats = hardware_stats if hardware_stats is not None else _env_hardware_stats(model)
-    if stats is not None:
+    stats = hardware_stats if hardware_stats is not None else _training_env_attr(model, "hardware_stats")
+    if isinstance(stats, HardwareStats):
         description["hardware_stats"] = stats.to_dict()
-    options = _env_decision_options(model)
-    if options is not None:
-        description["decisions"] = options.to_dict()
+    spec = _training_env_attr(model, "config")  # the FusionEnv's EnvSpec
+    if hasattr(spec, "decision_options"):
+        description["decisions"] = spec.decision_options.to_dict()
     weights_path, json_path = snapshot_paths(zip_path)
     write_atomic(weights_path, save({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}),
                  what="policy weights")
