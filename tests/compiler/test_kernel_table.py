@@ -159,9 +159,9 @@ def test_table_objective_reports_a_failed_kernel_as_a_failed_evaluation(model_ca
 
 
 def test_each_kernel_is_kept_under_the_rules_version_that_last_changed_its_schedule(tmp_path):
-    """``rules:v13`` rescheduled only pointwise -> grouped pairs (chain.py): every other kernel
-    keeps its ``rules:v12`` row, so a table filled under v12 stays valid for them, while the
-    pair is timed under v13."""
+    """``rules:v13`` rescheduled only pointwise -> grouped pairs (chain.py), and v14 only
+    kernels with an anchor and a row reduction: every other kernel keeps its ``rules:v12`` row,
+    so a table filled under v12 stays valid for them, while the pair keeps its v13 row."""
     import torch
     from torch import nn
 
@@ -181,7 +181,7 @@ def test_each_kernel_is_kept_under_the_rules_version_that_last_changed_its_sched
     model = load_model(str(path))
     pair, apart = (make_plan(r, model.mod, model.graph) for r in ("aggressive_shapes", "tvm"))
     with _table(tmp_path / "k.sqlite", schedule="rules") as table:
-        assert table.key[1] == "rules:v13"
+        assert table.key[1] == "rules:v14"
         assert {s.schedule for s in table.kernels(model, apart)} == {"rules:v12"}
         assert [s.schedule for s in table.kernels(model, pair)] == ["rules:v13"]
         timed = table.ensure(model, apart) + table.ensure(model, pair)

@@ -213,7 +213,7 @@ def vectorize_by_registers(sch: s_tir.Schedule, loop: LoopRV, lanes: int) -> Non
     sch.vectorize(loop)
 
 
-def _reads_pointwise(stmt: tirx.SBlock, buffer: tirx.Buffer) -> bool:
+def reads_pointwise(stmt: tirx.SBlock, buffer: tirx.Buffer) -> bool:
     """Whether ``stmt`` reads ``buffer`` only at single points indexed by plain iterators or
     constants (no div/mod or sums that remap the tile)."""
     regions = [r.region for r in stmt.reads if r.source.same_as(buffer)]
@@ -237,7 +237,7 @@ def _join_tile(sch: s_tir.Schedule, out_block: SBlockRV, acc_loop: LoopRV, lanes
         nxt = consumers[0]
         if any(iv.iter_type != DATA_PAR for iv in sch.get(nxt).iter_vars):
             break
-        if not _reads_pointwise(sch.get(nxt), sch.get(block).writes[0].source):
+        if not reads_pointwise(sch.get(nxt), sch.get(block).writes[0].source):
             # A reshape folded into the consumer (ViT-style head split: ``(h * 32 + d) % 96``)
             # maps a tile to a region TVM's bound inference does not cover exactly: joined at a
             # 48-wide AVX-512 tile, such a consumer computed wrong values. Only a consumer that

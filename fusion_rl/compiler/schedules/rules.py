@@ -79,6 +79,8 @@ class _Ctx:
 
 #: The key of every kernel whose schedule v13 left as it was (:meth:`RulesSchedule.kernel_key`).
 _V12 = "rules:v12"
+#: The key of a pointwise -> grouped pair, whose schedule v13 changed and v14 did not.
+_V13 = "rules:v13"
 
 
 class RulesSchedule(ScheduleProvider):
@@ -105,21 +107,24 @@ class RulesSchedule(ScheduleProvider):
         # fused with a transpose) runs each block over its own domain, not per output row;
         # v12: a pointwise conv fused with the depthwise conv it feeds is computed in the
         # depthwise channel blocks (chain.py), not anchor by anchor; v13: the same for a
-        # pointwise conv fused with a grouped conv of 8 channels per group (chain.py).
-        # Records of older schedules must not be served for the new one, so the version is
-        # part of every measurement's key.
-        return "rules:v13"
+        # pointwise conv fused with a grouped conv of 8 channels per group (chain.py); v14: the
+        # row reductions of a kernel with an anchor (a layer norm or softmax fused after a
+        # matmul or conv) are scheduled as rows, their inputs materialized
+        # (_schedule_row_runs). Records of older schedules must not be served for the new one,
+        # so the version is part of every measurement's key.
+        return "rules:v14"
 
     def kernel_key(self, func: tirx.PrimFunc) -> str:
-        """v13 changed only the kernels that are a pointwise -> grouped pair; every other
-        kernel is scheduled as v12 scheduled it, and keeps its v12 timings."""
-        if _has_chain(func, consumer="grouped"):
-            return self.key
-        return _V12
+        """v13 changed only the kernels that are a pointwise -> grouped pair, v14 only those
+        with an anchor and a row reduction; every other kernel is scheduled as v12 scheduled
+        it, and keeps its v12 timings."""
+        if _has_chain(func):
+            return _V13 if _has_chain(func, consumer="grouped") else _V12
+        return self.key if _has_row_reduction(s_tir.Schedule(func)) else _V12
 
     @property
     def kernel_keys(self) -> tuple[str, ...]:
-        return (_V12, self.key)
+        return (_V12, _V13, self.key)
 
     def schedule(self, mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         ctx = _make_ctx(target)
@@ -214,7 +219,9 @@ def _schedule_with(func: tirx.PrimFunc, ctx: _Ctx,
     parameters given a packed layout, and whether every anchor got a layout with register reuse
     (a packed panel or the depthwise path, not the plain vectorized loop)."""
     sch = s_tir.Schedule(func)
-    _inline_injective(sch)
+    # A chain pair is scheduled as v13 scheduled it, by whichever rule (its kernel key says so).
+    rows = _has_row_reduction(sch) and not _has_chain(func)
+    _inline_injective(sch, keep_rows=rows)
     anchors = [b for b in _root_blocks(sch) if _is_mac(sch, b)]
     if rule == "chain":
         pair = chain.match(sch, anchors)
@@ -244,6 +251,8 @@ def _schedule_with(func: tirx.PrimFunc, ctx: _Ctx,
             reuse = reuse and layout.panel is not None
         else:
             done |= _schedule_anchor(sch, anchor, ctx)
+    if rows:
+        sch, done = _schedule_row_runs(sch, ctx, done)
     for block in _root_blocks(sch):
         if sch.get(block).name_hint not in done:
             _parallel_vectorize(sch, block, ctx)
@@ -286,6 +295,24 @@ def _is_mac(sch: s_tir.Schedule, block: SBlockRV) -> bool:
     return False
 
 
+def _is_row_reduction(sch: s_tir.Schedule, block: SBlockRV) -> bool:
+    """A reduction over its innermost axis alone that is not an anchor: a softmax's max or sum,
+    a layer norm's statistics (not a pooling window nor a mean over the pixels)."""
+    kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
+    return kinds.count(_REDUCE) == 1 and kinds[-1] == _REDUCE and not _is_mac(sch, block)
+
+
+def _reads_row_reduction(sch: s_tir.Schedule, block: SBlockRV) -> bool:
+    return any(_is_row_reduction(sch, p) for p in sch.get_producers(block))
+
+
+def _has_row_reduction(sch: s_tir.Schedule) -> bool:
+    """Whether a kernel has both an anchor and a row reduction (a matmul with the layer norm or
+    softmax after it, a convolution with the layer norm of its channels)."""
+    blocks = _root_blocks(sch)
+    return any(_is_mac(sch, b) for b in blocks) and any(_is_row_reduction(sch, b) for b in blocks)
+
+
 def _const_extent(sch: s_tir.Schedule, loop: LoopRV) -> int | None:
     ext = sch.get(loop).extent
     return int(ext) if isinstance(ext, tirx.IntImm) else None
@@ -313,8 +340,14 @@ def _vector_factor(extent: int | None, lanes: int) -> int:
 # Rule 1: inlining
 
 
-def _inline_injective(sch: s_tir.Schedule) -> None:
-    """Inline injective blocks until nothing changes, keeping anchor inputs materialized."""
+def _inline_injective(sch: s_tir.Schedule, keep_rows: bool = False) -> None:
+    """Inline injective blocks until nothing changes, keeping anchor inputs materialized.
+
+    With ``keep_rows`` (a kernel with an anchor and a row reduction, :func:`_has_row_reduction`),
+    the row reductions' inputs and the blocks that read their results stay materialized too, so
+    that :func:`_schedule_row_runs` finds the reductions reading whole rows of one buffer and
+    can schedule them as rows.
+    """
     changed = True
     while changed:
         changed = False
@@ -324,6 +357,11 @@ def _inline_injective(sch: s_tir.Schedule) -> None:
             consumers = sch.get_consumers(block)
             if not consumers or any(_is_mac(sch, c) for c in consumers):
                 continue  # outputs stay; anchor inputs stay (see module docstring)
+            if keep_rows and (_reads_row_reduction(sch, block) or any(
+                    _is_row_reduction(sch, c)
+                    and microkernel.reads_pointwise(sch.get(c), sch.get(block).writes[0].source)
+                    for c in consumers)):
+                continue
             try:
                 sch.compute_inline(block)
                 changed = True
@@ -336,6 +374,7 @@ def _inline_injective(sch: s_tir.Schedule) -> None:
                 and len(producers) == 1
                 and _is_injective(sch, producers[0])
                 and not any(_is_mac(sch, c) for c in sch.get_consumers(producers[0]))
+                and not (keep_rows and _reads_row_reduction(sch, producers[0]))
             ):
                 try:
                     sch.reverse_compute_inline(block)
@@ -551,14 +590,61 @@ def _rows_aligned(sch: s_tir.Schedule, blocks: list[SBlockRV]) -> bool:
                for region in stmt.reads if any(region.source.same_as(buf) for buf in reduced))
 
 
-def _schedule_rows(sch: s_tir.Schedule, ctx: _Ctx) -> bool:
+def _row_runs(sch: s_tir.Schedule, done: set[str]) -> list[list[str]]:
+    """The row reductions of an anchor kernel with the blocks that read their results, as runs
+    of consecutive root blocks (names) that :func:`_schedule_rows` may take: each starts at a
+    row reduction and ends at the last block that reads one (the layer norm's output, the
+    softmax's normalization)."""
+    runs, run = [], []
+    for block in _root_blocks(sch) + [None]:
+        name = sch.get(block).name_hint if block is not None else None
+        if name is not None and name not in done and (
+                _is_row_reduction(sch, block) or (run and _reads_row_reduction(sch, block))):
+            run.append(block)
+            continue
+        while run and not _is_injective(sch, run[-1]):
+            run.pop()
+        if run:
+            runs.append([sch.get(b).name_hint for b in run])
+        run = []
+    return runs
+
+
+def _schedule_row_runs(sch: s_tir.Schedule, ctx: _Ctx,
+                       done: set[str]) -> tuple[s_tir.Schedule, set[str]]:
+    """Schedule each row run (:func:`_row_runs`) of an anchor kernel as the rows of an
+    anchor-free one are (:func:`_schedule_rows`), apart from the anchors' loop nests. Left to
+    :func:`_parallel_vectorize` instead, a layer norm's statistics were one scalar chain per row
+    of strided loads from the anchor's NCHW output (ConvNeXt's depthwise -> layer norm kernels
+    ran 1.3-1.6x slower than the convolution, transpose and layer norm as three kernels).
+
+    Returns the schedule (a new one if any run was scheduled) and ``done`` with the blocks it
+    scheduled."""
+    done = set(done)
+    for run in _row_runs(sch, done):
+        if not _rows_aligned(sch, [sch.get_sblock(n) for n in run]):
+            continue
+        trial = sch.copy()
+        before = {trial.get(b).name_hint for b in _root_blocks(trial)}
+        try:
+            if not _schedule_rows(trial, ctx, run):
+                continue
+        except Exception as err:  # noqa: BLE001 - the run is then scheduled as other blocks are
+            log.debug("rules: row run %s not scheduled as rows: %s", run, first_line(err))
+            continue
+        sch = trial
+        done |= set(run) | ({sch.get(b).name_hint for b in _root_blocks(sch)} - before)
+    return sch, done
+
+
+def _schedule_rows(sch: s_tir.Schedule, ctx: _Ctx, names: list[str] | None = None) -> bool:
     """dlight's row schedule (rows parallel, every block computed per row, elementwise blocks
     vectorized), with each row reduction ``rfactor``-ed by the vector width: ``lanes``
     independent partial results (the rf block, its lane loop vectorized), then one short
-    reduction over the lanes. Returns False when the kernel is not rows of reductions over
-    their innermost axis, a whole number of vectors long (``sch`` may then be half changed:
-    pass a copy)."""
-    blocks = _root_blocks(sch)
+    reduction over the lanes. ``names``: the blocks to schedule so, in order (default: every
+    root block). Returns False when they are not rows of reductions over their innermost axis,
+    a whole number of vectors long (``sch`` may then be half changed: pass a copy)."""
+    blocks = _root_blocks(sch) if names is None else [sch.get_sblock(n) for n in names]
     last = blocks[-1]
     if not _is_injective(sch, last) or len(sch.get_loops(last)) != len(sch.get(last).iter_vars):
         return False
@@ -591,14 +677,20 @@ def _schedule_rows(sch: s_tir.Schedule, ctx: _Ctx) -> bool:
         factored.append(rf)
     if rows is None or rows == 0:
         return False
+    rf_names = {sch.get(b).name_hint for b in factored}
+    last_name = sch.get(last).name_hint
+    # The blocks of the rows in program order, the rf blocks among them.
+    mine = [b for b in _root_blocks(sch)
+            if names is None or sch.get(b).name_hint in rf_names or sch.get(b).name_hint in names]
     head = sch.get_loops(last)[:rows]
     spatial = sch.fuse(*head) if rows > 1 else head[0]
     sch.parallel(spatial)
     # Every other block computed per row, consumers before producers (compute_at's order).
-    for block in reversed(_root_blocks(sch)[:-1]):
-        sch.compute_at(block, spatial, preserve_unit_loops=False)
-    rf_names = {sch.get(b).name_hint for b in factored}
-    for block in _root_blocks(sch):
+    for block in reversed(mine):
+        if sch.get(block).name_hint != last_name:
+            sch.compute_at(block, spatial, preserve_unit_loops=False)
+    mine_names = {sch.get(b).name_hint for b in mine}
+    for block in [b for b in _root_blocks(sch) if sch.get(b).name_hint in mine_names]:
         stmt = sch.get(block)
         lanes = ctx.lanes(stmt.writes[0].source.dtype.bits)
         inner = sch.get_loops(block)[-1]

@@ -293,6 +293,50 @@ def test_a_keepdims_row_mean_runs_per_row_and_is_exact(rms: bool) -> None:
     np.testing.assert_allclose(result, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["convnext_tiny", "transformer_encoder"])
+def test_row_reductions_fused_after_an_anchor_run_as_rows(name: str) -> None:
+    """A layer norm (or softmax) in one kernel with the conv or matmul before it (a one-anchor
+    plan: ConvNeXt's depthwise conv + transpose + layer norm, an encoder's matmul + residual +
+    layer norm, attention's scores + softmax): its statistics run as vectorized partial results
+    per row, as they do in a kernel of their own, not as one scalar chain of strided loads from
+    the anchor's output (v14). Those kernels, and only those, are kept under v14's key; the
+    plan's output is exact."""
+    from conftest import load_cached
+
+    from fusion_rl.compiler.build import compile_module
+    from fusion_rl.compiler.verify import verify_executable
+    from fusion_rl.fusion.apply import apply_plan
+    from fusion_rl.fusion.rules import make_plan
+
+    model = load_cached(name)
+    provider = RulesSchedule()
+    keys = {}
+    for rule_set in ("tvm", "aggressive_1anchor"):
+        fused = apply_plan(model.mod, make_plan(rule_set, model.mod, model.graph), model.graph)
+        keys[rule_set] = {n: provider.kernel_key(f) for n, f in _prim_funcs(fused).items()}
+    fused_rows = [n for n, key in keys["aggressive_1anchor"].items() if key == "rules:v14"]
+    assert fused_rows and set(keys["tvm"].values()) == {"rules:v12"}
+    scheduled = _prim_funcs(provider.schedule(fused, TARGET))
+    # Every such kernel of a row per pixel (ConvNeXt) or per token: not the pooled head's one
+    # row, which has nothing to run in parallel.
+    many_rows = [n for n in fused_rows if "conv2d" in n or "layer_norm" in n and "mean" not in n
+                 or "softmax" in n]
+    assert many_rows
+    for kernel in many_rows:
+        func = scheduled[kernel]
+        assert func.attrs[SCHEDULE_ATTR] == "microkernel", kernel
+        sch = tvm.s_tir.Schedule(func)
+        partial = [b for b in sch.get_child_blocks(sch.get_sblock("root"))
+                   if sch.get(b).name_hint.endswith("_rf")]
+        assert partial, f"{kernel}: no row reduction factored\n{func.script()}"
+        for block in partial:
+            loops = sch.get_loops(block)
+            assert sch.get(loops[-1]).kind == tirx.ForKind.VECTORIZED
+            assert sch.get(loops[0]).kind == tirx.ForKind.PARALLEL  # one row per iteration
+    ex, *_ = compile_module(fused, TARGET, provider)
+    verify_executable(ex, model)
+
+
 @pytest.mark.slow
 def test_rules_does_not_modify_input(block: Models) -> None:
     _, fused, _ = block
