@@ -5,7 +5,8 @@ Usage: python scripts/bench.py experiments/bench/config.yaml [--models NAME ...]
 For each bench model, on this machine:
 1. preparation: export + import wall time (the default schedule needs no tuning);
 2. TVM, every configured rule set under the default schedule, timed *head to head*
-   (interleaved rounds; paired per-repeat ratios against ``unfused``);
+   (interleaved rounds; paired per-repeat ratios against the first rule set, ``unfused``
+   in experiments/bench/);
 3. ONNX Runtime (graph optimizations on / off), torch eager and torch.compile, verified;
 4. per-kernel times of TVM's best plan and ONNX Runtime's per-node profile, grouped by
    kernel class, to show where the remaining gap is, and the wall time of a new random plan
@@ -67,7 +68,7 @@ def main() -> int:
     peak, peak_note = fp32_peak_gflops(spec)
     results = {"machine": machine_description(spec.num_threads), "target": spec.key,
                "schedule": make_schedule(DEFAULT_SCHEDULE).key, "peak_gflops": peak, "peak_note": peak_note,
-               "protocol": protocol.key, "rounds": cfg["rounds"],
+               "protocol": protocol.key, "rounds": cfg["rounds"], "baseline": cfg["rules"][0],
                "command": f"python scripts/bench.py {args.config}", "models": []}
     if args.update:
         previous = json.loads((out_dir / "results.json").read_text())

@@ -42,3 +42,20 @@ def test_rows_measured_under_another_schedule_are_named():
     assert schedule_note(results) == "`rules:v6` (`rules:v5` for c)"
     results["models"] = results["models"][:2]
     assert schedule_note(results) == "`rules:v6`"
+
+
+def test_paired_speedups_are_over_the_first_rule_set_of_the_config(tmp_path):
+    """A bench config whose first rule set is ``tvm`` (experiments/bench/fused_rows/): the
+    paired section names it and leaves it out of its columns. Results written before the field
+    existed were all over ``unfused``."""
+    results = {"machine": "m", "target": "llvm-t2", "schedule": "rules", "peak_gflops": 100.0,
+               "peak_note": "n", "protocol": "p", "rounds": 3, "command": "c", "baseline": "tvm",
+               "models": [_row("a", None)]}
+    path = tmp_path / "results.md"
+    write_markdown(results, path)
+    text = path.read_text()
+    assert "## Head to head: speedup over `tvm`" in text
+    assert "| model | unfused |\n|---|---|\n| a | 1.000 (0.020) |" in text
+    del results["baseline"]
+    write_markdown(results, path)
+    assert "| model | tvm |\n|---|---|\n| a | 1.200 (0.020) |" in path.read_text()
