@@ -337,6 +337,35 @@ def test_row_reductions_fused_after_an_anchor_run_as_rows(name: str) -> None:
     verify_executable(ex, model)
 
 
+def test_an_epilogue_fused_before_a_pooling_window_runs_once_per_element() -> None:
+    """EfficientNet-B0's head in a one-anchor plan: conv + swish + its pooling, whose window
+    (transformers' ``AvgPool2d(1280, ceil_mode=True)``) is far larger than the 7x7 map. Inlined
+    into the window, the swish ran inside it per channel (3.5 ms for the kernel, 0.2 ms for the
+    pooling alone); under v14 it is computed once per element at the conv's tile, and the
+    pooling reads the result. Exact against numpy."""
+    x = te.placeholder((1, 16, 7, 7), name="x")
+    w = te.placeholder((32, 16, 1, 1), name="w")
+    b = te.placeholder((1, 32, 1, 1), name="b")
+    y = topi.add(topi.nn.conv2d_nchw(x, w, 1, 0, 1), b)
+    out = topi.nn.pool2d(topi.multiply(y, topi.sigmoid(y)), (64, 64), (64, 64), (1, 1), (0, 0, 0, 0),
+                         "avg", ceil_mode=True, layout="NCHW", count_include_pad=False)
+    kernel = te.create_prim_func([x, w, b, out])
+    assert RulesSchedule().kernel_key(kernel) == "rules:v14"
+    scheduled = rules.schedule_prim_func(kernel, rules._make_ctx(TARGET))
+    assert scheduled.attrs[SCHEDULE_ATTR] == "microkernel"
+    sch = tvm.s_tir.Schedule(scheduled)
+    pooling = str(sch.get(sch.get_sblock("pool_sum")).body)
+    assert "sigmoid" not in pooling and "T_multiply" in pooling, pooling
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal(s).astype("float32") for s in ((1, 16, 7, 7), (32, 16, 1, 1), (1, 32, 1, 1))]
+    lib = tvm.compile(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target=TARGET)
+    res = tvm.runtime.tensor(np.zeros((1, 32, 1, 1), "float32"))
+    lib["main"](*(tvm.runtime.tensor(a) for a in args), res)
+    conv = np.einsum("nchw,kc->nkhw", args[0], args[1][:, :, 0, 0]) + args[2]
+    swish = conv / (1 + np.exp(-conv))
+    np.testing.assert_allclose(res.numpy(), swish.mean((2, 3), keepdims=True), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_rules_does_not_modify_input(block: Models) -> None:
     _, fused, _ = block
