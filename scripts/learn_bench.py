@@ -111,11 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         # 8.2 ms after a second pass, so behaviour cloning imitated `aggressive` there).
         # Each training target's table is retimed on the training models; the evaluation target's
         # on the held-out models too (its searches read them).
+        todo = {parse_target(t).key: (t, list(env_spec.models)) for t in env_spec.targets}
+        key = parse_target(target).key
+        todo[key] = (target, [*todo.get(key, (target, []))[1], *heldout])
         if cfg.get("retime_rules", True):
-            todo = {parse_target(t).key: (t, list(env_spec.models)) for t in env_spec.targets}
-            key = parse_target(target).key
-            todo[key] = (target, [*todo.get(key, (target, []))[1], *heldout])
             retime_rule_kernels(start_env, dict(todo.values()), list(cfg["rules"]))
+        # 1c. A per-launch cost for every table that has none for its key yet.
+        calibrate_launches(start_env, dict(todo.values()), list(cfg["rules"]))
     finally:
         start_env.close()
 
@@ -150,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         def header() -> str:
             return (f"Machine: {machine_description(spec.num_threads)}; schedule `{measurer.provider.key}`; "
                     f"target `{spec.key}`; head-to-head protocol `{protocol.key}`, {cfg.get('rounds', 3)} rounds. "
+                    f"Kernel-table per-launch cost {table.launch_ms * 1e3:.2f} us. "
                     f"Training families' best fixed rule by kernel-table estimate: `{train_best}`. Wall time of "
                     f"this run (training of missing seeds included): {time.time() - t_start:.0f} s.")
 
@@ -182,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             result = {"summary": summary, "rows": rows, "training": training, "searches": searches,
                       "finals": finals, "train_best_rule": train_best, "train_estimates_ms": est,
                       "commands": commands, "header": header(), "heldout_targets": {},
+                      "launch_ms": table.launch_ms if table.calibrated else None,
                       "group_shapes": shape_instances}
             write_results(out, args.config, cfg, result)
 
@@ -231,6 +235,35 @@ def retime_rule_kernels(env: FusionEnv, models: dict[str, list[str]], rules: lis
                 timed = sum(table.retime(model, plan, done) for plan in plans)
                 print(f"[{time.strftime('%H:%M:%S')}] {name} on {target}: {new} rule kernels timed, {timed} "
                       f"timed again ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+        finally:
+            table.close()
+
+
+def calibrate_launches(env: FusionEnv, models: dict[str, list[str]], rules: list[str]) -> None:
+    """Fit the per-launch cost of each target's kernel table (``models``: target -> its models)
+    where the table has none for its key yet: on a new machine, or after a schedule provider's
+    version changed (the cost is kept per provider key). Without it every estimate is the sum of
+    the kernels alone, so the launches a fused plan saves earn nothing, in the rewards and in
+    the searches. The samples are the rule plans' end-to-end latencies (the env's measurer: a
+    plan already in its store costs nothing), fitted by :meth:`KernelTable.calibrate`."""
+    for target, names in models.items():
+        table = env.open_kernel_table(parse_target(target))
+        try:
+            if table.calibrated:
+                continue
+            t0 = time.perf_counter()
+            measurer, samples = env.measurer(target), []
+            for name in names:
+                model = env.model(name)
+                plans = {p.hash: p for p in (make_plan(r, model.mod, model.graph) for r in rules)}
+                for plan in plans.values():
+                    record = measurer.measure(model, plan)
+                    if record.status == "ok":
+                        samples.append((model, plan, float(record.median_ms)))
+            if samples:
+                launch = table.calibrate(samples)
+                print(f"[{time.strftime('%H:%M:%S')}] {target}: per-launch cost {launch * 1e3:.2f} us, fitted on "
+                      f"{len(samples)} rule plans ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         finally:
             table.close()
 

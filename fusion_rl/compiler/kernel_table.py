@@ -194,9 +194,17 @@ class KernelTable:
     @property
     def launch_ms(self) -> float:
         """The calibrated per-launch cost for this key; 0.0 before :meth:`calibrate`."""
-        where = " AND ".join(f"{c} = ?" for c in _KEY)
-        row = self._db.execute(f"SELECT launch_ms FROM calibration WHERE {where}", self.key).fetchone()
+        row = self._calibration()
         return 0.0 if row is None else float(row[0])
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether :meth:`calibrate` has fitted a per-launch cost for this key."""
+        return self._calibration() is not None
+
+    def _calibration(self) -> tuple | None:
+        where = " AND ".join(f"{c} = ?" for c in _KEY)
+        return self._db.execute(f"SELECT launch_ms FROM calibration WHERE {where}", self.key).fetchone()
 
     # ---- plans --------------------------------------------------------------------------------
 
@@ -298,6 +306,10 @@ class KernelTable:
             w.append(1.0 / max(float(e2e_ms), 1e-9) ** 2)
         n_arr, gap_arr, w_arr = np.asarray(n, float), np.asarray(gap), np.asarray(w)
         launch_ms = float((w_arr * n_arr) @ gap_arr / max(float((w_arr * n_arr) @ n_arr), 1e-30))
+        # Not below 0: where the plans ran faster end to end than their kernels timed alone (each
+        # kernel's time includes its own call), a negative cost made the estimate of a plan of
+        # many small kernels negative (seen on mlp_tiny with another process on the machine).
+        launch_ms = max(launch_ms, 0.0)
         self._write("INSERT OR REPLACE INTO calibration VALUES (" + ", ".join("?" * 8) + ")",
                     [(*self.key, launch_ms, len(samples), time.time())])
         return launch_ms

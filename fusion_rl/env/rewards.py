@@ -28,6 +28,7 @@ error (:class:`~fusion_rl.errors.MeasurementError`): no reward can be computed f
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ from fusion_rl.errors import ConfigError, MeasurementError
 from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.graph.model import Model
 from fusion_rl.graph.opgraph import OpGraph
+
+log = logging.getLogger(__name__)
 
 #: ``e2e`` reward of a plan that fails to build, verify or time (about a 2.7x slowdown).
 FAILURE_PENALTY = -1.0
@@ -278,7 +281,12 @@ class TableReward(Reward):
 
     def table(self, target: TargetSpec) -> KernelTable:
         if target.key not in self._tables:
-            self._tables[target.key] = self.open_table(target)
+            self._tables[target.key] = table = self.open_table(target)
+            if not table.calibrated:
+                log.warning("the kernel table of target %s has no per-launch cost for schedule %s: estimates "
+                            "count the kernels alone, so the launches a fusion saves earn nothing "
+                            "(scripts/learn_bench.py and scripts/kernel_table.py fit one)",
+                            target.key, table.key[1])
         return self._tables[target.key]
 
     def reference_ms(self, ctx: RewardContext) -> float:

@@ -72,6 +72,7 @@ def test_estimate_is_kernel_sum_plus_calibrated_launch_cost(model_cache, tmp_pat
     with _table(tmp_path / "k.sqlite") as table:
         before = [table.estimate(model, p) for p in plans]
         assert all(e.launch_ms == 0.0 and e.latency_ms == e.kernel_ms > 0 for e in before)
+        assert not table.calibrated
         assert before[0].timed > 0 and before[0].launches == len(plan_kernels(model, plans[0]))
         times = table.times([s.kernel for s in plan_kernels(model, plans[1])])
         assert before[1].kernel_ms == pytest.approx(sum(times[s.kernel] for s in plan_kernels(model, plans[1])))
@@ -85,11 +86,16 @@ def test_estimate_is_kernel_sum_plus_calibrated_launch_cost(model_cache, tmp_pat
         outlier = [(model, plans[0], before[0].kernel_ms + 0.01 * before[0].launches),
                    (model, plans[1], 1000.0)]
         assert table.calibrate(outlier) == pytest.approx(0.01, rel=1e-3)
+        # Plans faster end to end than their kernels alone: no negative cost (it would make
+        # the estimate of a plan of many small kernels negative); 0 is a calibration too.
+        faster = [(model, p, 0.5 * e.kernel_ms) for p, e in zip(plans, before)]
+        assert table.calibrate(faster) == 0.0 and table.calibrated
         table.calibrate(samples)
     with _table(tmp_path / "k.sqlite") as again:  # kept on disk: nothing to time, same calibration
         assert again.ensure(model, plans[0]) == 0 and again.launch_ms == pytest.approx(0.01)
     with _table(tmp_path / "k.sqlite", schedule="rules") as rules:  # another schedule, another key
-        assert rules.launch_ms == 0.0 and rules.ensure(model, plans[1]) == len(_distinct(model, plans[1]))
+        assert rules.launch_ms == 0.0 and not rules.calibrated
+        assert rules.ensure(model, plans[1]) == len(_distinct(model, plans[1]))
 
 
 def test_launches_are_the_kernels_a_build_runs(model_cache):

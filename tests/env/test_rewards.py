@@ -208,10 +208,11 @@ def test_make_reward_by_mode(tmp_path):
         make_reward("latency")
 
 
-def test_table_reward_estimates_from_the_kernel_table_and_times_only_new_kernels(tmp_path):
+def test_table_reward_estimates_from_the_kernel_table_and_times_only_new_kernels(tmp_path, caplog):
     """reward: table on a real tiny model: the return is -log(est(plan) / est(tvm plan)) from
     the kernel table beside the store, a replay of a known plan times nothing, and what was
-    timed is what the episode reports as spent."""
+    timed is what the episode reports as spent. The new table has no per-launch cost, and the
+    reward says so once."""
     from fusion_rl.compiler.kernel_table import KernelTable
     from fusion_rl.env.fusion_env import FusionEnv
     from fusion_rl.fusion.rules import make_plan
@@ -235,6 +236,7 @@ def test_table_reward_estimates_from_the_kernel_table_and_times_only_new_kernels
         assert env.measurements_spent == tvm_info["measurements"] + info["measurements"]
         again, info = episode(unfused)
         assert again == reward and info["kernels_timed"] == 0 == info["measurements"]
+        assert [r.levelname for r in caplog.records if "no per-launch cost" in r.getMessage()] == ["WARNING"]
     finally:
         env.close()
     with KernelTable(tmp_path / "kernels.sqlite", "host", "naive") as table:

@@ -85,6 +85,9 @@ def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path, caps
     assert "warning: group shape 'pointwise_depthwise' is declared, but no training model" in capsys.readouterr().err
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["group_shapes"] == {"pointwise_depthwise": {}}
+    # The new table got a per-launch cost, fitted on the rule plans, before training read it.
+    assert result["launch_ms"] is not None and result["launch_ms"] >= 0.0
+    assert "per-launch cost" in result["header"]
     labels = {r["label"]: r for r in result["rows"]}
     assert set(labels) == {"tvm", "aggressive", "seed 0", "annealing@4", "greedy@3"}
     assert all(r["status"] == "ok" and r["latency_ms"] > 0 for r in labels.values())
