@@ -337,6 +337,26 @@ def test_row_reductions_fused_after_an_anchor_run_as_rows(name: str) -> None:
     verify_executable(ex, model)
 
 
+def test_a_kernel_of_several_anchors_and_a_pooling_keeps_the_v12_schedule() -> None:
+    """``aggressive`` on resnet_tiny: one kernel of every conv, the residual adds and the
+    pooling. v14's materialized epilogues left a buffer used before its allocation there (the
+    build failed); kernels of several anchors are scheduled anchor by anchor, as v12 did, and
+    keep v12's key. Exact."""
+    from conftest import load_cached
+
+    from fusion_rl.compiler.build import compile_module
+    from fusion_rl.compiler.verify import verify_executable
+    from fusion_rl.fusion.apply import apply_plan
+    from fusion_rl.fusion.rules import make_plan
+
+    model = load_cached("resnet_tiny")
+    provider = RulesSchedule()
+    whole = apply_plan(model.mod, make_plan("aggressive", model.mod, model.graph), model.graph)
+    assert [provider.kernel_key(f) for f in _prim_funcs(whole).values()] == ["rules:v12"]
+    ex, *_ = compile_module(whole, TARGET, provider)
+    verify_executable(ex, model)
+
+
 def test_an_epilogue_fused_before_a_pooling_window_runs_once_per_element() -> None:
     """EfficientNet-B0's head in a one-anchor plan: conv + swish + its pooling, whose window
     (transformers' ``AvgPool2d(1280, ceil_mode=True)``) is far larger than the 7x7 map. Inlined
