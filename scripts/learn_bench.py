@@ -111,13 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         # 8.2 ms after a second pass, so behaviour cloning imitated `aggressive` there).
         # Each training target's table is retimed on the training models; the evaluation target's
         # on the held-out models too (its searches read them).
+        # 1c. A per-launch cost for every table that has none for its key yet.
         todo = {parse_target(t).key: (t, list(env_spec.models)) for t in env_spec.targets}
         key = parse_target(target).key
         todo[key] = (target, [*todo.get(key, (target, []))[1], *heldout])
-        if cfg.get("retime_rules", True):
-            retime_rule_kernels(start_env, dict(todo.values()), list(cfg["rules"]))
-        # 1c. A per-launch cost for every table that has none for its key yet.
-        calibrate_launches(start_env, dict(todo.values()), list(cfg["rules"]))
+        prepare_tables(start_env, dict(todo.values()), list(cfg["rules"]), cfg.get("retime_rules", True))
     finally:
         start_env.close()
 
@@ -218,52 +216,45 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def retime_rule_kernels(env: FusionEnv, models: dict[str, list[str]], rules: list[str]) -> None:
-    """:meth:`KernelTable.retime` of every rule's plan on every model, per target (``models``:
-    target -> its models), each kernel once per target, through ``env`` (a
-    :class:`~fusion_rl.env.fusion_env.FusionEnv`, which loads each model once). Kernels a table
-    lacks are timed first, so a new target's table gets two passes too."""
+def prepare_tables(env: FusionEnv, models: dict[str, list[str]], rules: list[str], retime: bool) -> None:
+    """Make each target's kernel table ready to read (``models``: target -> its models), through
+    ``env`` (a :class:`~fusion_rl.env.fusion_env.FusionEnv`, which loads each model once):
+
+    - with ``retime``, :meth:`KernelTable.retime` of every rule's plan on every model, each
+      kernel once per target; kernels a table lacks are timed first, so a new target's table
+      gets two passes too;
+    - where the table has no per-launch cost for its key yet (a new machine, or a schedule
+      provider's new version: the cost is kept per provider key), one fitted by
+      :meth:`KernelTable.calibrate` on the rule plans' end-to-end latencies (the env's
+      measurer: a plan already in its store costs nothing). Without it every estimate is the
+      sum of the kernels alone, so the launches a fused plan saves earn nothing, in the
+      rewards and in the searches.
+    """
     for target, names in models.items():
         table = env.open_kernel_table(parse_target(target))
         try:
             done: set[str] = set()
+            samples, t_fit = [], 0.0
             for name in names:
                 model = env.model(name)
                 t0 = time.perf_counter()
-                plans = [make_plan(r, model.mod, model.graph) for r in rules]  # tvm's runs FuseOps: once
-                new = sum(table.ensure(model, plan) for plan in plans)
-                timed = sum(table.retime(model, plan, done) for plan in plans)
-                print(f"[{time.strftime('%H:%M:%S')}] {name} on {target}: {new} rule kernels timed, {timed} "
-                      f"timed again ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-        finally:
-            table.close()
-
-
-def calibrate_launches(env: FusionEnv, models: dict[str, list[str]], rules: list[str]) -> None:
-    """Fit the per-launch cost of each target's kernel table (``models``: target -> its models)
-    where the table has none for its key yet: on a new machine, or after a schedule provider's
-    version changed (the cost is kept per provider key). Without it every estimate is the sum of
-    the kernels alone, so the launches a fused plan saves earn nothing, in the rewards and in
-    the searches. The samples are the rule plans' end-to-end latencies (the env's measurer: a
-    plan already in its store costs nothing), fitted by :meth:`KernelTable.calibrate`."""
-    for target, names in models.items():
-        table = env.open_kernel_table(parse_target(target))
-        try:
-            if table.calibrated:
-                continue
-            t0 = time.perf_counter()
-            measurer, samples = env.measurer(target), []
-            for name in names:
-                model = env.model(name)
-                plans = {p.hash: p for p in (make_plan(r, model.mod, model.graph) for r in rules)}
-                for plan in plans.values():
-                    record = measurer.measure(model, plan)
-                    if record.status == "ok":
-                        samples.append((model, plan, float(record.median_ms)))
+                plans = list({p.hash: p for p in (make_plan(r, model.mod, model.graph) for r in rules)}.values())
+                if retime:
+                    new = sum(table.ensure(model, plan) for plan in plans)
+                    timed = sum(table.retime(model, plan, done) for plan in plans)
+                    print(f"[{time.strftime('%H:%M:%S')}] {name} on {target}: {new} rule kernels timed, {timed} "
+                          f"timed again ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+                if not table.calibrated:
+                    t0 = time.perf_counter()
+                    for plan in plans:
+                        record = env.measurer(target).measure(model, plan)
+                        if record.status == "ok":
+                            samples.append((model, plan, float(record.median_ms)))
+                    t_fit += time.perf_counter() - t0
             if samples:
                 launch = table.calibrate(samples)
                 print(f"[{time.strftime('%H:%M:%S')}] {target}: per-launch cost {launch * 1e3:.2f} us, fitted on "
-                      f"{len(samples)} rule plans ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+                      f"{len(samples)} rule plans ({t_fit:.0f} s)", file=sys.stderr, flush=True)
         finally:
             table.close()
 

@@ -111,16 +111,17 @@ class RulesSchedule(ScheduleProvider):
         # a kernel with one anchor and another reduction, the row reductions (a layer norm or
         # softmax fused after a matmul or conv) are scheduled as rows, their inputs
         # materialized (_schedule_row_runs), and the anchor's epilogue is computed at its tile,
-        # not inlined into a transpose or a pooling window. Records of older schedules must not be served for the new one,
-        # so the version is part of every measurement's key.
+        # not inlined into a transpose or a pooling window. Records of older schedules must not
+        # be served for the new one, so the version is part of every measurement's key.
         return "rules:v14"
 
     def kernel_key(self, func: tirx.PrimFunc) -> str:
         """v13 changed only the kernels that are a pointwise -> grouped pair, v14 only those
         with one anchor and another reduction; every other kernel is scheduled as v12 scheduled
         it, and keeps its v12 timings."""
-        if _has_chain(func):
-            return _V13 if _has_chain(func, consumer="grouped") else _V12
+        kind = _chain_kind(func)
+        if kind is not None:
+            return _V13 if kind == "grouped" else _V12
         return self.key if _has_fused_reduction(s_tir.Schedule(func)) else _V12
 
     @property
@@ -152,21 +153,21 @@ def _make_ctx(target: tvm.target.Target) -> _Ctx:
     return _Ctx(target, bits, 32 if bits == 512 else 16)
 
 
-def _has_chain(func: tirx.PrimFunc, consumer: str | None = None) -> bool:
-    """Whether ``func`` is a pair that :mod:`.chain` schedules with one shared tile (with
-    ``consumer`` ``"depthwise"`` or ``"grouped"``: a pair with that consumer).
+def _chain_kind(func: tirx.PrimFunc) -> str | None:
+    """The consumer kind (``"depthwise"`` or ``"grouped"``) when ``func`` is a pair that
+    :mod:`.chain` schedules with one shared tile, else ``None``.
 
     Every kernel of every build passes here: anchors are counted before anything is inlined
     (inlining neither makes nor removes one), so a kernel without two costs no inlining."""
     try:
         sch = s_tir.Schedule(func)
         if sum(_is_mac(sch, b) for b in _root_blocks(sch)) != 2:
-            return False
+            return None
         _inline_injective(sch)
         pair = chain.match(sch, [b for b in _root_blocks(sch) if _is_mac(sch, b)])
-        return pair is not None and consumer in (None, chain.consumer_kind(sch, pair[1]))
+        return None if pair is None else chain.consumer_kind(sch, pair[1])
     except Exception:  # noqa: BLE001 - a kernel the analysis cannot read is simply not a pair
-        return False
+        return None
 
 
 def _is_scheduled(func: tirx.PrimFunc) -> bool:
@@ -189,7 +190,7 @@ def schedule_prim_func(func: tirx.PrimFunc, ctx: _Ctx, name: str = "") -> tirx.P
             reasons.append(f"{rule} at {rule_ctx.vector_bits} bits: {first_line(err)}")
             return None
 
-    chosen = attempt("chain", ctx) if _has_chain(func) else None
+    chosen = attempt("chain", ctx) if _chain_kind(func) is not None else None
     if chosen is None:
         chosen = attempt("microkernel", ctx)
     if ctx.vector_bits > 256 and (chosen is None or not chosen[3]):
@@ -220,9 +221,9 @@ def _schedule_with(func: tirx.PrimFunc, ctx: _Ctx,
     parameters given a packed layout, and whether every anchor got a layout with register reuse
     (a packed panel or the depthwise path, not the plain vectorized loop)."""
     sch = s_tir.Schedule(func)
-    # A chain pair is scheduled as v13 scheduled it, by whichever rule (its kernel key says so).
-    rows = _has_fused_reduction(sch) and not _has_chain(func)
-    _inline_injective(sch, fused_reduction=rows)
+    # One anchor: never a chain pair, whose schedule v14 left as v13 made it.
+    fused_reduction = _has_fused_reduction(sch)
+    _inline_injective(sch, fused_reduction)
     anchors = [b for b in _root_blocks(sch) if _is_mac(sch, b)]
     if rule == "chain":
         pair = chain.match(sch, anchors)
@@ -252,7 +253,7 @@ def _schedule_with(func: tirx.PrimFunc, ctx: _Ctx,
             reuse = reuse and layout.panel is not None
         else:
             done |= _schedule_anchor(sch, anchor, ctx)
-    if rows:
+    if fused_reduction:
         sch, done = _schedule_row_runs(sch, ctx, done)
     for block in _root_blocks(sch):
         if sch.get(block).name_hint not in done:
@@ -398,7 +399,8 @@ def _inline_injective(sch: s_tir.Schedule, fused_reduction: bool = False) -> Non
                     and microkernel.reads_pointwise(sch.get(c), sch.get(block).writes[0].source)
                     for c in consumers)):
                 continue
-            if sch.get(block).name_hint in epilogues and not all(_same_shape(sch, block, c) for c in consumers):
+            if (sch.get(block).name_hint in epilogues
+                    and not all(_same_shape(sch, block, c) for c in consumers)):
                 continue
             try:
                 sch.compute_inline(block)
