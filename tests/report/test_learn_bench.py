@@ -11,7 +11,7 @@ import yaml
 
 from conftest import load_script
 from fusion_rl.errors import ConfigError
-from fusion_rl.report.learn_bench import best_fixed_rule, summarize
+from fusion_rl.report.learn_bench import best_fixed_rule, summarize, unstable_models
 from fusion_rl.transfer import check_family_split, check_target_split
 
 
@@ -61,6 +61,16 @@ def test_summary_judges_seeds_against_the_best_rule_of_the_split():
     s = summarize([r for r in rows if not (r["label"] == "seed 1" and r["model"] == "m2")], ["tvm", "aggressive"],
                   [0, 1])
     assert [x["seed"] for x in s["per_seed"]] == [0]
+
+
+@pytest.mark.unit
+def test_a_model_whose_tvm_timing_spreads_is_flagged():
+    calm = _row("calm", "tvm", "c", 1.0)  # IQR 10% of the median: a normal 2-thread spread
+    noisy = {**_row("noisy", "tvm", "n", 1.0), "latency_ms": 3.3, "spread_ms": 2.1}
+    seed = {**_row("noisy", "seed 0", "s", 1.2), "latency_ms": 2.9, "spread_ms": 1.6}  # only tvm's row counts
+    failed = {**_row("failed", "tvm", "f", 1.0), "latency_ms": None}
+    found = unstable_models([calm, noisy, seed, failed])
+    assert list(found) == ["noisy"] and found["noisy"] == pytest.approx(2.1 / 3.3)
 
 
 def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path, capsys):
