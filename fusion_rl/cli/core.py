@@ -198,8 +198,10 @@ def _measure_head_to_head(args: argparse.Namespace) -> int:
             "num_kernels": result.num_kernels.get(label),
             "speedup_vs_first": float(q2),
             "speedup_spread": float(q3 - q1),
+            "speedup_by_regime": result.regime_speedups("0", label),
         })
-    out = {"model": model.name, "schedule": m.provider.name, "target": m.spec.key, "plans": rows}
+    out = {"model": model.name, "schedule": m.provider.name, "target": m.spec.key,
+           "fork_join_us": result.fork_join_us, "plans": rows}
     if args.json:
         print(dumps_json(out))
         return 0
@@ -211,7 +213,28 @@ def _measure_head_to_head(args: argparse.Namespace) -> int:
               f"speedup vs {names[0]} (IQR)": f"{r['speedup_vs_first']:.3f}x ({r['speedup_spread']:.3f})"}
              for r in rows]
     print_table(table, list(table[0]))
+    _print_regimes(rows, names[0], result.fork_join_us)
     return 0
+
+
+def _print_regimes(rows: list[dict], first: str, probes_us: list[float]) -> None:
+    """One line on the host's fork-join regime, and each plan's speedup per regime when the
+    repeats span both (fusion_rl/compiler/regime.py: the far regime favours fewer kernels)."""
+    from fusion_rl.compiler.regime import regime_labels
+
+    if not probes_us:
+        return
+    labels = regime_labels(probes_us)
+    near = [p for p, r in zip(probes_us, labels) if r == "near"]
+    far = [p for p, r in zip(probes_us, labels) if r == "far"]
+    line = f"host fork-join cost: {min(near):.2f}-{max(near):.2f} us in {len(near)} repeats"
+    if not far:
+        print(line + "; no repeat in a far regime")
+        return
+    print(line + f", {min(far):.2f}-{max(far):.2f} us (far regime) in {len(far)}; speedup vs {first} by regime:")
+    print_table([{"plan": r["name"], **{f"{k} (IQR, repeats)": f"{v['paired_speedup']:.3f}x ({v['paired_spread']:.3f}, "
+                                         f"{v['repeats']})" for k, v in r["speedup_by_regime"].items()}}
+                 for r in rows], ["plan", "near (IQR, repeats)", "far (IQR, repeats)"])
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -188,7 +188,8 @@ class Measurer:
     def time_together(self, model: Model, plans: Sequence[FusionPlan]) -> dict[str, Any]:
         """Time ``plans`` of ``model`` repeat by repeat in one build (never from the store).
 
-        Returns ``{"status", "error", "times_ms": [one list per plan], "wall_s"}``; see
+        Returns ``{"status", "error", "times_ms": [one list per plan], "fork_join_us": [one
+        probe per repeat], "wall_s"}``; see
         :func:`fusion_rl.compiler.timing.time_interleaved` for why. Not a measurement record:
         nothing is stored, and the counters count it as one miss.
         """

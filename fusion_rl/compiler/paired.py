@@ -16,6 +16,10 @@ Two readings of "A beats B by more than k times the spread" are reported
 * *paired*: ``median(s) - 1 > k * IQR(s)`` where ``s`` are the per-repeat speedups B / A
   (repeats taken back to back). A regime slows both plans of a repeat by about the same factor,
   so it cancels in the ratio (not in a difference: the gap itself scales with the regime).
+
+One regime does *not* cancel: the host's fork-join cost (:mod:`fusion_rl.compiler.regime`) slows
+plans of many small parallel kernels more than plans of few. Each repeat carries that probe, and
+:meth:`HeadToHead.regime_speedups` splits a paired speedup by regime.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from fusion_rl.compiler.measure import Measurer
+from fusion_rl.compiler.regime import regime_labels
 from fusion_rl.errors import ConfigError
 from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.graph.model import Model
@@ -34,6 +39,27 @@ from fusion_rl.graph.model import Model
 def _iqr(values: list[float]) -> float:
     q1, q3 = np.percentile(values, [25, 75])
     return float(q3 - q1)
+
+
+def split_by_regime(slower_ms: list[float], faster_ms: list[float], probes_us: list[float],
+                    reference_us: float | None = None) -> dict[str, dict[str, float | int]]:
+    """The paired speedup ``slower / faster`` within each host regime of the repeats.
+
+    ``probes_us`` holds the fork-join probe before each repeat, aligned with both series;
+    ``reference_us`` is as in :func:`~fusion_rl.compiler.regime.regime_labels`. Returns
+    ``{regime: {"paired_speedup", "paired_spread", "repeats"}}`` for each regime present, or
+    ``{}`` when the repeats carry no probes.
+    """
+    if not probes_us or len(probes_us) != len(slower_ms) or len(slower_ms) != len(faster_ms):
+        return {}
+    out: dict[str, dict[str, float | int]] = {}
+    labels = regime_labels(probes_us, reference_us)
+    for regime in ("near", "far"):
+        ratios = [s / f for s, f, r in zip(slower_ms, faster_ms, labels) if r == regime]
+        if ratios:
+            out[regime] = {"paired_speedup": float(np.median(ratios)), "paired_spread": _iqr(ratios),
+                           "repeats": len(ratios)}
+    return out
 
 
 @dataclass
@@ -48,6 +74,8 @@ class HeadToHead:
     #: label -> the label whose plan it repeats (same plan hash): built and timed once, its
     #: series shared, so their paired speedup is exactly 1
     same_as: dict[str, str] = field(default_factory=dict)
+    #: the host's fork-join probe (us) before each pooled repeat, shared by every label
+    fork_join_us: list[float] = field(default_factory=list)
 
     def median_ms(self, label: str) -> float:
         return float(np.median(self.pooled_ms[label]))
@@ -58,6 +86,11 @@ class HeadToHead:
     def speedups(self, slower: str, faster: str) -> list[float]:
         """Per-repeat ``slower / faster`` (repeat ``i`` of both was taken back to back)."""
         return [s / f for s, f in zip(self.pooled_ms[slower], self.pooled_ms[faster])]
+
+    def regime_speedups(self, slower: str, faster: str,
+                        reference_us: float | None = None) -> dict[str, dict[str, float | int]]:
+        """:func:`split_by_regime` of ``slower / faster``: the paired speedup within each regime."""
+        return split_by_regime(self.pooled_ms[slower], self.pooled_ms[faster], self.fork_join_us, reference_us)
 
     def verdict(self, slower: str, faster: str, factor: float = 5.0) -> dict[str, float | bool]:
         """Whether ``faster`` beats ``slower`` by more than ``factor`` spreads, both readings."""
@@ -107,6 +140,7 @@ def head_to_head(measurer: Measurer, model: Model, plans: Mapping[str, FusionPla
         for label, times in zip(labels, result["times_ms"]):
             out.round_medians[label].append(float(np.median(times)))
             out.pooled_ms[label].extend(times)
+        out.fork_join_us.extend(result.get("fork_join_us") or [])
         out.num_kernels.update(zip(labels, result.get("num_kernels", [])))
         if progress is not None:
             progress(r + 1, rounds, f"round {r + 1}")
@@ -117,4 +151,4 @@ def head_to_head(measurer: Measurer, model: Model, plans: Mapping[str, FusionPla
     return out
 
 
-__all__ = ["HeadToHead", "head_to_head"]
+__all__ = ["HeadToHead", "head_to_head", "split_by_regime"]

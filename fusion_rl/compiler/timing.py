@@ -17,6 +17,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from fusion_rl.compiler.regime import fork_join_us
+
 
 @dataclass(frozen=True)
 class TimingProtocol:
@@ -57,6 +59,9 @@ class TimingProtocol:
 @dataclass(frozen=True)
 class Timing:
     times_ms: tuple[float, ...]
+    #: microseconds of the host's fork-join probe taken before each repeat
+    #: (:mod:`fusion_rl.compiler.regime`); empty when not probed
+    fork_join_us: tuple[float, ...] = ()
 
     @property
     def median_ms(self) -> float:
@@ -97,9 +102,13 @@ def time_interleaved(
     inputs: Sequence[np.ndarray],
     protocol: TimingProtocol = TimingProtocol(),
     device: tvm.runtime.Device | None = None,
+    probe: bool = True,
 ) -> list[Timing]:
     """Time several builds of one model *repeat by repeat*: repeat ``r`` of every executable
-    runs before repeat ``r + 1`` of any, in an order that flips every repeat.
+    runs before repeat ``r + 1`` of any, in an order that flips every repeat. With ``probe``,
+    each repeat starts with :func:`~fusion_rl.compiler.regime.fork_join_us` (a few ms), and every
+    returned :class:`Timing` carries those probes, so each repeat can be labelled with the
+    host's regime.
 
     Why: on a shared 2-vCPU machine the speed of the whole machine drifts between regimes that
     last seconds. Timed one after the other, two plans can land in different regimes; timed
@@ -117,11 +126,14 @@ def time_interleaved(
         evaluators.append(vm.time_evaluator("main_saved", dev, number=protocol.number, repeat=1,
                                             min_repeat_ms=protocol.min_repeat_ms))
     times: list[list[float]] = [[] for _ in executables]
+    probes: list[float] = []
     order = list(range(len(executables)))
     for r in range(protocol.repeat):
+        if probe:
+            probes.append(fork_join_us())
         for i in order if r % 2 == 0 else order[::-1]:
             times[i].append(float(evaluators[i]().results[0]) * 1e3)
-    return [Timing(tuple(t)) for t in times]
+    return [Timing(tuple(t), tuple(probes)) for t in times]
 
 
 def time_kernels(

@@ -119,7 +119,7 @@ def run_kernel_job(job: KernelJob, models: dict | None = None) -> dict:
 
 def run_interleaved_job(job: InterleavedJob, models: dict | None = None) -> dict:
     """Build, verify and interleave-time ``job.plans``; ``times_ms`` holds one list per plan,
-    ``num_kernels`` one count per plan.
+    ``num_kernels`` one count per plan, ``fork_join_us`` the host probe before each repeat.
 
     Any plan that fails to build or verify fails the whole comparison (the error names the
     plan): a comparison with a wrong or missing member means nothing.
@@ -139,7 +139,8 @@ def run_interleaved_job(job: InterleavedJob, models: dict | None = None) -> dict
             executables.append(compiled.executable)
             kernels.append(compiled.num_kernels)
         timings = time_interleaved(executables, model.inputs, job.protocol or TimingProtocol())
-        result.update(status="ok", times_ms=[list(t.times_ms) for t in timings], num_kernels=kernels)
+        result.update(status="ok", times_ms=[list(t.times_ms) for t in timings], num_kernels=kernels,
+                      fork_join_us=list(timings[0].fork_join_us) if timings else [])
 
     return guarded(body, {"status": "failed", "times_ms": []})
 

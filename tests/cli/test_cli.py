@@ -158,13 +158,16 @@ def test_measure_compares_plans_head_to_head(capsys, tmp_path):
                          "--schedule", "naive", "--json", *QUICK_COMPARE)
     assert code == 0, err
     data = json.loads(out)
-    assert set(data) == {"model", "schedule", "target", "plans"}
+    assert set(data) == {"model", "schedule", "target", "fork_join_us", "plans"}
     assert data["model"] == "mlp_tiny" and data["schedule"] == "naive"
     assert [p["name"] for p in data["plans"]] == ["tvm", "unfused", str(plan)]
+    repeats = len(data["fork_join_us"])  # one host probe per paired repeat
+    assert repeats > 0 and all(us > 0 for us in data["fork_join_us"])
     for p in data["plans"]:
         assert set(p) == {"name", "latency_ms", "spread_ms", "verified", "num_kernels",
-                          "speedup_vs_first", "speedup_spread"}
+                          "speedup_vs_first", "speedup_spread", "speedup_by_regime"}
         assert p["verified"] and p["latency_ms"] > 0 and p["spread_ms"] >= 0 and p["speedup_vs_first"] > 0
+        assert sum(v["repeats"] for v in p["speedup_by_regime"].values()) == repeats
     first, unfused, agg = data["plans"]
     # The first plan against itself, repeat by repeat: exactly 1, with no spread.
     assert first["speedup_vs_first"] == 1.0 and first["speedup_spread"] == 0.0
@@ -180,6 +183,7 @@ def test_measure_keeps_the_command_line_order_of_sources(capsys):
     assert "speedup vs policies/default" in lines[1]
     assert lines[3].split()[0] == "policies/default" and lines[3].split()[-2] == "1.000x"
     assert lines[4].split()[0] == "unfused"
+    assert lines[5].startswith("host fork-join cost: ")
 
 
 def test_measure_of_one_plan_keeps_its_output(capsys):

@@ -160,6 +160,10 @@ def test_time_together_times_plans_repeat_by_repeat(model_cache, isolate):
         assert all(t > 0 for times in result["times_ms"] for t in times)
         cmp = head_to_head(m, model, plans, rounds=2)
         assert not cmp.failures and len(cmp.pooled_ms["tvm"]) == 2 * QUICK.repeat
+        # Every repeat carries the host's fork-join probe, aligned with the pooled repeats.
+        assert len(result["fork_join_us"]) == QUICK.repeat and len(cmp.fork_join_us) == 2 * QUICK.repeat
+        split = cmp.regime_speedups("unfused", "tvm")
+        assert sum(v["repeats"] for v in split.values()) == 2 * QUICK.repeat
         assert m.stats.misses == 3
         other = model_cache("cnn_plain")
         with pytest.raises(PlanMismatchError):  # a plan of another model is refused up front

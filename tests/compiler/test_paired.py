@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fusion_rl.compiler.paired import head_to_head
+from fusion_rl.compiler.paired import head_to_head, split_by_regime
 from fusion_rl.errors import ConfigError
 
 
@@ -26,8 +26,9 @@ class _ScriptedMeasurer:
     store = None
 
     def __init__(self, base: dict[str, float], regimes: list[float], repeats: int = 4,
-                 fail: bool = False) -> None:
+                 fail: bool = False, far: dict[str, float] | None = None) -> None:
         self.base, self.regimes, self.repeats, self.fail = base, regimes, repeats, fail
+        self.far = far  # plan -> its latency in the far fork-join regime (a regime factor > 1.5)
         self.calls: list[list[str]] = []
 
     def time_together(self, model, plans):
@@ -35,7 +36,10 @@ class _ScriptedMeasurer:
         if self.fail:
             return {"status": "wrong_output", "error": "plan x: mismatch", "times_ms": []}
         regimes = [self.regimes[i % len(self.regimes)] for i in range(self.repeats)]
-        return {"status": "ok", "times_ms": [[self.base[p] * g for g in regimes] for p in plans]}
+        if self.far is None:
+            return {"status": "ok", "times_ms": [[self.base[p] * g for g in regimes] for p in plans]}
+        return {"status": "ok", "fork_join_us": [0.6 * g for g in regimes],
+                "times_ms": [[self.far[p] if g > 1.5 else self.base[p] for g in regimes] for p in plans]}
 
 
 def test_rounds_flip_the_plan_order_and_pool_repeats() -> None:
@@ -84,3 +88,22 @@ def test_bad_arguments() -> None:
     m.store = object()
     with pytest.raises(ConfigError, match="without a store"):
         head_to_head(m, None, _plans(a="a"), rounds=3)
+
+
+def test_a_regime_that_hits_plans_unevenly_is_split_not_averaged() -> None:
+    # Near: "many" (many small kernels) and "few" are equal. Far: "many" is 1.3x slower than
+    # "few". Pooled, the paired median depends on how long each regime lasted; split, each holds.
+    m = _ScriptedMeasurer({"many": 3.0, "few": 3.0}, [1.0, 1.0, 1.0, 2.5], far={"many": 5.2, "few": 4.0})
+    cmp = head_to_head(m, None, _plans(many="many", few="few"), rounds=2)
+    assert len(cmp.fork_join_us) == len(cmp.pooled_ms["many"]) == 8
+    split = cmp.regime_speedups("many", "few")
+    assert split["near"] == {"paired_speedup": 1.0, "paired_spread": 0.0, "repeats": 6}
+    assert split["far"]["paired_speedup"] == pytest.approx(1.3) and split["far"]["repeats"] == 2
+    assert cmp.verdict("many", "few")["paired_speedup"] == 1.0  # the pooled reading hides it
+
+
+def test_split_by_regime_needs_aligned_probes() -> None:
+    assert split_by_regime([1.0, 2.0], [1.0, 1.0], []) == {}
+    assert split_by_regime([1.0, 2.0], [1.0, 1.0], [0.6]) == {}
+    only_far = split_by_regime([2.0, 2.0], [1.0, 1.0], [1.5, 1.5], reference_us=0.6)
+    assert set(only_far) == {"far"} and only_far["far"]["paired_speedup"] == 2.0
