@@ -286,8 +286,10 @@ def compare_plans(measurer: Measurer, model, plans: dict[str, FusionPlan], refs:
             row.update(latency_ms=None, status="failed", error=h2h.failures[label])
         else:
             vs = {ref: [(v := h2h.verdict(ref, label))["paired_speedup"], v["paired_spread"]] for ref in refs}
+            # The raw repeats and host probes let the report split every ratio by regime.
             row.update(status="ok", latency_ms=h2h.median_ms(label), spread_ms=h2h.iqr_ms(label),
-                       num_kernels=h2h.num_kernels.get(label), vs=vs)
+                       num_kernels=h2h.num_kernels.get(label), vs=vs, repeat_ms=h2h.pooled_ms[label],
+                       fork_join_us=h2h.fork_join_us)
         rows.append(row)
     return rows
 

@@ -24,6 +24,9 @@ import numpy as np
 #: one regime the probe varies by less than 1.3x, so 1.6 splits them with room on both sides.
 FAR_FACTOR = 1.6
 
+#: Below this a probe is a call with no hand-off (a pool of one thread), never a far regime.
+NO_HANDOFF_US = 0.1
+
 #: Parallel launches per probe: about 1-4 ms in all, small beside a ``min_repeat_ms`` of 50.
 PROBE_LAUNCHES = 2000
 
@@ -57,7 +60,7 @@ def fork_join_us() -> float:
 
 def regime_labels(probes_us: Sequence[float], reference_us: float | None = None) -> list[str]:
     """``"near"`` or ``"far"`` for each repeat's probe: far when it exceeds ``FAR_FACTOR`` x
-    ``reference_us`` (default: the lowest of ``probes_us``).
+    ``reference_us`` (default: the lowest of ``probes_us``) and ``NO_HANDOFF_US``.
 
     A relative test cannot tell a comparison spent wholly in the far regime from one spent
     wholly in the near one; pass the lowest probe of a longer run as ``reference_us`` for that,
@@ -66,7 +69,7 @@ def regime_labels(probes_us: Sequence[float], reference_us: float | None = None)
     if not probes_us:
         return []
     ref = min(probes_us) if reference_us is None else reference_us
-    return ["far" if p > FAR_FACTOR * ref else "near" for p in probes_us]
+    return ["far" if p > FAR_FACTOR * ref and p > NO_HANDOFF_US else "near" for p in probes_us]
 
 
 __all__ = ["FAR_FACTOR", "fork_join_us", "regime_labels"]

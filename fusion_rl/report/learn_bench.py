@@ -16,11 +16,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from fusion_rl.compiler.paired import split_by_regime
+from fusion_rl.compiler.regime import FAR_FACTOR, regime_labels
 from fusion_rl.evaluate import geomean, learning_curve, read_episodes, t_interval
 from fusion_rl.io import write_atomic
 from fusion_rl.report.transfer import fmt
 
-__all__ = ["best_fixed_rule", "plot_curves", "render", "summarize", "unstable_models"]
+__all__ = ["best_fixed_rule", "by_regime", "plot_curves", "render", "summarize", "unstable_models"]
 
 #: A model whose ``tvm`` plan's IQR exceeds this fraction of its median is flagged in the report.
 #: At 2 threads the IQR of a plan is normally 8-9% of its median here; some models (MobileNetV2 at
@@ -147,6 +149,70 @@ def _unstable_note(rows: Sequence[dict[str, Any]]) -> list[str]:
             "timing protocol)."]
 
 
+def by_regime(rows: Sequence[dict[str, Any]], regime: str) -> list[dict[str, Any]]:
+    """``rows`` with each ``vs`` recomputed over the repeats of one host ``regime`` only
+    (``"near"`` or ``"far"``, :mod:`fusion_rl.compiler.regime`), as ``[speedup, IQR, repeats]``.
+
+    The reference probe is the lowest of the whole run, so a model timed wholly in the far
+    regime is labelled far. Rows without raw repeats (results written before they were kept)
+    are left out; a ``vs`` entry is left out where the model has no repeat in ``regime``.
+    """
+    probes = [p for r in rows for p in r.get("fork_join_us") or []]
+    if not probes:
+        return []
+    reference = min(probes)
+    series = {(r["model"], r["label"]): r.get("repeat_ms") for r in rows}
+    out = []
+    for r in rows:
+        if not r.get("repeat_ms"):
+            continue
+        vs = {}
+        for ref in r.get("vs", {}):
+            ref_ms = series.get((r["model"], ref))
+            split = split_by_regime(ref_ms, r["repeat_ms"], r["fork_join_us"], reference).get(regime) if ref_ms else None
+            if split:
+                vs[ref] = [split["paired_speedup"], split["paired_spread"], split["repeats"]]
+        out.append({**r, "vs": vs})
+    return out
+
+
+def _regime_section(rows: Sequence[dict[str, Any]], seeds: Sequence[int], best: str | None) -> list[str]:
+    """Per model, the share of repeats in each host regime; then the headline within each."""
+    probes = [p for r in rows for p in r.get("fork_join_us") or []]
+    if not probes:
+        return []
+    reference = min(probes)
+    lines = ["", "## By host regime", "",
+             "Before every repeat the worker times a parallel launch of a near-empty kernel (the host's "
+             "fork-join cost, `fusion_rl/compiler/regime.py`). A repeat is *far* when that probe exceeds "
+             f"{FAR_FACTOR}x the run's lowest ({reference:.2f} us): the host then hands work between "
+             "threads several times slower, which costs plans of many small kernels more than plans of "
+             "few, so a paired ratio holds within a regime, not across them. Below, every ratio is "
+             "recomputed over one regime's repeats.", "",
+             "| model | repeats near / far | probe us, median near / far |", "|---|---|---|"]
+    models = sorted({r["model"] for r in rows})
+    for model in models:
+        own = next((r.get("fork_join_us") or [] for r in rows if r["model"] == model), [])
+        labels = regime_labels(own, reference)
+        near = [p for p, g in zip(own, labels) if g == "near"]
+        far = [p for p, g in zip(own, labels) if g == "far"]
+        lines.append(f"| {model} | {len(near)} / {len(far)} | "
+                     f"{fmt(float(np.median(near)) if near else None, '.2f')} / "
+                     f"{fmt(float(np.median(far)) if far else None, '.2f')} |")
+    lines += ["", "| repeats | policy vs tvm [95% CI] | policy vs `" + str(best) + "` [95% CI] | "
+              "`" + str(best) + "` vs tvm |", "|---|---|---|---|"]
+    for regime in ("near", "far"):
+        sub = by_regime(rows, regime)
+        summary = summarize(sub, [best] if best else [], seeds)
+        own = [r["vs"].get("tvm") for r in sub if r["label"] == best]
+        rule = geomean(v[0] for v in own) if own and all(own) and len(own) == len(models) else None
+        lines.append(f"| {regime} | {_interval(summary['vs_tvm'])} | {_interval(summary['vs_best_rule'])} | "
+                     f"{fmt(rule, '.3f')} |")
+    lines += ["", "A cell is empty where some model has no repeat in that regime. The best rule is the "
+              "one of the headline, not re-chosen per regime."]
+    return lines
+
+
 def _heldout_target(name: str, held: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
     """The section of one held-out target: headline against ``tvm`` and per-model rows."""
     summary = held["summary"]
@@ -237,6 +303,7 @@ def render(cfg: dict[str, Any], result: dict[str, Any], commands: Sequence[str])
         lines.append(f"| {r['model']} | {r['label']} | {ms} | {r.get('num_kernels') or '—'} | {vs('tvm')} | "
                      + (f"{vs(best)} | " if other_best else "") + f"{fmt(r.get('estimate_ms'), '.2f')} |")
     lines += _unstable_note(rows)
+    lines += _regime_section(rows, [s["seed"] for s in summary["per_seed"]], best)
     for name, held in (result.get("heldout_targets") or {}).items():
         lines += _heldout_target(name, held, cfg)
     lines += ["", "## Training", "", "![learning curves](curves.png)", "",

@@ -12,3 +12,8 @@ def test_regime_labels_split_at_the_far_factor() -> None:
     assert regime_labels([1.5, 1.6], reference_us=0.6) == ["far", "far"]  # a run's lowest probe
     assert regime_labels([0.6 * FAR_FACTOR, 0.6]) == ["near", "near"] and regime_labels([]) == []
 
+
+
+def test_a_single_thread_pool_has_no_far_regime() -> None:
+    # One thread: the probe is a plain call of a few ns, and its jitter is no regime.
+    assert regime_labels([0.004, 0.009, 0.004]) == ["near"] * 3

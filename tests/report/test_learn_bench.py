@@ -11,7 +11,7 @@ import yaml
 
 from conftest import load_script
 from fusion_rl.errors import ConfigError
-from fusion_rl.report.learn_bench import best_fixed_rule, summarize, unstable_models
+from fusion_rl.report.learn_bench import best_fixed_rule, by_regime, render, summarize, unstable_models
 from fusion_rl.transfer import check_family_split, check_target_split
 
 
@@ -73,6 +73,31 @@ def test_a_model_whose_tvm_timing_spreads_is_flagged():
     assert list(found) == ["noisy"] and found["noisy"] == pytest.approx(2.1 / 3.3)
 
 
+@pytest.mark.unit
+def test_ratios_are_split_by_the_host_regime_of_each_repeat():
+    # Two near repeats (probe 0.6-0.7 us), then two far ones (1.5 us). "few" (fewer kernels) ties
+    # tvm near and wins 1.3x far; the seed's plan wins 1.1x near and ties "few" far.
+    probes = [0.6, 0.7, 1.5, 1.5]
+    series = {"tvm": [3.0, 3.0, 5.2, 5.2], "few": [3.0, 3.0, 4.0, 4.0], "seed 0": [2.727, 2.727, 4.0, 4.0]}
+    rows = [{**_row("m", label, label, 1.0, few=1.0), "repeat_ms": ms, "fork_join_us": probes}
+            for label, ms in series.items()]
+    near, far = by_regime(rows, "near"), by_regime(rows, "far")
+    seed_near, seed_far = near[2]["vs"], far[2]["vs"]
+    assert seed_near["tvm"] == pytest.approx([1.1, 0.0, 2], rel=1e-3) and seed_near["few"][0] == pytest.approx(1.1, rel=1e-3)
+    assert seed_far["tvm"] == pytest.approx([1.3, 0.0, 2]) and seed_far["few"][0] == pytest.approx(1.0)
+    # A row written before raw repeats were kept is left out, not split wrongly.
+    assert by_regime([_row("m", "tvm", "t", 1.0)], "near") == []
+    # The reference is the run's lowest probe: a model timed wholly far is far.
+    other = [{**r, "model": "m2", "fork_join_us": [1.5] * 4} for r in rows]
+    assert all(not r["vs"] for r in by_regime(rows + other, "near") if r["model"] == "m2")
+    cfg = {"families": {"m": "cnn"}, "heldout_models": ["m"], "rounds": 1, "repeat": 4}
+    result = {"summary": summarize(rows, ["tvm", "few"], [0]), "rows": rows, "header": "h", "training": [],
+              "searches": [], "finals": []}
+    text = render(cfg, result, [])
+    assert "## By host regime" in text and "| m | 2 / 2 | 0.65 / 1.50 |" in text
+    assert "| near | 1.100 [" in text and "| far | 1.300 [" in text
+
+
 def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path, capsys):
     (tmp_path / "env.yaml").write_text(yaml.safe_dump({
         "models": ["mlp_tiny"], "reward": "table", "store": str(tmp_path / "store.sqlite"),
@@ -119,6 +144,8 @@ def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path, caps
     text = (tmp_path / "results.md").read_text()
     assert text.startswith("# Learned fusion on held-out bench families") and "cnn_plain (cnn)" in text
     assert "## Held-out target `x86-64-t1` (`llvm-x86-64-t1`)" in text
+    assert "## By host regime" in text and all(len(r["fork_join_us"]) == len(r["repeat_ms"]) == 4
+                                                  for r in result["rows"])
     assert "training models: `pointwise_depthwise` **none**." in text
     assert (tmp_path / "curves.png").stat().st_size > 0
     # The report is regenerated from the results file alone.
