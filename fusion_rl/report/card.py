@@ -58,6 +58,7 @@ def policy_evaluation(results_dir: str | Path) -> dict[str, Any]:
         (``collapsed_to``), and the training statistics.
     """
     from fusion_rl.io import read_yaml
+    from fusion_rl.report.learn_bench import regime_counts
 
     results_dir = Path(results_dir)
     results = json.loads((results_dir / "results.json").read_text())
@@ -87,6 +88,7 @@ def policy_evaluation(results_dir: str | Path) -> dict[str, Any]:
             "vs_best_rule": _interval(s["vs_best_rule"]),
             "rules": {k: _rounded(v) for k, v in s["rule_vs_tvm"].items()},
             "per_model": {str(p["seed"]): {m: _rounded(v) for m, v in p["per_model"].items()} for p in per_seed},
+            "regimes": regime_counts(results["rows"]),
         }},
         "searches": {"goal": s.get("search"),
                      "vs": {label: _interval(x) for label, x in (s.get("vs_searches") or {}).items()}},
@@ -158,6 +160,11 @@ def card_block(card: Mapping[str, Any], policy: str = "policies/default") -> str
                  f"[{_x(split['ci'][0])}, {_x(split['ci'][1])}]; vs the best fixed rule {_x(best['mean'])}, "
                  f"95% CI [{_x(best['ci'][0])}, {_x(best['ci'][1])}].")
     lines.append("- Fixed rules vs `tvm`: " + ", ".join(f"`{r}` {_x(v)}" for r, v in split["rules"].items()) + ".")
+    regimes = split.get("regimes")  # absent in cards written before repeats were probed
+    if regimes:
+        lines.append(f"- Host fork-join regime of the paired repeats (`fusion_rl/compiler/regime.py`): "
+                     f"{regimes['near']} near, {regimes['far']} far"
+                     + (" (ratios per regime in the experiment's report)." if regimes["far"] else "."))
     searches = ev["searches"]["vs"]
     if searches:
         lines.append("- Policy (mean of seeds) vs search over the kernel table, each search's best plan re-timed "

@@ -22,7 +22,7 @@ from fusion_rl.evaluate import geomean, learning_curve, read_episodes, t_interva
 from fusion_rl.io import write_atomic
 from fusion_rl.report.transfer import fmt
 
-__all__ = ["best_fixed_rule", "by_regime", "plot_curves", "render", "summarize", "unstable_models"]
+__all__ = ["best_fixed_rule", "by_regime", "plot_curves", "regime_counts", "render", "summarize", "unstable_models"]
 
 #: A model whose ``tvm`` plan's IQR exceeds this fraction of its median is flagged in the report.
 #: At 2 threads the IQR of a plan is normally 8-9% of its median here; some models (MobileNetV2 at
@@ -174,6 +174,17 @@ def by_regime(rows: Sequence[dict[str, Any]], regime: str) -> list[dict[str, Any
                 vs[ref] = [split["paired_speedup"], split["paired_spread"], split["repeats"]]
         out.append({**r, "vs": vs})
     return out
+
+
+def regime_counts(rows: Sequence[dict[str, Any]]) -> dict[str, int] | None:
+    """Paired repeats in each host regime over the models of ``rows`` (every row of a model
+    shares its probes), against the run's lowest probe; ``None`` if no row kept probes."""
+    series = {r["model"]: r["fork_join_us"] for r in rows if r.get("fork_join_us")}
+    if not series:
+        return None
+    reference = min(p for probes in series.values() for p in probes)
+    labels = [g for probes in series.values() for g in regime_labels(probes, reference)]
+    return {"near": labels.count("near"), "far": labels.count("far")}
 
 
 def _regime_section(rows: Sequence[dict[str, Any]], seeds: Sequence[int], best: str | None) -> list[str]:

@@ -53,6 +53,15 @@ def test_headline_numbers_are_geomeans_of_the_head_to_head_rows(shipped):
         assert value == pytest.approx(float(np.exp(np.mean(np.log(own)))), abs=1e-4)
 
 
+def test_the_card_counts_the_host_regime_of_the_repeats(shipped):
+    # Every held-out model's repeats were probed (one probe per paired repeat); the card counts them.
+    rows = json.loads((RESULTS / "results.json").read_text())["rows"]
+    regimes = shipped["evaluation"]["splits"]["heldout-model"]["regimes"]
+    per_model = {r["model"]: len(r["fork_join_us"]) for r in rows}
+    assert regimes["near"] + regimes["far"] == sum(per_model.values()) > 0
+    assert f"{regimes['near']} near, {regimes['far']} far" in card.card_block(shipped)
+
+
 def test_edited_results_change_the_evaluation(tmp_path, shipped):
     # The agreement checks can fail: a results file edited after the card was written no longer
     # reproduces the card.
