@@ -119,8 +119,8 @@ def time_systems(model: Model, plans: Mapping[str, FusionPlan], runtimes: Sequen
     reference first; then all run in ``rounds`` interleaved rounds
     (:func:`~fusion_rl.baselines.runtimes.time_paired`), so repeat ``i`` of two systems ran
     seconds apart and :meth:`HeadToHead.verdict` gives their paired ratio. Plans are under their
-    label, runtimes under their name; ``num_kernels`` has the plans' kernel counts. Two labels
-    with the same plan share one build. Raises if a plan or a runtime computes a wrong output.
+    label, runtimes under their name; ``num_kernels`` has the plans' kernel counts, and
+    ``fork_join_us`` the host's regime probe per repeat. Two labels with the same plan share one build. Raises if a plan or a runtime computes a wrong output.
     """
     import tvm
     from tvm import relax
@@ -146,7 +146,7 @@ def time_systems(model: Model, plans: Mapping[str, FusionPlan], runtimes: Sequen
             fns[label], out.num_kernels[label] = built[plan.hash]
         for runtime in runtimes:
             fns[runtime] = runtime_callable(runtime, model, spec.num_threads)
-        times = time_paired(fns, protocol, rounds)
+        times = time_paired(fns, protocol, rounds, probes_us=out.fork_join_us)
     for label, ms in times.items():
         out.pooled_ms[label] = ms
         out.round_medians[label] = [float(np.median(r)) for r in np.array_split(ms, rounds)]

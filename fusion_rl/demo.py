@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 from fusion_rl import paths
 from fusion_rl.compare import machine_description, time_systems
+from fusion_rl.compiler.paired import HeadToHead
+from fusion_rl.compiler.regime import regime_labels
 from fusion_rl.compiler.target import parse_target
 from fusion_rl.compiler.timing import TimingProtocol
 from fusion_rl.fusion.rules import make_plan
@@ -79,10 +81,13 @@ def run_demo(quick: bool = False, models: tuple[str, ...] = DEMO_MODELS, policy:
             speedup, spread = v["paired_speedup"], v["paired_spread"]
             row = {"model": name, "system": system, "kernels": h2h.num_kernels.get(system),
                    "median_ms": h2h.median_ms(system), "iqr_ms": h2h.iqr_ms(system), "speedup_vs_tvm": speedup,
-                   "speedup_spread": spread, "plan_hash": plans[system].hash if system in plans else None}
+                   "speedup_spread": spread, "plan_hash": plans[system].hash if system in plans else None,
+                   "speedup_by_regime": h2h.regime_speedups("tvm[tvm]", system)}
             out_rows.append(row)
             say(f"{name:20s} {system:28s} {'' if row['kernels'] is None else row['kernels']:>7} "
                 f"{row['median_ms']:10.3f} {row['iqr_ms']:7.3f}  {speedup:5.3f}x ({spread:.3f})")
+        if h2h.fork_join_us:
+            say(_regime_line(h2h, [r for r in out_rows if r["model"] == name]))
         same = [s for s in plans if s != "tvm[tvm]" and plans[s].hash == plans["tvm[tvm]"].hash]
         if same:
             say(f"{'':20s} ({', '.join(same)}: the same plan as tvm[tvm])")
@@ -94,3 +99,15 @@ def run_demo(quick: bool = False, models: tuple[str, ...] = DEMO_MODELS, policy:
     say(f"\ntvm[...] rows: the rules schedule; every plan and runtime verified against the model's "
         f"reference; {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+def _regime_line(h2h: HeadToHead, rows: list[dict]) -> str:
+    """Where the model's repeats fell in the host's fork-join regime; when some were far, each
+    system's speedup in each (fusion_rl/compiler/regime.py: the far regime favours fewer kernels)."""
+    labels = regime_labels(h2h.fork_join_us)
+    far = labels.count("far")
+    if not far:
+        return f"{'':20s} (host fork-join regime: all {len(labels)} repeats near)"
+    per = "; ".join(f"{r['system']} " + ", ".join(f"{k} {v['paired_speedup']:.3f}x"
+                                                  for k, v in r["speedup_by_regime"].items()) for r in rows)
+    return f"{'':20s} ({far} of {len(labels)} repeats in the far fork-join regime; vs tvm rules by regime: {per})"

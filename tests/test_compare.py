@@ -31,8 +31,10 @@ def test_time_callable_scales_number_to_min_repeat():
 def test_time_paired_interleaves_rounds_in_alternating_order():
     order = []
     fns = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
-    times = time_paired(fns, TimingProtocol(repeat=2, min_repeat_ms=1, warmup=1), rounds=3)
+    probes: list[float] = []
+    times = time_paired(fns, TimingProtocol(repeat=2, min_repeat_ms=1, warmup=1), rounds=3, probes_us=probes)
     assert {k: len(v) for k, v in times.items()} == {"a": 6, "b": 6}  # rounds x repeat each
+    assert len(probes) == 6 and probes[0] == probes[1] > 0  # one host probe per repeat, per round
     # Collapse runs of one system: a b | b a | a b  ->  a, b, a, b (each round a contiguous block)
     blocks = [x for i, x in enumerate(order) if i == 0 or order[i - 1] != x]
     assert blocks == ["a", "b", "a", "b"]
@@ -152,6 +154,7 @@ def test_time_systems_times_plans_and_runtimes_head_to_head(model_cache, monkeyp
     assert sorted(builds) == sorted({p.hash for p in plans.values()})  # one build per distinct plan
     assert all(len(ms) == 6 and min(ms) > 0 for ms in h2h.pooled_ms.values())
     assert all(len(r) == 2 for r in h2h.round_medians.values())
+    assert len(h2h.fork_join_us) == 6  # the host regime of every paired repeat
     assert h2h.num_kernels["tvm"] == h2h.num_kernels["again"] < h2h.num_kernels["unfused"]
     assert "ort" not in h2h.num_kernels
     v = h2h.verdict("unfused", "ort")

@@ -78,16 +78,26 @@ def run_runtime(
 
 
 def time_paired(fns: dict[str, Callable[[], object]], protocol: TimingProtocol,
-                rounds: int) -> dict[str, list[float]]:
+                rounds: int, probes_us: list[float] | None = None) -> dict[str, list[float]]:
     """Time several systems head to head in this process: ``rounds`` interleaved rounds (the
     order reversed every other round), each a :func:`time_callable` of every system. Repeat
     ``i`` of round ``r`` of two systems ran seconds apart, so their ratio is a *paired* ratio
-    that a drifting machine touches alike; returns each system's ms per repeat, in that order."""
+    that a drifting machine touches alike; returns each system's ms per repeat, in that order.
+
+    Given a list ``probes_us``, one host fork-join probe per repeat is appended to it
+    (:mod:`fusion_rl.compiler.regime`): the larger of the probes before and after its round, so
+    a round that a regime switch crossed counts as far.
+    """
+    from fusion_rl.compiler.regime import fork_join_us
+
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
+        before = fork_join_us() if probes_us is not None else 0.0
         for name in names if r % 2 == 0 else names[::-1]:
             times[name].extend(time_callable(fns[name], protocol).times_ms)
+        if probes_us is not None:
+            probes_us.extend([max(before, fork_join_us())] * protocol.repeat)
     return times
 
 

@@ -153,6 +153,18 @@ def test_demo_reports_each_model_and_prints_one_json_object(monkeypatch, tmp_pat
     systems = seen_systems[-1]
     assert any(s.startswith("learned") for s in systems) and "ort" in systems
     assert f"tvm[{out['best_rule']}]" in systems
+    # Repeats in the far fork-join regime: each system's speedup is shown per regime.
+    def far_time_systems(model, plans, runtimes, spec, protocol, rounds):
+        h2h = fake_time_systems(model, plans, runtimes, spec, protocol, rounds)
+        h2h.fork_join_us = [0.6, 0.6, 1.5]
+        return h2h
+
+    monkeypatch.setattr(demo, "time_systems", far_time_systems)
+    lines: list[str] = []
+    assert demo.run_demo(quick=True, models=("mlp_tiny",), policy=tmp_path / "no_policy", log=lines.append) == 0
+    line = next(x for x in lines if "fork-join" in x)
+    assert "1 of 3 repeats in the far fork-join regime" in line and "tvm[unfused] near " in line
+    monkeypatch.setattr(demo, "time_systems", fake_time_systems)
     # The command: JSON only on stdout.
     assert main(["demo", "--quick", "--json"]) == 0  # the first bench model, planned by the shipped policy
     out = capsys.readouterr().out
