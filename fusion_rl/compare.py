@@ -120,7 +120,8 @@ def time_systems(model: Model, plans: Mapping[str, FusionPlan], runtimes: Sequen
     (:func:`~fusion_rl.baselines.runtimes.time_paired`), so repeat ``i`` of two systems ran
     seconds apart and :meth:`HeadToHead.verdict` gives their paired ratio. Plans are under their
     label, runtimes under their name; ``num_kernels`` has the plans' kernel counts, and
-    ``fork_join_us`` the host's regime probe per repeat. Two labels with the same plan share one build. Raises if a plan or a runtime computes a wrong output.
+    ``fork_join_us`` the host's regime probe per repeat. Two labels with the same plan share one
+    build. Raises if a plan or a runtime computes a wrong output.
     """
     import tvm
     from tvm import relax

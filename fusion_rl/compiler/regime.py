@@ -1,15 +1,13 @@
 """The host's fork-join regime: a probe timed between repeats, and a label for each repeat.
 
 Why: on this project's 2-vCPU VMs, the cost of TVM handing work to its second thread and waiting
-for it switches between two levels that last seconds to minutes (docs/design.md §7). A parallel
-launch of a near-empty kernel costs about 0.6-0.7 us in the *near* regime and 1.5-1.8 us in the
-*far* one, and a round trip of one cache line between the two vCPUs goes from about 90 ns to about
-390 ns at the same moment, while each vCPU alone computes as fast as before. It looks like the
+for it switches between two levels, several times apart, that last seconds to minutes, while each
+vCPU alone computes as fast as before (docs/design.md §7 has the measurements). It looks like the
 hypervisor placing the two vCPUs on cores that do or do not share a cache. Models of many small
-parallel kernels pay for every hand-off (MobileNetV2 at 224: 3.0 ms near, 5.1-5.7 ms far), and
-plans with fewer kernels pay less, so a paired ratio taken in one regime does not hold in the
-other. Each repeat of :func:`fusion_rl.compiler.timing.time_interleaved` is therefore preceded
-by :func:`fork_join_us`, and comparisons can be split by :func:`regime_labels`.
+parallel kernels pay for every hand-off, and plans with fewer kernels pay less, so a paired ratio
+taken in one regime does not hold in the other. Each repeat of
+:func:`fusion_rl.compiler.timing.time_interleaved` is therefore preceded by :func:`fork_join_us`,
+and comparisons can be split by :func:`regime_labels`.
 """
 
 from __future__ import annotations
@@ -20,14 +18,14 @@ from typing import Any, Sequence
 import numpy as np
 
 #: A repeat is *far* when its probe exceeds the reference (the lowest probe of the comparison,
-#: or of the whole run) by this factor. The two levels seen here are 2.3-2.8x apart, and within
-#: one regime the probe varies by less than 1.3x, so 1.6 splits them with room on both sides.
+#: or of the whole run) by this factor: between the spread within one level and the gap between
+#: the two (docs/design.md §7).
 FAR_FACTOR = 1.6
 
 #: Below this a probe is a call with no hand-off (a pool of one thread), never a far regime.
 NO_HANDOFF_US = 0.1
 
-#: Parallel launches per probe: about 1-4 ms in all, small beside a ``min_repeat_ms`` of 50.
+#: Parallel launches per probe: a few ms in all, small beside a ``min_repeat_ms`` of 50.
 PROBE_LAUNCHES = 2000
 
 
