@@ -220,13 +220,11 @@ def _measure_head_to_head(args: argparse.Namespace) -> int:
 def _print_regimes(rows: list[dict], first: str, probes_us: list[float]) -> None:
     """One line on the host's fork-join regime, and each plan's speedup per regime when the
     repeats span both (fusion_rl/compiler/regime.py: the far regime favours fewer kernels)."""
-    from fusion_rl.compiler.regime import regime_labels
+    from fusion_rl.compiler.regime import probes_by_regime
 
     if not probes_us:
         return
-    labels = regime_labels(probes_us)
-    near = [p for p, r in zip(probes_us, labels) if r == "near"]
-    far = [p for p, r in zip(probes_us, labels) if r == "far"]
+    near, far = probes_by_regime(probes_us).values()
     line = f"host fork-join cost: {min(near):.2f}-{max(near):.2f} us in {len(near)} repeats"
     if not far:
         print(line + "; no repeat in a far regime")

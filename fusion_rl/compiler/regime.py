@@ -70,4 +70,13 @@ def regime_labels(probes_us: Sequence[float], reference_us: float | None = None)
     return ["far" if p > FAR_FACTOR * ref and p > NO_HANDOFF_US else "near" for p in probes_us]
 
 
-__all__ = ["FAR_FACTOR", "fork_join_us", "regime_labels"]
+def probes_by_regime(probes_us: Sequence[float], reference_us: float | None = None) -> dict[str, list[float]]:
+    """The probes of each regime, ``{"near": [...], "far": [...]}``, labelled as by
+    :func:`regime_labels`."""
+    out: dict[str, list[float]] = {"near": [], "far": []}
+    for p, label in zip(probes_us, regime_labels(probes_us, reference_us)):
+        out[label].append(p)
+    return out
+
+
+__all__ = ["FAR_FACTOR", "fork_join_us", "probes_by_regime", "regime_labels"]

@@ -127,6 +127,8 @@ def time_interleaved(
                                             min_repeat_ms=protocol.min_repeat_ms))
     times: list[list[float]] = [[] for _ in executables]
     probes: list[float] = []
+    if probe:
+        fork_join_us()  # compiles the probe once per process, here rather than before a timed repeat
     order = list(range(len(executables)))
     for r in range(protocol.repeat):
         if probe:

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fusion_rl.compiler.paired import split_by_regime
-from fusion_rl.compiler.regime import FAR_FACTOR, regime_labels
+from fusion_rl.compiler.regime import FAR_FACTOR, probes_by_regime
 from fusion_rl.evaluate import geomean, learning_curve, read_episodes, t_interval
 from fusion_rl.io import write_atomic
 from fusion_rl.report.transfer import fmt
@@ -149,18 +149,23 @@ def _unstable_note(rows: Sequence[dict[str, Any]]) -> list[str]:
             "timing protocol)."]
 
 
+def _model_probes(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, list[float]], float | None]:
+    """Each model's host probes (every row of a model carries the same) and the run's lowest
+    probe, the reference every regime label of the report uses (so a model timed wholly in the
+    far regime is labelled far)."""
+    series = {r["model"]: r["fork_join_us"] for r in rows if r.get("fork_join_us")}
+    return series, min((p for probes in series.values() for p in probes), default=None)
+
+
 def by_regime(rows: Sequence[dict[str, Any]], regime: str) -> list[dict[str, Any]]:
     """``rows`` with each ``vs`` recomputed over the repeats of one host ``regime`` only
-    (``"near"`` or ``"far"``, :mod:`fusion_rl.compiler.regime`), as ``[speedup, IQR, repeats]``.
-
-    The reference probe is the lowest of the whole run, so a model timed wholly in the far
-    regime is labelled far. Rows without raw repeats (results written before they were kept)
-    are left out; a ``vs`` entry is left out where the model has no repeat in ``regime``.
+    (``"near"`` or ``"far"``, :mod:`fusion_rl.compiler.regime`), as ``[speedup, IQR, repeats]``,
+    against the run's lowest probe. Rows without raw repeats (results written before they were
+    kept) are left out; a ``vs`` entry is left out where the model has no repeat in ``regime``.
     """
-    probes = [p for r in rows for p in r.get("fork_join_us") or []]
-    if not probes:
+    _, reference = _model_probes(rows)
+    if reference is None:
         return []
-    reference = min(probes)
     series = {(r["model"], r["label"]): r.get("repeat_ms") for r in rows}
     out = []
     for r in rows:
@@ -177,22 +182,20 @@ def by_regime(rows: Sequence[dict[str, Any]], regime: str) -> list[dict[str, Any
 
 
 def regime_counts(rows: Sequence[dict[str, Any]]) -> dict[str, int] | None:
-    """Paired repeats in each host regime over the models of ``rows`` (every row of a model
-    shares its probes), against the run's lowest probe; ``None`` if no row kept probes."""
-    series = {r["model"]: r["fork_join_us"] for r in rows if r.get("fork_join_us")}
-    if not series:
+    """Paired repeats in each host regime over the models of ``rows``, against the run's lowest
+    probe; ``None`` if no row kept probes."""
+    series, reference = _model_probes(rows)
+    if reference is None:
         return None
-    reference = min(p for probes in series.values() for p in probes)
-    labels = [g for probes in series.values() for g in regime_labels(probes, reference)]
-    return {"near": labels.count("near"), "far": labels.count("far")}
+    split = [probes_by_regime(probes, reference) for probes in series.values()]
+    return {regime: sum(len(s[regime]) for s in split) for regime in ("near", "far")}
 
 
 def _regime_section(rows: Sequence[dict[str, Any]], seeds: Sequence[int], best: str | None) -> list[str]:
     """Per model, the share of repeats in each host regime; then the headline within each."""
-    probes = [p for r in rows for p in r.get("fork_join_us") or []]
-    if not probes:
+    series, reference = _model_probes(rows)
+    if reference is None:
         return []
-    reference = min(probes)
     lines = ["", "## By host regime", "",
              "Before every repeat the worker times a parallel launch of a near-empty kernel (the host's "
              "fork-join cost, `fusion_rl/compiler/regime.py`). A repeat is *far* when that probe exceeds "
@@ -203,10 +206,7 @@ def _regime_section(rows: Sequence[dict[str, Any]], seeds: Sequence[int], best: 
              "| model | repeats near / far | probe us, median near / far |", "|---|---|---|"]
     models = sorted({r["model"] for r in rows})
     for model in models:
-        own = next((r.get("fork_join_us") or [] for r in rows if r["model"] == model), [])
-        labels = regime_labels(own, reference)
-        near = [p for p, g in zip(own, labels) if g == "near"]
-        far = [p for p, g in zip(own, labels) if g == "far"]
+        near, far = probes_by_regime(series.get(model, []), reference).values()
         lines.append(f"| {model} | {len(near)} / {len(far)} | "
                      f"{fmt(float(np.median(near)) if near else None, '.2f')} / "
                      f"{fmt(float(np.median(far)) if far else None, '.2f')} |")

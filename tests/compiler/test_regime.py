@@ -17,3 +17,10 @@ def test_regime_labels_split_at_the_far_factor() -> None:
 def test_a_single_thread_pool_has_no_far_regime() -> None:
     # One thread: the probe is a plain call of a few ns, and its jitter is no regime.
     assert regime_labels([0.004, 0.009, 0.004]) == ["near"] * 3
+
+
+def test_probes_are_grouped_by_regime() -> None:
+    from fusion_rl.compiler.regime import probes_by_regime
+
+    assert probes_by_regime([0.6, 1.5, 0.7]) == {"near": [0.6, 0.7], "far": [1.5]}
+    assert probes_by_regime([1.5], reference_us=0.6) == {"near": [], "far": [1.5]}
