@@ -37,10 +37,51 @@ def _unary(fn: Callable, name: str) -> Callable[[relax.BlockBuilder, relax.Call]
     return legalize
 
 
+#: Rows are split into a whole number of these (the widest vector, 16 fp32 lanes of AVX-512;
+#: a multiple of every narrower one) and a tail: see :func:`ragged_softmax`.
+ROW_BLOCK = 16
+
+
+def ragged_softmax(x: te.Tensor) -> te.Tensor:
+    """TOPI's ``fast_softmax`` over the last axis, each reduction split into a part a whole
+    number of :data:`ROW_BLOCK` long and a short tail.
+
+    A row of ViT's 197 keys has no vector-wide factor, so the schedule could not factor its
+    ``max`` and ``sum`` by lanes (``rfactor`` needs a split, the split a predicate, and
+    ``compute_at`` drops that predicate), and each row ran as two scalar chains of 197
+    dependent operations. The split keeps every reduction's extent exact: the main part is
+    factored by lanes, the tail (under one vector) stays scalar. Same values up to float
+    reassociation, which the lane factoring already brings.
+    """
+    shape = x.shape
+    n = int(shape[-1])
+    main = n - n % ROW_BLOCK
+    k_main = te.reduce_axis((0, main), name="k")
+    k_tail = te.reduce_axis((0, n - main), name="k")
+
+    def reduced(name, fn, src, init_fn):
+        head = te.compute(shape[:-1], lambda *i: fn(src(*i, k_main), axis=k_main), name=name)
+        tail = te.compute(shape[:-1], lambda *i: fn(src(*i, main + k_tail), axis=k_tail), name=name + "_tail")
+        return te.compute(shape[:-1], lambda *i: init_fn(head(*i), tail(*i)), name=name + "_all")
+
+    max_elem = reduced("T_softmax_maxelem", te.max, x, tvm.tirx.max)
+    delta = te.compute(shape, lambda *i: x(*i) - max_elem(*i[:-1]), name="T_softmax_delta")
+    exp = topi.math.fast_exp(delta)
+    expsum = reduced("T_softmax_expsum", te.sum, exp, lambda a, b: a + b)
+    return te.compute(shape, lambda *i: exp(*i) / expsum(*i[:-1]), name="T_softmax_norm",
+                      attrs={"axis": len(shape) - 1})
+
+
 def _softmax(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     x = call.args[0]
     if call.ty.dtype != "float32":
         return bb.call_te(topi.nn.softmax, x, call.attrs.axis, primfunc_name_hint="softmax")
+    shape = x.ty.shape.values
+    axis = int(call.attrs.axis) % len(shape)
+    last = shape[-1]
+    if (axis == len(shape) - 1 and isinstance(last, tvm.tirx.IntImm)
+            and int(last) % ROW_BLOCK and int(last) >= 2 * ROW_BLOCK):
+        return bb.call_te(ragged_softmax, x, primfunc_name_hint="softmax")
     return bb.call_te(topi.nn.fast_softmax, x, call.attrs.axis, primfunc_name_hint="softmax")
 
 

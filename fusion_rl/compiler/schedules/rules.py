@@ -34,13 +34,15 @@ A kernel that fails any step falls back to its unscheduled form (logged at debug
 from __future__ import annotations
 
 import logging
-from fusion_rl.errors import first_line
 from dataclasses import dataclass
 
 import tvm
 import tvm_ffi
 from tvm import s_tir, tirx
 from tvm.s_tir.schedule import LoopRV, SBlockRV, ScheduleError
+
+from fusion_rl.errors import first_line
+from fusion_rl.graph.fast_math import ROW_BLOCK
 
 from . import chain, microkernel, prepack
 from .anchor_layout import extent_of
@@ -111,18 +113,25 @@ class RulesSchedule(ScheduleProvider):
         # a kernel with one anchor and another reduction, the row reductions (a layer norm or
         # softmax fused after a matmul or conv) are scheduled as rows, their inputs
         # materialized (_schedule_row_runs), and the anchor's epilogue is computed at its tile,
-        # not inlined into a transpose or a pooling window. Records of older schedules must not
-        # be served for the new one, so the version is part of every measurement's key.
-        return "rules:v14"
+        # not inlined into a transpose or a pooling window; v15: rows that are not a whole
+        # number of vectors (ViT's 197 keys, ConvNeXt's 40 channels under AVX-512) are
+        # factored too, by a narrower vector or as a main part and a scalar tail
+        # (fast_math's ragged softmax), and a row run of a fused kernel computes its
+        # elementwise steps per row, inlined, as a row kernel of its own does. Records of older
+        # schedules must not be served for the new one, so the version is part of every
+        # measurement's key.
+        return "rules:v15"
 
     def kernel_key(self, func: tirx.PrimFunc) -> str:
-        """v13 changed only the kernels that are a pointwise -> grouped pair, v14 only those
-        with one anchor and another reduction; every other kernel is scheduled as v12 scheduled
-        it, and keeps its v12 timings."""
+        """v13 changed only the kernels that are a pointwise -> grouped pair, v14 and v15 only
+        those with one anchor and another reduction and (v15) row kernels whose rows are not a
+        whole number of 16-lane vectors; every other kernel is scheduled as v12 scheduled it,
+        and keeps its v12 timings."""
         kind = _chain_kind(func)
         if kind is not None:
             return _V13 if kind == "grouped" else _V12
-        return self.key if _has_fused_reduction(s_tir.Schedule(func)) else _V12
+        sch = s_tir.Schedule(func)
+        return self.key if _has_fused_reduction(sch) or _has_ragged_row(sch) else _V12
 
     @property
     def kernel_keys(self) -> tuple[str, ...]:
@@ -305,7 +314,28 @@ def _is_row_reduction(sch: s_tir.Schedule, block: SBlockRV) -> bool:
 
 
 def _reads_row_reduction(sch: s_tir.Schedule, block: SBlockRV) -> bool:
-    return any(_is_row_reduction(sch, p) for p in sch.get_producers(block))
+    """Whether ``block`` reads a row reduction's result, directly or through an injective
+    block of the row's shape that combines several (fast_math's ragged softmax: the max of the
+    row's main part and of its tail)."""
+    for p in sch.get_producers(block):
+        if _is_row_reduction(sch, p):
+            return True
+        if _is_injective(sch, p) and sch.get(p).iter_vars and all(
+                _is_row_reduction(sch, q) for q in sch.get_producers(p)) and sch.get_producers(p):
+            return True
+    return False
+
+
+def _has_ragged_row(sch: s_tir.Schedule) -> bool:
+    """Whether a row reduction's row is not a whole number of :data:`fast_math.ROW_BLOCK`
+    (16-lane) vectors: the rows v15 factors that v14 left to dlight (on any target, so that
+    the key does not depend on it)."""
+    for block in _root_blocks(sch):
+        if _is_row_reduction(sch, block):
+            extent = extent_of(sch.get(block).iter_vars[-1])
+            if extent is None or extent % ROW_BLOCK:
+                return True
+    return False
 
 
 def _has_fused_reduction(sch: s_tir.Schedule) -> bool:
@@ -641,7 +671,8 @@ def _row_runs(sch: s_tir.Schedule, done: set[str]) -> list[list[str]]:
     for block in _root_blocks(sch) + [None]:
         name = sch.get(block).name_hint if block is not None else None
         if name is not None and name not in done and (
-                _is_row_reduction(sch, block) or (run and _reads_row_reduction(sch, block))):
+                _is_row_reduction(sch, block) or (run and (
+                    _reads_row_reduction(sch, block) or _continues_row(sch, block, run)))):
             run.append(block)
             continue
         while run and not _is_injective(sch, run[-1]):
@@ -650,6 +681,45 @@ def _row_runs(sch: s_tir.Schedule, done: set[str]) -> list[list[str]]:
             runs.append([sch.get(b).name_hint for b in run])
         run = []
     return runs
+
+
+def _continues_row(sch: s_tir.Schedule, block: SBlockRV, run: list[SBlockRV]) -> bool:
+    """Whether injective ``block`` reads a block of ``run`` element for element (same indices
+    in the same order), so it can be computed per row with the run: a softmax's exponential
+    between its two reductions, its output copies. Without it the exponential was a kernel-wide
+    pass of its own, and over ViT's ragged 197 keys a scalar one."""
+    if not _is_injective(sch, block):
+        return False
+    stmt = sch.get(block)
+    own = [iv.var for iv in stmt.iter_vars]
+    names = {sch.get(b).name_hint for b in run}
+    for producer in sch.get_producers(block):
+        if sch.get(producer).name_hint not in names:
+            continue
+        buffer = sch.get(producer).writes[0].source
+        regions = [r.region for r in stmt.reads if r.source.same_as(buffer)]
+        if regions and all(len(region) == len(own) and all(
+                rng.min.same_as(var) for rng, var in zip(region, own)) for region in regions):
+            return True
+    return False
+
+
+def _inline_in_run(sch: s_tir.Schedule, run: list[str]) -> list[str]:
+    """Inline the run's injective blocks but its last into their consumers, as an anchor-free
+    row kernel has them; returns the run without them. Materialized, each (a softmax's shift
+    and exponential, a layer norm's centring) wrote and re-read a kernel-sized buffer per row,
+    and ViT's matmul + softmax kernel ran 1.6x slower than the two kernels apart."""
+    kept = []
+    for name in run[:-1]:
+        block = sch.get_sblock(name)
+        if _is_injective(sch, block):
+            try:
+                sch.compute_inline(block)
+                continue
+            except ScheduleError:
+                pass
+        kept.append(name)
+    return kept + run[-1:]
 
 
 def _schedule_row_runs(sch: s_tir.Schedule, ctx: _Ctx,
@@ -669,6 +739,7 @@ def _schedule_row_runs(sch: s_tir.Schedule, ctx: _Ctx,
         trial = sch.copy()
         before = {trial.get(b).name_hint for b in _root_blocks(trial)}
         try:
+            run = _inline_in_run(trial, run)
             if not _schedule_rows(trial, ctx, run):
                 continue
         except Exception as err:  # noqa: BLE001 - the run is then scheduled as other blocks are
@@ -699,16 +770,20 @@ def _schedule_rows(sch: s_tir.Schedule, ctx: _Ctx, names: list[str] | None = Non
         loops = sch.get_loops(block)
         if kinds.count(_REDUCE) != 1 or kinds[-1] != _REDUCE or len(loops) != len(kinds):
             return False
-        lanes = ctx.lanes(stmt.writes[0].source.dtype.bits)
         extent = _const_extent(sch, loops[-1])
-        # Ragged rows (ViT's 197 keys) stay with dlight: compute_at drops the predicate that
-        # the split gives the last partial vector, and the rows then read past their end.
         # A keepdims reduction's kept unit axis is no row: counting it would take the last
         # block's element loop for a row loop.
         count = _row_count(stmt)
-        if rows not in (None, count) or not extent or extent % lanes or extent < 2 * lanes:
+        if rows not in (None, count) or not extent:
             return False
         rows = count
+        if extent < _MIN_FACTORED_ROW:
+            continue  # a short tail (fast_math's ragged softmax): a scalar chain of a few
+        lanes = _row_lanes(extent, ctx.lanes(stmt.writes[0].source.dtype.bits))
+        if lanes is None:
+            # Ragged rows stay with dlight: compute_at drops the predicate that the split
+            # gives the last partial vector, and the rows then read past their end.
+            return False
         _, lane = sch.split(loops[-1], factors=[None, lanes])
         rf = sch.rfactor(lane, factor_axis=len(stmt.writes[0].region))
         # rfactor makes the lane the first iterator of the rf block: put it innermost, so that
@@ -742,11 +817,31 @@ def _schedule_rows(sch: s_tir.Schedule, ctx: _Ctx, names: list[str] | None = Non
             microkernel.vectorize_by_registers(sch, inner, lanes)
         elif all(iv.iter_type == _DATA_PAR for iv in stmt.iter_vars):
             ext = _const_extent(sch, inner)
+            exact = _vector_factor(ext, lanes)
             if ext and ext > lanes:
-                inner = sch.split(inner, factors=[None, lanes])[1]
+                # An exact divisor if there is one (40 channels: 8 lanes), else whole
+                # vectors and a predicated tail (197 keys).
+                inner = sch.split(inner, factors=[None, exact if exact > 1 else lanes])[1]
             if ext and ext >= 2:
                 sch.vectorize(inner)
     return True
+
+
+#: Row reductions shorter than this stay one scalar chain: the tail of a row split into vector
+#: blocks (fast_math's ragged softmax), too short to factor by lanes.
+_MIN_FACTORED_ROW = 8
+
+
+def _row_lanes(extent: int, lanes: int) -> int | None:
+    """The vector width a row of ``extent`` is factored by: the target's, or the widest
+    narrower power of two (at least 4) that divides the row at least twice; ``None`` if none.
+    ConvNeXt's first stage normalizes rows of 40 channels: no 16-lane factor under AVX-512,
+    so its layer norms ran as dlight's scalar chains, 8 lanes apart."""
+    while lanes >= 4:
+        if extent % lanes == 0 and extent >= 2 * lanes:
+            return lanes
+        lanes //= 2
+    return None
 
 
 _MIN_SERIAL_INNER = 16  # innermost extent worth a serial loop of its own
