@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("heldout_models: list at least one model to evaluate on")
     transfer.check_family_split(cfg["families"], env_spec.models, heldout)
     search_runs, goal_search, search_seed = parse_searches(cfg.get("search"))
+    rounds = parse_rounds(cfg)
     target = cfg.get("target", "host")
     heldout_targets = list(cfg.get("heldout_targets") or [])
     transfer.check_target_split(env_spec.targets, heldout_targets)
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def header() -> str:
             return (f"Machine: {machine_description(spec.num_threads)}; schedule `{measurer.provider.key}`; "
-                    f"target `{spec.key}`; head-to-head protocol `{protocol.key}`, {cfg.get('rounds', 3)} rounds. "
+                    f"target `{spec.key}`; head-to-head protocol `{protocol.key}`, {report.rounds_text(cfg)}. "
                     f"Kernel-table per-launch cost {table.launch_ms * 1e3:.2f} us. "
                     f"Training families' best fixed rule by kernel-table estimate: `{train_best}`. Wall time of "
                     f"this run (training of missing seeds included): {time.time() - t_start:.0f} s.")
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                     plans[label] = res.best_plan
             # 5. Distinct plans head to head; every label's paired speedups over the references.
             refs = [*rules, *(label for label in search_labels if label in plans)]
-            rows += compare_plans(measurer, model, plans, refs, cfg.get("rounds", 3), table)
+            rows += compare_plans(measurer, model, plans, refs, rounds, table, lowest_probe(rows))
             # 6. Written after every model, so an interrupted run keeps what it measured.
             seeds = [pol.seed for pol in policies]
             summary = report.summarize(rows, rules, seeds, search_labels, goal_search)
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[{time.strftime('%H:%M:%S')}] {name} on {name_t}", file=sys.stderr, flush=True)
                     plans = {**{r: make_plan(r, model.mod, model.graph) for r in rules},
                              **policy_plans(policies, env, name, name_t)}
-                    t_rows += compare_plans(t_measurer, model, plans, rules, cfg.get("rounds", 3))
+                    t_rows += compare_plans(t_measurer, model, plans, rules, rounds, None, lowest_probe(t_rows))
                     result["heldout_targets"][name_t] = {
                         "key": t_spec.key, "rows": t_rows,
                         "summary": report.summarize(t_rows, rules, [pol.seed for pol in policies])}
@@ -271,12 +272,35 @@ def policy_plans(policies: list, env, model: str, target: str) -> dict[str, Fusi
     return plans
 
 
-def compare_plans(measurer: Measurer, model, plans: dict[str, FusionPlan], refs: list[str], rounds: int,
-                  table: KernelTable | None = None) -> list[dict]:
-    """``plans`` built, verified and timed head to head; one row per label with its paired
-    speedup over every label in ``refs`` (``vs``) and, given a ``table``, its kernel-table
-    estimate."""
-    h2h = head_to_head(measurer, model, plans, rounds)
+def parse_rounds(cfg: dict) -> dict[str, int]:
+    """The config's ``rounds`` (head-to-head rounds per model), ``min_near_repeats`` (rounds are
+    added until that many repeats of a model ran in the host's near fork-join regime, judged
+    against the run's lowest probe so far; 0: never) and ``max_rounds`` (the cap, default twice
+    ``rounds``), as :func:`~fusion_rl.compiler.paired.head_to_head` takes them."""
+    out = {"rounds": cfg.get("rounds", 3), "min_near": cfg.get("min_near_repeats", 0)}
+    out["max_rounds"] = cfg.get("max_rounds", 2 * out["rounds"] if isinstance(out["rounds"], int) else None)
+    for key, name, least in (("rounds", "rounds", 2), ("min_near", "min_near_repeats", 0),
+                             ("max_rounds", "max_rounds", out["rounds"])):
+        value = out[key]
+        if not isinstance(value, int) or isinstance(value, bool) or not isinstance(least, int) or value < least:
+            raise ConfigError(f"{name}: expected an int >= {least}, got {value!r}")
+    return out
+
+
+def lowest_probe(rows: list[dict]) -> float | None:
+    """The lowest fork-join probe of the rows so far (the run's near reference), or None."""
+    probes = [p for row in rows for p in row.get("fork_join_us") or []]
+    return min(probes) if probes else None
+
+
+def compare_plans(measurer: Measurer, model, plans: dict[str, FusionPlan], refs: list[str], rounds: dict[str, int],
+                  table: KernelTable | None = None, reference_us: float | None = None) -> list[dict]:
+    """``plans`` built, verified and timed head to head (``rounds`` as :func:`parse_rounds`
+    gives it; ``reference_us`` the near probe it judges regimes by); one row per label with its
+    paired speedup over every label in ``refs`` (``vs``) and, given a ``table``, its
+    kernel-table estimate."""
+    h2h = head_to_head(measurer, model, plans, rounds["rounds"], min_near=rounds["min_near"],
+                       max_rounds=rounds["max_rounds"], reference_us=reference_us)
     rows = []
     for label, plan in plans.items():
         known = table.estimate_known(model, plan) if table is not None else None
@@ -289,7 +313,7 @@ def compare_plans(measurer: Measurer, model, plans: dict[str, FusionPlan], refs:
             # The raw repeats and host probes let the report split every ratio by regime.
             row.update(status="ok", latency_ms=h2h.median_ms(label), spread_ms=h2h.iqr_ms(label),
                        num_kernels=h2h.num_kernels.get(label), vs=vs, repeat_ms=h2h.pooled_ms[label],
-                       fork_join_us=h2h.fork_join_us)
+                       fork_join_us=h2h.fork_join_us, rounds=h2h.rounds)
         rows.append(row)
     return rows
 

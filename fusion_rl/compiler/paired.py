@@ -108,30 +108,56 @@ class HeadToHead:
         }
 
 
+def _is_count(value: object, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _near(probes_us: list[float], reference_us: float | None) -> int:
+    return regime_labels(probes_us, reference_us).count("near")
+
+
 def head_to_head(measurer: Measurer, model: Model, plans: Mapping[str, FusionPlan],
                  rounds: int,
-                 progress: Callable[[int, int | None, str], None] | None = None) -> HeadToHead:
+                 progress: Callable[[int, int | None, str], None] | None = None, *,
+                 min_near: int = 0, max_rounds: int | None = None,
+                 reference_us: float | None = None) -> HeadToHead:
     """``rounds`` x :meth:`Measurer.time_together` of ``plans`` (fresh builds each round, plan order
     flipping between rounds); never served from a store. Labels with the same plan are built and
     timed once (:attr:`HeadToHead.same_as`). ``progress(done, rounds, label)``, if given, is
     called after each round.
 
+    With ``min_near``, rounds are added, up to ``max_rounds`` in all (default twice ``rounds``),
+    until at least ``min_near`` repeats ran in the near fork-join regime
+    (:func:`~fusion_rl.compiler.regime.regime_labels` against ``reference_us``, default the
+    lowest probe so far), so that a comparison the host spent partly in its far regime still
+    has a near reading of that size (:meth:`HeadToHead.regime_speedups`).
+    :attr:`HeadToHead.rounds` is the number of rounds run.
+
     Raises
     ------
     ConfigError
         if ``measurer`` has a store (comparisons must be fresh timings; it is
-        also a sign the caller meant :meth:`Measurer.measure`) or ``rounds`` < 2.
+        also a sign the caller meant :meth:`Measurer.measure`), ``rounds`` < 2, ``min_near`` < 0
+        or ``max_rounds`` < ``rounds``.
     """
     if measurer.store is not None:
         raise ConfigError("head_to_head needs a Measurer without a store (store=None)")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 2:
+    if not _is_count(rounds, 2):
         raise ConfigError(f"rounds must be an int >= 2, got {rounds!r}")
+    if not _is_count(min_near, 0):
+        raise ConfigError(f"min_near must be an int >= 0, got {min_near!r}")
+    max_rounds = 2 * rounds if max_rounds is None else max_rounds
+    if not _is_count(max_rounds, rounds):
+        raise ConfigError(f"max_rounds must be an int >= rounds ({rounds}), got {max_rounds!r}")
     first: dict[str, str] = {}
     same_as = {k: first.setdefault(plan.hash, k) for k, plan in plans.items()}
     distinct = [k for k in plans if same_as[k] == k]
     out = HeadToHead(rounds, {k: [] for k in distinct}, {k: [] for k in distinct},
                      same_as={k: a for k, a in same_as.items() if a != k})
-    for r in range(rounds):
+    r = 0
+    # Without probes (a measurer that takes none) no round can be told near: none is added.
+    while r < rounds or (min_near and out.fork_join_us and r < max_rounds
+                         and _near(out.fork_join_us, reference_us) < min_near):
         labels = distinct if r % 2 == 0 else distinct[::-1]
         result = measurer.time_together(model, [plans[k] for k in labels])
         if result["status"] != "ok":
@@ -142,8 +168,10 @@ def head_to_head(measurer: Measurer, model: Model, plans: Mapping[str, FusionPla
             out.pooled_ms[label].extend(times)
         out.fork_join_us.extend(result.get("fork_join_us") or [])
         out.num_kernels.update(zip(labels, result.get("num_kernels", [])))
+        r += 1
+        out.rounds = r
         if progress is not None:
-            progress(r + 1, rounds, f"round {r + 1}")
+            progress(r, max(rounds, r), f"round {r}")
     for label, a in out.same_as.items():
         out.round_medians[label], out.pooled_ms[label] = out.round_medians[a], out.pooled_ms[a]
         if a in out.num_kernels:

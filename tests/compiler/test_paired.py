@@ -107,3 +107,27 @@ def test_split_by_regime_needs_aligned_probes() -> None:
     assert split_by_regime([1.0, 2.0], [1.0, 1.0], [0.6]) == {}
     only_far = split_by_regime([2.0, 2.0], [1.0, 1.0], [1.5, 1.5], reference_us=0.6)
     assert set(only_far) == {"far"} and only_far["far"]["paired_speedup"] == 2.0
+
+
+def test_rounds_are_added_until_enough_repeats_ran_near() -> None:
+    # Each round's 4 repeats: the last one in the far regime (probe 2.5x the near one).
+    m = _ScriptedMeasurer({"a": 1.0, "b": 1.2}, [1.0, 1.0, 1.0, 2.5], far={"a": 2.0, "b": 2.2})
+    cmp = head_to_head(m, None, _plans(a="a", b="b"), rounds=2, min_near=9)
+    assert cmp.rounds == len(m.calls) == 3  # 3 near a round: 6 after two rounds, 9 after three
+    assert cmp.regime_speedups("b", "a")["near"]["repeats"] == 9
+    # Capped: the far regime throughout (every probe 3x the reference) adds rounds up to max_rounds.
+    stuck = _ScriptedMeasurer({"a": 1.0, "b": 1.2}, [2.5], far={"a": 2.0, "b": 2.2})
+    cmp = head_to_head(stuck, None, _plans(a="a", b="b"), rounds=2, min_near=1, max_rounds=3, reference_us=0.5)
+    assert cmp.rounds == len(stuck.calls) == 3 and "near" not in cmp.regime_speedups("b", "a", 0.5)
+    # Enough near repeats in the first rounds, or no probes at all: exactly ``rounds``.
+    calm = _ScriptedMeasurer({"a": 1.0, "b": 1.2}, [1.0], far={"a": 2.0, "b": 2.2})
+    assert head_to_head(calm, None, _plans(a="a", b="b"), rounds=2, min_near=8).rounds == 2
+    blind = _ScriptedMeasurer({"a": 1.0, "b": 1.2}, [1.0])
+    assert head_to_head(blind, None, _plans(a="a", b="b"), rounds=2, min_near=100).rounds == 2
+
+
+@pytest.mark.parametrize("kwargs", [{"min_near": -1}, {"min_near": True}, {"max_rounds": 2}])
+def test_bad_round_limits(kwargs: dict) -> None:
+    m = _ScriptedMeasurer({"a": 1.0}, [1.0])
+    with pytest.raises(ConfigError, match="min_near|max_rounds"):
+        head_to_head(m, None, _plans(a="a"), rounds=3, **kwargs)

@@ -114,7 +114,8 @@ def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path, caps
         "families": {"mlp_tiny": "mlp", "cnn_plain": "cnn"}, "heldout_models": ["cnn_plain"],
         "rules": ["tvm", "aggressive"], "search": {"runs": {"annealing": [4], "greedy": [3]}, "goal": "annealing@4", "seed": 0},
         "heldout_targets": ["x86-64-t1"],
-        "rounds": 2, "repeat": 2, "min_repeat_ms": 1, "timeout_s": 300, "window": 2}))
+        "rounds": 2, "min_near_repeats": 3, "max_rounds": 3, "repeat": 2, "min_repeat_ms": 1, "timeout_s": 300,
+        "window": 2}))
     assert load_script("learn_bench").main([str(config)]) == 0
     # An MLP has no pointwise -> depthwise pair: the declared shape is one training never shows.
     assert "warning: group shape 'pointwise_depthwise' is declared, but no training model" in capsys.readouterr().err
@@ -144,8 +145,10 @@ def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path, caps
     text = (tmp_path / "results.md").read_text()
     assert text.startswith("# Learned fusion on held-out bench families") and "cnn_plain (cnn)" in text
     assert "## Held-out target `x86-64-t1` (`llvm-x86-64-t1`)" in text
-    assert "## By host regime" in text and all(len(r["fork_join_us"]) == len(r["repeat_ms"]) == 4
-                                                  for r in result["rows"])
+    # Two rounds of 2 repeats, a third only where fewer than 3 of the 4 ran near.
+    assert "## By host regime" in text and all(len(r["fork_join_us"]) == len(r["repeat_ms"]) == 2 * r["rounds"]
+                                                  and r["rounds"] in (2, 3) for r in result["rows"])
+    assert "2 interleaved rounds, more (up to 3) until 3 repeats of a model ran in the near regime" in text
     assert "training models: `pointwise_depthwise` **none**." in text
     assert (tmp_path / "curves.png").stat().st_size > 0
     # The report is regenerated from the results file alone.
@@ -164,6 +167,19 @@ def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path, caps
 def test_learn_bench_refuses_a_bad_search_block(search, match):
     with pytest.raises(ConfigError, match=match):
         load_script("learn_bench").parse_searches(search)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("cfg, match", [
+    ({"rounds": 1}, "rounds: expected an int >= 2"),
+    ({"min_near_repeats": -1}, "min_near_repeats: expected an int >= 0"),
+    ({"rounds": 3, "max_rounds": 2}, "max_rounds: expected an int >= 3"),
+    ({"min_near_repeats": "all"}, "min_near_repeats"),
+])
+def test_learn_bench_refuses_bad_rounds(cfg, match):
+    with pytest.raises(ConfigError, match=match):
+        load_script("learn_bench").parse_rounds(cfg)
+    assert load_script("learn_bench").parse_rounds({}) == {"rounds": 3, "min_near": 0, "max_rounds": 6}
 
 
 def test_search_demos_writes_a_plan_per_training_model(tmp_path):
