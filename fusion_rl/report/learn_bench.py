@@ -232,7 +232,7 @@ def _heldout_target(name: str, held: dict[str, Any], cfg: dict[str, Any]) -> lis
     met = "—" if x is None else ("yes" if x["mean"] >= 1.05 and x["low"] > 1.0 else "no")
     lines = ["", f"## Held-out target `{name}` (`{held['key']}`)", "",
              "A target no training episode ran on; each seed decides with this target's hardware vector. "
-             f"Same protocol ({rounds_text(cfg)} x {cfg['repeat']} repeats, paired speedups); "
+             f"Same protocol ({rounds_text(cfg)}, paired speedups); "
              f"best fixed rule on these timings: `{summary['best_rule']}`.", "",
              "| policy vs | geomean speedup [95% CI] | goal | met |", "|---|---|---|---|",
              f"| `tvm` rules | {_interval(x)} | ≥ 1.05, CI above 1 | {met} |",
@@ -251,11 +251,11 @@ def _heldout_target(name: str, held: dict[str, Any], cfg: dict[str, Any]) -> lis
 
 
 def rounds_text(cfg: dict) -> str:
-    """The config's head-to-head rounds in words (scripts/learn_bench.py's ``parse_rounds``)."""
-    text = f"{cfg['rounds']} interleaved rounds"
+    """The config's head-to-head protocol in words (scripts/learn_bench.py's ``parse_rounds``)."""
+    text = f"{cfg['rounds']} interleaved rounds x {cfg['repeat']} repeats"
     if cfg.get("min_near_repeats"):
-        text += (f", more (up to {cfg.get('max_rounds', 2 * cfg['rounds'])}) until {cfg['min_near_repeats']} "
-                 "repeats of a model ran in the near regime")
+        text += (f", more rounds (up to {cfg.get('max_rounds', 2 * cfg['rounds'])}) until "
+                 f"{cfg['min_near_repeats']} repeats of a model ran in the near regime")
     return text
 
 
@@ -312,7 +312,7 @@ def render(cfg: dict[str, Any], result: dict[str, Any], commands: Sequence[str])
               + ", ".join(f"`{r}` {fmt(v, '.3f')}" for r, v in summary["rule_vs_tvm"].items()) + ".", "",
               "## Per held-out model", "",
               "Every distinct plan of a model built, verified and timed in one head-to-head comparison "
-              f"({rounds_text(cfg)} x {cfg['repeat']} repeats); speedups are paired "
+              f"({rounds_text(cfg)}); speedups are paired "
               "(IQR in brackets).", "",
               f"| model | plan | ms (IQR) | kernels | vs tvm |{f' vs {best} |' if other_best else ''} estimate ms |",
               "|---|---|---|---|---|" + ("---|" if other_best else "") + "---|"]

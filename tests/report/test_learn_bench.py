@@ -148,7 +148,7 @@ def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path, caps
     # Two rounds of 2 repeats, a third only where fewer than 3 of the 4 ran near.
     assert "## By host regime" in text and all(len(r["fork_join_us"]) == len(r["repeat_ms"]) == 2 * r["rounds"]
                                                   and r["rounds"] in (2, 3) for r in result["rows"])
-    assert "2 interleaved rounds, more (up to 3) until 3 repeats of a model ran in the near regime" in text
+    assert "2 interleaved rounds x 2 repeats, more rounds (up to 3) until 3 repeats of a model ran in the near regime" in text
     assert "training models: `pointwise_depthwise` **none**." in text
     assert (tmp_path / "curves.png").stat().st_size > 0
     # The report is regenerated from the results file alone.
