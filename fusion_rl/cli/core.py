@@ -98,8 +98,9 @@ def cmd_measure(args: argparse.Namespace) -> int:
         raise ConfigError("give a plan to measure: --rules R[,R2,...], --plan P.json or --policy DIR")
     if len(args.sources) > 1:
         return _measure_head_to_head(args)
-    if args.rounds is not None:
-        raise ConfigError("--rounds applies to a head-to-head comparison; give two or more plans")
+    if args.rounds is not None or args.min_near or args.max_rounds is not None:
+        raise ConfigError("--rounds, --min-near and --max-rounds apply to a head-to-head comparison; "
+                          "give two or more plans")
     single_source(args)
     model = load(args)
     plan = plan_for(args, model)
@@ -174,6 +175,10 @@ def _measure_head_to_head(args: argparse.Namespace) -> int:
     rounds = 3 if args.rounds is None else args.rounds
     if rounds < 2:
         raise ConfigError(f"--rounds must be >= 2 for paired ratios, got {rounds}")
+    if args.min_near < 0:
+        raise ConfigError(f"--min-near must be >= 0, got {args.min_near}")
+    if args.max_rounds is not None and args.max_rounds < rounds:
+        raise ConfigError(f"--max-rounds must be >= --rounds ({rounds}), got {args.max_rounds}")
     model = load(args)
     names = [str(value) for _, value in args.sources]
     plans = {str(i): source_plan(args, model, kind, value)
@@ -181,7 +186,8 @@ def _measure_head_to_head(args: argparse.Namespace) -> int:
     with bar(args, "rounds", unit="round", total=rounds) as progress, \
             bar(args, "tuning", unit="task") as tuning, \
             measurer(args, use_store=False, progress=tuning) as m:
-        result = head_to_head(m, model, plans, rounds, progress=progress)
+        result = head_to_head(m, model, plans, rounds, progress=progress, min_near=args.min_near,
+                              max_rounds=args.max_rounds)
     if result.failures:
         status = next(iter(result.failures.values()))
         print(f"error: comparison failed: {status}", file=sys.stderr)
@@ -200,13 +206,13 @@ def _measure_head_to_head(args: argparse.Namespace) -> int:
             "speedup_spread": float(q3 - q1),
             "speedup_by_regime": result.regime_speedups("0", label),
         })
-    out = {"model": model.name, "schedule": m.provider.name, "target": m.spec.key,
+    out = {"model": model.name, "schedule": m.provider.name, "target": m.spec.key, "rounds": result.rounds,
            "fork_join_us": result.fork_join_us, "plans": rows}
     if args.json:
         print(dumps_json(out))
         return 0
     repeats = len(result.pooled_ms["0"])
-    print(f"{model.name} on {out['target']} ({out['schedule']}): {rounds} interleaved rounds, "
+    print(f"{model.name} on {out['target']} ({out['schedule']}): {result.rounds} interleaved rounds, "
           f"{repeats} paired repeats per plan; every output verified")
     table = [{"plan": r["name"], "median ms": f"{r['latency_ms']:.4f}",
               "IQR ms": f"{r['spread_ms']:.4f}", "kernels": r["num_kernels"],
@@ -271,6 +277,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=positive(), default=None,
                    help="rounds of a head-to-head comparison (default 3; each round rebuilds "
                         "every plan and times them repeat by repeat)")
+    p.add_argument("--min-near", type=int, default=0, metavar="N",
+                   help="add rounds until N repeats ran in the host's near fork-join regime "
+                        "(fusion_rl/compiler/regime.py; default 0: never)")
+    p.add_argument("--max-rounds", type=positive(), default=None,
+                   help="at most this many rounds with --min-near (default twice --rounds)")
     p.add_argument("--per-kernel", action="store_true", help="also time each kernel (one plan)")
     add_json(p, "the measurement (or the comparison)")
     add_no_progress(p)

@@ -155,10 +155,12 @@ def test_measure_compares_plans_head_to_head(capsys, tmp_path):
     plan = tmp_path / "agg.json"
     assert run_cli(capsys, "plan", "mlp_tiny", "--rules", "aggressive", "-o", str(plan))[0] == 0
     code, out, err = run_cli(capsys, "measure", "mlp_tiny", "--rules", "tvm,unfused", "--plan", str(plan),
-                         "--schedule", "naive", "--json", *QUICK_COMPARE)
+                         "--schedule", "naive", "--json", *QUICK_COMPARE, "--min-near", "4", "--max-rounds", "3")
     assert code == 0, err
     data = json.loads(out)
-    assert set(data) == {"model", "schedule", "target", "fork_join_us", "plans"}
+    assert set(data) == {"model", "schedule", "target", "rounds", "fork_join_us", "plans"}
+    # 2 repeats a round: a third round only where fewer than 4 of the first 4 ran near.
+    assert data["rounds"] in (2, 3) and len(data["fork_join_us"]) == 2 * data["rounds"]
     assert data["model"] == "mlp_tiny" and data["schedule"] == "naive"
     assert [p["name"] for p in data["plans"]] == ["tvm", "unfused", str(plan)]
     repeats = len(data["fork_join_us"])  # one host probe per paired repeat
@@ -199,6 +201,9 @@ def test_measure_of_one_plan_keeps_its_output(capsys):
     [
         (["--rules", "tvm,unfused", "--rounds", "1"], ["--rounds must be >= 2"]),
         (["--rules", "tvm", "--rounds", "3"], ["--rounds", "two or more plans"]),
+        (["--rules", "tvm", "--min-near", "5"], ["--min-near", "two or more plans"]),
+        (["--rules", "tvm,unfused", "--min-near", "-1"], ["--min-near must be >= 0"]),
+        (["--rules", "tvm,unfused", "--rounds", "3", "--max-rounds", "2"], ["--max-rounds must be >= --rounds (3)"]),
         (["--rules", "tvm,unfused", "--per-kernel"], ["--per-kernel"]),
         (["--rules", "tvm,fastest"], ["unknown rule set 'fastest'"]),
         ([], ["give a plan"]),
