@@ -320,8 +320,8 @@ def _reads_row_reduction(sch: s_tir.Schedule, block: SBlockRV) -> bool:
     for p in sch.get_producers(block):
         if _is_row_reduction(sch, p):
             return True
-        if _is_injective(sch, p) and sch.get(p).iter_vars and all(
-                _is_row_reduction(sch, q) for q in sch.get_producers(p)) and sch.get_producers(p):
+        inputs = sch.get_producers(p)
+        if inputs and _is_injective(sch, p) and all(_is_row_reduction(sch, q) for q in inputs):
             return True
     return False
 
@@ -778,7 +778,7 @@ def _schedule_rows(sch: s_tir.Schedule, ctx: _Ctx, names: list[str] | None = Non
             return False
         rows = count
         if extent < _MIN_FACTORED_ROW:
-            continue  # a short tail (fast_math's ragged softmax): a scalar chain of a few
+            continue  # a short tail (fast_math's ragged softmax) stays one scalar chain
         lanes = _row_lanes(extent, ctx.lanes(stmt.writes[0].source.dtype.bits))
         if lanes is None:
             # Ragged rows stay with dlight: compute_at drops the predicate that the split
