@@ -59,10 +59,10 @@ def ragged_softmax(x: te.Tensor) -> te.Tensor:
     k_main = te.reduce_axis((0, main), name="k")
     k_tail = te.reduce_axis((0, n - main), name="k")
 
-    def reduced(name, fn, src, init_fn):
-        head = te.compute(shape[:-1], lambda *i: fn(src(*i, k_main), axis=k_main), name=name)
-        tail = te.compute(shape[:-1], lambda *i: fn(src(*i, main + k_tail), axis=k_tail), name=name + "_tail")
-        return te.compute(shape[:-1], lambda *i: init_fn(head(*i), tail(*i)), name=name + "_all")
+    def reduced(name, reducer, src, combine):
+        head = te.compute(shape[:-1], lambda *i: reducer(src(*i, k_main), axis=k_main), name=name)
+        tail = te.compute(shape[:-1], lambda *i: reducer(src(*i, main + k_tail), axis=k_tail), name=name + "_tail")
+        return te.compute(shape[:-1], lambda *i: combine(head(*i), tail(*i)), name=name + "_all")
 
     max_elem = reduced("T_softmax_maxelem", te.max, x, tvm.tirx.max)
     delta = te.compute(shape, lambda *i: x(*i) - max_elem(*i[:-1]), name="T_softmax_delta")
@@ -76,10 +76,9 @@ def _softmax(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     x = call.args[0]
     if call.ty.dtype != "float32":
         return bb.call_te(topi.nn.softmax, x, call.attrs.axis, primfunc_name_hint="softmax")
-    shape = x.ty.shape.values
-    axis = int(call.attrs.axis) % len(shape)
-    last = shape[-1]
-    if (axis == len(shape) - 1 and isinstance(last, tvm.tirx.IntImm)
+    shape = getattr(getattr(x.ty, "shape", None), "values", None)  # None when the rank is unknown
+    last = shape[-1] if shape else None
+    if (isinstance(last, tvm.tirx.IntImm) and int(call.attrs.axis) % len(shape) == len(shape) - 1
             and int(last) % ROW_BLOCK and int(last) >= 2 * ROW_BLOCK):
         return bb.call_te(ragged_softmax, x, primfunc_name_hint="softmax")
     return bb.call_te(topi.nn.fast_softmax, x, call.attrs.axis, primfunc_name_hint="softmax")

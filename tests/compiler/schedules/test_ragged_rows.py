@@ -19,7 +19,7 @@ from fusion_rl.graph.fast_math import FAST_MATH_LEGALIZE, ROW_BLOCK, ragged_soft
 TARGET = parse_target("host").to_tvm()
 
 
-def _softmax_kernel(shape: tuple[int, ...]) -> tirx.PrimFunc:
+def _softmax_kernel(shape: tuple) -> tirx.PrimFunc:
     x = relax.Var("x", relax.TensorType(shape, "float32"))
     bb = relax.BlockBuilder()
     with bb.function("main", [x]):
@@ -55,6 +55,12 @@ def test_a_ragged_softmax_is_split_into_whole_vectors_and_a_tail() -> None:
     assert {"T_softmax_maxelem_tail", "T_softmax_expsum_tail"} <= set(ragged)
     assert not any(n.endswith("_tail") for n in whole)
     assert 197 % ROW_BLOCK and 128 % ROW_BLOCK == 0
+
+
+def test_a_softmax_of_symbolic_width_keeps_topis_legalization() -> None:
+    n = tirx.Var("n", "int64")
+    names = _blocks(_softmax_kernel((2, n)))
+    assert "T_softmax_maxelem" in names and not any(name.endswith("_tail") for name in names)
 
 
 def test_ragged_rows_are_keyed_anew_and_whole_rows_keep_v12() -> None:
