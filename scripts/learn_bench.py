@@ -282,7 +282,7 @@ def parse_rounds(cfg: dict) -> dict[str, int]:
     for key, name, least in (("rounds", "rounds", 2), ("min_near", "min_near_repeats", 0),
                              ("max_rounds", "max_rounds", out["rounds"])):
         value = out[key]
-        if not isinstance(value, int) or isinstance(value, bool) or not isinstance(least, int) or value < least:
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ConfigError(f"{name}: expected an int >= {least}, got {value!r}")
     return out
 

@@ -66,7 +66,7 @@ def split_by_regime(slower_ms: list[float], faster_ms: list[float], probes_us: l
 class HeadToHead:
     """Timings of several plans of one model, taken in interleaved rounds."""
 
-    rounds: int
+    rounds: int  #: rounds that ran (a failed round is not counted)
     round_medians: dict[str, list[float]] = field(default_factory=dict)  #: label -> one per round
     pooled_ms: dict[str, list[float]] = field(default_factory=dict)  #: label -> every repeat
     failures: dict[str, str] = field(default_factory=dict)  #: label -> status of a failed round
@@ -152,7 +152,7 @@ def head_to_head(measurer: Measurer, model: Model, plans: Mapping[str, FusionPla
     first: dict[str, str] = {}
     same_as = {k: first.setdefault(plan.hash, k) for k, plan in plans.items()}
     distinct = [k for k in plans if same_as[k] == k]
-    out = HeadToHead(rounds, {k: [] for k in distinct}, {k: [] for k in distinct},
+    out = HeadToHead(0, {k: [] for k in distinct}, {k: [] for k in distinct},
                      same_as={k: a for k, a in same_as.items() if a != k})
     r = 0
     # Without probes (a measurer that takes none) no round can be told near: none is added.

@@ -79,6 +79,7 @@ def test_a_failed_round_stops_and_is_reported() -> None:
     m = _ScriptedMeasurer({"a": 1.0, "b": 1.0}, [1.0], fail=True)
     cmp = head_to_head(m, None, _plans(a="a", b="b"), rounds=3)
     assert len(m.calls) == 1 and set(cmp.failures) == {"a", "b"} and "wrong_output" in cmp.failures["a"]
+    assert cmp.rounds == 0
 
 
 def test_bad_arguments() -> None:

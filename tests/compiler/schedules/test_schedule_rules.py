@@ -23,7 +23,6 @@ from fusion_rl.compiler.schedules.rules import RulesSchedule  # noqa: E402
 
 from fusion_rl.compiler.schedules.base import SCHEDULE_ATTR, fallbacks, schedule_report  # noqa: E402
 from fusion_rl.compiler.target import parse_target  # noqa: E402
-from fusion_rl.graph.fast_math import FAST_MATH_LEGALIZE  # noqa: E402
 
 # The host, detected: a fixed ``sapphirerapids`` target dies with SIGILL on a CPU without AVX-512.
 TARGET = parse_target("host").to_tvm()
@@ -194,36 +193,6 @@ def test_padded_anchor_runs_its_epilogue_at_the_tile() -> None:
     res = tvm.runtime.tensor(np.zeros((m, n), "float32"))
     lib["main"](*(tvm.runtime.tensor(v) for v in (x, w, bias)), res)
     np.testing.assert_allclose(res.numpy(), np.maximum(x @ w + bias, 0), rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("width", [64, 197])
-def test_row_reductions_run_as_vector_partial_results(width: int) -> None:
-    """A softmax's row max and row sum are factored into one partial result per vector lane
-    (rfactor), the lanes vectorized, instead of one dependent scalar chain per row. Ragged
-    rows (ViT's 197 keys) are factored over their whole vectors, the short tail a scalar
-    chain of its own (fast_math's softmax; v14 left them to dlight's scalar chains). Both
-    exact against numpy."""
-    x = relax.Var("x", relax.TensorType((3, 40, width), "float32"))
-    bb = relax.BlockBuilder()
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            out = bb.emit_output(relax.op.nn.softmax(x, axis=-1))
-        bb.emit_func_output(out)
-    mod = relax.transform.LegalizeOps(FAST_MATH_LEGALIZE)(bb.get())
-    (name, kernel), = _prim_funcs(mod).items()
-    scheduled = rules.schedule_prim_func(kernel, rules._make_ctx(TARGET))
-    assert scheduled.attrs[SCHEDULE_ATTR] == "reduction"
-    sch = tvm.s_tir.Schedule(scheduled)
-    partial = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).name_hint.endswith("_rf")]
-    assert len(partial) == 2, scheduled.script()  # the row max and sum
-    for block in partial:
-        assert sch.get(sch.get_loops(block)[-1]).kind == tirx.ForKind.VECTORIZED
-    data = np.random.default_rng(0).standard_normal((3, 40, width)).astype("float32") * 4
-    lib = tvm.compile(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target=TARGET)
-    res = tvm.runtime.tensor(np.zeros_like(data))
-    lib["main"](tvm.runtime.tensor(data), res)
-    e = np.exp(data - data.max(-1, keepdims=True))
-    np.testing.assert_allclose(res.numpy(), e / e.sum(-1, keepdims=True), rtol=1e-5, atol=1e-6)
 
 
 def _iterations(script: str, block: str) -> int:
