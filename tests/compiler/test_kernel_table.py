@@ -187,7 +187,7 @@ def test_each_kernel_is_kept_under_the_rules_version_that_last_changed_its_sched
     model = load_model(str(path))
     pair, apart = (make_plan(r, model.mod, model.graph) for r in ("aggressive_shapes", "tvm"))
     with _table(tmp_path / "k.sqlite", schedule="rules") as table:
-        assert table.key[1] == "rules:v15"
+        assert table.key[1] == "rules:v16"
         assert {s.schedule for s in table.kernels(model, apart)} == {"rules:v12"}
         assert [s.schedule for s in table.kernels(model, pair)] == ["rules:v13"]
         timed = table.ensure(model, apart) + table.ensure(model, pair)

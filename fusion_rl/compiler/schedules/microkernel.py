@@ -45,8 +45,11 @@ NARROW_LANES = 8
 
 
 def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers: int,
-                    min_work: int) -> tuple[set[str], dict[int, WeightPack], Layout]:
+                    min_work: int, vector_store: bool = False) -> tuple[set[str], dict[int, WeightPack], Layout]:
     """Schedule ``anchor`` (and its elementwise epilogue) as a packed micro-kernel.
+
+    ``vector_store``: the anchor's output is laid out with its vector axis innermost
+    (:mod:`.transpose_layout` gave it that layout), so the write-back stores along it.
 
     Returns the names of the blocks it scheduled, the parameters it gave a packed layout
     (:mod:`.prepack`; their callers must pass packed constants) and the layout it chose.
@@ -105,7 +108,8 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
         lanes = NARROW_LANES
         lay = analyze(stmt, lanes, registers, vector_axis)
     if lay.panel == -1:
-        return schedule_depthwise(sch, anchor, stmt, lay, lanes, min_work), {}, lay
+        return schedule_depthwise(sch, anchor, stmt, lay, lanes, min_work,
+                                  vector_store=vector_store), {}, lay
     names = [iv.var.name for iv in stmt.iter_vars]
     kinds = [iv.iter_type for iv in stmt.iter_vars]
     exts = [extent_of(iv) for iv in stmt.iter_vars]
@@ -177,7 +181,7 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
     # Write-back (+ epilogue) at the accumulator tile, vectorized along v.
     sch.reverse_compute_at(out_block, acc_loop, preserve_unit_loops=False)
     wb_loops = sch.get_loops(out_block)
-    if wb_loops:
+    if wb_loops and not (vector_store and _vectorize_contiguous_store(sch, out_block, acc_loop, lanes)):
         inner_wb = wb_loops[-1]
         ext = loop_extent(sch, inner_wb)
         if ext and ext % 4 == 0 and ext <= 4 * lanes * 4 and not inner_wb.same_as(acc_loop):
@@ -219,6 +223,22 @@ def reads_pointwise(stmt: tirx.SBlock, buffer: tirx.Buffer) -> bool:
     regions = [r.region for r in stmt.reads if r.source.same_as(buffer)]
     return bool(regions) and all(isinstance(rng.min, (tirx.Var, tirx.IntImm))
                                  for region in regions for rng in region)
+
+
+def vector_iter(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers: int) -> int | None:
+    """The block iterator :func:`schedule_anchor` vectorizes ``anchor`` along, for an anchor it
+    schedules over its own iterators (neither regrouped nor padded); else ``None``."""
+    stmt = sch.get(anchor)
+    if channel_groups(stmt, lanes) is not None or channel_groups(stmt, NARROW_LANES) is not None \
+            or einsum_padding(stmt, lanes, registers):
+        return None
+    try:
+        lay = analyze(stmt, lanes, registers, _constant_operand_axis(sch, stmt, lanes))
+        if lay.panel == -1 and lanes > NARROW_LANES:
+            lay = analyze(stmt, NARROW_LANES, registers, _constant_operand_axis(sch, stmt, lanes))
+    except Unschedulable:
+        return None
+    return lay.v
 
 
 def _join_tile(sch: s_tir.Schedule, out_block: SBlockRV, acc_loop: LoopRV, lanes: int) -> set[str]:
@@ -421,7 +441,8 @@ def _place_pack(sch: s_tir.Schedule, pack: SBlockRV, at: LoopRV | None, lanes: i
 
 
 def schedule_depthwise(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock, lay: Layout,
-                       lanes: int, min_work: int, channels_inner: bool = False) -> set[str]:
+                       lanes: int, min_work: int, channels_inner: bool = False,
+                       vector_store: bool = False) -> set[str]:
     """Depthwise convolution, channels-last inside the kernel (ORT's MLAS does the same with
     NCHWc): per block of ``lanes`` channels, the padded input is copied to ``[h, w, c]`` and the
     filter to ``[kh, kw, c]``; each (kh, kw) step is then one vector load of input per output
@@ -429,7 +450,7 @@ def schedule_depthwise(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock,
 
     The copy runs along the input's rows (vector reads, scattered writes), or with
     ``channels_inner`` along the channels (for an input that is channels-last already:
-    :mod:`.chain` computes it so)."""
+    :mod:`.chain` computes it so). ``vector_store``: as for :func:`schedule_anchor`."""
     names = [iv.var.name for iv in stmt.iter_vars]
     out = stmt.writes[0].source
     operands = [i for i, r in enumerate(stmt.reads) if not r.source.same_as(out)]
@@ -447,12 +468,13 @@ def schedule_depthwise(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock,
     w_pack = sch.reindex_cache_read(anchor, w_idx, "global",
                                     _index_map(lambda *a: [a[i] for i in w_perm], stmt))
     return tile_channel_blocks(sch, anchor, stmt, lay, lanes, min_work, out_block, w_pack,
-                               x_idx, c_dim, channels_inner)
+                               x_idx, c_dim, channels_inner, vector_store)
 
 
 def tile_channel_blocks(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock, lay: Layout,
                         lanes: int, min_work: int, out_block: SBlockRV, w_pack: SBlockRV,
-                        x_idx: int, c_dim: int, channels_inner: bool) -> set[str]:
+                        x_idx: int, c_dim: int, channels_inner: bool,
+                        vector_store: bool = False) -> set[str]:
     """The loop nest that :func:`schedule_depthwise` and :func:`.chain.schedule_grouped` share:
     one parallel block of ``lanes`` channels outside, in it a channels-last copy of the input
     operand ``x_idx`` (its channel dimension ``c_dim`` moved last, padding computed in the copy)
@@ -494,6 +516,8 @@ def tile_channel_blocks(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock
             sch.unroll(lp)
     sch.vectorize(v_in)
     sch.reverse_compute_at(out_block, acc_loop, preserve_unit_loops=False)
+    if vector_store:
+        _vectorize_contiguous_store(sch, out_block, acc_loop, lanes)
     done = {stmt.name_hint, sch.get(out_block).name_hint}
     sch.compute_at(x_pack, head, preserve_unit_loops=False)
     if channels_inner:
@@ -521,3 +545,33 @@ def _vectorize_inner(sch: s_tir.Schedule, block: SBlockRV, lanes: int) -> None:
             vectorize_by_registers(sch, loops[-1], lanes)
         except ScheduleError:
             pass
+
+
+def _vectorize_contiguous_store(sch: s_tir.Schedule, block: SBlockRV, tile: LoopRV, lanes: int) -> bool:
+    """Vectorize a write-back (computed at loop ``tile``) along its buffer's last dimension:
+    the one of its own loops that drives that index, if it is a whole number of vectors (at
+    most four), moved innermost and vectorized a register at a time. Returns whether it did.
+    Used where :mod:`.transpose_layout` put the anchor's vector axis last: the write-back's
+    loops still follow the old layout (a depthwise tile's pixels innermost), and vectorized so
+    they would scatter."""
+    loops = sch.get_loops(block)
+    at = next((i for i, lp in enumerate(loops) if sch.get(lp).same_as(sch.get(tile))), None)
+    own = loops[at + 1:] if at is not None else []
+    if not own:
+        return False
+    realize = sch.get(own[-1]).body
+    if not isinstance(realize, s_tir.SBlockRealize):
+        return False
+    last = realize.block.writes[0].region[-1].min
+    value = next((v for iv, v in zip(realize.block.iter_vars, realize.iter_values)
+                  if iv.var.same_as(last)), None)
+    if value is None:
+        return False
+    names = vars_of(value)
+    driving = [lp for lp in own if sch.get(lp).loop_var.name in names]
+    ext = loop_extent(sch, driving[0]) if len(driving) == 1 else None
+    if not ext or ext % lanes or ext > 4 * lanes:
+        return False
+    sch.reorder(*[lp for lp in own if not lp.same_as(driving[0])], driving[0])
+    vectorize_by_registers(sch, driving[0], lanes)
+    return True

@@ -44,7 +44,7 @@ from tvm.s_tir.schedule import LoopRV, SBlockRV, ScheduleError
 from fusion_rl.errors import first_line
 from fusion_rl.graph.fast_math import ROW_BLOCK
 
-from . import chain, microkernel, prepack
+from . import chain, microkernel, prepack, transpose_layout
 from .anchor_layout import extent_of
 from .base import SCHEDULE_ATTR, ScheduleProvider
 
@@ -83,6 +83,8 @@ class _Ctx:
 _V12 = "rules:v12"
 #: The key of a pointwise -> grouped pair, whose schedule v13 changed and v14 did not.
 _V13 = "rules:v13"
+#: The key of a kernel with a fused reduction or a ragged row that v16 schedules as v15 did.
+_V15 = "rules:v15"
 
 
 class RulesSchedule(ScheduleProvider):
@@ -117,25 +119,31 @@ class RulesSchedule(ScheduleProvider):
         # number of vectors (ViT's 197 keys, ConvNeXt's 40 channels under AVX-512) are
         # factored too, by a narrower vector or as a main part and a scalar tail
         # (fast_math's ragged softmax), and a row run of a fused kernel computes its
-        # elementwise steps per row, inlined, as a row kernel of its own does. Records of older
+        # elementwise steps per row, inlined, as a row kernel of its own does; v16: a transpose
+        # of an anchor's output inside a kernel is pulled into the anchor's write-back
+        # (transpose_layout.py), and a depthwise tile stored channels-last is stored by vectors.
+        # Records of older
         # schedules must not be served for the new one, so the version is part of every
         # measurement's key.
-        return "rules:v15"
+        return "rules:v16"
 
     def kernel_key(self, func: tirx.PrimFunc) -> str:
         """v13 changed only the kernels that are a pointwise -> grouped pair, v14 and v15 only
         those with one anchor and another reduction and (v15) row kernels whose rows are not a
-        whole number of 16-lane vectors; every other kernel is scheduled as v12 scheduled it,
-        and keeps its v12 timings."""
+        whole number of 16-lane vectors, v16 only those that transpose an anchor's output
+        inside the kernel; every other kernel keeps the key (and the timings) of the version
+        that last changed its schedule."""
         kind = _chain_kind(func)
         if kind is not None:
             return _V13 if kind == "grouped" else _V12
+        if _transposes_anchor(func):
+            return self.key
         sch = s_tir.Schedule(func)
-        return self.key if _has_fused_reduction(sch) or _has_ragged_row(sch) else _V12
+        return _V15 if _has_fused_reduction(sch) or _has_ragged_row(sch) else _V12
 
     @property
     def kernel_keys(self) -> tuple[str, ...]:
-        return (_V12, _V13, self.key)
+        return (_V12, _V13, _V15, self.key)
 
     def schedule(self, mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         ctx = _make_ctx(target)
@@ -177,6 +185,27 @@ def _chain_kind(func: tirx.PrimFunc) -> str | None:
         return None if pair is None else chain.consumer_kind(sch, pair[1])
     except Exception:  # noqa: BLE001 - a kernel the analysis cannot read is simply not a pair
         return None
+
+
+def _pull_transpose(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers: int) -> bool:
+    """Give the buffers between ``anchor`` and a transpose of its output in this kernel the
+    transpose's layout, when that stores the anchor's vector axis contiguously
+    (:mod:`.transpose_layout`). Returns whether it did."""
+    found = transpose_layout.find_transpose(sch, anchor)
+    if found is None:
+        return False
+    vector = microkernel.vector_iter(sch, anchor, lanes, registers)
+    return vector is not None and transpose_layout.pull_transpose(sch, found, vector)
+
+
+def _transposes_anchor(func: tirx.PrimFunc) -> bool:
+    """Whether a kernel transposes an anchor's output internally (after rule 1's inlining): the
+    kernels v16 may schedule differently from v15, on any target, so that the key does not
+    depend on it."""
+    sch = s_tir.Schedule(func)
+    _inline_injective(sch, _has_fused_reduction(sch))
+    return any(transpose_layout.find_transpose(sch, b) is not None
+               for b in _root_blocks(sch) if _is_mac(sch, b))
 
 
 def _is_scheduled(func: tirx.PrimFunc) -> bool:
@@ -255,8 +284,9 @@ def _schedule_with(func: tirx.PrimFunc, ctx: _Ctx,
     for anchor in anchors:
         if rule == "microkernel":
             lanes = ctx.lanes(_dtype_bits(sch, anchor))
+            pulled = _pull_transpose(sch, anchor, lanes, ctx.registers)
             names, packed, layout = microkernel.schedule_anchor(sch, anchor, lanes, ctx.registers,
-                                                                _MIN_PARALLEL_MACS)
+                                                                _MIN_PARALLEL_MACS, pulled)
             done |= names
             packs.update(packed)
             reuse = reuse and layout.panel is not None
