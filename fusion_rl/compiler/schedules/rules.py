@@ -121,7 +121,8 @@ class RulesSchedule(ScheduleProvider):
         # (fast_math's ragged softmax), and a row run of a fused kernel computes its
         # elementwise steps per row, inlined, as a row kernel of its own does; v16: a transpose
         # of an anchor's output inside a kernel is pulled into the anchor's write-back
-        # (transpose_layout.py), and a depthwise tile stored channels-last is stored by vectors.
+        # (transpose_layout.py), and a depthwise tile stored channels-last is stored by vectors;
+        # a row reduction of one row ([1, C]) runs as a row, serially.
         # Records of older
         # schedules must not be served for the new one, so the version is part of every
         # measurement's key.
@@ -131,14 +132,14 @@ class RulesSchedule(ScheduleProvider):
         """v13 changed only the kernels that are a pointwise -> grouped pair, v14 and v15 only
         those with one anchor and another reduction and (v15) row kernels whose rows are not a
         whole number of 16-lane vectors, v16 only those that transpose an anchor's output
-        inside the kernel; every other kernel keeps the key (and the timings) of the version
+        inside the kernel or reduce a single row; every other kernel keeps the key (and the timings) of the version
         that last changed its schedule."""
         kind = _chain_kind(func)
         if kind is not None:
             return _V13 if kind == "grouped" else _V12
-        if _transposes_anchor(func):
-            return self.key
         sch = s_tir.Schedule(func)
+        if _has_single_row(sch) or _transposes_anchor(func):
+            return self.key
         return _V15 if _has_fused_reduction(sch) or _has_ragged_row(sch) else _V12
 
     @property
@@ -366,6 +367,13 @@ def _has_ragged_row(sch: s_tir.Schedule) -> bool:
             if extent is None or extent % ROW_BLOCK:
                 return True
     return False
+
+
+def _has_single_row(sch: s_tir.Schedule) -> bool:
+    """Whether a row reduction has one row (no row axis but unit ones): the rows v16 schedules
+    as rows (:func:`_schedule_rows`) that v15 left to dlight or to the generic rule."""
+    return any(_is_row_reduction(sch, b) and _row_count(sch.get(b)) == 0
+               and len(sch.get(b).iter_vars) > 1 for b in _root_blocks(sch))
 
 
 def _has_fused_reduction(sch: s_tir.Schedule) -> bool:
@@ -822,8 +830,18 @@ def _schedule_rows(sch: s_tir.Schedule, ctx: _Ctx, names: list[str] | None = Non
         sch.reorder_block_iter_var(rf, [i for i in range(1, len(ivs)) if ivs[i].iter_type == _DATA_PAR]
                                    + [i for i in range(1, len(ivs)) if ivs[i].iter_type != _DATA_PAR] + [0])
         factored.append(rf)
-    if rows is None or rows == 0:
+    if rows is None:
         return False
+    single = rows == 0
+    if single:
+        # One row ([1, C]: a pooled head's layer norm): the last block's unit first loop is
+        # the row loop, run serially. Left to dlight, the statistics were recomputed for every
+        # output element under a parallel loop, each thread writing the same scalar
+        # (ConvNeXt's 320 channels: 0.063 ms, for 320 elements).
+        loops = sch.get_loops(last)
+        if len(loops) < 2 or _const_extent(sch, loops[0]) != 1:
+            return False
+        rows = 1
     rf_names = {sch.get(b).name_hint for b in factored}
     last_name = sch.get(last).name_hint
     # The blocks of the rows in program order, the rf blocks among them.
@@ -831,7 +849,8 @@ def _schedule_rows(sch: s_tir.Schedule, ctx: _Ctx, names: list[str] | None = Non
             if names is None or sch.get(b).name_hint in rf_names or sch.get(b).name_hint in names]
     head = sch.get_loops(last)[:rows]
     spatial = sch.fuse(*head) if rows > 1 else head[0]
-    sch.parallel(spatial)
+    if not single:
+        sch.parallel(spatial)
     # Every other block computed per row, consumers before producers (compute_at's order).
     for block in reversed(mine):
         if sch.get(block).name_hint != last_name:

@@ -133,3 +133,23 @@ def test_a_softmax_fused_after_its_matmul_runs_as_one_row_run() -> None:
     qa, ka = (rng.standard_normal((2, 37, 16)).astype("float32") for _ in range(2))
     expected = _softmax(np.einsum("bik,bjk->bij", qa, ka) * 0.25)
     np.testing.assert_allclose(_call(scheduled, qa, ka, out_shape=(2, 37, 37)), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_layer_norm_of_one_row_runs_serially_as_a_row() -> None:
+    """A pooled head's layer norm over ``[1, C]``: one row, factored by lanes and run serially.
+    dlight's fallback (v15) recomputed both statistics for every output element under a
+    parallel loop, each thread accumulating into the same scalar. Keyed v16; exact."""
+    x = te.placeholder((1, 320), name="x")
+    gamma, beta = te.placeholder((320,), name="g"), te.placeholder((320,), name="b")
+    kernel = te.create_prim_func([x, gamma, beta, topi.nn.layer_norm(x, gamma, beta, axis=[1], epsilon=1e-6)])
+    assert RulesSchedule().kernel_key(kernel) == "rules:v16"
+    scheduled = rules.schedule_prim_func(kernel, rules._make_ctx(TARGET))
+    assert scheduled.attrs[SCHEDULE_ATTR] == "reduction"
+    assert "T.parallel" not in scheduled.script()
+    sch = tvm.s_tir.Schedule(scheduled)
+    partial = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).name_hint.endswith("_rf")]
+    assert len(partial) == 2, scheduled.script()
+    rng = np.random.default_rng(0)
+    data, g, b = (rng.standard_normal(s).astype("float32") for s in ((1, 320), (320,), (320,)))
+    norm = (data - data.mean(-1, keepdims=True)) / np.sqrt(data.var(-1, keepdims=True) + 1e-6) * g + b
+    np.testing.assert_allclose(_call(scheduled, data, g, b, out_shape=data.shape), norm, rtol=1e-4, atol=1e-4)

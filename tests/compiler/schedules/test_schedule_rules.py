@@ -288,7 +288,8 @@ def test_row_reductions_fused_after_an_anchor_run_as_rows(name: str) -> None:
         keys[rule_set] = {n: provider.kernel_key(f) for n, f in _prim_funcs(fused).items()}
     fused_rows = [n for n, key in keys["aggressive_1anchor"].items()
                   if key in ("rules:v15", provider.key)]
-    assert fused_rows and set(keys["tvm"].values()) == {"rules:v12"}
+    # tvm's plan: v12, or v16 for its pooled head's one-row layer norm (test_ragged_rows).
+    assert fused_rows and set(keys["tvm"].values()) <= {"rules:v12", provider.key}
     scheduled = _prim_funcs(provider.schedule(fused, TARGET))
     # Every such kernel of a row per pixel (ConvNeXt) or per token: not the pooled head's one
     # row, which has nothing to run in parallel.
