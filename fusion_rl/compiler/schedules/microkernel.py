@@ -33,6 +33,7 @@ from fusion_rl.compiler.schedules.anchor_layout import (
     is_channel, simplified_indices, vars_of, x_operand,
 )
 from fusion_rl.compiler.schedules.prepack import WeightPack, layout_free_params
+from fusion_rl.compiler.schedules.transpose_layout import read_order
 
 #: Bytes of prepacked panels one L2 block holds (half of the smallest L2 of the x86 CPUs this
 #: runs on, Zen 3's 512 KiB: the row blocks and the output tile use the rest).
@@ -162,7 +163,19 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
     for lp in order[:lead]:
         lead_ext *= loop_extent(sch, lp) or 1
     split = lead_ext >= 8 and lead < len(order) and (pack is not None or bool(packs))
-    if split:
+    # An epilogue that stores the tile transposed (rows innermost: a matmul's [.., pixel,
+    # channel] tile into NCHW) runs once per row of tiles, not per tile (_transposed_epilogue).
+    transposed = None
+    rows_of_tiles = 1
+    for lp in order[:-1]:
+        rows_of_tiles *= loop_extent(sch, lp) or 1
+    # Only with rows of tiles enough for the cores (the parallel loop no longer has the tiles).
+    if not split and not pin and r_out is not None and not vector_store and rows_of_tiles >= 8:
+        transposed = _transposed_epilogue(sch, out_block, stmt, lay)
+    if transposed is not None:
+        fused = sch.fuse(*order[:-1]) if len(order) > 2 else order[0]
+        acc_loop = r_out
+    elif split:
         fused = sch.fuse(*order[:lead]) if lead > 1 else order[0]
         rest = order[lead:]
         acc_loop = sch.fuse(*rest) if len(rest) > 1 else rest[0]
@@ -188,7 +201,9 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
             vectorize_by_registers(sch, inner_wb, lanes)
     done.add(sch.get(out_block).name_hint)
     if padding:
-        done |= _join_tile(sch, out_block, acc_loop, lanes)
+        done |= _join_tile(sch, out_block, acc_loop, lanes, stop=transposed)
+    if transposed is not None:
+        done.add(_place_transposed(sch, transposed, fused, lanes))
     if pack is not None:
         done.add(_place_pack(sch, pack, tile_loop if per_panel else None, lanes))
     if reduce:
@@ -241,7 +256,46 @@ def vector_iter(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers: in
     return lay.v
 
 
-def _join_tile(sch: s_tir.Schedule, out_block: SBlockRV, acc_loop: LoopRV, lanes: int) -> set[str]:
+def _transposed_epilogue(sch: s_tir.Schedule, out_block: SBlockRV, stmt: tirx.SBlock,
+                         lay: Layout) -> str | None:
+    """The write-back's sole consumer when it stores the tile transposed with the register
+    axis ``r`` innermost (a matmul's ``[.., w, c]`` tile, its epilogue writing NCHW), else
+    ``None``. Computed per tile, such an epilogue stores ``rows`` pixels per channel (4 floats
+    at a time, a plane apart; ConvNeXt's matmul + transpose + residual ran slower fused than
+    the matmul and a transpose kernel apart); per row of tiles, a whole row of pixels per
+    channel, contiguous."""
+    if lay.r is None:
+        return None
+    r_var = stmt.iter_vars[lay.r].var
+    r_dims = [d for d, rng in enumerate(stmt.writes[0].region) if rng.min.same_as(r_var)]
+    consumers = sch.get_consumers(out_block)
+    if len(r_dims) != 1 or len(consumers) != 1:
+        return None
+    consumer = sch.get(consumers[0])
+    if any(iv.iter_type != DATA_PAR for iv in consumer.iter_vars) or len(consumer.writes) != 1:
+        return None
+    # Through the un-pad copy a padded anchor's epilogue reads (inlined into it) or directly.
+    order = read_order(consumer, sch.get(out_block).writes[0].source)
+    if order is None or order[-1] != r_dims[0] or order == tuple(range(len(order))):
+        return None
+    return consumer.name_hint
+
+
+def _place_transposed(sch: s_tir.Schedule, name: str, row_loop: LoopRV, lanes: int) -> str:
+    """Compute the transposed epilogue ``name`` at ``row_loop`` (a row of tiles), its
+    innermost loop (the pixels of the row, contiguous in its output) vectorized when it is a
+    multiple of 4 long."""
+    block = sch.get_sblock(name)
+    sch.reverse_compute_at(block, row_loop, preserve_unit_loops=False)
+    loops = sch.get_loops(block)
+    ext = loop_extent(sch, loops[-1]) if loops else None
+    if ext and ext % 4 == 0 and not loops[-1].same_as(row_loop):
+        vectorize_by_registers(sch, loops[-1], lanes)
+    return name
+
+
+def _join_tile(sch: s_tir.Schedule, out_block: SBlockRV, acc_loop: LoopRV, lanes: int,
+               stop: str | None = None) -> set[str]:
     """Compute a padded anchor's elementwise consumers (epilogue, un-pad copy) at its
     accumulator tile; returns their names.
 
@@ -255,6 +309,8 @@ def _join_tile(sch: s_tir.Schedule, out_block: SBlockRV, acc_loop: LoopRV, lanes
     block = out_block
     while len(consumers := sch.get_consumers(block)) == 1:
         nxt = consumers[0]
+        if sch.get(nxt).name_hint == stop:
+            break  # placed per row of tiles (_place_transposed)
         if any(iv.iter_type != DATA_PAR for iv in sch.get(nxt).iter_vars):
             break
         if not reads_pointwise(sch.get(nxt), sch.get(block).writes[0].source):

@@ -26,7 +26,7 @@ from tvm.s_tir.schedule import SBlockRV, ScheduleError
 
 from .anchor_layout import DATA_PAR
 
-__all__ = ["Transpose", "find_transpose", "pull_transpose"]
+__all__ = ["Transpose", "find_transpose", "pull_transpose", "read_order"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def find_transpose(sch: s_tir.Schedule, anchor: SBlockRV) -> Transpose | None:
         nxt = sch.get(consumers[0])
         if any(iv.iter_type != DATA_PAR for iv in nxt.iter_vars) or len(nxt.writes) != 1:
             return None
-        order = _read_order(nxt, buf)
+        order = read_order(nxt, buf)
         if order is None:
             return None
         if order == tuple(range(len(order))):
@@ -92,7 +92,7 @@ def pull_transpose(sch: s_tir.Schedule, found: Transpose, vector_iter: int) -> b
     return True
 
 
-def _read_order(stmt: tirx.SBlock, buf: tirx.Buffer) -> tuple[int, ...] | None:
+def read_order(stmt: tirx.SBlock, buf: tirx.Buffer) -> tuple[int, ...] | None:
     """``order`` such that ``stmt`` reads ``buf`` at ``[i_{order^-1}...]``: for each of its
     output dimensions ``e`` (its iterators, written in order), the dimension of ``buf`` that it
     indexes; ``None`` unless every read of ``buf`` is one such permutation and the write is

@@ -119,3 +119,32 @@ def test_a_conv_transposed_into_the_kernels_output_stores_it_channels_last() -> 
     args = _inputs(kernel)
     np.testing.assert_allclose(_run(scheduled, args, (1, 8, 8, 16)), _run(kernel, args, (1, 8, 8, 16)),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels", [40, 48])  # padded to the tile, and not
+def test_a_matmul_epilogue_into_nchw_runs_per_row_of_tiles(channels: int) -> None:
+    """ConvNeXt's second MLP matmul ``[1, h, w, c]`` with its layer scale, transposed back to
+    NCHW and added to the residual: the epilogue stores a whole row of pixels per channel,
+    vectors along the row (per tile, as v15 ran it, it stored 4 pixels per channel, scalar,
+    and the kernel was slower than the matmul and a transpose kernel apart). Exact."""
+    x, w = te.placeholder((1, 8, 16, 64), name="x"), te.placeholder((64, channels), name="w")
+    scale = te.placeholder((channels,), name="scale")
+    residual = te.placeholder((1, channels, 8, 16), name="residual")
+    k = te.reduce_axis((0, 64), name="k")
+    matmul = te.compute((1, 8, 16, channels), lambda n, h, p, c: te.sum(x[n, h, p, k] * w[k, c], axis=k),
+                        name="matmul")
+    nchw = topi.transpose(topi.multiply(matmul, scale), [0, 3, 1, 2])
+    kernel = te.create_prim_func([x, w, scale, residual, topi.add(nchw, residual)])
+    assert RulesSchedule().kernel_key(kernel) == "rules:v16"
+    scheduled = rules.schedule_prim_func(kernel, rules._make_ctx(TARGET))
+    assert scheduled.attrs[SCHEDULE_ATTR].startswith("microkernel"), scheduled.attrs[SCHEDULE_ATTR]
+    sch, root = _root(scheduled)
+    (store,) = [b for b in root if sch.get(b).writes[0].source.same_as(scheduled.params[-1])]
+    loops = [sch.get(lp) for lp in sch.get_loops(store)]
+    assert loops[-1].kind == tirx.ForKind.VECTORIZED, scheduled.script()
+    # The row of tiles: one parallel loop over the rows, the 16 pixels of a row in the store.
+    assert loops[0].kind == tirx.ForKind.PARALLEL and int(loops[0].extent) % 8 == 0
+    assert np.prod([int(lp.extent) for lp in loops[1:]]) == 16 * channels, scheduled.script()
+    args = _inputs(kernel)
+    shape = (1, channels, 8, 16)
+    np.testing.assert_allclose(_run(scheduled, args, shape), _run(kernel, args, shape), rtol=1e-4, atol=1e-4)
