@@ -1,5 +1,7 @@
-"""A transpose of an anchor's output inside a kernel (``rules:v16``, transpose_layout.py):
-ConvNeXt's depthwise conv -> transpose to channels-last -> layer norm, in one kernel."""
+"""A transpose of an anchor's output inside a kernel (``rules:v16``): pulled into the anchor's
+write-back (transpose_layout.py; ConvNeXt's depthwise conv -> channels-last -> layer norm), or,
+where the anchor keeps its layout, its epilogue run per row of tiles (microkernel.py; ConvNeXt's
+MLP matmul back to NCHW)."""
 
 from __future__ import annotations
 
