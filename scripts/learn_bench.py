@@ -49,7 +49,7 @@ from fusion_rl.cli.common import run_script  # noqa: E402
 from fusion_rl.compare import machine_description  # noqa: E402
 from fusion_rl.compiler.kernel_table import KernelTable, TableObjective  # noqa: E402
 from fusion_rl.compiler.measure import Measurer  # noqa: E402
-from fusion_rl.compiler.paired import head_to_head  # noqa: E402
+from fusion_rl.compiler.paired import check_rounds, head_to_head  # noqa: E402
 from fusion_rl.compiler.target import parse_target  # noqa: E402
 from fusion_rl.compiler.timing import TimingProtocol  # noqa: E402
 from fusion_rl.errors import ConfigError  # noqa: E402
@@ -277,14 +277,11 @@ def parse_rounds(cfg: dict) -> dict[str, int]:
     added until that many repeats of a model ran in the host's near fork-join regime, judged
     against the run's lowest probe so far; 0: never) and ``max_rounds`` (the cap, default twice
     ``rounds``), as :func:`~fusion_rl.compiler.paired.head_to_head` takes them."""
-    out = {"rounds": cfg.get("rounds", 3), "min_near": cfg.get("min_near_repeats", 0)}
-    out["max_rounds"] = cfg.get("max_rounds", 2 * out["rounds"] if isinstance(out["rounds"], int) else None)
-    for key, name, least in (("rounds", "rounds", 2), ("min_near", "min_near_repeats", 0),
-                             ("max_rounds", "max_rounds", out["rounds"])):
-        value = out[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise ConfigError(f"{name}: expected an int >= {least}, got {value!r}")
-    return out
+    rounds, min_near = cfg.get("rounds", 3), cfg.get("min_near_repeats", 0)
+    # Checked here too, not only in head_to_head: a bad config fails before minutes of training.
+    max_rounds = check_rounds(rounds, min_near, cfg.get("max_rounds"),
+                              names=("rounds", "min_near_repeats", "max_rounds"))
+    return {"rounds": rounds, "min_near": min_near, "max_rounds": max_rounds}
 
 
 def lowest_probe(rows: list[dict]) -> float | None:

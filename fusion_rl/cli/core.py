@@ -168,17 +168,13 @@ def _measure_head_to_head(args: argparse.Namespace) -> int:
     """
     import numpy as np
 
-    from fusion_rl.compiler.paired import head_to_head
+    from fusion_rl.compiler.paired import check_rounds, head_to_head
 
     if args.per_kernel:
         raise ConfigError("--per-kernel measures one plan; drop it to compare plans")
     rounds = 3 if args.rounds is None else args.rounds
-    if rounds < 2:
-        raise ConfigError(f"--rounds must be >= 2 for paired ratios, got {rounds}")
-    if args.min_near < 0:
-        raise ConfigError(f"--min-near must be >= 0, got {args.min_near}")
-    if args.max_rounds is not None and args.max_rounds < rounds:
-        raise ConfigError(f"--max-rounds must be >= --rounds ({rounds}), got {args.max_rounds}")
+    # Before the model loads and the plans build: a bad flag costs nothing.
+    check_rounds(rounds, args.min_near, args.max_rounds, names=("--rounds", "--min-near", "--max-rounds"))
     model = load(args)
     names = [str(value) for _, value in args.sources]
     plans = {str(i): source_plan(args, model, kind, value)

@@ -93,9 +93,12 @@ class PlanEstimate:
 
 
 def plan_kernels(model: Model, plan: FusionPlan,
-                 kernel_key: Callable[[tvm.tirx.PrimFunc], str] | None = None) -> list[KernelSite]:
+                 kernel_key: Callable[[tvm.tirx.PrimFunc], str] | None = None,
+                 known_keys: dict[str, str] | None = None) -> list[KernelSite]:
     """The kernels ``plan`` launches, in order (a shared kernel once per launch), each with
-    ``kernel_key`` of its PrimFunc (a provider's :meth:`~.ScheduleProvider.kernel_key`) if given."""
+    ``kernel_key`` of its PrimFunc (a provider's :meth:`~.ScheduleProvider.kernel_key`) if given.
+    ``known_keys`` (kernel hash -> key) is read first and filled: a key costs a few ms of
+    schedule analysis, and a search lists the same kernels in hundreds of plans."""
     fused = apply_plan(model.mod, plan, model.graph)
     lowered = relax.transform.RewriteDataflowReshape()(fused)  # views are not launches
     sites, hashes, keys = [], {}, {}
@@ -107,7 +110,15 @@ def plan_kernels(model: Model, plan: FusionPlan,
             gv = call.args[0]
             if gv.name_hint not in hashes:
                 hashes[gv.name_hint] = f"{tvm_ffi.structural_hash(fused[gv]) & (2**64 - 1):016x}"
-                keys[gv.name_hint] = kernel_key(fused[gv]) if kernel_key is not None else ""
+                h = hashes[gv.name_hint]
+                if kernel_key is None:
+                    keys[gv.name_hint] = ""
+                elif known_keys is not None and h in known_keys:
+                    keys[gv.name_hint] = known_keys[h]
+                else:
+                    keys[gv.name_hint] = kernel_key(fused[gv])
+                    if known_keys is not None:
+                        known_keys[h] = keys[gv.name_hint]
             out = call.ty_args[0]
             types = [a.ty for a in call.args[1].fields] + list(getattr(out, "fields", [out]))
             args = tuple((tuple(int(d) for d in t.shape.values), str(t.dtype)) for t in types)
@@ -212,8 +223,7 @@ class KernelTable:
         """:func:`plan_kernels`, remembered per (model, plan)."""
         key = (model.fingerprint, plan.hash)
         if key not in self._sites:
-            self._sites[key] = plan_kernels(model, plan, self.measurer.provider.kernel_key)
-            self._schedule_of.update((s.kernel, s.schedule) for s in self._sites[key])
+            self._sites[key] = plan_kernels(model, plan, self.measurer.provider.kernel_key, self._schedule_of)
         return self._sites[key]
 
     def ensure(self, model: Model, plan: FusionPlan) -> int:

@@ -108,8 +108,27 @@ class HeadToHead:
         }
 
 
-def _is_count(value: object, least: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+def check_rounds(rounds: object, min_near: object = 0, max_rounds: object = None,
+                 names: tuple[str, str, str] = ("rounds", "min_near", "max_rounds")) -> int:
+    """Check a head-to-head protocol (:func:`head_to_head`'s ``rounds``, ``min_near`` and
+    ``max_rounds``) and return ``max_rounds`` resolved (default twice ``rounds``). ``names``:
+    what the caller calls the three (config keys, command-line flags) in the error.
+
+    Raises
+    ------
+    ConfigError
+        naming the first value that is not an int of at least 2, 0 and ``rounds``.
+    """
+    if max_rounds is None and _is_count(rounds, 2):
+        max_rounds = 2 * rounds
+    for name, value, least in zip(names, (rounds, min_near, max_rounds), (2, 0, rounds)):
+        if not _is_count(value, least):
+            raise ConfigError(f"{name}: expected an int >= {least}, got {value!r}")
+    return max_rounds
+
+
+def _is_count(value: object, least: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and isinstance(least, int) and value >= least
 
 
 def _near(probes_us: list[float], reference_us: float | None) -> int:
@@ -142,13 +161,7 @@ def head_to_head(measurer: Measurer, model: Model, plans: Mapping[str, FusionPla
     """
     if measurer.store is not None:
         raise ConfigError("head_to_head needs a Measurer without a store (store=None)")
-    if not _is_count(rounds, 2):
-        raise ConfigError(f"rounds must be an int >= 2, got {rounds!r}")
-    if not _is_count(min_near, 0):
-        raise ConfigError(f"min_near must be an int >= 0, got {min_near!r}")
-    max_rounds = 2 * rounds if max_rounds is None else max_rounds
-    if not _is_count(max_rounds, rounds):
-        raise ConfigError(f"max_rounds must be an int >= rounds ({rounds}), got {max_rounds!r}")
+    max_rounds = check_rounds(rounds, min_near, max_rounds)
     first: dict[str, str] = {}
     same_as = {k: first.setdefault(plan.hash, k) for k, plan in plans.items()}
     distinct = [k for k in plans if same_as[k] == k]
@@ -179,4 +192,4 @@ def head_to_head(measurer: Measurer, model: Model, plans: Mapping[str, FusionPla
     return out
 
 
-__all__ = ["HeadToHead", "head_to_head", "split_by_regime"]
+__all__ = ["HeadToHead", "check_rounds", "head_to_head", "split_by_regime"]

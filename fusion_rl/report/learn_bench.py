@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fusion_rl.compiler.paired import split_by_regime
+from fusion_rl.compiler.paired import check_rounds, split_by_regime
 from fusion_rl.compiler.regime import FAR_FACTOR, probes_by_regime
 from fusion_rl.evaluate import geomean, learning_curve, read_episodes, t_interval
 from fusion_rl.io import write_atomic
@@ -254,7 +254,8 @@ def rounds_text(cfg: dict) -> str:
     """The config's head-to-head protocol in words (scripts/learn_bench.py's ``parse_rounds``)."""
     text = f"{cfg['rounds']} interleaved rounds x {cfg['repeat']} repeats"
     if cfg.get("min_near_repeats"):
-        text += (f", more rounds (up to {cfg.get('max_rounds', 2 * cfg['rounds'])}) until "
+        cap = check_rounds(cfg["rounds"], cfg["min_near_repeats"], cfg.get("max_rounds"))
+        text += (f", more rounds (up to {cap}) until "
                  f"{cfg['min_near_repeats']} repeats of a model ran in the near regime")
     return text
 

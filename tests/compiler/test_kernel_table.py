@@ -110,6 +110,28 @@ def test_launches_are_the_kernels_a_build_runs(model_cache):
     assert len({s.kernel for s in unfused}) < len(unfused)
 
 
+def test_a_kernels_schedule_key_is_worked_out_once_per_kernel(model_cache):
+    """A search lists the same kernels in hundreds of plans; the provider's kernel_key (a few
+    ms of schedule analysis) runs once per distinct kernel, the rest read ``known_keys``."""
+    from fusion_rl.compiler.schedules.rules import RulesSchedule
+
+    model = model_cache("transformer_encoder")
+    calls: list[str] = []
+
+    def key(func):
+        calls.append(func.script())
+        return RulesSchedule().kernel_key(func)
+
+    plans = [make_plan(r, model.mod, model.graph) for r in ("unfused", "tvm", "aggressive_1anchor", "tvm")]
+    known: dict[str, str] = {}
+    listed = [plan_kernels(model, plan, key, known) for plan in plans]
+    distinct = {s.kernel for sites in listed for s in sites}
+    assert len(calls) == len(distinct) == len(known) < sum(len(sites) for sites in listed)
+    assert all(known[s.kernel] == s.schedule for sites in listed for s in sites)
+    assert [s.schedule for s in plan_kernels(model, plans[2], RulesSchedule().kernel_key)] == \
+        [s.schedule for s in listed[2]]
+
+
 def test_bad_table_files_and_inputs(model_cache, tmp_path, monkeypatch):
     with MeasurementStore(tmp_path / "m.sqlite"):
         pass

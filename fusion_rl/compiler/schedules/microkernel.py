@@ -33,7 +33,7 @@ from fusion_rl.compiler.schedules.anchor_layout import (
     is_channel, simplified_indices, vars_of, x_operand,
 )
 from fusion_rl.compiler.schedules.prepack import WeightPack, layout_free_params
-from fusion_rl.compiler.schedules.transpose_layout import read_order
+from fusion_rl.compiler.schedules.transpose_layout import read_order, writes_in_order
 
 #: Bytes of prepacked panels one L2 block holds (half of the smallest L2 of the x86 CPUs this
 #: runs on, Zen 3's 512 KiB: the row blocks and the output tile use the rest).
@@ -98,16 +98,7 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
                 sch.compute_inline(copy)
             except ScheduleError:
                 pass
-    if vector_axis is None:
-        vector_axis = _constant_operand_axis(sch, stmt, lanes)
-    lay = analyze(stmt, lanes, registers, vector_axis)
-    if lay.panel == -1 and lanes > NARROW_LANES:
-        # Depthwise at 8 lanes under AVX-512 too: its per-call channels-last copies are per
-        # block of ``lanes`` channels, and half-width blocks made MobileNetV2 9% faster end to
-        # end, head to head (1.087 and 1.091, IQR 0.014-0.029, on a Zen 5 host; ConvNeXt's 7x7
-        # depthwise unchanged, 1.001).
-        lanes = NARROW_LANES
-        lay = analyze(stmt, lanes, registers, vector_axis)
+    lay, lanes = _choose_layout(sch, stmt, lanes, registers, vector_axis)
     if lay.panel == -1:
         return schedule_depthwise(sch, anchor, stmt, lay, lanes, min_work,
                                   vector_store=vector_store), {}, lay
@@ -248,12 +239,26 @@ def vector_iter(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers: in
             or einsum_padding(stmt, lanes, registers):
         return None
     try:
-        lay = analyze(stmt, lanes, registers, _constant_operand_axis(sch, stmt, lanes))
-        if lay.panel == -1 and lanes > NARROW_LANES:
-            lay = analyze(stmt, NARROW_LANES, registers, _constant_operand_axis(sch, stmt, lanes))
+        return _choose_layout(sch, stmt, lanes, registers)[0].v
     except Unschedulable:
         return None
-    return lay.v
+
+
+def _choose_layout(sch: s_tir.Schedule, stmt: tirx.SBlock, lanes: int, registers: int,
+                   vector_axis: int | None = None) -> tuple[Layout, int]:
+    """The anchor's layout (:func:`analyze`; the vector axis, if not given, the one only a
+    constant operand depends on) and the lanes it runs at. Raises :class:`Unschedulable`."""
+    if vector_axis is None:
+        vector_axis = _constant_operand_axis(sch, stmt, lanes)
+    lay = analyze(stmt, lanes, registers, vector_axis)
+    if lay.panel == -1 and lanes > NARROW_LANES:
+        # Depthwise at 8 lanes under AVX-512 too: its per-call channels-last copies are per
+        # block of ``lanes`` channels, and half-width blocks made MobileNetV2 9% faster end to
+        # end, head to head (1.087 and 1.091, IQR 0.014-0.029, on a Zen 5 host; ConvNeXt's 7x7
+        # depthwise unchanged, 1.001).
+        lanes = NARROW_LANES
+        lay = analyze(stmt, lanes, registers, vector_axis)
+    return lay, lanes
 
 
 def _transposed_epilogue(sch: s_tir.Schedule, out_block: SBlockRV, stmt: tirx.SBlock,
@@ -272,7 +277,7 @@ def _transposed_epilogue(sch: s_tir.Schedule, out_block: SBlockRV, stmt: tirx.SB
     if len(r_dims) != 1 or len(consumers) != 1:
         return None
     consumer = sch.get(consumers[0])
-    if any(iv.iter_type != DATA_PAR for iv in consumer.iter_vars) or len(consumer.writes) != 1:
+    if any(iv.iter_type != DATA_PAR for iv in consumer.iter_vars) or not writes_in_order(consumer):
         return None
     # Through the un-pad copy a padded anchor's epilogue reads (inlined into it) or directly.
     order = read_order(consumer, sch.get(out_block).writes[0].source)

@@ -137,9 +137,10 @@ class RulesSchedule(ScheduleProvider):
         if kind is not None:
             return _V13 if kind == "grouped" else _V12
         sch = s_tir.Schedule(func)
-        if _has_single_row(sch) or _transposes_anchor(func):
+        fused, ragged = _has_fused_reduction(sch), _has_ragged_row(sch)
+        if _has_single_row(sch) or _transposes_anchor(sch, fused):  # last: it inlines into sch
             return self.key
-        return _V15 if _has_fused_reduction(sch) or _has_ragged_row(sch) else _V12
+        return _V15 if fused or ragged else _V12
 
     @property
     def kernel_keys(self) -> tuple[str, ...]:
@@ -198,12 +199,11 @@ def _pull_transpose(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
     return vector is not None and transpose_layout.pull_transpose(sch, found, vector)
 
 
-def _transposes_anchor(func: tirx.PrimFunc) -> bool:
-    """Whether a kernel transposes an anchor's output internally (after rule 1's inlining): the
-    kernels v16 may schedule differently from v15, on any target, so that the key does not
-    depend on it."""
-    sch = s_tir.Schedule(func)
-    _inline_injective(sch, _has_fused_reduction(sch))
+def _transposes_anchor(sch: s_tir.Schedule, fused_reduction: bool) -> bool:
+    """Whether a kernel transposes an anchor's output internally (after rule 1's inlining,
+    which this applies to ``sch``): the kernels v16 may schedule differently from v15, on any
+    target, so that the key does not depend on it."""
+    _inline_injective(sch, fused_reduction)
     return any(transpose_layout.find_transpose(sch, b) is not None
                for b in _root_blocks(sch) if _is_mac(sch, b))
 
@@ -728,17 +728,10 @@ def _continues_row(sch: s_tir.Schedule, block: SBlockRV, run: list[SBlockRV]) ->
     if not _is_injective(sch, block):
         return False
     stmt = sch.get(block)
-    own = [iv.var for iv in stmt.iter_vars]
+    in_order = tuple(range(len(stmt.iter_vars)))
     names = {sch.get(b).name_hint for b in run}
-    for producer in sch.get_producers(block):
-        if sch.get(producer).name_hint not in names:
-            continue
-        buffer = sch.get(producer).writes[0].source
-        regions = [r.region for r in stmt.reads if r.source.same_as(buffer)]
-        if regions and all(len(region) == len(own) and all(
-                rng.min.same_as(var) for rng, var in zip(region, own)) for region in regions):
-            return True
-    return False
+    return any(transpose_layout.read_order(stmt, sch.get(p).writes[0].source) == in_order
+               for p in sch.get_producers(block) if sch.get(p).name_hint in names)
 
 
 def _inline_in_run(sch: s_tir.Schedule, run: list[str]) -> list[str]:

@@ -26,7 +26,7 @@ from tvm.s_tir.schedule import SBlockRV, ScheduleError
 
 from .anchor_layout import DATA_PAR
 
-__all__ = ["Transpose", "find_transpose", "pull_transpose", "read_order"]
+__all__ = ["Transpose", "find_transpose", "pull_transpose", "read_order", "writes_in_order"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def find_transpose(sch: s_tir.Schedule, anchor: SBlockRV) -> Transpose | None:
         if len(consumers) != 1:
             return None
         nxt = sch.get(consumers[0])
-        if any(iv.iter_type != DATA_PAR for iv in nxt.iter_vars) or len(nxt.writes) != 1:
+        if any(iv.iter_type != DATA_PAR for iv in nxt.iter_vars) or not writes_in_order(nxt):
             return None
         order = read_order(nxt, buf)
         if order is None:
@@ -92,15 +92,19 @@ def pull_transpose(sch: s_tir.Schedule, found: Transpose, vector_iter: int) -> b
     return True
 
 
-def read_order(stmt: tirx.SBlock, buf: tirx.Buffer) -> tuple[int, ...] | None:
-    """``order`` such that ``stmt`` reads ``buf`` at ``[i_{order^-1}...]``: for each of its
-    output dimensions ``e`` (its iterators, written in order), the dimension of ``buf`` that it
-    indexes; ``None`` unless every read of ``buf`` is one such permutation and the write is
-    at the iterators in order."""
+def writes_in_order(stmt: tirx.SBlock) -> bool:
+    """Whether ``stmt`` writes its one buffer at its iterators, in order (so that its iterator
+    ``e`` is its output's dimension ``e``)."""
     ivars = [iv.var for iv in stmt.iter_vars]
-    write = stmt.writes[0].region
-    if len(write) != len(ivars) or not all(r.min.same_as(v) for r, v in zip(write, ivars)):
-        return None
+    write = stmt.writes[0].region if len(stmt.writes) == 1 else []
+    return len(write) == len(ivars) and all(r.min.same_as(v) for r, v in zip(write, ivars))
+
+
+def read_order(stmt: tirx.SBlock, buf: tirx.Buffer) -> tuple[int, ...] | None:
+    """For each iterator ``e`` of ``stmt``, the dimension of ``buf`` it indexes: ``stmt`` reads
+    ``buf`` at a permutation of its iterators (identity: element for element). ``None`` unless
+    every read of ``buf`` is the same such permutation."""
+    ivars = [iv.var for iv in stmt.iter_vars]
     regions = [r.region for r in stmt.reads if r.source.same_as(buf)]
     if not regions:
         return None
