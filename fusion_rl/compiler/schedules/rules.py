@@ -85,6 +85,9 @@ _V12 = "rules:v12"
 _V13 = "rules:v13"
 #: The key of a kernel with a fused reduction or a ragged row that v16 schedules as v15 did.
 _V15 = "rules:v15"
+#: The key of a kernel that transposes an anchor's output or reduces a single row, whose
+#: schedule v16 changed and v17 did not.
+_V16 = "rules:v16"
 
 
 class RulesSchedule(ScheduleProvider):
@@ -122,29 +125,37 @@ class RulesSchedule(ScheduleProvider):
         # elementwise steps per row, inlined, as a row kernel of its own does; v16: a transpose
         # of an anchor's output inside a kernel is pulled into the anchor's write-back
         # (transpose_layout.py), and a depthwise tile stored channels-last is stored by vectors;
-        # a row reduction of one row ([1, C]) runs as a row, serially. Records of older
+        # a row reduction of one row ([1, C]) runs as a row, serially; v17: an epilogue whose
+        # result the kernel writes padded (the next conv's explicit zero pad) is computed at the
+        # anchor's tile, and rows of 3-15 elements that are not whole vectors run serially
+        # instead of paying a div/mod per element in the parallel loop. Records of older
         # schedules must not be served for the new one, so the version is part of every
         # measurement's key.
-        return "rules:v16"
+        return "rules:v17"
 
     def kernel_key(self, func: tirx.PrimFunc) -> str:
         """v13 changed only the kernels that are a pointwise -> grouped pair, v14 and v15 only
         those with one anchor and another reduction and (v15) row kernels whose rows are not a
         whole number of 16-lane vectors, v16 only those that transpose an anchor's output
-        inside the kernel or reduce a single row; every other kernel keeps the key (and the
-        timings) of the version that last changed its schedule."""
+        inside the kernel or reduce a single row, v17 only those that write an anchor's epilogue
+        padded or have an injective row of 3-15 elements that is not whole vectors; every other
+        kernel keeps the key (and the timings) of the version that last changed its schedule."""
         kind = _chain_kind(func)
-        if kind is not None:
-            return _V13 if kind == "grouped" else _V12
         sch = s_tir.Schedule(func)
         fused, ragged = _has_fused_reduction(sch), _has_ragged_row(sch)
-        if _has_single_row(sch) or _transposes_anchor(sch, fused):  # last: it inlines into sch
+        single, pads = _has_single_row(sch), _pads_epilogue(sch)
+        _inline_injective(sch, fused)  # rule 1, as _schedule_with applies it
+        if pads or _has_short_row(sch):
             return self.key
+        if kind is not None:
+            return _V13 if kind == "grouped" else _V12
+        if single or _transposes_anchor(sch):
+            return _V16
         return _V15 if fused or ragged else _V12
 
     @property
     def kernel_keys(self) -> tuple[str, ...]:
-        return (_V12, _V13, _V15, self.key)
+        return (_V12, _V13, _V15, _V16, self.key)
 
     def schedule(self, mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         ctx = _make_ctx(target)
@@ -199,11 +210,10 @@ def _pull_transpose(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
     return vector is not None and transpose_layout.pull_transpose(sch, found, vector)
 
 
-def _transposes_anchor(sch: s_tir.Schedule, fused_reduction: bool) -> bool:
-    """Whether a kernel transposes an anchor's output internally (after rule 1's inlining,
-    which this applies to ``sch``): the kernels v16 may schedule differently from v15, on any
-    target, so that the key does not depend on it."""
-    _inline_injective(sch, fused_reduction)
+def _transposes_anchor(sch: s_tir.Schedule) -> bool:
+    """Whether a kernel transposes an anchor's output internally (``sch`` after rule 1's
+    inlining): the kernels v16 may schedule differently from v15, on any target, so that the
+    key does not depend on it."""
     return any(transpose_layout.find_transpose(sch, b) is not None
                for b in _root_blocks(sch) if _is_mac(sch, b))
 
@@ -375,6 +385,22 @@ def _has_single_row(sch: s_tir.Schedule) -> bool:
                and len(sch.get(b).iter_vars) > 1 for b in _root_blocks(sch))
 
 
+def _has_short_row(sch: s_tir.Schedule) -> bool:
+    """Whether an injective block (``sch`` after rule 1's inlining) has an innermost extent
+    that v17 runs as a serial loop and v16 fused into the parallel loop: from
+    :data:`_MIN_SERIAL_INNER` to 15, and not a whole number of 4-lane vectors (on any target,
+    so that the key does not depend on it)."""
+    for block in _root_blocks(sch):
+        stmt = sch.get(block)
+        if _is_injective(sch, block) and len(stmt.iter_vars) > 1:
+            extent = extent_of(stmt.iter_vars[-1])
+            outer = [extent_of(iv) for iv in stmt.iter_vars[:-1]]
+            if (extent is not None and _MIN_SERIAL_INNER <= extent < 16 and extent % 4
+                    and any(e != 1 for e in outer)):  # a row of its own: nothing to fuse
+                return True
+    return False
+
+
 def _has_fused_reduction(sch: s_tir.Schedule) -> bool:
     """Whether a kernel has one anchor and another reduction (a matmul with the layer norm or
     softmax after it, a convolution with the layer norm of its channels or a pooling). Kernels
@@ -402,6 +428,45 @@ def _epilogues(sch: s_tir.Schedule) -> set[str]:
             names.add(stmt.name_hint)
             frontier += list(sch.get_consumers(block))
     return names
+
+
+def _pads_epilogue(sch: s_tir.Schedule) -> bool:
+    """Whether a kernel of one anchor writes its epilogue's result padded: a zero pad of the
+    anchor's output (the next convolution's explicit padding, as TensorFlow-style "same"
+    convolutions export: EfficientNet-B0's ``ZeroPad2d``) is the kernel's output.
+
+    Inlined into the pad, the epilogue ran as a scalar pass of its own over the padded
+    domain, its activation under the pad's condition, after the anchor had stored its
+    result (``rules:v17`` keeps it at the anchor's tile instead, :func:`_inline_injective`)."""
+    blocks = _root_blocks(sch)
+    anchors = [b for b in blocks if _is_mac(sch, b)]
+    if len(anchors) != 1:
+        return False
+    shape = [int(d) for d in sch.get(anchors[0]).writes[0].source.shape]
+    for block in blocks:
+        stmt = sch.get(block)
+        if not _is_injective(sch, block) or not stmt.writes or sch.get_consumers(block):
+            continue
+        out = [int(d) for d in stmt.writes[0].source.shape]
+        if (len(out) == len(shape) and out != shape and all(o >= d for o, d in zip(out, shape))
+                and _reaches(sch, anchors[0], block)):
+            return True
+    return False
+
+
+def _reaches(sch: s_tir.Schedule, src: SBlockRV, dst: SBlockRV) -> bool:
+    """Whether ``dst`` reads, directly or through injective blocks, what ``src`` writes."""
+    target = sch.get(dst).name_hint
+    frontier, seen = list(sch.get_consumers(src)), set()
+    while frontier:
+        block = frontier.pop()
+        name = sch.get(block).name_hint
+        if name == target:
+            return True
+        if name not in seen and _is_injective(sch, block):
+            seen.add(name)
+            frontier += list(sch.get_consumers(block))
+    return False
 
 
 def _same_shape(sch: s_tir.Schedule, a: SBlockRV, b: SBlockRV) -> bool:
@@ -451,7 +516,7 @@ def _inline_injective(sch: s_tir.Schedule, fused_reduction: bool = False) -> Non
       was evaluated inside a 1280 x 1280 window per channel (its head's pooling, fused with
       the last conv: 3.5 ms, against 0.2 ms for the pooling as a kernel of its own).
     """
-    epilogues = _epilogues(sch) if fused_reduction else set()
+    epilogues = _epilogues(sch) if fused_reduction or _pads_epilogue(sch) else set()
     changed = True
     while changed:
         changed = False
@@ -884,7 +949,11 @@ def _row_lanes(extent: int, lanes: int) -> int | None:
     return None
 
 
-_MIN_SERIAL_INNER = 16  # innermost extent worth a serial loop of its own
+#: Innermost extent worth a serial loop of its own when it is not a whole number of vectors.
+#: Fused into the parallel loop, every element pays a div/mod for its address: a pad of
+#: EfficientNet-B0's 7 x 7 maps to 11 x 11 took 0.129 ms that way, against 0.007 ms with the
+#: 11-wide rows serial (rules:v17; v16 kept only rows of 16 or more serial).
+_MIN_SERIAL_INNER = 3
 
 
 def _parallel_vectorize(sch: s_tir.Schedule, block: SBlockRV, ctx: _Ctx) -> None:

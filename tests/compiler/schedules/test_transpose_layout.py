@@ -18,7 +18,7 @@ from fusion_rl.compiler.schedules.rules import RulesSchedule  # noqa: E402
 from fusion_rl.compiler.target import parse_target  # noqa: E402
 
 TARGET = parse_target("host").to_tvm()
-C, H = 40, 14
+C, H = 40, 16  # 16: no row under 16 wide, so the key is v16's, not v17's (short rows)
 
 
 def _depthwise_layer_norm() -> tirx.PrimFunc:
@@ -65,7 +65,7 @@ def test_the_transpose_of_a_depthwise_conv_is_pulled_into_its_write_back() -> No
     transpose pass. Under v15 the write-back stored each channel a plane apart and the
     transpose read it back so. Keyed anew; exact against the unscheduled kernel."""
     kernel = _depthwise_layer_norm()
-    assert RulesSchedule().kernel_key(kernel) == RulesSchedule().key == "rules:v16"
+    assert RulesSchedule().kernel_key(kernel) == "rules:v16"
     scheduled = rules.schedule_prim_func(kernel, rules._make_ctx(TARGET))
     assert scheduled.attrs[SCHEDULE_ATTR].startswith("microkernel"), scheduled.attrs[SCHEDULE_ATTR]
     sch, root = _root(scheduled)
