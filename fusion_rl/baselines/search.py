@@ -37,7 +37,8 @@ from fusion_rl.compiler.measure import Measurer
 from fusion_rl.errors import ConfigError
 from fusion_rl.fusion.group_shapes import within_anchor_limit
 from fusion_rl.fusion.plan import FusionPlan
-from fusion_rl.fusion.plan_space import EXHAUSTIVE_LIMIT, is_legal, legal_plans, merge_candidates, peel_node
+from fusion_rl.fusion.plan_space import (EXHAUSTIVE_LIMIT, is_legal, legal_plans, merge_candidates, peel_node,
+                                         shape_candidates)
 from fusion_rl.fusion.random_plans import mutate_plan, random_plan
 from fusion_rl.graph.model import Model
 
@@ -246,7 +247,9 @@ def greedy(model: Model, measurer: Measurer, budget: int, seed: int | None = Non
            progress: Callable[[int, int | None, str], None] | None = None) -> SearchResult:
     """Best-improvement merging: start unfused (or from the fastest of ``seeds``, measured
     first); each round measure every legal one-edge merge of the current plan (within
-    ``max_anchors`` per group, or into one of ``shapes``) and take the best-measured one; stop
+    ``max_anchors`` per group, or into one of ``shapes``), and every plan that forms one more
+    instance of a shape (:func:`~fusion_rl.fusion.plan_space.shape_candidates`: often no
+    one-edge merge away), and take the best-measured one; stop
     when no merge improves on the current plan or the budget is spent (the best merge measured
     so far in an interrupted round is still taken if it improves). Deterministic: ``seed`` is
     unused and only recorded."""
@@ -261,7 +264,7 @@ def greedy(model: Model, measurer: Measurer, budget: int, seed: int | None = Non
         rounds += 1
         best_cand, best_ms = None, current_ms
         interrupted = False
-        cands = [c for c in merge_candidates(graph, current)
+        cands = [c for c in merge_candidates(graph, current) + shape_candidates(graph, current, shapes)
                  if within_anchor_cap(graph, c, max_anchors, shapes)]
         for start in range(0, len(cands), ev.runners):
             chunk = cands[start:start + ev.runners]
@@ -300,11 +303,13 @@ def annealing(
 ) -> SearchResult:
     """Simulated annealing over legal plans, moving with :func:`mutate_plan` and :func:`peel_node`
     (a move that puts more than ``max_anchors`` conv/matmul anchors in a group not of one of
-    ``shapes`` is not proposed).
+    ``shapes`` is not proposed), and with ``shapes``, by forming one of their instances.
 
     Neighbourhood: with probability 1/2 :func:`mutate_plan` (split a fused group into
     singletons, or merge along a few more edges), else :func:`peel_node` (move one node out of a
-    fused group). ``mutate_plan`` alone cannot step back from a large group except by dissolving
+    fused group). With ``shapes``, each of the three moves is drawn with probability 1/3, the
+    third a random one of :func:`~fusion_rl.fusion.plan_space.shape_candidates` (a shape's group
+    is often no merge away). ``mutate_plan`` alone cannot step back from a large group except by dissolving
     it, so a search that merged too much would be stuck; peeling gives the finer reverse move.
 
     Energy is latency; a move is judged by its *relative* change ``d = (new - cur) / cur`` so the
@@ -329,7 +334,14 @@ def annealing(
     limit = max_proposals if max_proposals is not None else 50 * budget
     while current_ms is not None and not ev.exhausted and proposals < limit:
         proposals += 1
-        cand = mutate_plan(graph, current, rng) if rng.uniform() < 0.5 else peel_node(graph, current, rng)
+        move = rng.uniform()
+        if shapes and move < 1 / 3:
+            options = shape_candidates(graph, current, shapes)
+            cand = options[int(rng.integers(len(options)))] if options else current
+        elif move < (2 / 3 if shapes else 0.5):
+            cand = mutate_plan(graph, current, rng)
+        else:
+            cand = peel_node(graph, current, rng)
         if cand.hash == current.hash or not within_anchor_cap(graph, cand, max_anchors, shapes) \
                 or not is_legal(graph, cand):
             continue

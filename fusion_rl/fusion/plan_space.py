@@ -8,11 +8,13 @@ exhaustive oracle enumerates it.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Iterator
 
 import numpy as np
 
 from fusion_rl.errors import ConfigError
+from fusion_rl.fusion.group_shapes import GROUP_SHAPES, shape_instances
 from fusion_rl.fusion.legality import PATTERN_OPAQUE, check_plan
 from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.graph.opgraph import OpGraph
@@ -50,6 +52,68 @@ def merge_candidates(graph: OpGraph, plan: FusionPlan) -> list[FusionPlan]:
     return list(out.values())
 
 
+def shape_candidates(graph: OpGraph, plan: FusionPlan, shapes: Collection[str]) -> list[FusionPlan]:
+    """Every legal plan made by forming one instance of a group shape that ``plan`` lacks.
+
+    A shape's group (for ``pointwise_depthwise``: a pointwise conv, its epilogue, the zero pad
+    between and the depthwise conv, :func:`~fusion_rl.fusion.group_shapes.shape_instances`)
+    is often no one-edge merge away: the depthwise conv's group also holds what follows it (a
+    pooling), which the shape excludes, and merging the pad first may not pay on its own, so a
+    merging search never reached it. Here the instance's nodes leave their groups, together with
+    the injective ops that follow the second anchor in its group while the shape still holds;
+    what is left of each group it touched stays as its weakly connected parts. Deduplicated, in
+    instance order; plans that already hold the instance in one group are skipped.
+    """
+    group_of = plan.group_of()
+    succ = graph.successor_lists()
+    out: dict[str, FusionPlan] = {}
+    for name in shapes:
+        shape = GROUP_SHAPES[name]
+        for instance in shape_instances(graph, name):
+            if len({group_of[n] for n in instance}) == 1:
+                continue
+            members = set(instance)
+            # The second anchor's injective consumers in its own group (its epilogue), while
+            # the group stays the shape (aggressive_shapes' groups are formed the same way).
+            home = set(plan.groups[group_of[max(instance)]])
+            frontier = [max(instance)]
+            while frontier:
+                for nxt in succ[frontier.pop()]:
+                    if nxt in home and nxt not in members and graph.nodes[nxt].pattern in (0, 1, 2) \
+                            and shape(graph, sorted(members | {nxt})):
+                        members.add(nxt)
+                        frontier.append(nxt)
+            touched = {group_of[n] for n in members}
+            groups = [g for i, g in enumerate(plan.groups) if i not in touched]
+            for i in touched:
+                groups += connected_parts(set(plan.groups[i]) - members, graph)
+            groups.append(tuple(sorted(members)))
+            cand = FusionPlan.from_groups(groups, plan.num_nodes, plan.fingerprint, "greedy")
+            if cand.hash not in out and is_legal(graph, cand):
+                out[cand.hash] = cand
+    return list(out.values())
+
+
+def connected_parts(nodes: set[int], graph: OpGraph) -> list[tuple[int, ...]]:
+    """``nodes`` split into its weakly connected parts (through edges between its members)."""
+    adj: dict[int, set[int]] = {n: set() for n in nodes}
+    for e in graph.edges:
+        if e.src in nodes and e.dst in nodes:
+            adj[e.src].add(e.dst)
+            adj[e.dst].add(e.src)
+    parts, left = [], set(nodes)
+    while left:
+        start = min(left)
+        seen, stack = {start}, [start]
+        while stack:
+            for v in adj[stack.pop()] - seen:
+                seen.add(v)
+                stack.append(v)
+        parts.append(tuple(sorted(seen)))
+        left -= seen
+    return parts
+
+
 def peel_node(graph: OpGraph, plan: FusionPlan, rng: np.random.Generator) -> FusionPlan:
     """A neighbour of ``plan`` with one node of one fused group made a singleton.
 
@@ -71,18 +135,7 @@ def peel_node(graph: OpGraph, plan: FusionPlan, rng: np.random.Generator) -> Fus
 
 def is_connected(group: set[int], graph: OpGraph) -> bool:
     """Whether ``group`` is weakly connected through edges between its own members."""
-    adj: dict[int, set[int]] = {n: set() for n in group}
-    for e in graph.edges:
-        if e.src in group and e.dst in group:
-            adj[e.src].add(e.dst)
-            adj[e.dst].add(e.src)
-    start = next(iter(group))
-    seen, stack = {start}, [start]
-    while stack:
-        for v in adj[stack.pop()] - seen:
-            seen.add(v)
-            stack.append(v)
-    return len(seen) == len(group)
+    return len(connected_parts(set(group), graph)) == 1
 
 
 # ---- enumeration ----------------------------------------------------------------------------

@@ -221,3 +221,36 @@ def test_declared_shapes_pass_the_anchor_cap_and_nothing_else(model_cache, algo)
     assert rec.plans and all(within_anchor_cap(graph, p, 1, shapes) for p in rec.plans)
     multi = [g for p in rec.plans for g in p.groups if sum(graph.nodes[n].is_mac_anchor for n in g) > 1]
     assert multi and all(pointwise_depthwise(graph, g) for g in multi)
+
+
+class _PairPays(_Recording):
+    """Fewer groups is faster, and a group with two anchors (the declared pair) saves more."""
+
+    def __init__(self, graph) -> None:
+        super().__init__()
+        self.graph = graph
+
+    def measure(self, model, plan, per_kernel=False):
+        record = super().measure(model, plan, per_kernel)
+        pairs = sum(sum(self.graph.nodes[n].is_mac_anchor for n in g) == 2 for g in plan.groups)
+        return SimpleNamespace(status="ok", median_ms=record.median_ms - 1.5 * pairs)
+
+
+@pytest.mark.parametrize("algo", ["greedy", "annealing"])
+def test_searches_form_a_shape_that_no_merge_reaches(algo):
+    """From EfficientNet's one-anchor plan of an MBConv block, where the depthwise conv's group
+    holds the squeeze-excite pooling, the pair is one shape move away and no merge away: both
+    local searches form it (the policy's mask allows it, so the searches it is compared with
+    must reach it too)."""
+    from fusion_rl.baselines.search import run_search
+
+    from _tiny import mbconv_with_pooling
+
+    graph, start = mbconv_with_pooling()
+    model = SimpleNamespace(graph=graph, fingerprint=graph.fingerprint, name="mbconv")
+    res = run_search(algo, model, _PairPays(graph), 30, seed=0, seeds=[start], max_anchors=1,
+                     shapes=("pointwise_depthwise",))
+    assert (1, 2, 3, 4, 5) in res.best_plan.groups
+    # Without the shape declared, the cap keeps both anchors apart.
+    res = run_search(algo, model, _PairPays(graph), 30, seed=0, seeds=[start], max_anchors=1)
+    assert not any(sum(graph.nodes[n].is_mac_anchor for n in g) == 2 for g in res.best_plan.groups)

@@ -12,14 +12,16 @@ from fusion_rl.fusion.legality import check_plan
 from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.fusion.plan_space import (
     is_connected,
+    is_legal,
     iter_connected_partitions,
     legal_plans,
     merge_candidates,
     peel_node,
+    shape_candidates,
 )
 from fusion_rl.graph.model import model_from_torch
 
-from _tiny import diamond
+from _tiny import diamond, mbconv_with_pooling
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +108,19 @@ def test_neighbourhoods_stay_legal_and_connected(mlp2):
         else:
             plan = merges[int(rng.integers(len(merges)))]
         assert plan.hash in space
+
+
+def test_shape_candidates_form_the_pair_that_no_merge_reaches():
+    """The depthwise conv leaves its group for the pair, with its swish (the shape's epilogue)
+    but not the pooling, which stays a group of its own; every candidate is legal."""
+    from fusion_rl.baselines.search import within_anchor_cap
+
+    graph, plan = mbconv_with_pooling()
+    shapes = ("pointwise_depthwise",)
+    assert not [c for c in merge_candidates(graph, plan) if within_anchor_cap(graph, c, 1, shapes)
+                and any(len([n for n in g if graph.nodes[n].is_mac_anchor]) == 2 for g in c.groups)]
+    (cand,) = shape_candidates(graph, plan, shapes)
+    assert sorted(cand.groups) == [(0,), (1, 2, 3, 4, 5), (6,), (7,)]
+    assert is_legal(graph, cand) and within_anchor_cap(graph, cand, 1, shapes)
+    # A plan that holds the pair already, or no declared shape: nothing to form.
+    assert shape_candidates(graph, cand, shapes) == [] and shape_candidates(graph, plan, ()) == []
