@@ -7,9 +7,12 @@ Top to bottom:
 
 1. read the experiment config's ``demonstrations`` block (``algo``, ``budget``, ``seed``,
    ``out``) and its training config's env spec (the training models, the kernel table);
-2. on each training model, run the search over the kernel table, seeded with the experiment's
-   fixed rules' plans (so it starts from the best of them), within the env's action space (its
-   anchor cap and declared group shapes): behaviour cloning skips a plan the mask forbids;
+2. on each training model, time the fixed rules' kernels a second time and keep the faster
+   (``retime_rules``, as ``learn_bench.py`` does before training: a kernel timed once in a slow
+   regime makes the search chase or shun a plan for nothing), then run the search over the
+   kernel table, seeded with the experiment's fixed rules' plans (so it starts from the best of
+   them), within the env's action space (its anchor cap and declared group shapes): behaviour
+   cloning skips a plan the mask forbids;
 3. write each best plan as a plan file in ``out``; a training config's ``warm_start.plans``
    may list them, and behaviour cloning then imitates whichever candidate (rule or search
    plan) the table rates best per model (issue 11, item 5: "the best known plans, rule sets
@@ -85,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
             model = env.model(name)
             seeds = [make_plan(r, model.mod, model.graph) for r in cfg["rules"]]
             t0 = time.perf_counter()
+            retimed = 0
+            if cfg.get("retime_rules", True):
+                plans = list({p.hash: p for p in seeds}.values())
+                new = sum(table.ensure(model, plan) for plan in plans)
+                done: set[str] = set()
+                retimed = sum(table.retime(model, plan, done) for plan in plans)
+                print(f"{name}: {new} rule kernels timed, {retimed} timed again", flush=True)
             res = run_search(demos["algo"], model, TableObjective(table), int(demos["budget"]),
                              seed=int(demos.get("seed", 0)), seeds=seeds,
                              max_anchors=options.max_mac_anchors, shapes=options.group_shapes)
@@ -98,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{res.best_ms:.3f} ms (tvm {tvm_ms:.3f} ms), {time.perf_counter() - t0:.0f} s -> {path}", flush=True)
             row = {"model": name, "plan": path.name, "plan_hash": res.best_plan.hash, "groups": len(res.best_plan.groups),
                    "evaluations": res.evaluations, "kernels_timed": res.measurements_spent,
+                   "rule_kernels_retimed": retimed,
                    "estimate_ms": res.best_ms, "tvm_estimate_ms": tvm_ms}
             # 4. Is the table right? Both plans timed head to head.
             if timer is not None:
@@ -107,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                            kernels=h2h.num_kernels, failures=h2h.failures or None)
             rows.append(row)
         if args.retime:
-            write_report(out, rows, demos, args.retime, spec, timer.provider.key)
+            write_report(out, rows, demos, args.retime, spec, timer.provider.key, args.config)
     finally:
         table.close()
         env.close()
@@ -116,14 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_report(out: Path, rows: list[dict], demos: dict, rounds: int, spec, schedule: str) -> None:
+def write_report(out: Path, rows: list[dict], demos: dict, rounds: int, spec, schedule: str,
+                 config: Path) -> None:
     """``results.json`` and ``results.md``: each plan's estimate against its re-timed speedup."""
     write_atomic(out / "results.json", json.dumps(rows, indent=1), what="report")
     lines = [f"# {demos['algo']}@{demos['budget']} plans of the training models: estimate vs re-timed", "",
              f"Machine: {machine_description(spec.num_threads)}; target `{spec.key}`; schedule "
              f"`{schedule}`; {rounds} interleaved rounds x 5 repeats, paired ratios.", "",
              "Command (generated; do not edit):", "",
-             f"    TVM_NUM_THREADS=2 python scripts/search_demos.py experiments/learn_bench/config.yaml --retime {rounds}",
+             f"    TVM_NUM_THREADS=2 python scripts/search_demos.py {_repo_path(config)} --retime {rounds}",
              "", "| model | groups | evaluations | kernels timed by this run | estimate ms | tvm estimate ms | "
              "estimated speedup | re-timed speedup over tvm (IQR) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -132,6 +144,12 @@ def write_report(out: Path, rows: list[dict], demos: dict, rounds: int, spec, sc
                      f"{r['estimate_ms']:.3f} | {r['tvm_estimate_ms']:.3f} | {r['tvm_estimate_ms'] / r['estimate_ms']:.3f} | "
                      f"{timed} |")
     write_atomic(out / "results.md", "\n".join(lines) + "\n", what="report")
+
+
+def _repo_path(path: Path) -> str:
+    """``path`` as the command line gives it from the repository root."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
 
 
 if __name__ == "__main__":
