@@ -55,6 +55,7 @@ from fusion_rl.compiler.timing import TimingProtocol  # noqa: E402
 from fusion_rl.errors import ConfigError  # noqa: E402
 from fusion_rl.env.fusion_env import FusionEnv  # noqa: E402
 from fusion_rl.env.spec import EnvSpec  # noqa: E402
+from fusion_rl.env.tables import prepare_tables  # noqa: E402
 from fusion_rl.evaluate import decide_plan, geomean, load_policy, make_eval_env, training_stats  # noqa: E402
 from fusion_rl.fusion.plan import FusionPlan  # noqa: E402
 from fusion_rl.fusion.rules import make_plan  # noqa: E402
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         todo = {parse_target(t).key: (t, list(env_spec.models)) for t in env_spec.targets}
         key = parse_target(target).key
         todo[key] = (target, [*todo.get(key, (target, []))[1], *heldout])
-        prepare_tables(start_env, dict(todo.values()), list(cfg["rules"]), cfg.get("retime_rules", True))
+        prepare_tables(start_env, dict(todo.values()), list(cfg["rules"]), cfg.get("retime_rules", True),
+                       progress=stamped)
     finally:
         start_env.close()
 
@@ -217,47 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def prepare_tables(env: FusionEnv, models: dict[str, list[str]], rules: list[str], retime: bool) -> None:
-    """Make each target's kernel table ready to read (``models``: target -> its models), through
-    ``env`` (a :class:`~fusion_rl.env.fusion_env.FusionEnv`, which loads each model once):
-
-    - with ``retime``, :meth:`KernelTable.retime` of every rule's plan on every model, each
-      kernel once per target; kernels a table lacks are timed first, so a new target's table
-      gets two passes too;
-    - where the table has no per-launch cost for its key yet (a new machine, or a schedule
-      provider's new version: the cost is kept per provider key), one fitted by
-      :meth:`KernelTable.calibrate` on the rule plans' end-to-end latencies (the env's
-      measurer: a plan already in its store costs nothing). Without it every estimate is the
-      sum of the kernels alone, so the launches a fused plan saves earn nothing, in the
-      rewards and in the searches.
-    """
-    for target, names in models.items():
-        table = env.open_kernel_table(parse_target(target))
-        try:
-            done: set[str] = set()
-            samples, t_fit = [], 0.0
-            for name in names:
-                model = env.model(name)
-                t0 = time.perf_counter()
-                plans = list({p.hash: p for p in (make_plan(r, model.mod, model.graph) for r in rules)}.values())
-                if retime:
-                    new = sum(table.ensure(model, plan) for plan in plans)
-                    timed = sum(table.retime(model, plan, done) for plan in plans)
-                    print(f"[{time.strftime('%H:%M:%S')}] {name} on {target}: {new} rule kernels timed, {timed} "
-                          f"timed again ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-                if not table.calibrated:
-                    t0 = time.perf_counter()
-                    for plan in plans:
-                        record = env.measurer(target).measure(model, plan)
-                        if record.status == "ok":
-                            samples.append((model, plan, float(record.median_ms)))
-                    t_fit += time.perf_counter() - t0
-            if samples:
-                launch = table.calibrate(samples)
-                print(f"[{time.strftime('%H:%M:%S')}] {target}: per-launch cost {launch * 1e3:.2f} us, fitted on "
-                      f"{len(samples)} rule plans ({t_fit:.0f} s)", file=sys.stderr, flush=True)
-        finally:
-            table.close()
+def stamped(line: str) -> None:
+    """A progress line on stderr, with the time."""
+    print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
 
 
 def policy_plans(policies: list, env, model: str, target: str) -> dict[str, FusionPlan]:

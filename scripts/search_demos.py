@@ -7,10 +7,12 @@ Top to bottom:
 
 1. read the experiment config's ``demonstrations`` block (``algo``, ``budget``, ``seed``,
    ``out``) and its training config's env spec (the training models, the kernel table);
-2. on each training model, time the fixed rules' kernels a second time and keep the faster
-   (``retime_rules``, as ``learn_bench.py`` does before training: a kernel timed once in a slow
-   regime makes the search chase or shun a plan for nothing), then run the search over the
-   kernel table, seeded with the experiment's fixed rules' plans (so it starts from the best of
+2. make the kernel table ready as ``learn_bench.py`` does before training
+   (:func:`fusion_rl.env.tables.prepare_tables`): the fixed rules' kernels timed a second time,
+   the faster kept (``retime_rules``: a kernel timed once in a slow regime makes the search chase
+   or shun a plan for nothing), and the per-launch cost fitted where the schedule's version has
+   none yet (without it the search rates a plan by its kernels alone, and the launches fusion
+   saves count for nothing); then, on each training model, run the search over the kernel table, seeded with the experiment's fixed rules' plans (so it starts from the best of
    them), within the env's action space (its anchor cap and declared group shapes): behaviour
    cloning skips a plan the mask forbids;
 3. write each best plan as a plan file in ``out``; a training config's ``warm_start.plans``
@@ -46,6 +48,7 @@ from fusion_rl.compiler.paired import head_to_head  # noqa: E402
 from fusion_rl.compiler.timing import TimingProtocol  # noqa: E402
 from fusion_rl.compiler.target import parse_target  # noqa: E402
 from fusion_rl.env.fusion_env import FusionEnv  # noqa: E402
+from fusion_rl.env.tables import prepare_tables  # noqa: E402
 from fusion_rl.errors import ConfigError  # noqa: E402
 from fusion_rl.fusion.rules import make_plan  # noqa: E402
 from fusion_rl.io import read_yaml, write_atomic  # noqa: E402
@@ -73,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     env = FusionEnv(env_spec)
     spec = parse_target(env.config.targets[0])
     options = env.config.decision_options  # the mask training plays under
+    for name in env.config.models:
+        if name in heldout:
+            env.close()
+            raise ConfigError(f"{name} is held out: its plans must not reach training")
+    retimed = prepare_tables(env, {env.config.targets[0]: list(env.config.models)}, cfg["rules"],
+                             cfg.get("retime_rules", True), progress=lambda line: print(line, flush=True))
     table = env.open_kernel_table(spec)
     rows = []
     # Head to head never reads a store: a store-less measurer of the env's schedule.
@@ -81,20 +90,10 @@ def main(argv: list[str] | None = None) -> int:
                      timeout_s=env.config.timeout_s) if args.retime else None
     try:
         for name in env.config.models:
-            if name in heldout:
-                raise ConfigError(f"{name} is held out: its plans must not reach training")
-        for name in env.config.models:
             # 2. The search, seeded with the rules' plans.
             model = env.model(name)
             seeds = [make_plan(r, model.mod, model.graph) for r in cfg["rules"]]
             t0 = time.perf_counter()
-            retimed = 0
-            if cfg.get("retime_rules", True):
-                plans = list({p.hash: p for p in seeds}.values())
-                new = sum(table.ensure(model, plan) for plan in plans)
-                done: set[str] = set()
-                retimed = sum(table.retime(model, plan, done) for plan in plans)
-                print(f"{name}: {new} rule kernels timed, {retimed} timed again", flush=True)
             res = run_search(demos["algo"], model, TableObjective(table), int(demos["budget"]),
                              seed=int(demos.get("seed", 0)), seeds=seeds,
                              max_anchors=options.max_mac_anchors, shapes=options.group_shapes)
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{res.best_ms:.3f} ms (tvm {tvm_ms:.3f} ms), {time.perf_counter() - t0:.0f} s -> {path}", flush=True)
             row = {"model": name, "plan": path.name, "plan_hash": res.best_plan.hash, "groups": len(res.best_plan.groups),
                    "evaluations": res.evaluations, "kernels_timed": res.measurements_spent,
-                   "rule_kernels_retimed": retimed,
+                   "rule_kernels_retimed": retimed.get(name, 0),
                    "estimate_ms": res.best_ms, "tvm_estimate_ms": tvm_ms}
             # 4. Is the table right? Both plans timed head to head.
             if timer is not None:

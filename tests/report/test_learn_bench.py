@@ -182,7 +182,7 @@ def test_learn_bench_refuses_bad_rounds(cfg, match):
     assert load_script("learn_bench").parse_rounds({}) == {"rounds": 3, "min_near": 0, "max_rounds": 6}
 
 
-def test_search_demos_writes_a_plan_per_training_model(tmp_path):
+def test_search_demos_writes_a_plan_per_training_model(tmp_path, capsys):
     (tmp_path / "env.yaml").write_text(yaml.safe_dump({
         "models": ["mlp_tiny"], "reward": "table", "store": str(tmp_path / "store.sqlite"),
         "protocol": {"repeat": 2, "min_repeat_ms": 1}, "timeout_s": 300, "max_nodes": 64, "max_edges": 128}))
@@ -196,6 +196,8 @@ def test_search_demos_writes_a_plan_per_training_model(tmp_path):
     row = json.loads((tmp_path / "demos" / "results.json").read_text())[0]
     assert row["model"] == "mlp_tiny" and row["retimed_speedup"] > 0 and row["estimate_ms"] <= row["tvm_estimate_ms"]
     assert row["rule_kernels_retimed"] > 0  # the rules' kernels timed twice before the search
+    # ... and the new table's per-launch cost fitted, as before training (env/tables.py).
+    assert "per-launch cost" in capsys.readouterr().out
     report = (tmp_path / "demos" / "results.md").read_text()
     assert "| mlp_tiny |" in report and f"search_demos.py {config} --retime 2" in report
     from fusion_rl.fusion.plan import FusionPlan

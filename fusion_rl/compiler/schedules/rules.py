@@ -515,6 +515,10 @@ def _inline_injective(sch: s_tir.Schedule, fused_reduction: bool = False) -> Non
       at the anchor's tile. Inlined into a pooling window instead, EfficientNet-B0's swish
       was evaluated inside a 1280 x 1280 window per channel (its head's pooling, fused with
       the last conv: 3.5 ms, against 0.2 ms for the pooling as a kernel of its own).
+
+    The anchors' epilogues also stay where the kernel writes them padded
+    (:func:`_pads_epilogue`, ``rules:v17``), for the same reason: inlined into the pad, the
+    epilogue ran as a scalar pass over the padded domain.
     """
     epilogues = _epilogues(sch) if fused_reduction or _pads_epilogue(sch) else set()
     changed = True
