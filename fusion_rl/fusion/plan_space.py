@@ -58,8 +58,8 @@ def shape_candidates(graph: OpGraph, plan: FusionPlan, shapes: Collection[str]) 
     A shape's group (for ``pointwise_depthwise``: a pointwise conv, its epilogue, the zero pad
     between and the depthwise conv, :func:`~fusion_rl.fusion.group_shapes.shape_instances`)
     is often no one-edge merge away: the depthwise conv's group also holds what follows it (a
-    pooling), which the shape excludes, and merging the pad first may not pay on its own, so a
-    merging search never reached it. Here the instance's nodes leave their groups, together with
+    pooling), which the shape excludes, so the merge that would join the two anchors is masked
+    and a merging search never reached the pair. Here the instance's nodes leave their groups, together with
     the injective ops that follow the second anchor in its group while the shape still holds;
     what is left of each group it touched stays as its weakly connected parts. Deduplicated, in
     instance order; plans that already hold the instance in one group are skipped.
@@ -79,8 +79,8 @@ def shape_candidates(graph: OpGraph, plan: FusionPlan, shapes: Collection[str]) 
             frontier = [max(instance)]
             while frontier:
                 for nxt in succ[frontier.pop()]:
-                    if nxt in home and nxt not in members and graph.nodes[nxt].pattern in (0, 1, 2) \
-                            and shape(graph, sorted(members | {nxt})):
+                    # The shape's predicate admits only injective ops past the anchors.
+                    if nxt in home and nxt not in members and shape(graph, sorted(members | {nxt})):
                         members.add(nxt)
                         frontier.append(nxt)
             touched = {group_of[n] for n in members}
