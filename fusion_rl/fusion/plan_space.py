@@ -53,45 +53,50 @@ def merge_candidates(graph: OpGraph, plan: FusionPlan) -> list[FusionPlan]:
 
 
 def shape_candidates(graph: OpGraph, plan: FusionPlan, shapes: Collection[str]) -> list[FusionPlan]:
-    """Every legal plan made by forming one instance of a group shape that ``plan`` lacks.
+    """Every legal plan made by forming one instance of a group shape that ``plan`` lacks
+    (:func:`form_shape`), deduplicated, in instance order."""
+    out: dict[str, FusionPlan] = {}
+    for name in shapes:
+        for instance in shape_instances(graph, name):
+            cand = form_shape(graph, plan, name, instance)
+            if cand is not None:
+                out.setdefault(cand.hash, cand)
+    return list(out.values())
+
+
+def form_shape(graph: OpGraph, plan: FusionPlan, name: str, instance: tuple[int, ...]) -> FusionPlan | None:
+    """``plan`` with ``instance`` of the group shape ``name`` formed, or ``None`` where ``plan``
+    holds it in one group already or the result is illegal.
 
     A shape's group (for ``pointwise_depthwise``: a pointwise conv, its epilogue, the zero pad
     between and the depthwise conv, :func:`~fusion_rl.fusion.group_shapes.shape_instances`)
     is often no one-edge merge away: the depthwise conv's group also holds what follows it (a
     pooling), which the shape excludes, so the merge that would join the two anchors is masked
-    and a merging search never reached the pair. Here the instance's nodes leave their groups, together with
-    the injective ops that follow the second anchor in its group while the shape still holds;
-    what is left of each group it touched stays as its weakly connected parts. Deduplicated, in
-    instance order; plans that already hold the instance in one group are skipped.
+    and a merging search never reached the pair. Here the instance's nodes leave their groups,
+    together with the ops that follow the second anchor in its group while the shape still
+    holds (its epilogue); what is left of each group it touched stays as its weakly connected
+    parts.
     """
     group_of = plan.group_of()
-    succ = graph.successor_lists()
-    out: dict[str, FusionPlan] = {}
-    for name in shapes:
-        shape = GROUP_SHAPES[name]
-        for instance in shape_instances(graph, name):
-            if len({group_of[n] for n in instance}) == 1:
-                continue
-            members = set(instance)
-            # The second anchor's injective consumers in its own group (its epilogue), while
-            # the group stays the shape (aggressive_shapes' groups are formed the same way).
-            home = set(plan.groups[group_of[max(instance)]])
-            frontier = [max(instance)]
-            while frontier:
-                for nxt in succ[frontier.pop()]:
-                    # The shape's predicate admits only injective ops past the anchors.
-                    if nxt in home and nxt not in members and shape(graph, sorted(members | {nxt})):
-                        members.add(nxt)
-                        frontier.append(nxt)
-            touched = {group_of[n] for n in members}
-            groups = [g for i, g in enumerate(plan.groups) if i not in touched]
-            for i in touched:
-                groups += connected_parts(set(plan.groups[i]) - members, graph)
-            groups.append(tuple(sorted(members)))
-            cand = FusionPlan.from_groups(groups, plan.num_nodes, plan.fingerprint, "greedy")
-            if cand.hash not in out and is_legal(graph, cand):
-                out[cand.hash] = cand
-    return list(out.values())
+    if len({group_of[n] for n in instance}) == 1:
+        return None
+    shape, succ = GROUP_SHAPES[name], graph.successor_lists()
+    members = set(instance)
+    home = set(plan.groups[group_of[max(instance)]])
+    frontier = [max(instance)]
+    while frontier:
+        for nxt in succ[frontier.pop()]:
+            # The shape's predicate admits only injective ops past the anchors.
+            if nxt in home and nxt not in members and shape(graph, sorted(members | {nxt})):
+                members.add(nxt)
+                frontier.append(nxt)
+    touched = {group_of[n] for n in members}
+    groups = [g for i, g in enumerate(plan.groups) if i not in touched]
+    for i in touched:
+        groups += connected_parts(set(plan.groups[i]) - members, graph)
+    groups.append(tuple(sorted(members)))
+    cand = FusionPlan.from_groups(groups, plan.num_nodes, plan.fingerprint, "greedy")
+    return cand if is_legal(graph, cand) else None
 
 
 def connected_parts(nodes: set[int], graph: OpGraph) -> list[tuple[int, ...]]:

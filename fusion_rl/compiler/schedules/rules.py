@@ -431,41 +431,26 @@ def _epilogues(sch: s_tir.Schedule) -> set[str]:
 
 
 def _pads_epilogue(sch: s_tir.Schedule) -> bool:
-    """Whether a kernel of one anchor writes its epilogue's result padded: a zero pad of the
-    anchor's output (the next convolution's explicit padding, as TensorFlow-style "same"
-    convolutions export: EfficientNet-B0's ``ZeroPad2d``) is the kernel's output.
+    """Whether a kernel of one anchor writes an epilogue's result padded: a zero pad of an
+    anchor epilogue (:func:`_epilogues`; the next convolution's explicit padding, as
+    TensorFlow-style "same" convolutions export: EfficientNet-B0's ``ZeroPad2d``) is the
+    kernel's output.
 
     Inlined into the pad, the epilogue ran as a scalar pass of its own over the padded
     domain, its activation under the pad's condition, after the anchor had stored its
     result (``rules:v17`` keeps it at the anchor's tile instead, :func:`_inline_injective`)."""
-    blocks = _root_blocks(sch)
-    anchors = [b for b in blocks if _is_mac(sch, b)]
-    if len(anchors) != 1:
+    if sum(_is_mac(sch, b) for b in _root_blocks(sch)) != 1:
         return False
-    shape = [int(d) for d in sch.get(anchors[0]).writes[0].source.shape]
-    for block in blocks:
-        stmt = sch.get(block)
-        if not _is_injective(sch, block) or not stmt.writes or sch.get_consumers(block):
-            continue
-        out = [int(d) for d in stmt.writes[0].source.shape]
-        if (len(out) == len(shape) and out != shape and all(o >= d for o, d in zip(out, shape))
-                and _reaches(sch, anchors[0], block)):
-            return True
-    return False
-
-
-def _reaches(sch: s_tir.Schedule, src: SBlockRV, dst: SBlockRV) -> bool:
-    """Whether ``dst`` reads, directly or through injective blocks, what ``src`` writes."""
-    target = sch.get(dst).name_hint
-    frontier, seen = list(sch.get_consumers(src)), set()
-    while frontier:
-        block = frontier.pop()
-        name = sch.get(block).name_hint
-        if name == target:
-            return True
-        if name not in seen and _is_injective(sch, block):
-            seen.add(name)
-            frontier += list(sch.get_consumers(block))
+    for name in _epilogues(sch):
+        block = sch.get_sblock(name)
+        shape = [int(d) for d in sch.get(block).writes[0].source.shape]
+        for consumer in sch.get_consumers(block):
+            stmt = sch.get(consumer)
+            if not _is_injective(sch, consumer) or not stmt.writes or sch.get_consumers(consumer):
+                continue
+            out = [int(d) for d in stmt.writes[0].source.shape]
+            if len(out) == len(shape) and out != shape and all(o >= d for o, d in zip(out, shape)):
+                return True
     return False
 
 
