@@ -12,9 +12,10 @@ Top to bottom:
    the faster kept (``retime_rules``: a kernel timed once in a slow regime makes the search chase
    or shun a plan for nothing), and the per-launch cost fitted where the schedule's version has
    none yet (without it the search rates a plan by its kernels alone, and the launches fusion
-   saves count for nothing); then, on each training model, run the search over the kernel table, seeded with the experiment's fixed rules' plans (so it starts from the best of
-   them), within the env's action space (its anchor cap and declared group shapes): behaviour
-   cloning skips a plan the mask forbids;
+   saves count for nothing); then, on each training model, run the search over the kernel
+   table, seeded with the experiment's fixed rules' plans (so it starts from the best of them),
+   within the env's action space (its anchor cap and declared group shapes): behaviour cloning
+   skips a plan the mask forbids;
 3. write each best plan as a plan file in ``out``; a training config's ``warm_start.plans``
    may list them, and behaviour cloning then imitates whichever candidate (rule or search
    plan) the table rates best per model (issue 11, item 5: "the best known plans, rule sets
