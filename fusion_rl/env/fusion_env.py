@@ -180,6 +180,7 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
         self._reward: Reward = make_reward(
             cfg.reward, failure_penalty=failure_penalty, cost_model=cost_model, plan_index=self._plan_index,
             open_table=self.open_kernel_table,
+            shape_credit=cfg.decision_options.group_shapes if cfg.shape_credit else (),
         )
         self._store: MeasurementStore | None = None  # opened on first use, in this process
         self._measurers: dict[str, Measurer] = {}

@@ -20,6 +20,15 @@ returns are comparable across models of very different latency.
   training costs kernels, not plans. An estimate is not a measurement (nothing is verified);
   re-time what a policy trained this way plans, end to end, before reporting it.
 
+  With ``shape_credit`` (the env spec's key), the fuse that forms a multi-anchor group shape
+  (:mod:`fusion_rl.fusion.group_shapes`) is paid at its own step what that instance is worth:
+  ``-log(est(one-anchor plan with the instance formed) / est(one-anchor plan))``, the
+  one-anchor plan being the ``aggressive_1anchor`` rule's. As with ``kernel``, the terminal
+  reward subtracts what was paid, so the return is unchanged; only the credit moves to the
+  decision that earned it (one decision among the hundred or more of an episode, worth a
+  percent or two of the terminal reward, is otherwise lost in it). An instance whose plan
+  cannot be estimated earns nothing.
+
 A plan whose measurement fails (build error, wrong output, crash, timeout), a kernel that cannot
 be timed, or a non-positive prediction, ends the episode with :data:`FAILURE_PENALTY` as its ``e2e`` reward; the status and
 error are in the episode's ``info``. A reference plan that fails to measure is an environment
@@ -41,7 +50,10 @@ from fusion_rl.compiler.store import MeasurementRecord
 from fusion_rl.compiler.target import TargetSpec
 from fusion_rl.env.plan_index import PlanIndex
 from fusion_rl.errors import ConfigError, MeasurementError
+from fusion_rl.fusion.group_shapes import shape_instances
 from fusion_rl.fusion.plan import FusionPlan
+from fusion_rl.fusion.plan_space import form_shape
+from fusion_rl.fusion.rules import make_plan
 from fusion_rl.graph.model import Model
 from fusion_rl.graph.opgraph import OpGraph
 
@@ -267,17 +279,23 @@ class TableReward(Reward):
 
     ``open_table(target)`` opens the :class:`KernelTable` of a target (the env passes one with
     its schedule provider and store folder); tables open on first use and stay open.
+    ``shape_credit`` names the group shapes whose forming fuse is paid at its step (see the
+    module docstring); empty: none.
     """
 
     name = "table"
     needs_measurer = False
+    #: The plan each shape instance is formed on, alone, to price it.
+    CREDIT_BASE_RULES: ClassVar[str] = "aggressive_1anchor"
 
     def __init__(self, open_table: Callable[[TargetSpec], KernelTable],
-                 failure_penalty: float = FAILURE_PENALTY) -> None:
+                 failure_penalty: float = FAILURE_PENALTY, shape_credit: tuple[str, ...] = ()) -> None:
         self.open_table = open_table
         self.failure_penalty = failure_penalty
+        self.shape_credit = tuple(shape_credit)
         self._tables: dict[str, KernelTable] = {}
         self._reference: dict[tuple[str, str], float] = {}
+        self._credits: dict[tuple[str, str], dict[frozenset[int], float]] = {}
 
     def table(self, target: TargetSpec) -> KernelTable:
         if target.key not in self._tables:
@@ -302,6 +320,46 @@ class TableReward(Reward):
 
     def start(self, ctx: RewardContext) -> None:
         self.reference_ms(ctx)
+        if self.shape_credit:
+            self.shape_credits(ctx)
+
+    def shape_credits(self, ctx: RewardContext) -> dict[frozenset[int], float]:
+        """Each shape instance's worth, keyed by its conv/matmul anchors: the log speedup of
+        forming it alone on the one-anchor rule plan, by kernel-table estimate (computed once per
+        model and target; the instances' kernels are timed here if the table lacks them)."""
+        key = (ctx.model.fingerprint, ctx.target.key)
+        if key not in self._credits:
+            graph, table = ctx.model.graph, self.table(ctx.target)
+            base = make_plan(self.CREDIT_BASE_RULES, ctx.model.mod, graph)
+            credits = {}
+            try:
+                base_ms = table.estimate(ctx.model, base).latency_ms
+            except MeasurementError as exc:
+                log.warning("no shape credit on %s: its one-anchor plan has no estimate (%s)", ctx.model.name, exc)
+                base_ms = None
+            for name in self.shape_credit if base_ms else ():
+                for instance in shape_instances(graph, name):
+                    formed = form_shape(graph, base, name, instance)
+                    if formed is None:
+                        continue
+                    try:
+                        formed_ms = table.estimate(ctx.model, formed).latency_ms
+                    except MeasurementError:
+                        continue  # not schedulable here: the terminal reward will say so
+                    anchors = frozenset(n for n in instance if graph.nodes[n].is_mac_anchor)
+                    credits[anchors] = -math.log(formed_ms / base_ms)
+            self._credits[key] = credits
+        return self._credits[key]
+
+    def on_merge(self, ctx: RewardContext, a: Group, b: Group) -> float:
+        if not self.shape_credit:
+            return 0.0
+        nodes = ctx.model.graph.nodes
+        anchors = [n for n in (*a, *b) if nodes[n].is_mac_anchor]
+        if len(anchors) != 2 or not any(nodes[n].is_mac_anchor for n in a) or not any(
+                nodes[n].is_mac_anchor for n in b):
+            return 0.0  # only the fuse that joins two one-anchor groups forms a shape
+        return self.shape_credits(ctx).get(frozenset(anchors), 0.0)
 
     def terminal(self, ctx: RewardContext, plan: FusionPlan, shaped_return: float) -> tuple[float, dict[str, Any]]:
         reference = self.reference_ms(ctx)
@@ -331,8 +389,12 @@ class TableReward(Reward):
 
 def make_reward(mode: str, *, failure_penalty: float = FAILURE_PENALTY, cost_model: CostModel | None = None,
                 plan_index: PlanIndex | None = None,
-                open_table: Callable[[TargetSpec], KernelTable] | None = None) -> Reward:
-    """The reward of env-spec mode ``mode`` (``e2e``, ``kernel``, ``model`` or ``table``)."""
+                open_table: Callable[[TargetSpec], KernelTable] | None = None,
+                shape_credit: tuple[str, ...] = ()) -> Reward:
+    """The reward of env-spec mode ``mode`` (``e2e``, ``kernel``, ``model`` or ``table``);
+    ``shape_credit`` (group shape names) applies to ``table`` only."""
+    if shape_credit and mode != "table":
+        raise ConfigError(f"shape credit is priced from the kernel table: it needs reward 'table', not {mode!r}")
     if mode == "e2e":
         return E2EReward(failure_penalty)
     if mode == "kernel":
@@ -347,5 +409,5 @@ def make_reward(mode: str, *, failure_penalty: float = FAILURE_PENALTY, cost_mod
     if mode == "table":
         if open_table is None:
             raise ConfigError("reward 'table' needs open_table(target) -> KernelTable (FusionEnv passes one)")
-        return TableReward(open_table, failure_penalty)
+        return TableReward(open_table, failure_penalty, shape_credit)
     raise ConfigError(f"unknown reward {mode!r}; choose one of e2e, kernel, model, table")

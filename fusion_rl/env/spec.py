@@ -17,6 +17,7 @@ An env spec is a small YAML file in ``envs/`` (``envs/default.yaml``, ``envs/tin
     max_mac_anchors: null              # mask fuses giving a group more conv/matmul anchors
     group_shapes: []                   # ...except into these shapes; "provider": the schedule's own
     prefuse_epilogues: false           # fuse epilogue edges (the tensorrt rule's) without asking
+    shape_credit: false                # reward: table: pay a group shape's worth at the fuse forming it
 
 Unknown keys and wrong types raise :class:`~fusion_rl.errors.ConfigError` naming the key, so a
 typo never silently falls back to a default. Relative ``store``, ``cost_model`` and ``.onnx``
@@ -77,6 +78,9 @@ class EnvSpec:
     #: Fuse the epilogue edges (:func:`~fusion_rl.fusion.epilogues.epilogue_edges`) without a
     #: decision (:class:`~fusion_rl.decisions.DecisionOptions`).
     prefuse_epilogues: bool = False
+    #: Under ``reward: table``, pay the fuse that forms one of ``group_shapes`` that instance's
+    #: worth at its own step (:class:`~fusion_rl.env.rewards.TableReward`); returns are unchanged.
+    shape_credit: bool = False
 
     def __post_init__(self) -> None:
         # Constructing an EnvSpec directly gets the same checks as a YAML file.
@@ -85,6 +89,9 @@ class EnvSpec:
         _validate(self.to_dict(), "EnvSpec")
         if self.group_shapes and self.max_mac_anchors is None:
             raise ConfigError("env spec: 'group_shapes' needs 'max_mac_anchors': without a cap every group is allowed")
+        if self.shape_credit and (self.reward != "table" or not self.group_shapes):
+            raise ConfigError("env spec: 'shape_credit' needs 'reward: table' (it is priced from the kernel "
+                              "table) and 'group_shapes' (the shapes it credits)")
         self.decision_options  # noqa: B018 - a shape name or a missing cap fails here, not mid-training
 
     # ---- construction ----------------------------------------------------------------------
@@ -223,6 +230,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "group_shapes": (lambda v: v == "provider" or _is_str_list(v),
                      "a list of group shape names, or \"provider\""),
     "prefuse_epilogues": (lambda v: isinstance(v, bool), "true or false"),
+    "shape_credit": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 

@@ -243,3 +243,65 @@ def test_table_reward_estimates_from_the_kernel_table_and_times_only_new_kernels
         expected = -math.log(table.estimate(model, unfused).latency_ms / table.estimate(model, env.tvm_plan("mlp_tiny")).latency_ms)
         assert table.timed == 0  # every kernel was kept on disk
     assert reward == pytest.approx(expected)
+
+
+def test_table_reward_pays_each_shape_at_the_fuse_that_forms_it(tmp_path):
+    """shape_credit on a real tiny model with pointwise -> depthwise pairs: replaying the plan
+    that forms every pair pays, at the forming fuses and nowhere else, each instance's worth
+    priced on the one-anchor plan by the kernel table, and the terminal reward takes it back,
+    so the return is the plain table reward's."""
+    from fusion_rl.compiler.kernel_table import KernelTable
+    from fusion_rl.env.fusion_env import FusionEnv
+    from fusion_rl.fusion.group_shapes import shape_instances
+    from fusion_rl.fusion.plan_space import form_shape
+    from fusion_rl.fusion.rules import make_plan
+
+    spec = dict(store=str(tmp_path / "m.sqlite"), reward="table", models=["mobilenet_tiny"], max_nodes=256,
+                max_edges=512, max_mac_anchors=1, group_shapes=["pointwise_depthwise"])
+
+    def episode(env, plan):
+        env.reset(options={"model": "mobilenet_tiny"})
+        rewards = []
+        for action in env.actions_for_plan(plan):
+            *_, reward, terminated, _, info = env.step(action)
+            rewards.append(reward)
+        assert terminated
+        return rewards, info
+
+    credited, plain = FusionEnv("tiny", shape_credit=True, **spec), FusionEnv("tiny", **spec)
+    try:
+        credited.reset(options={"model": "mobilenet_tiny"})
+        model = credited._current().model
+        base = make_plan("aggressive_1anchor", model.mod, model.graph)
+        instances = shape_instances(model.graph, "pointwise_depthwise")
+        assert len(instances) >= 2
+        every_pair = base
+        for instance in instances:
+            every_pair = form_shape(model.graph, every_pair, "pointwise_depthwise", instance) or every_pair
+        rewards, info = episode(credited, every_pair)
+        plain_rewards, plain_info = episode(plain, every_pair)
+    finally:
+        credited.close()
+        plain.close()
+    with KernelTable(tmp_path / "kernels.sqlite", "host", "naive") as table:
+        base_ms = table.estimate(model, base).latency_ms
+        worth = sorted(-math.log(table.estimate(model, form_shape(model.graph, base, "pointwise_depthwise", i))
+                                 .latency_ms / base_ms) for i in instances)
+        assert table.timed == 0  # the reward priced them on this table
+    paid = sorted(r for r in rewards[:-1] if r != 0.0)
+    assert paid == pytest.approx(worth)
+    assert all(r == 0.0 for r in plain_rewards[:-1])
+    assert sum(rewards) == pytest.approx(plain_rewards[-1]) == pytest.approx(info["e2e_reward"])
+    assert info["e2e_reward"] == pytest.approx(plain_info["e2e_reward"])
+
+
+def test_shape_credit_needs_the_table_reward_and_shapes():
+    from fusion_rl.env.spec import EnvSpec
+
+    with pytest.raises(ConfigError, match="'shape_credit' needs 'reward: table'"):
+        EnvSpec(models=("mlp_tiny",), reward="e2e", max_mac_anchors=1, group_shapes=("pointwise_depthwise",),
+                shape_credit=True)
+    with pytest.raises(ConfigError, match="'shape_credit' needs 'reward: table'"):
+        EnvSpec(models=("mlp_tiny",), reward="table", shape_credit=True)
+    with pytest.raises(ConfigError, match="shape credit is priced from the kernel table"):
+        make_reward("e2e", shape_credit=("pointwise_depthwise",))
