@@ -23,6 +23,7 @@ from fusion_rl.errors import ConfigError
 from fusion_rl.evaluate import RULE_BASELINES, Case, SearchSettings, fill_speedups, load_policy
 
 if TYPE_CHECKING:
+    from fusion_rl.fusion.plan import FusionPlan
     from fusion_rl.graph.opgraph import OpGraph
 
 
@@ -114,6 +115,23 @@ def group_shape_instances(graphs: Mapping[str, OpGraph], shapes: Sequence[str]) 
         found = {name: len(shape_instances(graph, shape)) for name, graph in graphs.items()}
         counts[shape] = {name: n for name, n in found.items() if n}
     return counts
+
+
+def shapes_formed(graph: OpGraph, plans: Mapping[str, FusionPlan], shapes: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Which instances of each group shape in ``shapes`` each plan forms, for a report: per shape
+    with an instance in ``graph``, ``maps`` (each instance's first-anchor output width, in graph
+    order) and ``plans`` (label -> a string with ``1`` for each instance formed, ``0`` else).
+    """
+    from fusion_rl.fusion.group_shapes import formed_instances, shape_instances
+
+    out: dict[str, dict[str, Any]] = {}
+    for shape in shapes:
+        instances = shape_instances(graph, shape)
+        if instances:
+            out[shape] = {"maps": [graph.nodes[i[0]].shapes[0][-1] for i in instances],
+                          "plans": {label: "".join("1" if f else "0" for f in formed_instances(plan, instances))
+                                    for label, plan in plans.items()}}
+    return out
 
 
 def check_target_split(train_targets: Sequence[str], heldout_targets: Sequence[str]) -> None:

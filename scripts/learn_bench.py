@@ -149,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         train_best = max(rules, key=lambda r: geomean(est[m]["tvm"] / est[m][r] for m in est))
         finals = report.plot_curves(runs, cfg.get("window", 20), {m: est[m]["tvm"] / est[m][train_best] for m in est},
                                     out / "curves.png")
+        # Which shape instances each seed forms on the training models that have them (deciding
+        # measures nothing); the held-out models' are added with their plans below.
+        formed = {name: {"training": True, "shapes": transfer.shapes_formed(
+            env.model(name).graph, policy_plans(policies, env, name, target), shapes)}
+            for name in sorted({m for found in shape_instances.values() for m in found})}
 
         def header() -> str:
             return (f"Machine: {machine_description(spec.num_threads)}; schedule `{measurer.provider.key}`; "
@@ -177,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{res.measurements_spent} kernels timed, best {res.best_ms:.3f} ms", file=sys.stderr, flush=True)
                 if res.best_plan is not None:
                     plans[label] = res.best_plan
+            formed[name] = {"training": False, "shapes": transfer.shapes_formed(model.graph, plans, shapes)}
             # 5. Distinct plans head to head; every label's paired speedups over the references.
             refs = [*rules, *(label for label in search_labels if label in plans)]
             rows += compare_plans(measurer, model, plans, refs, rounds, table, lowest_probe(rows))
@@ -187,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                       "finals": finals, "train_best_rule": train_best, "train_estimates_ms": est,
                       "commands": commands, "header": header(), "heldout_targets": {},
                       "launch_ms": table.launch_ms if table.calibrated else None,
-                      "group_shapes": shape_instances}
+                      "group_shapes": shape_instances, "shapes_formed": formed}
             write_results(out, args.config, cfg, result)
 
         # 7. The held-out targets: each seed's plan decided for that target (its own hardware

@@ -15,9 +15,13 @@ is the one home of the names and the predicates; the provider only names them.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
+from typing import TYPE_CHECKING
 
 from fusion_rl.errors import ConfigError
 from fusion_rl.graph.opgraph import OpGraph, OpNode
+
+if TYPE_CHECKING:
+    from fusion_rl.fusion.plan import FusionPlan
 
 #: Pattern kinds an op between two anchors of a shape may have: elementwise, broadcast,
 #: injective (every loop data-parallel, so it is computed inside the anchor's tile).
@@ -149,6 +153,13 @@ def shape_instances(graph: OpGraph, name: str) -> list[tuple[int, ...]]:
             if shape(graph, group):
                 found.append(group)
     return found
+
+
+def formed_instances(plan: FusionPlan, instances: Sequence[Sequence[int]]) -> list[bool]:
+    """For each instance (:func:`shape_instances`), whether ``plan`` holds its two anchors (its
+    first and last node) in one group: the one decision that forms a shape."""
+    group_of = plan.group_of()
+    return [group_of[instance[0]] == group_of[instance[-1]] for instance in instances]
 
 
 def check_shape_names(names: Collection[str], source: str = "group_shapes") -> tuple[str, ...]:

@@ -250,6 +250,26 @@ def _heldout_target(name: str, held: dict[str, Any], cfg: dict[str, Any]) -> lis
     return lines + _unstable_note(held["rows"])
 
 
+def _shapes_section(formed: dict[str, Any] | None, rules: Sequence[str]) -> list[str]:
+    """Which instances of each declared group shape every plan forms, per model (on the training
+    models, the seeds' plans only): where the policy's choice differs from the rules'."""
+    formed = {model: entry for model, entry in (formed or {}).items() if entry["shapes"]}
+    if not formed:  # no instance anywhere, or results written before this was recorded
+        return []
+    lines = ["", "## Group shapes formed", "",
+             "Each instance of a declared group shape in graph order, `1` where the plan holds its two "
+             "anchors in one group; the maps are the first anchors' output widths. Rule sets that form "
+             "no instance are left out."]
+    for model, entry in formed.items():
+        for shape, found in entry["shapes"].items():
+            lines += ["", f"{model} ({'training' if entry['training'] else 'held out'}), `{shape}`, "
+                      f"{len(found['maps'])} instances on maps {' '.join(str(m) for m in found['maps'])}:", "",
+                      "| plan | formed | count |", "|---|---|---|"]
+            lines += [f"| {label} | `{bits}` | {bits.count('1')} |" for label, bits in found["plans"].items()
+                      if label not in rules or "1" in bits]
+    return lines
+
+
 def rounds_text(cfg: dict) -> str:
     """The config's head-to-head protocol in words (scripts/learn_bench.py's ``parse_rounds``)."""
     text = f"{cfg['rounds']} interleaved rounds x {cfg['repeat']} repeats"
@@ -268,7 +288,7 @@ def _interval(x: dict[str, float] | None) -> str:
 
 def render(cfg: dict[str, Any], result: dict[str, Any], commands: Sequence[str]) -> str:
     """The report's markdown from ``results.json``'s ``result``: headline against the goals,
-    per-model table, held-out targets, training, search."""
+    per-model table, regimes, group shapes formed, held-out targets, training, search."""
     summary, rows, header = result["summary"], result["rows"], result["header"]
     training, searches, finals = result["training"], result["searches"], result["finals"]
     best = summary["best_rule"]
@@ -326,6 +346,7 @@ def render(cfg: dict[str, Any], result: dict[str, Any], commands: Sequence[str])
                      + (f"{vs(best)} | " if other_best else "") + f"{fmt(r.get('estimate_ms'), '.2f')} |")
     lines += _unstable_note(rows)
     lines += _regime_section(rows, [s["seed"] for s in summary["per_seed"]], best)
+    lines += _shapes_section(result.get("shapes_formed"), cfg.get("rules", ()))
     for name, held in (result.get("heldout_targets") or {}).items():
         lines += _heldout_target(name, held, cfg)
     lines += ["", "## Training", "", "![learning curves](curves.png)", "",

@@ -9,6 +9,7 @@ from fusion_rl.decisions.process import DecisionProcess, actions_for_plan
 from fusion_rl.errors import ConfigError, IllegalPlanError
 from fusion_rl.fusion.group_shapes import (
     check_shape_names,
+    formed_instances,
     is_depthwise_conv,
     is_grouped_conv,
     is_pointwise_conv,
@@ -181,3 +182,19 @@ def test_shape_instances_are_the_pairs_of_fusing_every_declared_shape(model_cach
     assert shape_instances(_block(side_exit=True), "pointwise_depthwise") == []
     with pytest.raises(ConfigError, match="unknown group shape 'attention'"):
         shape_instances(_block(), "attention")
+
+
+def test_an_instance_is_formed_when_its_two_anchors_share_a_group(model_cache):
+    """On tiny MobileNet, ``aggressive_shapes`` forms every instance and the one-anchor rule none;
+    a plan that fuses only the first pair forms only the first."""
+    from fusion_rl.fusion.plan_space import form_shape
+
+    model = model_cache("mobilenet_tiny")
+    graph = model.graph
+    found = shape_instances(graph, "pointwise_depthwise")
+    shapes = make_plan("aggressive_shapes", model.mod, graph)
+    one_anchor = make_plan("aggressive_1anchor", model.mod, graph)
+    first = form_shape(graph, one_anchor, "pointwise_depthwise", found[0])
+    assert formed_instances(shapes, found) == [True] * len(found)
+    assert formed_instances(one_anchor, found) == [False] * len(found)
+    assert formed_instances(first, found) == [True] + [False] * (len(found) - 1)

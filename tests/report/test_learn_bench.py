@@ -12,7 +12,7 @@ import yaml
 from conftest import load_script
 from fusion_rl.errors import ConfigError
 from fusion_rl.report.learn_bench import best_fixed_rule, by_regime, render, summarize, unstable_models
-from fusion_rl.transfer import check_family_split, check_target_split
+from fusion_rl.transfer import check_family_split, check_target_split, shapes_formed
 
 
 def _row(model, label, hash_, vs_tvm, **vs):
@@ -98,6 +98,39 @@ def test_ratios_are_split_by_the_host_regime_of_each_repeat():
     assert "| near | 1.100 [" in text and "| far | 1.300 [" in text
 
 
+def test_the_report_says_which_shape_instances_each_plan_forms(model_cache):
+    """shapes_formed on tiny MobileNet: a string per plan, 1 where the plan joins an instance's
+    two anchors; the report lists the seeds and the rules that form any, per model."""
+    from fusion_rl.fusion.group_shapes import shape_instances
+    from fusion_rl.fusion.plan_space import form_shape
+    from fusion_rl.fusion.rules import make_plan
+
+    model = model_cache("mobilenet_tiny")
+    graph = model.graph
+    found = shape_instances(graph, "pointwise_depthwise")
+    one_anchor = make_plan("aggressive_1anchor", model.mod, graph)
+    plans = {"aggressive_1anchor": one_anchor, "aggressive_shapes": make_plan("aggressive_shapes", model.mod, graph),
+             "seed 0": form_shape(graph, one_anchor, "pointwise_depthwise", found[-1])}
+    formed = shapes_formed(graph, plans, ["pointwise_depthwise", "pointwise_grouped"])
+    n = len(found)
+    assert list(formed) == ["pointwise_depthwise"]  # no grouped instance on this graph: left out
+    assert formed["pointwise_depthwise"]["plans"] == {"aggressive_1anchor": "0" * n, "aggressive_shapes": "1" * n,
+                                                      "seed 0": "0" * (n - 1) + "1"}
+    assert formed["pointwise_depthwise"]["maps"] == [graph.nodes[g[0]].shapes[0][-1] for g in found]
+    cfg = {"families": {"m": "cnn"}, "heldout_models": ["m"], "rules": list(plans)[:2], "rounds": 1, "repeat": 4}
+    rows = [_row("m", label, label, 1.0) for label in plans]
+    result = {"summary": summarize(rows, cfg["rules"], [0]), "rows": rows, "header": "h", "training": [],
+              "searches": [], "finals": [],
+              "shapes_formed": {"m": {"training": False, "shapes": formed}, "t": {"training": True, "shapes": {}}}}
+    text = render(cfg, result, [])
+    section = text.split("## Group shapes formed")[1]
+    assert f"m (held out), `pointwise_depthwise`, {n} instances on maps" in section
+    assert f"| seed 0 | `{'0' * (n - 1)}1` | 1 |" in section and f"| aggressive_shapes | `{'1' * n}` | {n} |" in section
+    assert "| aggressive_1anchor |" not in section and "t (training)" not in section
+    del result["shapes_formed"]  # results written before it was recorded
+    assert "## Group shapes formed" not in render(cfg, result, [])
+
+
 def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path, capsys):
     (tmp_path / "env.yaml").write_text(yaml.safe_dump({
         "models": ["mlp_tiny"], "reward": "table", "store": str(tmp_path / "store.sqlite"),
@@ -121,6 +154,7 @@ def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path, caps
     assert "warning: group shape 'pointwise_depthwise' is declared, but no training model" in capsys.readouterr().err
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["group_shapes"] == {"pointwise_depthwise": {}}
+    assert result["shapes_formed"] == {"cnn_plain": {"training": False, "shapes": {}}}
     # The new table got a per-launch cost, fitted on the rule plans, before training read it.
     assert result["launch_ms"] is not None and result["launch_ms"] >= 0.0
     assert "per-launch cost" in result["header"]
