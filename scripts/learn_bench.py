@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         for name_t in heldout_targets:
             t_spec = parse_target(name_t)
             t_rows: list[dict] = []
+            t_formed: dict[str, dict] = {}
             t_measurer = Measurer(t_spec, env_spec.schedule, dict(env_spec.schedule_kwargs), store=None,
                                   protocol=protocol, timeout_s=cfg.get("timeout_s", 900))
             try:
@@ -209,9 +210,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[{time.strftime('%H:%M:%S')}] {name} on {name_t}", file=sys.stderr, flush=True)
                     plans = {**{r: make_plan(r, model.mod, model.graph) for r in rules},
                              **policy_plans(policies, env, name, name_t)}
+                    t_formed[name] = {"training": False, "shapes": transfer.shapes_formed(model.graph, plans, shapes)}
                     t_rows += compare_plans(t_measurer, model, plans, rules, rounds, None, lowest_probe(t_rows))
                     result["heldout_targets"][name_t] = {
-                        "key": t_spec.key, "rows": t_rows,
+                        "key": t_spec.key, "rows": t_rows, "shapes_formed": t_formed,
                         "summary": report.summarize(t_rows, rules, [pol.seed for pol in policies])}
                     result["header"] = header()
                     write_results(out, args.config, cfg, result)

@@ -247,16 +247,18 @@ def _heldout_target(name: str, held: dict[str, Any], cfg: dict[str, Any]) -> lis
         ms = "failed" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f} ({r['spread_ms']:.2f})"
         lines.append(f"| {r['model']} | {r['label']} | {ms} | {r.get('num_kernels') or '—'} | "
                      f"{'—' if not v else f'{v[0]:.3f} ({v[1]:.3f})'} |")
-    return lines + _unstable_note(held["rows"])
+    return lines + _unstable_note(held["rows"]) + _shapes_section(held.get("shapes_formed"), cfg.get("rules", ()),
+                                                                   f"### Group shapes formed on `{name}`")
 
 
-def _shapes_section(formed: dict[str, Any] | None, rules: Sequence[str]) -> list[str]:
+def _shapes_section(formed: dict[str, Any] | None, rules: Sequence[str],
+                    title: str = "## Group shapes formed") -> list[str]:
     """Which instances of each declared group shape every plan forms, per model (on the training
     models, the seeds' plans only): where the policy's choice differs from the rules'."""
     formed = {model: entry for model, entry in (formed or {}).items() if entry["shapes"]}
     if not formed:  # no instance anywhere, or results written before this was recorded
         return []
-    lines = ["", "## Group shapes formed", "",
+    lines = ["", title, "",
              "Each instance of a declared group shape in graph order, `1` where the plan holds its two "
              "anchors in one group; the maps are the first anchors' output widths. Rule sets that form "
              "no instance are left out."]

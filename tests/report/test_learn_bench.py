@@ -127,8 +127,13 @@ def test_the_report_says_which_shape_instances_each_plan_forms(model_cache):
     assert f"m (held out), `pointwise_depthwise`, {n} instances on maps" in section
     assert f"| seed 0 | `{'0' * (n - 1)}1` | 1 |" in section and f"| aggressive_shapes | `{'1' * n}` | {n} |" in section
     assert "| aggressive_1anchor |" not in section and "t (training)" not in section
-    del result["shapes_formed"]  # results written before it was recorded
-    assert "## Group shapes formed" not in render(cfg, result, [])
+    # A held-out target lists the plans decided for it the same way, in its own section.
+    result["heldout_targets"] = {"x86-64-t1": {"key": "llvm-x86-64-t1", "rows": rows, "summary": result["summary"],
+                                               "shapes_formed": {"m": {"training": False, "shapes": formed}}}}
+    held = render(cfg, result, []).split("## Held-out target `x86-64-t1`")[1]
+    assert "### Group shapes formed on `x86-64-t1`" in held and f"| seed 0 | `{'0' * (n - 1)}1` | 1 |" in held
+    del result["shapes_formed"], result["heldout_targets"]["x86-64-t1"]["shapes_formed"]  # results written before
+    assert "Group shapes formed" not in render(cfg, result, [])
 
 
 def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path, capsys):
@@ -172,7 +177,7 @@ def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path, caps
     assert result["summary"]["per_seed"][0]["seed"] == 0 and result["summary"]["best_rule"] in {"tvm", "aggressive"}
     # The held-out target: the rules and the seed's plan decided for it, timed there head to head.
     held = result["heldout_targets"]["x86-64-t1"]
-    assert held["key"] == "llvm-x86-64-t1"
+    assert held["key"] == "llvm-x86-64-t1" and held["shapes_formed"] == {"cnn_plain": {"training": False, "shapes": {}}}
     assert {r["label"] for r in held["rows"]} == {"tvm", "aggressive", "seed 0"}
     assert all(r["status"] == "ok" and r["estimate_ms"] is None for r in held["rows"])
     assert held["summary"]["per_seed"][0]["vs_tvm"] > 0
