@@ -134,6 +134,19 @@ def shapes_formed(graph: OpGraph, plans: Mapping[str, FusionPlan], shapes: Seque
     return out
 
 
+def groups_past_mask(graph: OpGraph, plans: Mapping[str, FusionPlan], max_mac_anchors: int | None,
+                     shapes: Sequence[str]) -> dict[str, int]:
+    """Per plan label, how many of its groups the training mask forbids: more conv/matmul anchors
+    than ``max_mac_anchors`` and none of the group ``shapes`` (a search without the mask, or the
+    ``aggressive`` rule, plans such groups; a policy cannot). Empty without a cap."""
+    from fusion_rl.fusion.group_shapes import within_anchor_limit
+
+    if max_mac_anchors is None:
+        return {}
+    return {label: sum(not within_anchor_limit(graph, g, max_mac_anchors, shapes) for g in plan.groups)
+            for label, plan in plans.items()}
+
+
 def check_target_split(train_targets: Sequence[str], heldout_targets: Sequence[str]) -> None:
     """Refuse a held-out target that training saw: two names of one target (``host`` and
     ``llvm:znver4:t2`` on a Zen 4 machine) compile the same code, so targets are compared by key.

@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     # for this and for 1b).
     start_env = FusionEnv(train_cfg.env_spec)
     try:
-        shapes = env_spec.decision_options.group_shapes
+        options = env_spec.decision_options
+        shapes = options.group_shapes
         shape_instances = transfer.group_shape_instances({m: start_env.model(m).graph for m in env_spec.models}
                                                          if shapes else {}, shapes)
         for shape, found in shape_instances.items():
@@ -182,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{res.measurements_spent} kernels timed, best {res.best_ms:.3f} ms", file=sys.stderr, flush=True)
                 if res.best_plan is not None:
                     plans[label] = res.best_plan
-            formed[name] = {"training": False, "shapes": transfer.shapes_formed(model.graph, plans, shapes)}
+            formed[name] = {"training": False, "shapes": transfer.shapes_formed(model.graph, plans, shapes),
+                            "past_mask": transfer.groups_past_mask(model.graph, plans, options.max_mac_anchors, shapes)}
             # 5. Distinct plans head to head; every label's paired speedups over the references.
             refs = [*rules, *(label for label in search_labels if label in plans)]
             rows += compare_plans(measurer, model, plans, refs, rounds, table, lowest_probe(rows))
@@ -210,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[{time.strftime('%H:%M:%S')}] {name} on {name_t}", file=sys.stderr, flush=True)
                     plans = {**{r: make_plan(r, model.mod, model.graph) for r in rules},
                              **policy_plans(policies, env, name, name_t)}
-                    t_formed[name] = {"training": False, "shapes": transfer.shapes_formed(model.graph, plans, shapes)}
+                    t_formed[name] = {"training": False, "shapes": transfer.shapes_formed(model.graph, plans, shapes),
+                                      "past_mask": transfer.groups_past_mask(model.graph, plans,
+                                                                             options.max_mac_anchors, shapes)}
                     t_rows += compare_plans(t_measurer, model, plans, rules, rounds, None, lowest_probe(t_rows))
                     result["heldout_targets"][name_t] = {
                         "key": t_spec.key, "rows": t_rows, "shapes_formed": t_formed,

@@ -254,8 +254,10 @@ def _heldout_target(name: str, held: dict[str, Any], cfg: dict[str, Any]) -> lis
 def _shapes_section(formed: dict[str, Any] | None, rules: Sequence[str],
                     title: str = "## Group shapes formed") -> list[str]:
     """Which instances of each declared group shape every plan forms, per model (on the training
-    models, the seeds' plans only): where the policy's choice differs from the rules'."""
-    formed = {model: entry for model, entry in (formed or {}).items() if entry["shapes"]}
+    models, the seeds' plans only): where the policy's choice differs from the rules'. And which
+    plans hold groups the training mask forbids (``past_mask``), which no policy can plan."""
+    formed = {model: entry for model, entry in (formed or {}).items()
+              if entry["shapes"] or any((entry.get("past_mask") or {}).values())}
     if not formed:  # no instance anywhere, or results written before this was recorded
         return []
     lines = ["", title, "",
@@ -263,6 +265,10 @@ def _shapes_section(formed: dict[str, Any] | None, rules: Sequence[str],
              "anchors in one group; the maps are the first anchors' output widths. Rule sets that form "
              "no instance are left out."]
     for model, entry in formed.items():
+        past = {label: n for label, n in (entry.get("past_mask") or {}).items() if n}
+        if past:
+            lines += ["", f"{model}: groups the training mask forbids (more conv/matmul anchors than its cap, "
+                      "and no declared shape): " + ", ".join(f"{label} {n}" for label, n in past.items()) + "."]
         for shape, found in entry["shapes"].items():
             lines += ["", f"{model} ({'training' if entry['training'] else 'held out'}), `{shape}`, "
                       f"{len(found['maps'])} instances on maps {' '.join(str(m) for m in found['maps'])}:", "",

@@ -12,7 +12,7 @@ import yaml
 from conftest import load_script
 from fusion_rl.errors import ConfigError
 from fusion_rl.report.learn_bench import best_fixed_rule, by_regime, render, summarize, unstable_models
-from fusion_rl.transfer import check_family_split, check_target_split, shapes_formed
+from fusion_rl.transfer import check_family_split, check_target_split, groups_past_mask, shapes_formed
 
 
 def _row(model, label, hash_, vs_tvm, **vs):
@@ -117,16 +117,25 @@ def test_the_report_says_which_shape_instances_each_plan_forms(model_cache):
     assert formed["pointwise_depthwise"]["plans"] == {"aggressive_1anchor": "0" * n, "aggressive_shapes": "1" * n,
                                                       "seed 0": "0" * (n - 1) + "1"}
     assert formed["pointwise_depthwise"]["maps"] == [graph.nodes[g[0]].shapes[0][-1] for g in found]
+    # The aggressive rule's one group holds every anchor: past a one-anchor mask, shapes or not.
+    plans["aggressive"] = make_plan("aggressive", model.mod, graph)
+    past = groups_past_mask(graph, plans, 1, ["pointwise_depthwise"])
+    assert past == {"aggressive_1anchor": 0, "aggressive_shapes": 0, "seed 0": 0, "aggressive": 1}
+    assert groups_past_mask(graph, plans, 1, [])["aggressive_shapes"] == n  # every pair, without the shape
+    assert groups_past_mask(graph, plans, None, []) == {}
     cfg = {"families": {"m": "cnn"}, "heldout_models": ["m"], "rules": list(plans)[:2], "rounds": 1, "repeat": 4}
     rows = [_row("m", label, label, 1.0) for label in plans]
     result = {"summary": summarize(rows, cfg["rules"], [0]), "rows": rows, "header": "h", "training": [],
               "searches": [], "finals": [],
-              "shapes_formed": {"m": {"training": False, "shapes": formed}, "t": {"training": True, "shapes": {}}}}
+              "shapes_formed": {"m": {"training": False, "shapes": formed, "past_mask": past},
+                                "t": {"training": True, "shapes": {}}}}
     text = render(cfg, result, [])
     section = text.split("## Group shapes formed")[1]
     assert f"m (held out), `pointwise_depthwise`, {n} instances on maps" in section
     assert f"| seed 0 | `{'0' * (n - 1)}1` | 1 |" in section and f"| aggressive_shapes | `{'1' * n}` | {n} |" in section
     assert "| aggressive_1anchor |" not in section and "t (training)" not in section
+    assert "m: groups the training mask forbids (more conv/matmul anchors than its cap, and no declared " \
+           "shape): aggressive 1." in section
     # A held-out target lists the plans decided for it the same way, in its own section.
     result["heldout_targets"] = {"x86-64-t1": {"key": "llvm-x86-64-t1", "rows": rows, "summary": result["summary"],
                                                "shapes_formed": {"m": {"training": False, "shapes": formed}}}}
@@ -159,7 +168,11 @@ def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path, caps
     assert "warning: group shape 'pointwise_depthwise' is declared, but no training model" in capsys.readouterr().err
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["group_shapes"] == {"pointwise_depthwise": {}}
-    assert result["shapes_formed"] == {"cnn_plain": {"training": False, "shapes": {}}}
+    formed = result["shapes_formed"]["cnn_plain"]
+    assert formed["shapes"] == {} and not formed["training"]
+    # The policy decides under the mask, so its plan has no group past it; aggressive's has one.
+    assert formed["past_mask"]["seed 0"] == 0 and formed["past_mask"]["aggressive"] >= 1
+    assert "cnn_plain: groups the training mask forbids" in (tmp_path / "results.md").read_text()
     # The new table got a per-launch cost, fitted on the rule plans, before training read it.
     assert result["launch_ms"] is not None and result["launch_ms"] >= 0.0
     assert "per-launch cost" in result["header"]
@@ -177,7 +190,7 @@ def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path, caps
     assert result["summary"]["per_seed"][0]["seed"] == 0 and result["summary"]["best_rule"] in {"tvm", "aggressive"}
     # The held-out target: the rules and the seed's plan decided for it, timed there head to head.
     held = result["heldout_targets"]["x86-64-t1"]
-    assert held["key"] == "llvm-x86-64-t1" and held["shapes_formed"] == {"cnn_plain": {"training": False, "shapes": {}}}
+    assert held["key"] == "llvm-x86-64-t1" and held["shapes_formed"]["cnn_plain"]["past_mask"]["seed 0"] == 0
     assert {r["label"] for r in held["rows"]} == {"tvm", "aggressive", "seed 0"}
     assert all(r["status"] == "ok" and r["estimate_ms"] is None for r in held["rows"])
     assert held["summary"]["per_seed"][0]["vs_tvm"] > 0
