@@ -285,8 +285,8 @@ class TableReward(Reward):
 
     name = "table"
     needs_measurer = False
-    #: The plan each shape instance is formed on, alone, to price it.
-    CREDIT_BASE_RULES: ClassVar[str] = "aggressive_1anchor"
+    #: The rule set whose plan each shape instance is formed on, alone, to price it.
+    CREDIT_BASE_RULE_SET: ClassVar[str] = "aggressive_1anchor"
 
     def __init__(self, open_table: Callable[[TargetSpec], KernelTable],
                  failure_penalty: float = FAILURE_PENALTY, shape_credit: tuple[str, ...] = ()) -> None:
@@ -330,7 +330,7 @@ class TableReward(Reward):
         key = (ctx.model.fingerprint, ctx.target.key)
         if key not in self._credits:
             graph, table = ctx.model.graph, self.table(ctx.target)
-            base = make_plan(self.CREDIT_BASE_RULES, ctx.model.mod, graph)
+            base = make_plan(self.CREDIT_BASE_RULE_SET, ctx.model.mod, graph)
             credits = {}
             try:
                 base_ms = table.estimate(ctx.model, base).latency_ms

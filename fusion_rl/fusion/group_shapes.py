@@ -2,11 +2,12 @@
 
 Past one conv/matmul anchor per group, the rules schedule a kernel anchor by anchor (each anchor
 its own loop nest, the intermediate through memory), so such a group's kernel is never faster
-than its anchors apart; it saves only their launches. A few shapes are different: the provider has a shared-tile schedule for them
-(``rules``: :mod:`fusion_rl.compiler.schedules.chain`). A provider *declares* those shapes by
-name (:attr:`fusion_rl.compiler.schedules.base.ScheduleProvider.group_shapes`); the decision
-mask (``max_mac_anchors`` plus ``group_shapes``) then lets a group past the anchor cap exactly
-when it is one of them, so the policy chooses among groups that really fuse.
+than its anchors apart; it saves only their launches. A few shapes are different: the provider
+has a shared-tile schedule for them (``rules``: :mod:`fusion_rl.compiler.schedules.chain`). A
+provider *declares* those shapes by name
+(:attr:`fusion_rl.compiler.schedules.base.ScheduleProvider.group_shapes`); the decision mask
+(``max_mac_anchors`` plus ``group_shapes``) then lets a group past the anchor cap exactly when it
+is one of them, so the policy chooses among groups that really fuse.
 
 A shape is a predicate on a group of an :class:`~fusion_rl.graph.opgraph.OpGraph`. This module
 is the one home of the names and the predicates; the provider only names them.
