@@ -145,6 +145,28 @@ def test_the_report_says_which_shape_instances_each_plan_forms(model_cache):
     assert "Group shapes formed" not in render(cfg, result, [])
 
 
+@pytest.mark.unit
+def test_a_first_model_timed_wholly_far_is_compared_again():
+    """The first model judged its repeats against its own far probes (no reference yet) and
+    counted them near; against the run's lowest probe they are far, so it is named for a second
+    comparison. A model judged against a near reference, or with enough near repeats, is not."""
+    script = load_script("learn_bench")
+    far, near = [1.6] * 15, [0.6] * 15
+
+    def rows(model, probes, reference):
+        return [{**_row(model, label, label, 1.0), "fork_join_us": probes, "reference_us": reference}
+                for label in ("tvm", "seed 0")]
+
+    run = rows("first", far, None) + rows("second", near, None) + rows("third", far, 0.6)
+    assert script.misjudged_models(run, 15) == ["first"]  # "third" already added its rounds
+    assert script.misjudged_models(run, 0) == []
+    assert script.misjudged_models(rows("first", far[:12] + near[:3], None) + rows("second", near, None), 3) == []
+    again = rows("first", near, 0.6)
+    replaced = script.replace_model_rows(run, "first", again)
+    assert [r["model"] for r in replaced] == ["first"] * 2 + ["second"] * 2 + ["third"] * 2
+    assert replaced[:2] == again and script.misjudged_models(replaced, 15) == []
+
+
 def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path, capsys):
     (tmp_path / "env.yaml").write_text(yaml.safe_dump({
         "models": ["mlp_tiny"], "reward": "table", "store": str(tmp_path / "store.sqlite"),
