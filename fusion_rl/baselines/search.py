@@ -35,9 +35,8 @@ import numpy as np
 
 from fusion_rl.compiler.measure import Measurer
 from fusion_rl.errors import ConfigError
-from fusion_rl.fusion.group_shapes import within_anchor_limit
+from fusion_rl.fusion.group_shapes import shape_instances, within_anchor_limit
 from fusion_rl.fusion.plan import FusionPlan
-from fusion_rl.fusion.group_shapes import shape_instances
 from fusion_rl.fusion.plan_space import (EXHAUSTIVE_LIMIT, form_shape, is_legal, legal_plans, merge_candidates,
                                          peel_node, shape_candidates)
 from fusion_rl.fusion.random_plans import mutate_plan, random_plan
