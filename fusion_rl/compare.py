@@ -15,6 +15,7 @@ import numpy as np
 from fusion_rl.baselines.runtimes import RUNTIMES, run_runtime
 from fusion_rl.compiler.measure import Measurer
 from fusion_rl.compiler.paired import HeadToHead
+from fusion_rl.compiler.regime import NearFloor, near_reference_us
 from fusion_rl.compiler.store import MeasurementStore
 from fusion_rl.compiler.target import TargetSpec, parse_target
 from fusion_rl.compiler.timing import TimingProtocol
@@ -120,8 +121,9 @@ def time_systems(model: Model, plans: Mapping[str, FusionPlan], runtimes: Sequen
     (:func:`~fusion_rl.baselines.runtimes.time_paired`), so repeat ``i`` of two systems ran
     seconds apart and :meth:`HeadToHead.verdict` gives their paired ratio. Plans are under their
     label, runtimes under their name; ``num_kernels`` has the plans' kernel counts, and
-    ``fork_join_us`` the host's regime probe per repeat. Two labels with the same plan share one
-    build. Raises if a plan or a runtime computes a wrong output.
+    ``fork_join_us`` the host's regime probe per repeat, judged against the host's floor as
+    :func:`~fusion_rl.compiler.paired.head_to_head` judges them (``reference_us``). Two labels with
+    the same plan share one build. Raises if a plan or a runtime computes a wrong output.
     """
     import tvm
     from tvm import relax
@@ -148,6 +150,10 @@ def time_systems(model: Model, plans: Mapping[str, FusionPlan], runtimes: Sequen
         for runtime in runtimes:
             fns[runtime] = runtime_callable(runtime, model, spec.num_threads)
         times = time_paired(fns, protocol, rounds, probes_us=out.fork_join_us)
+    floor = NearFloor.for_target(spec)
+    out.reference_us = near_reference_us(out.fork_join_us, floor.reference_us() if floor is not None else None)
+    if floor is not None:
+        floor.record(out.fork_join_us)
     for label, ms in times.items():
         out.pooled_ms[label] = ms
         out.round_medians[label] = [float(np.median(r)) for r in np.array_split(ms, rounds)]

@@ -104,7 +104,7 @@ def run_demo(quick: bool = False, models: tuple[str, ...] = DEMO_MODELS, policy:
 def _regime_line(h2h: HeadToHead, rows: list[dict]) -> str:
     """Where the model's repeats fell in the host's fork-join regime; when some were far, each
     system's speedup in each (fusion_rl/compiler/regime.py: the far regime favours fewer kernels)."""
-    labels = regime_labels(h2h.fork_join_us)
+    labels = regime_labels(h2h.fork_join_us, h2h.reference_us)
     far = labels.count("far")
     if not far:
         return f"{'':20s} (host fork-join regime: all {len(labels)} repeats near)"

@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             # 5. Distinct plans head to head; every label's paired speedups over the references.
             refs = [*rules, *(label for label in search_labels if label in plans)]
             compared[name] = (model, plans, refs)
-            rows += compare_plans(measurer, model, plans, refs, rounds, table, lowest_probe(rows))
+            rows += compare_plans(measurer, model, plans, refs, rounds, table, report.run_reference(rows))
             # 6. Written after every model, so an interrupted run keeps what it measured.
             seeds = [pol.seed for pol in policies]
             summary = report.summarize(rows, rules, seeds, search_labels, goal_search)
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in misjudged_models(rows, rounds["min_near"]):
             stamped(f"{name}: every repeat ran far, judged against no near probe; compared again")
             rows = replace_model_rows(rows, name, compare_plans(measurer, *compared[name], rounds, table,
-                                                                lowest_probe(rows)))
+                                                                report.run_reference(rows)))
             result.update(rows=rows, header=header(),
                           summary=report.summarize(rows, rules, seeds, search_labels, goal_search))
             write_results(out, args.config, cfg, result)
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                                       "past_mask": transfer.groups_past_mask(model.graph, plans,
                                                                              options.max_mac_anchors, shapes)}
                     t_compared[name] = (model, plans, rules)
-                    t_rows += compare_plans(t_measurer, model, plans, rules, rounds, None, lowest_probe(t_rows))
+                    t_rows += compare_plans(t_measurer, model, plans, rules, rounds, None, report.run_reference(t_rows))
                     result["heldout_targets"][name_t] = {
                         "key": t_spec.key, "rows": t_rows, "shapes_formed": t_formed,
                         "summary": report.summarize(t_rows, rules, [pol.seed for pol in policies])}
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name in misjudged_models(t_rows, rounds["min_near"]):
                     stamped(f"{name} on {name_t}: every repeat ran far, judged against no near probe; compared again")
                     t_rows = replace_model_rows(t_rows, name, compare_plans(t_measurer, *t_compared[name], rounds,
-                                                                            None, lowest_probe(t_rows)))
+                                                                            None, report.run_reference(t_rows)))
                     result["heldout_targets"][name_t].update(
                         rows=t_rows, summary=report.summarize(t_rows, rules, [pol.seed for pol in policies]))
                     write_results(out, args.config, cfg, result)
@@ -271,7 +271,7 @@ def policy_plans(policies: list, env, model: str, target: str) -> dict[str, Fusi
 def parse_rounds(cfg: dict) -> dict[str, int]:
     """The config's ``rounds`` (head-to-head rounds per model), ``min_near_repeats`` (rounds are
     added until that many repeats of a model ran in the host's near fork-join regime, judged
-    against the run's lowest probe so far; 0: never) and ``max_rounds`` (the cap, default twice
+    against the lowest of the run's probes so far and the host's floor; 0: never) and ``max_rounds`` (the cap, default twice
     ``rounds``), as :func:`~fusion_rl.compiler.paired.head_to_head` takes them."""
     rounds, min_near = cfg.get("rounds", 3), cfg.get("min_near_repeats", 0)
     # Checked here too, not only in head_to_head: a bad config fails before minutes of training.
@@ -280,22 +280,18 @@ def parse_rounds(cfg: dict) -> dict[str, int]:
     return {"rounds": rounds, "min_near": min_near, "max_rounds": max_rounds}
 
 
-def lowest_probe(rows: list[dict]) -> float | None:
-    """The lowest fork-join probe of the rows so far (the run's near reference), or None."""
-    probes = [p for row in rows for p in row.get("fork_join_us") or []]
-    return min(probes) if probes else None
-
-
 def misjudged_models(rows: list[dict], min_near: int) -> list[str]:
     """Models whose comparison judged its repeats' regime against a far reference and has fewer
-    than ``min_near`` near repeats against the run's lowest probe.
+    than ``min_near`` near repeats against the run's reference (:func:`report.run_reference`).
 
-    A comparison adds rounds until ``min_near`` repeats ran near, judged against the lowest probe
-    seen so far. The first model of a run has none before its own: if all its repeats ran far, it
-    judges them against one of them, counts them near and adds no round. Only the later models'
-    probes show that they were far; such a model is compared again, against those.
+    A comparison adds rounds until ``min_near`` repeats ran near, judged against the lowest of
+    the run's probes so far and the host's floor. On a host without a floor yet (a new machine,
+    or none recorded for :data:`~fusion_rl.compiler.regime.FLOOR_DAYS` days) the run's first
+    model has only its own probes: if all ran far, it judges them against one of them, counts
+    them near and adds no round. Only the later models' probes show that they were far; such a
+    model is compared again, against those.
     """
-    ref = lowest_probe(rows)
+    ref = report.run_reference(rows)
     if not min_near or ref is None:
         return []
     out = []
@@ -320,16 +316,17 @@ def replace_model_rows(rows: list[dict], model: str, new: list[dict]) -> list[di
 def compare_plans(measurer: Measurer, model, plans: dict[str, FusionPlan], refs: list[str], rounds: dict[str, int],
                   table: KernelTable | None = None, reference_us: float | None = None) -> list[dict]:
     """``plans`` built, verified and timed head to head (``rounds`` as :func:`parse_rounds`
-    gives it; ``reference_us`` the near probe it judges regimes by); one row per label with its
-    paired speedup over every label in ``refs`` (``vs``) and, given a ``table``, its
-    kernel-table estimate."""
+    gives it; ``reference_us`` the run's lowest probe, which head_to_head judges regimes by beside
+    the host's floor); one row per label with its paired speedup over every label in ``refs``
+    (``vs``), the reference its regimes were judged by and, given a ``table``, its kernel-table
+    estimate."""
     h2h = head_to_head(measurer, model, plans, rounds["rounds"], min_near=rounds["min_near"],
                        max_rounds=rounds["max_rounds"], reference_us=reference_us)
     rows = []
     for label, plan in plans.items():
         known = table.estimate_known(model, plan) if table is not None else None
         row = {"model": model.name, "label": label, "plan_hash": plan.hash, "same_as": h2h.same_as.get(label),
-               "estimate_ms": known.latency_ms if known is not None else None, "reference_us": reference_us}
+               "estimate_ms": known.latency_ms if known is not None else None, "reference_us": h2h.reference_us}
         if label in h2h.failures:
             row.update(latency_ms=None, status="failed", error=h2h.failures[label])
         else:

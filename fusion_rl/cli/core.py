@@ -203,7 +203,7 @@ def _measure_head_to_head(args: argparse.Namespace) -> int:
             "speedup_by_regime": result.regime_speedups("0", label),
         })
     out = {"model": model.name, "schedule": m.provider.name, "target": m.spec.key, "rounds": result.rounds,
-           "fork_join_us": result.fork_join_us, "plans": rows}
+           "fork_join_us": result.fork_join_us, "reference_us": result.reference_us, "plans": rows}
     if args.json:
         print(dumps_json(out))
         return 0
@@ -215,19 +215,21 @@ def _measure_head_to_head(args: argparse.Namespace) -> int:
               f"speedup vs {names[0]} (IQR)": f"{r['speedup_vs_first']:.3f}x ({r['speedup_spread']:.3f})"}
              for r in rows]
     print_table(table, list(table[0]))
-    _print_regimes(rows, names[0], result.fork_join_us)
+    _print_regimes(rows, names[0], result.fork_join_us, result.reference_us)
     return 0
 
 
-def _print_regimes(rows: list[dict], first: str, probes_us: list[float]) -> None:
-    """One line on the host's fork-join regime, and each plan's speedup per regime when the
-    repeats span both (fusion_rl/compiler/regime.py: the far regime favours fewer kernels)."""
+def _print_regimes(rows: list[dict], first: str, probes_us: list[float], reference_us: float | None) -> None:
+    """One line on the host's fork-join regime (judged against ``reference_us``, as the
+    comparison was), and each plan's speedup per regime when the repeats span both
+    (fusion_rl/compiler/regime.py: the far regime favours fewer kernels)."""
     from fusion_rl.compiler.regime import probes_by_regime
 
     if not probes_us:
         return
-    near, far = probes_by_regime(probes_us).values()
-    line = f"host fork-join cost: {min(near):.2f}-{max(near):.2f} us in {len(near)} repeats"
+    near, far = probes_by_regime(probes_us, reference_us).values()
+    line = (f"host fork-join cost: {min(near):.2f}-{max(near):.2f} us in {len(near)} repeats" if near
+            else f"host fork-join cost: no repeat near this host's lowest ({reference_us:.2f} us)")
     if not far:
         print(line + "; no repeat in a far regime")
         return

@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from fusion_rl.compiler.regime import NearFloor
 from fusion_rl.compiler.runner import LocalRunner, make_runner
 from fusion_rl.compiler.schedules import make_schedule
 from fusion_rl.compiler.store import STATUSES, MeasurementKey, MeasurementRecord, MeasurementStore, library_versions
@@ -98,6 +99,9 @@ class Measurer:
         self._versions = library_versions()
         #: measurements each remote device (``host:port`` of its RPC server) served
         self.devices: Counter[str] = Counter()
+        #: this host's near fork-join probe at the target's threads, which head-to-head
+        #: comparisons judge their repeats' regime by; ``None`` for a remote or GPU target
+        self.near_floor: NearFloor | None = NearFloor.for_target(self.spec)
 
     def key(self, model: Model, plan: FusionPlan) -> MeasurementKey:
         return MeasurementKey(

@@ -30,7 +30,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from fusion_rl.compiler.measure import Measurer
-from fusion_rl.compiler.regime import regime_labels
+from fusion_rl.compiler.regime import near_reference_us, regime_labels
 from fusion_rl.errors import ConfigError
 from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.graph.model import Model
@@ -76,6 +76,8 @@ class HeadToHead:
     same_as: dict[str, str] = field(default_factory=dict)
     #: the host's fork-join probe (us) before each pooled repeat, shared by every label
     fork_join_us: list[float] = field(default_factory=list)
+    #: the near probe the repeats were judged by (:func:`head_to_head`), ``None`` without probes
+    reference_us: float | None = None
 
     def median_ms(self, label: str) -> float:
         return float(np.median(self.pooled_ms[label]))
@@ -89,8 +91,10 @@ class HeadToHead:
 
     def regime_speedups(self, slower: str, faster: str,
                         reference_us: float | None = None) -> dict[str, dict[str, float | int]]:
-        """:func:`split_by_regime` of ``slower / faster``: the paired speedup within each regime."""
-        return split_by_regime(self.pooled_ms[slower], self.pooled_ms[faster], self.fork_join_us, reference_us)
+        """:func:`split_by_regime` of ``slower / faster``: the paired speedup within each regime,
+        judged against ``reference_us`` (default :attr:`reference_us`)."""
+        ref = self.reference_us if reference_us is None else reference_us
+        return split_by_regime(self.pooled_ms[slower], self.pooled_ms[faster], self.fork_join_us, ref)
 
     def verdict(self, slower: str, faster: str, factor: float = 5.0) -> dict[str, float | bool]:
         """Whether ``faster`` beats ``slower`` by more than ``factor`` spreads, both readings."""
@@ -146,11 +150,16 @@ def head_to_head(measurer: Measurer, model: Model, plans: Mapping[str, FusionPla
     called after each round.
 
     With ``min_near``, rounds are added, up to ``max_rounds`` in all (default twice ``rounds``),
-    until at least ``min_near`` repeats ran in the near fork-join regime
-    (:func:`~fusion_rl.compiler.regime.regime_labels` against ``reference_us``, default the
-    lowest probe so far), so that a comparison the host spent partly in its far regime still
-    has a near reading of that size (:meth:`HeadToHead.regime_speedups`).
-    :attr:`HeadToHead.rounds` is the number of rounds run.
+    until at least ``min_near`` repeats ran in the near fork-join regime, so that a comparison
+    the host spent partly in its far regime still has a near reading of that size
+    (:meth:`HeadToHead.regime_speedups`). :attr:`HeadToHead.rounds` is the number of rounds run.
+
+    Repeats are judged (:func:`~fusion_rl.compiler.regime.regime_labels`) against the lowest of
+    the probes so far, ``reference_us`` (e.g. a run's lowest probe) and the host's floor
+    (``measurer.near_floor``, a :class:`~fusion_rl.compiler.regime.NearFloor`; a local
+    :class:`Measurer` has one), so a comparison spent wholly in the far regime is told far
+    from its first repeat on; the comparison's probes are then added to that floor.
+    :attr:`HeadToHead.reference_us` is the reference used.
 
     Raises
     ------
@@ -167,10 +176,13 @@ def head_to_head(measurer: Measurer, model: Model, plans: Mapping[str, FusionPla
     distinct = [k for k in plans if same_as[k] == k]
     out = HeadToHead(0, {k: [] for k in distinct}, {k: [] for k in distinct},
                      same_as={k: a for k, a in same_as.items() if a != k})
+    floor = getattr(measurer, "near_floor", None)
+    floor_us = floor.reference_us() if floor is not None else None
     r = 0
     # Without probes (a measurer that takes none) no round can be told near: none is added.
     while r < rounds or (min_near and out.fork_join_us and r < max_rounds
-                         and _near(out.fork_join_us, reference_us) < min_near):
+                         and _near(out.fork_join_us, near_reference_us(out.fork_join_us, reference_us, floor_us))
+                         < min_near):
         labels = distinct if r % 2 == 0 else distinct[::-1]
         result = measurer.time_together(model, [plans[k] for k in labels])
         if result["status"] != "ok":
@@ -185,6 +197,10 @@ def head_to_head(measurer: Measurer, model: Model, plans: Mapping[str, FusionPla
         out.rounds = r
         if progress is not None:
             progress(r, max(rounds, r), f"round {r}")
+    if out.fork_join_us:
+        out.reference_us = near_reference_us(out.fork_join_us, reference_us, floor_us)
+        if floor is not None:
+            floor.record(out.fork_join_us)
     for label, a in out.same_as.items():
         out.round_medians[label], out.pooled_ms[label] = out.round_medians[a], out.pooled_ms[a]
         if a in out.num_kernels:

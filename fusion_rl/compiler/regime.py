@@ -8,11 +8,19 @@ parallel kernels pay for every hand-off, and plans with fewer kernels pay less, 
 taken in one regime does not hold in the other. Each repeat of
 :func:`fusion_rl.compiler.timing.time_interleaved` is therefore preceded by :func:`fork_join_us`,
 and comparisons can be split by :func:`regime_labels`.
+
+A comparison can only judge its repeats against the probes it has seen. One spent wholly in the
+far regime would count every repeat near, so :class:`NearFloor` keeps the host's lowest probe of
+recent comparisons on disk, per host and thread count, and every comparison of a local
+:class:`~fusion_rl.compiler.measure.Measurer` is judged against it from its first repeat on.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -49,6 +57,16 @@ def _probe_kernel() -> tuple[Any, Any]:
         tvm.runtime.tensor(np.zeros((n, 16), "float32"), dev)
 
 
+#: Days a comparison's lowest probe stays part of the host's floor. The near level is a property
+#: of the host (docs/design.md §7); when it changes (a new kernel, a moved VM), a floor left too
+#: low would label every repeat far, and comparisons would spend their extra rounds for nothing,
+#: for at most this long.
+FLOOR_DAYS = 7.0
+
+#: Comparisons a floor file remembers (the newest kept): enough for a week of runs.
+FLOOR_ENTRIES = 512
+
+
 def fork_join_us() -> float:
     """Microseconds of one parallel launch of a near-empty kernel on TVM's thread pool (best of
     three batches). Compiled once per process; the pool is the one the timed code uses."""
@@ -79,4 +97,71 @@ def probes_by_regime(probes_us: Sequence[float], reference_us: float | None = No
     return out
 
 
-__all__ = ["FAR_FACTOR", "fork_join_us", "probes_by_regime", "regime_labels"]
+class NearFloor:
+    """The lowest fork-join probe of this host's recent comparisons at one thread count.
+
+    A JSON file under the hardware cache (``$FUSION_RL_CACHE/hw``), one per host, CPU and
+    thread count, holding ``[unix time, lowest probe]`` per recorded comparison; probes older
+    than :data:`FLOOR_DAYS` are dropped. It is data: read as JSON, and an unreadable or
+    malformed file is no floor (the comparison falls back to its own probes), never an error.
+
+    >>> floor = NearFloor.for_threads(2)  # doctest: +SKIP
+    >>> floor.reference_us()               # doctest: +SKIP
+    0.58
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def for_threads(cls, num_threads: int, cache_dir: str | Path | None = None) -> NearFloor:
+        """The floor of this host at ``num_threads`` TVM threads, in ``cache_dir`` (default the
+        hardware cache)."""
+        from fusion_rl.compiler.target.hardware import _host_identity, cache_file, default_hw_cache_dir
+
+        hostname, cpu_model = _host_identity()
+        directory = Path(cache_dir) if cache_dir is not None else default_hw_cache_dir()
+        return cls(cache_file(directory, f"fork-join-t{num_threads}", hostname, cpu_model))
+
+    @classmethod
+    def for_target(cls, spec: Any) -> NearFloor | None:
+        """The floor a comparison on ``spec`` (a :class:`~fusion_rl.compiler.target.TargetSpec`)
+        is judged by: this host's at its threads; ``None`` for a remote or GPU target, whose
+        probes this host's floor does not describe."""
+        return cls.for_threads(spec.num_threads) if spec.remote is None and spec.kind == "llvm" else None
+
+    def _entries(self, now: float) -> list[tuple[float, float]]:
+        try:
+            data = json.loads(self.path.read_text())
+            entries = [(float(t), float(p)) for t, p in data["probes"]]
+        except (OSError, ValueError, TypeError, KeyError):
+            return []
+        return [(t, p) for t, p in entries if 0 <= now - t <= FLOOR_DAYS * 86400 and p > NO_HANDOFF_US]
+
+    def reference_us(self, now: float | None = None) -> float | None:
+        """The lowest probe recorded in the last :data:`FLOOR_DAYS` days, or ``None``."""
+        entries = self._entries(time.time() if now is None else now)
+        return min(p for _, p in entries) if entries else None
+
+    def record(self, probes_us: Sequence[float], now: float | None = None) -> None:
+        """Add a comparison's lowest probe (probes of a pool of one thread are not regimes and
+        are skipped). An unwritable cache is skipped too: the floor only saves rounds."""
+        from fusion_rl.compiler.target.hardware import _write_json_atomic
+
+        probes = [p for p in probes_us if p > NO_HANDOFF_US]
+        if not probes:
+            return
+        now = time.time() if now is None else now
+        entries = self._entries(now) + [(now, min(probes))]
+        _write_json_atomic(self.path, {"probes": [list(e) for e in entries[-FLOOR_ENTRIES:]]})
+
+
+def near_reference_us(probes_us: Sequence[float], *references: float | None) -> float | None:
+    """The reference a comparison judges its repeats by: the lowest of its own ``probes_us``
+    and the ``references`` given (a run's lowest probe, a :class:`NearFloor`), or ``None``."""
+    values = [*probes_us, *(r for r in references if r is not None)]
+    return min(values) if values else None
+
+
+__all__ = ["FAR_FACTOR", "FLOOR_DAYS", "NearFloor", "fork_join_us", "near_reference_us", "probes_by_regime",
+           "regime_labels"]

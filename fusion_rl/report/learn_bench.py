@@ -22,8 +22,8 @@ from fusion_rl.evaluate import geomean, learning_curve, read_episodes, t_interva
 from fusion_rl.io import write_atomic
 from fusion_rl.report.transfer import fmt
 
-__all__ = ["best_fixed_rule", "by_regime", "plot_curves", "regime_counts", "render", "rounds_text", "summarize",
-           "unstable_models"]
+__all__ = ["best_fixed_rule", "by_regime", "plot_curves", "regime_counts", "render", "rounds_text", "run_reference",
+           "summarize", "unstable_models"]
 
 #: A model whose ``tvm`` plan's IQR exceeds this fraction of its median is flagged in the report.
 #: At 2 threads the IQR of a plan is normally 8-9% of its median here; some models (MobileNetV2 at
@@ -150,18 +150,24 @@ def _unstable_note(rows: Sequence[dict[str, Any]]) -> list[str]:
             "timing protocol)."]
 
 
+def run_reference(rows: Sequence[dict[str, Any]]) -> float | None:
+    """The near reference of a run: the lowest of its probes and of the references its
+    comparisons were judged by (the host's floor among them), or ``None`` without probes. Every
+    regime label of the report uses it, so a model timed wholly in the far regime is labelled far."""
+    values = [p for r in rows for p in r.get("fork_join_us") or []]
+    values += [r["reference_us"] for r in rows if r.get("fork_join_us") and r.get("reference_us")]
+    return min(values, default=None)
+
+
 def _model_probes(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, list[float]], float | None]:
-    """Each model's host probes (every row of a model carries the same) and the run's lowest
-    probe, the reference every regime label of the report uses (so a model timed wholly in the
-    far regime is labelled far)."""
-    series = {r["model"]: r["fork_join_us"] for r in rows if r.get("fork_join_us")}
-    return series, min((p for probes in series.values() for p in probes), default=None)
+    """Each model's host probes (every row of a model carries the same) and :func:`run_reference`."""
+    return {r["model"]: r["fork_join_us"] for r in rows if r.get("fork_join_us")}, run_reference(rows)
 
 
 def by_regime(rows: Sequence[dict[str, Any]], regime: str) -> list[dict[str, Any]]:
     """``rows`` with each ``vs`` recomputed over the repeats of one host ``regime`` only
     (``"near"`` or ``"far"``, :mod:`fusion_rl.compiler.regime`), as ``[speedup, IQR, repeats]``,
-    against the run's lowest probe. Rows without raw repeats (results written before they were
+    against :func:`run_reference`. Rows without raw repeats (results written before they were
     kept) are left out; a ``vs`` entry is left out where the model has no repeat in ``regime``.
     """
     _, reference = _model_probes(rows)
@@ -183,8 +189,8 @@ def by_regime(rows: Sequence[dict[str, Any]], regime: str) -> list[dict[str, Any
 
 
 def regime_counts(rows: Sequence[dict[str, Any]]) -> dict[str, int] | None:
-    """Paired repeats in each host regime over the models of ``rows``, against the run's lowest
-    probe; ``None`` if no row kept probes."""
+    """Paired repeats in each host regime over the models of ``rows``, against
+    :func:`run_reference`; ``None`` if no row kept probes."""
     series, reference = _model_probes(rows)
     if reference is None:
         return None
@@ -200,7 +206,8 @@ def _regime_section(rows: Sequence[dict[str, Any]], seeds: Sequence[int], best: 
     lines = ["", "## By host regime", "",
              "Before every repeat the worker times a parallel launch of a near-empty kernel (the host's "
              "fork-join cost, `fusion_rl/compiler/regime.py`). A repeat is *far* when that probe exceeds "
-             f"{FAR_FACTOR}x the run's lowest ({reference:.2f} us): the host then hands work between "
+             f"{FAR_FACTOR}x the run's reference ({reference:.2f} us: the lowest of its probes and of the "
+             "host's floor, the lowest probe of its comparisons of the last days): the host then hands work between "
              "threads several times slower, which costs plans of many small kernels more than plans of "
              "few, so a paired ratio holds within a regime, not across them. Below, every ratio is "
              "recomputed over one regime's repeats.", "",

@@ -158,7 +158,9 @@ def test_measure_compares_plans_head_to_head(capsys, tmp_path):
                          "--schedule", "naive", "--json", *QUICK_COMPARE, "--min-near", "4", "--max-rounds", "3")
     assert code == 0, err
     data = json.loads(out)
-    assert set(data) == {"model", "schedule", "target", "rounds", "fork_join_us", "plans"}
+    assert set(data) == {"model", "schedule", "target", "rounds", "fork_join_us", "reference_us", "plans"}
+    # The repeats were judged against this host's floor or their own lowest probe, never above it.
+    assert 0 < data["reference_us"] <= min(data["fork_join_us"])
     # 2 repeats a round: a third round only where fewer than 4 of the first 4 ran near.
     assert data["rounds"] in (2, 3) and len(data["fork_join_us"]) == 2 * data["rounds"]
     assert data["model"] == "mlp_tiny" and data["schedule"] == "naive"

@@ -132,3 +132,35 @@ def test_bad_round_limits(kwargs: dict) -> None:
     m = _ScriptedMeasurer({"a": 1.0}, [1.0])
     with pytest.raises(ConfigError, match="min_near|max_rounds"):
         head_to_head(m, None, _plans(a="a"), rounds=3, **kwargs)
+
+
+class _Floor:
+    """A host floor in memory (:class:`fusion_rl.compiler.regime.NearFloor`'s two methods)."""
+
+    def __init__(self, reference_us: float | None) -> None:
+        self.value, self.recorded = reference_us, []
+
+    def reference_us(self) -> float | None:
+        return self.value
+
+    def record(self, probes_us) -> None:
+        self.recorded.append(list(probes_us))
+
+
+def test_a_comparison_spent_wholly_far_is_told_far_by_the_hosts_floor() -> None:
+    # Every probe 1.5 us: without a floor they are judged against themselves, all near.
+    alone = _ScriptedMeasurer({"a": 1.0, "b": 1.2}, [2.5], far={"a": 2.0, "b": 2.2})
+    cmp = head_to_head(alone, None, _plans(a="a", b="b"), rounds=2, min_near=4, max_rounds=4)
+    assert cmp.rounds == 2 and cmp.reference_us == 1.5 and "far" not in cmp.regime_speedups("b", "a")
+    # With the host's floor at 0.6 us they are far from the first round: rounds up to the cap,
+    # the floor is the comparison's reference, and its probes are recorded.
+    floored = _ScriptedMeasurer({"a": 1.0, "b": 1.2}, [2.5], far={"a": 2.0, "b": 2.2})
+    floored.near_floor = _Floor(0.6)
+    cmp = head_to_head(floored, None, _plans(a="a", b="b"), rounds=2, min_near=4, max_rounds=4)
+    assert cmp.rounds == 4 and cmp.reference_us == 0.6
+    assert set(cmp.regime_speedups("b", "a")) == {"far"}
+    assert floored.near_floor.recorded == [cmp.fork_join_us]
+    # A floor above the comparison's own probes does not raise its reference.
+    high = _ScriptedMeasurer({"a": 1.0, "b": 1.2}, [1.0], far={"a": 2.0, "b": 2.2})
+    high.near_floor = _Floor(0.9)
+    assert head_to_head(high, None, _plans(a="a", b="b"), rounds=2).reference_us == 0.6
