@@ -11,7 +11,7 @@ import yaml
 
 from conftest import load_script
 from fusion_rl.errors import ConfigError
-from fusion_rl.report.learn_bench import best_fixed_rule, by_regime, render, summarize, unstable_models
+from fusion_rl.report.learn_bench import best_fixed_rule, by_regime, headroom, render, summarize, unstable_models
 from fusion_rl.transfer import check_family_split, check_target_split, groups_past_mask, shapes_formed
 
 
@@ -61,6 +61,26 @@ def test_summary_judges_seeds_against_the_best_rule_of_the_split():
     s = summarize([r for r in rows if not (r["label"] == "seed 1" and r["model"] == "m2")], ["tvm", "aggressive"],
                   [0, 1])
     assert [x["seed"] for x in s["per_seed"]] == [0]
+
+
+@pytest.mark.unit
+def test_headroom_is_the_fastest_plan_of_each_model():
+    rows = []
+    for m, agg, other in (("m1", 1.20, 1.10), ("m2", 0.90, 1.05)):
+        rows += [_row(m, "tvm", f"{m}t", 1.0, aggressive=1 / agg), _row(m, "aggressive", f"{m}a", agg, aggressive=1.0),
+                 _row(m, "greedy@500", f"{m}g", other, aggressive=other / agg)]
+    room = headroom(rows, "aggressive")
+    # m1: the rule itself (1.20); m2: the search's plan (1.05), which beats the rule's 0.90.
+    assert {m: x["label"] for m, x in room["per_model"].items()} == {"m1": "aggressive", "m2": "greedy@500"}
+    assert room["vs_tvm"] == pytest.approx((1.20 * 1.05) ** 0.5)
+    assert room["vs_best_rule"] == pytest.approx((1.0 * 1.05 / 0.9) ** 0.5)
+    result = {"summary": summarize(rows, ["tvm", "aggressive"], []), "rows": rows, "header": "h", "training": [],
+              "searches": [], "finals": []}
+    cfg = {"families": {"m1": "a", "m2": "b"}, "heldout_models": ["m1", "m2"], "rounds": 2, "repeat": 2}
+    assert "Headroom: the fastest plan timed here on each held-out model (m1: aggressive 1.200, m2: greedy@500 " \
+        "1.050) gives a geomean of 1.122 over `tvm` and 1.080 over `aggressive`" in render(cfg, result, [])
+    # A model with no plan timed against tvm (a failed comparison): no bound.
+    assert headroom([*rows, {**_row("m3", "tvm", "x", 1.0), "vs": {}}], "aggressive") is None
 
 
 @pytest.mark.unit
