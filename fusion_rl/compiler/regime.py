@@ -145,7 +145,8 @@ class NearFloor:
 
     def record(self, probes_us: Sequence[float], now: float | None = None) -> None:
         """Add a comparison's lowest probe (probes of a pool of one thread are not regimes and
-        are skipped). An unwritable cache is skipped too: the floor only saves rounds."""
+        are skipped). An unwritable cache is skipped too: without a floor, comparisons judge
+        their repeats by their own probes, as before it existed."""
         from fusion_rl.compiler.target.hardware import _write_json_atomic
 
         probes = [p for p in probes_us if p > NO_HANDOFF_US]
