@@ -271,8 +271,9 @@ def policy_plans(policies: list, env, model: str, target: str) -> dict[str, Fusi
 def parse_rounds(cfg: dict) -> dict[str, int]:
     """The config's ``rounds`` (head-to-head rounds per model), ``min_near_repeats`` (rounds are
     added until that many repeats of a model ran in the host's near fork-join regime, judged
-    against the lowest of the run's probes so far and the host's floor; 0: never) and ``max_rounds`` (the cap, default twice
-    ``rounds``), as :func:`~fusion_rl.compiler.paired.head_to_head` takes them."""
+    against the lowest of the run's probes so far and the host's floor; 0: never) and
+    ``max_rounds`` (the cap, default twice ``rounds``), as
+    :func:`~fusion_rl.compiler.paired.head_to_head` takes them."""
     rounds, min_near = cfg.get("rounds", 3), cfg.get("min_near_repeats", 0)
     # Checked here too, not only in head_to_head: a bad config fails before minutes of training.
     max_rounds = check_rounds(rounds, min_near, cfg.get("max_rounds"),

@@ -22,8 +22,8 @@ from fusion_rl.evaluate import geomean, learning_curve, read_episodes, t_interva
 from fusion_rl.io import write_atomic
 from fusion_rl.report.transfer import fmt
 
-__all__ = ["best_fixed_rule", "by_regime", "headroom", "plot_curves", "regime_counts", "render", "rounds_text", "run_reference",
-           "summarize", "unstable_models"]
+__all__ = ["best_fixed_rule", "by_regime", "headroom", "plot_curves", "regime_counts", "render", "rounds_text",
+           "run_reference", "summarize", "unstable_models"]
 
 #: A model whose ``tvm`` plan's IQR exceeds this fraction of its median is flagged in the report.
 #: At 2 threads the IQR of a plan is normally 8-9% of its median here; some models (MobileNetV2 at
@@ -230,8 +230,8 @@ def _regime_section(rows: Sequence[dict[str, Any]], seeds: Sequence[int], best: 
              "Before every repeat the worker times a parallel launch of a near-empty kernel (the host's "
              "fork-join cost, `fusion_rl/compiler/regime.py`). A repeat is *far* when that probe exceeds "
              f"{FAR_FACTOR}x the run's reference ({reference:.2f} us: the lowest of its probes and of the "
-             "references its comparisons were judged by, the host's floor among them): the host then hands work between "
-             "threads several times slower, which costs plans of many small kernels more than plans of "
+             "references its comparisons were judged by, the host's floor among them): the host then hands "
+             "work between threads several times slower, which costs plans of many small kernels more than plans of "
              "few, so a paired ratio holds within a regime, not across them. Below, every ratio is "
              "recomputed over one regime's repeats.", "",
              "| model | repeats near / far | probe us, median near / far |", "|---|---|---|"]
