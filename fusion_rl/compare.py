@@ -15,7 +15,7 @@ import numpy as np
 from fusion_rl.baselines.runtimes import RUNTIMES, run_runtime
 from fusion_rl.compiler.measure import Measurer
 from fusion_rl.compiler.paired import HeadToHead
-from fusion_rl.compiler.regime import NearFloor, near_reference_us
+from fusion_rl.compiler.regime import NearFloor, settle_reference
 from fusion_rl.compiler.store import MeasurementStore
 from fusion_rl.compiler.target import TargetSpec, parse_target
 from fusion_rl.compiler.timing import TimingProtocol
@@ -150,10 +150,7 @@ def time_systems(model: Model, plans: Mapping[str, FusionPlan], runtimes: Sequen
         for runtime in runtimes:
             fns[runtime] = runtime_callable(runtime, model, spec.num_threads)
         times = time_paired(fns, protocol, rounds, probes_us=out.fork_join_us)
-    floor = NearFloor.for_target(spec)
-    out.reference_us = near_reference_us(out.fork_join_us, floor.reference_us() if floor is not None else None)
-    if floor is not None:
-        floor.record(out.fork_join_us)
+    out.reference_us = settle_reference(out.fork_join_us, NearFloor.for_target(spec))
     for label, ms in times.items():
         out.pooled_ms[label] = ms
         out.round_medians[label] = [float(np.median(r)) for r in np.array_split(ms, rounds)]

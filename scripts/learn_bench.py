@@ -185,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{res.measurements_spent} kernels timed, best {res.best_ms:.3f} ms", file=sys.stderr, flush=True)
                 if res.best_plan is not None:
                     plans[label] = res.best_plan
-            formed[name] = {"training": False, "shapes": transfer.shapes_formed(model.graph, plans, shapes),
-                            "past_mask": transfer.groups_past_mask(model.graph, plans, options.max_mac_anchors, shapes)}
+            formed[name] = heldout_formed(model.graph, plans, options.max_mac_anchors, shapes)
             # 5. Distinct plans head to head; every label's paired speedups over the references.
             refs = [*rules, *(label for label in search_labels if label in plans)]
             compared[name] = (model, plans, refs)
@@ -201,10 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                       "group_shapes": shape_instances, "shapes_formed": formed}
             write_results(out, args.config, cfg, result)
         # 6b. Models compared before the run saw its near probe, again (see misjudged_models).
-        for name in misjudged_models(rows, rounds["min_near"]):
-            stamped(f"{name}: every repeat ran far, judged against no near probe; compared again")
-            rows = replace_model_rows(rows, name, compare_plans(measurer, *compared[name], rounds, table,
-                                                                report.run_reference(rows)))
+        rows, again = compare_misjudged(measurer, rows, compared, rounds, table)
+        if again:
             result.update(rows=rows, header=header(),
                           summary=report.summarize(rows, rules, seeds, search_labels, goal_search))
             write_results(out, args.config, cfg, result)
@@ -224,9 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[{time.strftime('%H:%M:%S')}] {name} on {name_t}", file=sys.stderr, flush=True)
                     plans = {**{r: make_plan(r, model.mod, model.graph) for r in rules},
                              **policy_plans(policies, env, name, name_t)}
-                    t_formed[name] = {"training": False, "shapes": transfer.shapes_formed(model.graph, plans, shapes),
-                                      "past_mask": transfer.groups_past_mask(model.graph, plans,
-                                                                             options.max_mac_anchors, shapes)}
+                    t_formed[name] = heldout_formed(model.graph, plans, options.max_mac_anchors, shapes)
                     t_compared[name] = (model, plans, rules)
                     t_rows += compare_plans(t_measurer, model, plans, rules, rounds, None, report.run_reference(t_rows))
                     result["heldout_targets"][name_t] = {
@@ -234,10 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                         "summary": report.summarize(t_rows, rules, [pol.seed for pol in policies])}
                     result["header"] = header()
                     write_results(out, args.config, cfg, result)
-                for name in misjudged_models(t_rows, rounds["min_near"]):
-                    stamped(f"{name} on {name_t}: every repeat ran far, judged against no near probe; compared again")
-                    t_rows = replace_model_rows(t_rows, name, compare_plans(t_measurer, *t_compared[name], rounds,
-                                                                            None, report.run_reference(t_rows)))
+                t_rows, again = compare_misjudged(t_measurer, t_rows, t_compared, rounds, None, f" on {name_t}")
+                if again:
                     result["heldout_targets"][name_t].update(
                         rows=t_rows, summary=report.summarize(t_rows, rules, [pol.seed for pol in policies]))
                     write_results(out, args.config, cfg, result)
@@ -304,6 +297,26 @@ def misjudged_models(rows: list[dict], min_near: int) -> list[str]:
         if used > FAR_FACTOR * ref and regime_labels(row["fork_join_us"], ref).count("near") < min_near:
             out.append(model)
     return out
+
+
+def compare_misjudged(measurer: Measurer, rows: list[dict], compared: dict[str, tuple], rounds: dict[str, int],
+                      table: KernelTable | None, where: str = "") -> tuple[list[dict], bool]:
+    """Each of :func:`misjudged_models` compared again (``compared``: model name -> the
+    ``(model, plans, refs)`` of its first comparison) against the run's reference, its rows
+    replaced in place; returns the rows and whether any model was compared again."""
+    names = misjudged_models(rows, rounds["min_near"])
+    for name in names:
+        stamped(f"{name}{where}: every repeat ran far, judged against no near probe; compared again")
+        rows = replace_model_rows(rows, name, compare_plans(measurer, *compared[name], rounds, table,
+                                                            report.run_reference(rows)))
+    return rows, bool(names)
+
+
+def heldout_formed(graph, plans: dict[str, FusionPlan], max_mac_anchors: int | None, shapes) -> dict:
+    """A held-out model's entry of the report's "Group shapes formed": the instances each plan
+    forms (:func:`transfer.shapes_formed`) and its groups past the training mask."""
+    return {"training": False, "shapes": transfer.shapes_formed(graph, plans, shapes),
+            "past_mask": transfer.groups_past_mask(graph, plans, max_mac_anchors, shapes)}
 
 
 def replace_model_rows(rows: list[dict], model: str, new: list[dict]) -> list[dict]:

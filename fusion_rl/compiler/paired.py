@@ -30,7 +30,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from fusion_rl.compiler.measure import Measurer
-from fusion_rl.compiler.regime import near_reference_us, regime_labels
+from fusion_rl.compiler.regime import near_reference_us, regime_labels, settle_reference
 from fusion_rl.errors import ConfigError
 from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.graph.model import Model
@@ -198,9 +198,7 @@ def head_to_head(measurer: Measurer, model: Model, plans: Mapping[str, FusionPla
         if progress is not None:
             progress(r, max(rounds, r), f"round {r}")
     if out.fork_join_us:
-        out.reference_us = near_reference_us(out.fork_join_us, reference_us, floor_us)
-        if floor is not None:
-            floor.record(out.fork_join_us)
+        out.reference_us = settle_reference(out.fork_join_us, floor, reference_us)
     for label, a in out.same_as.items():
         out.round_medians[label], out.pooled_ms[label] = out.round_medians[a], out.pooled_ms[a]
         if a in out.num_kernels:

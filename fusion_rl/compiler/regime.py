@@ -164,5 +164,14 @@ def near_reference_us(probes_us: Sequence[float], *references: float | None) -> 
     return min(values) if values else None
 
 
+def settle_reference(probes_us: Sequence[float], floor: NearFloor | None, *references: float | None) -> float | None:
+    """What a finished comparison's repeats are judged by (:func:`near_reference_us` of its
+    probes, ``references`` and ``floor``); its probes are then recorded in ``floor``."""
+    reference = near_reference_us(probes_us, *references, floor.reference_us() if floor is not None else None)
+    if floor is not None:
+        floor.record(probes_us)
+    return reference
+
+
 __all__ = ["FAR_FACTOR", "FLOOR_DAYS", "NearFloor", "fork_join_us", "near_reference_us", "probes_by_regime",
-           "regime_labels"]
+           "regime_labels", "settle_reference"]

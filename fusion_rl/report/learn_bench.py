@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fusion_rl.compiler.paired import check_rounds, split_by_regime
-from fusion_rl.compiler.regime import FAR_FACTOR, probes_by_regime
+from fusion_rl.compiler.regime import FAR_FACTOR, near_reference_us, probes_by_regime
 from fusion_rl.evaluate import geomean, learning_curve, read_episodes, t_interval
 from fusion_rl.io import write_atomic
 from fusion_rl.report.transfer import fmt
@@ -177,9 +177,8 @@ def run_reference(rows: Sequence[dict[str, Any]]) -> float | None:
     """The near reference of a run: the lowest of its probes and of the references its
     comparisons were judged by (the host's floor among them), or ``None`` without probes. Every
     regime label of the report uses it, so a model timed wholly in the far regime is labelled far."""
-    values = [p for r in rows for p in r.get("fork_join_us") or []]
-    values += [r["reference_us"] for r in rows if r.get("fork_join_us") and r.get("reference_us")]
-    return min(values, default=None)
+    return near_reference_us([p for r in rows for p in r.get("fork_join_us") or []],
+                             *(r["reference_us"] for r in rows if r.get("fork_join_us") and r.get("reference_us")))
 
 
 def _model_probes(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, list[float]], float | None]:

@@ -185,6 +185,22 @@ def test_a_first_model_timed_wholly_far_is_compared_again():
     replaced = script.replace_model_rows(run, "first", again)
     assert [r["model"] for r in replaced] == ["first"] * 2 + ["second"] * 2 + ["third"] * 2
     assert replaced[:2] == again and script.misjudged_models(replaced, 15) == []
+    # compare_misjudged compares only those again, with the first comparison's plans, against
+    # the run's reference, and says whether it did.
+    calls = []
+
+    def compare(measurer, model, plans, refs, rounds, table, reference_us):
+        calls.append((model, plans, refs, reference_us))
+        return rows(model, near, reference_us)
+
+    script.compare_plans, original = compare, script.compare_plans
+    try:
+        compared = {m: (m, f"plans of {m}", ["tvm"]) for m in ("first", "second", "third")}
+        out, again = script.compare_misjudged(None, run, compared, {"min_near": 15}, None)
+        assert again and calls == [("first", "plans of first", ["tvm"], 0.6)] and out[:2] == rows("first", near, 0.6)
+        assert script.compare_misjudged(None, out, compared, {"min_near": 15}, None) == (out, False)
+    finally:
+        script.compare_plans = original
 
 
 def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path, capsys):
