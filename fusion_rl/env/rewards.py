@@ -46,14 +46,12 @@ from typing import Any, Callable, ClassVar, Protocol
 from fusion_rl.compiler.kernel_table import KernelTable
 from fusion_rl.compiler.kernels import group_kernel_times
 from fusion_rl.compiler.measure import Measurer
+from fusion_rl.compiler.shape_credit import instance_credits
 from fusion_rl.compiler.store import MeasurementRecord
 from fusion_rl.compiler.target import TargetSpec
 from fusion_rl.env.plan_index import PlanIndex
 from fusion_rl.errors import ConfigError, MeasurementError
-from fusion_rl.fusion.group_shapes import shape_instances
 from fusion_rl.fusion.plan import FusionPlan
-from fusion_rl.fusion.plan_space import form_shape
-from fusion_rl.fusion.rules import make_plan
 from fusion_rl.graph.model import Model
 from fusion_rl.graph.opgraph import OpGraph
 
@@ -285,8 +283,6 @@ class TableReward(Reward):
 
     name = "table"
     needs_measurer = False
-    #: The rule set whose plan each shape instance is formed on, alone, to price it.
-    CREDIT_BASE_RULE_SET: ClassVar[str] = "aggressive_1anchor"
 
     def __init__(self, open_table: Callable[[TargetSpec], KernelTable],
                  failure_penalty: float = FAILURE_PENALTY, shape_credit: tuple[str, ...] = ()) -> None:
@@ -324,31 +320,19 @@ class TableReward(Reward):
             self.shape_credits(ctx)
 
     def shape_credits(self, ctx: RewardContext) -> dict[frozenset[int], float]:
-        """Each shape instance's worth, keyed by its conv/matmul anchors: the log speedup of
-        forming it alone on the one-anchor rule plan, by kernel-table estimate (computed once per
-        model and target; the instances' kernels are timed here if the table lacks them)."""
+        """Each shape instance's worth, keyed by its conv/matmul anchors
+        (:func:`fusion_rl.compiler.shape_credit.instance_credits`; computed once per model and
+        target, the instances' kernels timed here if the table lacks them)."""
         key = (ctx.model.fingerprint, ctx.target.key)
         if key not in self._credits:
-            graph, table = ctx.model.graph, self.table(ctx.target)
-            base = make_plan(self.CREDIT_BASE_RULE_SET, ctx.model.mod, graph)
-            credits = {}
+            graph = ctx.model.graph
             try:
-                base_ms = table.estimate(ctx.model, base).latency_ms
+                credits = instance_credits(self.table(ctx.target), ctx.model, self.shape_credit)
             except MeasurementError as exc:
                 log.warning("no shape credit on %s: its one-anchor plan has no estimate (%s)", ctx.model.name, exc)
-                base_ms = None
-            for name in self.shape_credit if base_ms else ():
-                for instance in shape_instances(graph, name):
-                    formed = form_shape(graph, base, name, instance)
-                    if formed is None:
-                        continue
-                    try:
-                        formed_ms = table.estimate(ctx.model, formed).latency_ms
-                    except MeasurementError:
-                        continue  # not schedulable here: the terminal reward will say so
-                    anchors = frozenset(n for n in instance if graph.nodes[n].is_mac_anchor)
-                    credits[anchors] = -math.log(formed_ms / base_ms)
-            self._credits[key] = credits
+                credits = {}
+            self._credits[key] = {frozenset(n for n in instance if graph.nodes[n].is_mac_anchor): credit
+                                  for (_, instance), credit in credits.items()}
         return self._credits[key]
 
     def on_merge(self, ctx: RewardContext, a: Group, b: Group) -> float:
