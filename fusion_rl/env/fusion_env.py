@@ -13,14 +13,16 @@ from gymnasium import logger
 from fusion_rl.compiler.kernel_table import KernelTable
 from fusion_rl.compiler.measure import Measurer
 from fusion_rl.compiler.schedules import make_schedule
+from fusion_rl.compiler.shape_credit import credit_plan
 from fusion_rl.compiler.store import MeasurementStore, default_store_path
 from fusion_rl.compiler.target import HardwareFeatures, HardwareStats, TargetSpec, hardware_features, parse_target
 from fusion_rl.decisions import ACTION_FUSE, ACTION_KEEP, DecisionProcess, ObservationBuilder, actions_for_plan
 from fusion_rl.env import spaces
 from fusion_rl.env.plan_index import PlanIndex, plan_index_path
-from fusion_rl.env.rewards import FAILURE_PENALTY, CostModel, Reward, RewardContext, make_reward
+from fusion_rl.env.rewards import FAILURE_PENALTY, CostModel, Reward, RewardContext, TableReward, make_reward
 from fusion_rl.env.spec import EnvSpec
 from fusion_rl.errors import ConfigError
+from fusion_rl.fusion.group_shapes import shape_instances
 from fusion_rl.fusion.plan import FusionPlan
 from fusion_rl.fusion.rules import make_plan
 from fusion_rl.graph.datasets import ModelDataset, zoo_dataset
@@ -299,6 +301,26 @@ class FusionEnv(gym.Env[dict[str, np.ndarray], int]):
         ``plan``; see :func:`fusion_rl.decisions.actions_for_plan`."""
         entry = self._model_entry(model) if model is not None else self._current()
         return actions_for_plan(entry.model.graph, plan, self.config.decision_options)
+
+    def credit_plan(self, model: str, target: str) -> tuple[FusionPlan, int] | None:
+        """``model``'s credit plan on ``target`` (:func:`fusion_rl.compiler.shape_credit.credit_plan`)
+        over this spec's declared group shapes, and how many instances it forms; ``None`` when
+        the model has no instance of them. Kernels the table lacks are timed (and counted in
+        :attr:`measurements_spent`).
+
+        Raises
+        ------
+        ConfigError
+            unless the spec has ``reward: table`` and declared group shapes.
+        """
+        shapes = self.config.decision_options.group_shapes
+        if not isinstance(self._reward, TableReward) or not shapes:
+            raise ConfigError("credit plans are priced from the kernel table: the env spec needs "
+                              "'reward: table' and 'group_shapes'")
+        entry = self._model_entry(model)
+        if not any(shape_instances(entry.model.graph, name) for name in shapes):
+            return None
+        return credit_plan(self._reward.table(self._target_spec(target)), entry.model, shapes)
 
     def current_plan(self) -> FusionPlan:
         """The (partial) plan of this episode so far."""

@@ -11,7 +11,10 @@ A run directory ``runs/<env>__<exp>__<seed>__<time>/`` holds:
 ``checkpoints/step_N.zip``  model + optimizer after ``N`` env steps, written via temp + rename
 ``checkpoints/step_N.{safetensors,json}``  the actor alone, in files that never execute
                             (:mod:`fusion_rl.policy.snapshot`), written before the zip
-``final_model.zip``         the model after ``total_timesteps`` (and ``final_model.{safetensors,json}``)
+``final_model.zip``         the model after ``total_timesteps`` and ``fine_tune`` (and
+                            ``final_model.{safetensors,json}``)
+``warm_start.json``,        what behaviour cloning imitated before and after PPO, its losses
+``fine_tune.json``          and the measurements it spent (when configured)
 ``episodes.jsonl``          one line per finished episode: reward, latency, speedup vs ``tvm``,
                             measurements spent
 ``tb/``                     TensorBoard event files (SB3's logger + episode scalars)
@@ -57,7 +60,7 @@ from fusion_rl.errors import ConfigError
 from fusion_rl.io import read_json, read_yaml, write_atomic
 from fusion_rl.policy.tracking import finish_wandb, init_wandb, log_policy_artifact  # noqa: F401 (re-exported)
 from fusion_rl.policy.config import from_mapping
-from fusion_rl.policy.imitation import WarmStart
+from fusion_rl.policy.imitation import FineTune, WarmStart
 from fusion_rl.policy.policy import PPOConfig
 
 __all__ = [
@@ -107,6 +110,8 @@ class TrainConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     #: Behaviour cloning on the best known plans before PPO (off unless ``epochs`` > 0).
     warm_start: WarmStart = field(default_factory=WarmStart)
+    #: Behaviour cloning on the training models' credit plans after PPO (off unless ``epochs`` > 0).
+    fine_tune: FineTune = field(default_factory=FineTune)
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "config") -> TrainConfig:
@@ -120,9 +125,10 @@ class TrainConfig:
         for name in ("total_timesteps", "checkpoint_every", "window", "torch_threads"):
             if getattr(config, name) <= 0:
                 raise ConfigError(f"{where}.{name} must be > 0, got {getattr(config, name)}")
-        ws = config.warm_start
-        if ws.epochs < 0 or ws.batch_size <= 0 or ws.learning_rate <= 0:
-            raise ConfigError(f"{where}.warm_start: need epochs >= 0, batch_size > 0, learning_rate > 0")
+        for name in ("warm_start", "fine_tune"):
+            section = getattr(config, name)
+            if section.epochs < 0 or section.batch_size <= 0 or section.learning_rate <= 0:
+                raise ConfigError(f"{where}.{name}: need epochs >= 0, batch_size > 0, learning_rate > 0")
         return config
 
     def to_dict(self) -> dict[str, Any]:
@@ -395,22 +401,48 @@ def warm_start(model: Any, env: Any, config: TrainConfig, run_dir: Path) -> dict
     """Behaviour-clone ``model`` on the best known plans (:mod:`fusion_rl.policy.imitation`) and
     write what was imitated, the losses and the measurements spent to ``warm_start.json``."""
     from fusion_rl.fusion.plan import FusionPlan
-    from fusion_rl.policy.imitation import behaviour_clone, best_known_plans, demonstration_steps
+    from fusion_rl.policy.imitation import best_known_plans
 
     ws = config.warm_start
     spent = env.measurements_spent
-    plans = [FusionPlan.load(p) for p in ws.plans]
-    demos = best_known_plans(env, ws.rules, plans)
+    demos = best_known_plans(env, ws.rules, [FusionPlan.load(p) for p in ws.plans])
+    return _clone(model, env, demos, ws, config.seed, spent, run_dir / "warm_start.json")
+
+
+def fine_tune(model: Any, env: Any, config: TrainConfig, run_dir: Path) -> dict[str, Any]:
+    """After PPO: behaviour-clone ``model`` on the training models' credit plans
+    (:func:`fusion_rl.policy.imitation.credit_demonstrations`) and write the record to
+    ``fine_tune.json``."""
+    from fusion_rl.policy.imitation import credit_demonstrations
+
+    spent = env.measurements_spent
+    demos = credit_demonstrations(env)
+    return _clone(model, env, demos, config.fine_tune, config.seed, spent, run_dir / "fine_tune.json")
+
+
+def _clone(model: Any, env: Any, demos: list[Any], section: WarmStart | FineTune, seed: int, spent: int,
+           path: Path) -> dict[str, Any]:
+    from fusion_rl.policy.imitation import behaviour_clone, demonstration_steps
+
     steps = demonstration_steps(env, demos)
-    losses = behaviour_clone(model, steps, ws.epochs, ws.learning_rate, ws.batch_size, config.seed)
+    losses = behaviour_clone(model, steps, section.epochs, section.learning_rate, section.batch_size, seed)
     record = {
         "demonstrations": [{"model": d.model, "target": d.target, "source": d.source,
                             "plan_hash": d.plan.hash, "reward": d.reward} for d in demos],
         "decisions": int(len(steps.actions)), "losses": losses,
         "measurements": env.measurements_spent - spent,
     }
-    write_atomic(run_dir / "warm_start.json", json.dumps(record, indent=2), what="warm-start record")
+    write_atomic(path, json.dumps(record, indent=2), what=f"{path.stem} record")
     return record
+
+
+def _finish(model: Any, env: Any, config: TrainConfig, run_dir: Path) -> None:
+    """The fine-tuning stage, if configured, then the final model. The last checkpoint holds
+    the model before fine-tuning, so a run killed during it (or resumed once complete) fine-tunes
+    that model again: the stage is never applied twice."""
+    if config.fine_tune.epochs > 0:
+        fine_tune(model, env.unwrapped, config, run_dir)
+    save_checkpoint(model, run_dir / "final_model.zip")
 
 
 def run_name(config: TrainConfig) -> str:
@@ -488,8 +520,10 @@ def train(
     remaining = config.total_timesteps - model.num_timesteps
     if remaining <= 0:
         print(f"{run_dir} is already trained to {model.num_timesteps} steps", flush=True)
-        save_checkpoint(model, run_dir / "final_model.zip")
-        env.close()
+        try:
+            _finish(model, env, config, run_dir)
+        finally:
+            env.close()
         return run_dir
 
     # 4. Logging: episode JSONL + TensorBoard (SB3's logger) + W&B, and the progress bar.
@@ -507,7 +541,7 @@ def train(
         model.learn(remaining, callback=callback, reset_num_timesteps=checkpoint is None,
                     tb_log_name="ppo")
         save_checkpoint(model, run_dir / "checkpoints" / f"step_{model.num_timesteps}.zip")
-        save_checkpoint(model, run_dir / "final_model.zip")
+        _finish(model, env, config, run_dir)
     finally:
         env.close()
         if wandb_run is not None:

@@ -98,3 +98,63 @@ def test_warm_start_records_what_was_imitated(env, tmp_path):
 def test_bad_warm_start_section_is_a_config_error(section, match):
     with pytest.raises(ConfigError, match=match):
         TrainConfig.from_dict({"warm_start": section})
+
+
+@pytest.mark.parametrize("section, match", [
+    ({"epochs": -1}, "fine_tune"), ({"batch_size": 0}, "fine_tune"), ({"rules": ["tvm"]}, "unknown key"),
+])
+def test_bad_fine_tune_section_is_a_config_error(section, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig.from_dict({"fine_tune": section})
+
+
+@pytest.fixture()
+def table_env(tmp_path):
+    """``reward: table`` with the pointwise -> depthwise shape declared: mobilenet_tiny has its
+    instances, mlp_tiny none (kernels are timed under the tiny spec's naive schedule)."""
+    from fusion_rl.env.fusion_env import FusionEnv
+
+    env = FusionEnv("tiny", store=str(tmp_path / "m.sqlite"), reward="table", models=["mlp_tiny", "mobilenet_tiny"],
+                    max_nodes=256, max_edges=512, max_mac_anchors=1, group_shapes=["pointwise_depthwise"])
+    yield env
+    env.close()
+
+
+def test_credit_demonstrations_are_the_credit_plans_of_models_with_a_shape(table_env):
+    from fusion_rl.policy.imitation import credit_demonstrations
+
+    demos = credit_demonstrations(table_env)
+    assert [(d.model, d.target) for d in demos] == [("mobilenet_tiny", "host")]  # mlp_tiny has no pair
+    plan, formed = table_env.credit_plan("mobilenet_tiny", "host")
+    assert demos[0].plan.hash == plan.hash and demos[0].source == f"credit ({formed} formed)"
+    assert table_env.credit_plan("mlp_tiny", "host") is None
+
+
+def test_credit_plans_need_the_table_reward(env):
+    from fusion_rl.policy.imitation import credit_demonstrations
+
+    with pytest.raises(ConfigError, match="reward: table"):
+        credit_demonstrations(env)
+
+
+def test_fine_tuning_clones_the_credit_plans_and_records_them(table_env, tmp_path):
+    """After fine-tuning, the greedy policy decides the credit plan (measuring nothing); the
+    record says what was cloned."""
+    import torch
+
+    from fusion_rl.evaluate import decide_plan
+    from fusion_rl.policy.policy import make_model
+    from fusion_rl.policy.training import fine_tune
+
+    torch.manual_seed(0)
+    config = TrainConfig.from_dict({"fine_tune": {"epochs": 150, "learning_rate": 3e-3, "batch_size": 32},
+                                    "ppo": {"features_extractor_kwargs": {"hidden": 16, "heads": 2,
+                                                                          "num_layers": 2, "hw_hidden": 8}}})
+    model = make_model(table_env, config.ppo, seed=0)
+    plan, _ = table_env.credit_plan("mobilenet_tiny", "host")
+    assert decide_plan(model, table_env, "mobilenet_tiny", "host").hash != plan.hash
+    record = fine_tune(model, table_env, config, tmp_path)
+    assert json.loads((tmp_path / "fine_tune.json").read_text()) == record
+    assert [d["plan_hash"] for d in record["demonstrations"]] == [plan.hash]
+    assert len(record["losses"]) == 150 and record["losses"][-1] < 0.2 * record["losses"][0]
+    assert decide_plan(model, table_env, "mobilenet_tiny", "host").hash == plan.hash

@@ -238,6 +238,35 @@ def test_resume_after_kill(tmp_path):
     assert any(s <= step for s in global_steps) and any(s > step for s in global_steps)
 
 
+def test_fine_tuning_follows_ppo_and_is_never_applied_twice(tmp_path, monkeypatch):
+    """``fine_tune`` runs once, after the last PPO update and before the final model; resuming a
+    finished run fine-tunes its last checkpoint again, never the fine-tuned model."""
+    import torch
+
+    from fusion_rl.policy import training
+    from fusion_rl.policy.snapshot import load_snapshot
+
+    calls = []
+
+    def shift_action_head(model, env, config, run_dir):  # a stand-in stage with a visible effect
+        calls.append(model.num_timesteps)
+        with torch.no_grad():
+            model.policy.action_net.bias.add_(1.0)
+
+    monkeypatch.setattr(training, "fine_tune", shift_action_head)
+    config = training.load_config(write_config(tmp_path, fine_tune={"epochs": 1}))
+    run = training.train(config, runs_dir=tmp_path / "runs", wandb_mode="disabled", progress=False)
+
+    def bias(name: str) -> torch.Tensor:
+        return load_snapshot(run / name).network.action.bias
+
+    assert calls == [192]
+    assert torch.allclose(bias("final_model.json"), bias("checkpoints/step_192.json") + 1.0)
+    training.train(resume=run, wandb_mode="disabled", progress=False)
+    assert calls == [192, 192]
+    assert torch.allclose(bias("final_model.json"), bias("checkpoints/step_192.json") + 1.0)
+
+
 def test_resume_rejects_config_overrides(tmp_path):
     proc = run_script("--resume", str(tmp_path), "--seed", "1")
     assert proc.returncode == 2 and "--resume" in proc.stderr
