@@ -129,10 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     training = []
     for run in runs:
         stats = training_stats(run)
-        warm = run / "warm_start.json"
         stats["seed"] = json.loads((run / "config.json").read_text())["seed"]
-        stats["imitated"] = ", ".join(sorted({d["source"] for d in json.loads(warm.read_text())["demonstrations"]})
-                                      ) if warm.is_file() else "—"
+        stats["imitated"] = imitated(run / "warm_start.json")
+        if (run / "fine_tune.json").is_file():
+            stats["fine_tuned"] = imitated(run / "fine_tune.json")
         training.append(stats)
     policies = [load_policy(r) for r in runs]
     env = make_eval_env(policies[0].config)
@@ -247,6 +247,13 @@ def main(argv: list[str] | None = None) -> int:
 def stamped(line: str) -> None:
     """A progress line on stderr, with the time."""
     print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
+
+
+def imitated(record: Path) -> str:
+    """The sources a behaviour-cloning record (``warm_start.json``, ``fine_tune.json``) cloned."""
+    if not record.is_file():
+        return "—"
+    return ", ".join(sorted({d["source"] for d in json.loads(record.read_text())["demonstrations"]}))
 
 
 def policy_plans(policies: list, env, model: str, target: str) -> dict[str, FusionPlan]:

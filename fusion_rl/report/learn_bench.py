@@ -393,15 +393,21 @@ def render(cfg: dict[str, Any], result: dict[str, Any], commands: Sequence[str])
     lines += _shapes_section(result.get("shapes_formed"), cfg.get("rules", ()))
     for name, held in (result.get("heldout_targets") or {}).items():
         lines += _heldout_target(name, held, cfg)
+    fine_tuned = any("fine_tuned" in t for t in training)
     lines += ["", "## Training", "", "![learning curves](curves.png)", "",
-              "| seed | env steps | episodes | kernels timed (training) | warm start imitated | wall s | "
-              "final rolling est. vs tvm | vs best rule |", "|---|---|---|---|---|---|---|---|"]
+              "| seed | env steps | episodes | kernels timed (training) | warm start imitated | "
+              + ("fine-tuned on (after PPO) | " if fine_tuned else "")
+              + "wall s | final rolling est. vs tvm | vs best rule |",
+              "|---|---|---|---|---|" + ("---|" if fine_tuned else "") + "---|---|---|"]
     finals_by = {f["seed"]: f for f in finals}
     for t in training:
         f = finals_by.get(t["seed"], {})
         lines.append(f"| {t['seed']} | {t['steps']} | {t['episodes']} | {t['measurements']} | "
-                     f"{t.get('imitated', '—')} | {fmt(t['wall_s'], '.0f')} | {fmt(f.get('vs_tvm'), '.3f')} | "
+                     f"{t.get('imitated', '—')} | " + (f"{t.get('fine_tuned', '—')} | " if fine_tuned else "")
+                     + f"{fmt(t['wall_s'], '.0f')} | {fmt(f.get('vs_tvm'), '.3f')} | "
                      f"{fmt(f.get('vs_best_rule'), '.3f')} |")
+    if fine_tuned:
+        lines += ["", "The learning curves and the final rolling estimates are PPO's episodes, before fine-tuning."]
     if searches:
         by_label: dict[str, list[dict[str, Any]]] = {}
         for s in searches:

@@ -84,6 +84,24 @@ def test_headroom_is_the_fastest_plan_of_each_model():
 
 
 @pytest.mark.unit
+def test_the_training_table_says_what_each_seed_was_fine_tuned_on():
+    rows = [_row("m1", "tvm", "t", 1.0, aggressive=1.0), _row("m1", "aggressive", "a", 1.0, aggressive=1.0)]
+    cfg = {"families": {"m1": "a"}, "heldout_models": ["m1"], "rounds": 2, "repeat": 2}
+    seed = {"seed": 0, "steps": 64, "episodes": 2, "measurements": 3, "imitated": "tvm", "wall_s": 5.0}
+
+    def training_table(training):
+        result = {"summary": summarize(rows, ["tvm", "aggressive"], []), "rows": rows, "header": "h",
+                  "training": training, "searches": [], "finals": []}
+        return render(cfg, result, []).split("## Training")[1]
+
+    plain = training_table([seed])
+    assert "fine-tuned" not in plain and "| 0 | 64 | 2 | 3 | tvm | 5 |" in plain
+    tuned = training_table([{**seed, "fine_tuned": "credit (5 formed)"}])
+    assert "| fine-tuned on (after PPO) |" in tuned and "| 0 | 64 | 2 | 3 | tvm | credit (5 formed) | 5 |" in tuned
+    assert "before fine-tuning" in tuned
+
+
+@pytest.mark.unit
 def test_a_model_whose_tvm_timing_spreads_is_flagged():
     calm = _row("calm", "tvm", "c", 1.0)  # IQR 10% of the median: a normal 2-thread spread
     noisy = {**_row("noisy", "tvm", "n", 1.0), "latency_ms": 3.3, "spread_ms": 2.1}
