@@ -1,7 +1,7 @@
 """The shipped policy's evaluation and model card, generated from the learn_bench experiment.
 
-One source of truth: the experiment's ``results.json`` (``experiments/learn_bench_v14/`` for the
-shipped policy; the card records which) holds every held-out bench model's
+One source of truth: the experiment's ``results.json`` (``experiments/learn_bench_finetune/`` for
+the shipped policy; the card records which) holds every held-out bench model's
 plans timed head to head (interleaved rounds, paired ratios) and the training runs' statistics.
 :func:`policy_evaluation` turns that file into the ``evaluation`` section of a policy's
 ``card.json``, and :func:`card_block` turns a card into the README's model card.
@@ -96,6 +96,7 @@ def policy_evaluation(results_dir: str | Path) -> dict[str, Any]:
         "training": [{"seed": t["seed"], "run": Path(t["run_dir"]).name, "steps": t["steps"],
                       "episodes": t["episodes"], "kernels_timed": t["measurements"], "wall_s": round(t["wall_s"]),
                       "imitated": t.get("imitated"),
+                      **({"fine_tuned": t["fine_tuned"]} if "fine_tuned" in t else {}),
                       "final_estimate_vs_tvm": _rounded(finals.get(t["seed"], {}).get("vs_tvm"))}
                      for t in results["training"]],
     }
@@ -132,8 +133,11 @@ def card_block(card: Mapping[str, Any], policy: str = "policies/default") -> str
         f"| training | {train['timesteps']:,} steps, {stats.get('episodes', 'n/a')} episodes, "
         f"{stats.get('kernels_timed', 'n/a')} kernels timed, {stats.get('wall_s', 'n/a')} s, seed {seed}: "
         f"`{train['command']}`; behaviour cloning first (the best plan per training model came from: "
-        f"{stats.get('imitated') or 'n/a'}), then PPO; final rolling "
-        f"estimate {_x(stats.get('final_estimate_vs_tvm'))} vs `tvm` on the training models |",
+        f"{stats.get('imitated') or 'n/a'}), then PPO"
+        + (f", then behaviour cloning on the credit plans of the training models with a declared group shape "
+           f"({stats['fine_tuned']})" if stats.get("fine_tuned") else "")
+        + f"; final rolling estimate {_x(stats.get('final_estimate_vs_tvm'))} vs `tvm` on the training models "
+        + ("(PPO's episodes) |" if stats.get("fine_tuned") else "|"),
         f"| export | `fusion-rl export runs/<that run> -o {policy}` (the card records both commands, the "
         f"feature schema and library versions) |",
         f"| evaluated | zero-shot on held-out families ({', '.join(split['models'])}), {split['timing']}, "
