@@ -44,6 +44,22 @@ def test_the_shipped_policy_is_the_best_seed_of_the_run(shipped):
     assert shipped["training"]["run"] == run
 
 
+def test_the_model_card_says_when_the_policy_was_fine_tuned(shipped):
+    seed = shipped["training"]["seed"]
+
+    def with_stats(**extra) -> str:
+        ev = json.loads(json.dumps(shipped["evaluation"]))
+        ev["training"] = [{**{k: v for k, v in t.items() if k != "fine_tuned"}, **extra}
+                          if t["seed"] == seed else t for t in ev["training"]]
+        return card.card_block({**shipped, "evaluation": ev})
+
+    tuned = with_stats(fine_tuned="credit (5 formed)")
+    assert "then PPO, then behaviour cloning on the credit plans of the training models with a declared " \
+        "group shape (credit (5 formed)); final rolling estimate" in tuned and "(PPO's episodes) |" in tuned
+    plain = with_stats()
+    assert "credit plans" not in plain and "then PPO; final rolling estimate" in plain
+
+
 def test_headline_numbers_are_geomeans_of_the_head_to_head_rows(shipped):
     rows = json.loads((RESULTS / "results.json").read_text())["rows"]
     split = shipped["evaluation"]["splits"]["heldout-model"]
