@@ -153,7 +153,9 @@ def credit_demonstrations(env: Any) -> list[Demonstration]:
                 raise ConfigError(f"the credit plan of {name!r} is outside the action space: {exc}") from None
             if info.get("plan_hash") != plan.hash or info.get("invalid_actions"):
                 raise ConfigError(f"the credit plan of {name!r} on {target!r} did not replay to itself")
-            demos.append(Demonstration(name, target, plan, f"credit ({formed} formed)", reward))
+            # The source names the model: a record's sources are listed as a set, and two models'
+            # credit plans with as many instances formed must not read as one.
+            demos.append(Demonstration(name, target, plan, f"credit plan of {name} ({formed} formed)", reward))
     if not demos:
         raise ConfigError("fine_tune: no training model has an instance of the env spec's group shapes")
     return demos

@@ -126,7 +126,7 @@ def test_credit_demonstrations_are_the_credit_plans_of_models_with_a_shape(table
     demos = credit_demonstrations(table_env)
     assert [(d.model, d.target) for d in demos] == [("mobilenet_tiny", "host")]  # mlp_tiny has no pair
     plan, formed = table_env.credit_plan("mobilenet_tiny", "host")
-    assert demos[0].plan.hash == plan.hash and demos[0].source == f"credit ({formed} formed)"
+    assert demos[0].plan.hash == plan.hash and demos[0].source == f"credit plan of mobilenet_tiny ({formed} formed)"
     assert table_env.credit_plan("mlp_tiny", "host") is None
 
 

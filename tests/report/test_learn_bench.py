@@ -184,7 +184,7 @@ def test_the_report_says_which_shape_instances_each_plan_forms(model_cache):
 
 
 @pytest.mark.unit
-def test_a_first_model_timed_wholly_far_is_compared_again():
+def test_a_first_model_timed_wholly_far_is_compared_again(monkeypatch):
     """The first model judged its repeats against its own far probes (no reference yet) and
     counted them near; against the run's lowest probe they are far, so it is named for a second
     comparison. A model judged against a near reference, or with enough near repeats, is not."""
@@ -211,14 +211,11 @@ def test_a_first_model_timed_wholly_far_is_compared_again():
         calls.append((model, plans, refs, reference_us))
         return rows(model, near, reference_us)
 
-    script.compare_plans, original = compare, script.compare_plans
-    try:
-        compared = {m: (m, f"plans of {m}", ["tvm"]) for m in ("first", "second", "third")}
-        out, again = script.compare_misjudged(None, run, compared, {"min_near": 15}, None)
-        assert again and calls == [("first", "plans of first", ["tvm"], 0.6)] and out[:2] == rows("first", near, 0.6)
-        assert script.compare_misjudged(None, out, compared, {"min_near": 15}, None) == (out, False)
-    finally:
-        script.compare_plans = original
+    monkeypatch.setattr(script, "compare_plans", compare)
+    compared = {m: (m, f"plans of {m}", ["tvm"]) for m in ("first", "second", "third")}
+    out, again = script.compare_misjudged(None, run, compared, {"min_near": 15}, None)
+    assert again and calls == [("first", "plans of first", ["tvm"], 0.6)] and out[:2] == rows("first", near, 0.6)
+    assert script.compare_misjudged(None, out, compared, {"min_near": 15}, None) == (out, False)
 
 
 def test_learn_bench_script_trains_decides_and_times_head_to_head(tmp_path, capsys):
