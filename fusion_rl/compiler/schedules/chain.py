@@ -95,20 +95,28 @@ def _is_pointwise_conv(stmt: tirx.SBlock) -> bool:
     return sum((extent_of(iv) or 0) > 1 for iv in reduce) == 1
 
 
-def schedule_pair(sch: s_tir.Schedule, pw: SBlockRV, dw: SBlockRV, registers: int, min_work: int) -> set[str]:
+def schedule_pair(sch: s_tir.Schedule, pw: SBlockRV, dw: SBlockRV, registers: int, min_work: int,
+                  vector_lanes: int = microkernel.NARROW_LANES) -> set[str]:
     """Schedule the consumer convolution (depthwise or grouped), then compute the pointwise one
     (and its epilogue) in each of its channel blocks. Returns the names of the blocks scheduled.
+
+    ``vector_lanes``: the target's widest vector for the pointwise tile (:func:`pointwise_block`).
 
     Raises :class:`Unschedulable` or a TVM ``ScheduleError`` when the pair does not fit.
     """
     pw_name = sch.get(pw).name_hint
     lanes = microkernel.NARROW_LANES
     d_stmt = sch.get(dw)
+    block = lanes
     if _is_depthwise(d_stmt):
         lay = analyze(d_stmt, lanes, registers)
-        done = microkernel.schedule_depthwise(sch, dw, d_stmt, lay, lanes, min_work, channels_inner=True)
+        _, channels, height, width = (int(d) for d in sch.get(pw).writes[0].source.shape)
+        block, _ = pointwise_block(channels, height * width, width, registers, vector_lanes)
+        done = microkernel.schedule_depthwise(sch, dw, d_stmt, lay, lanes, min_work, channels_inner=True,
+                                              blocks=block // lanes)
     else:
         done = schedule_grouped(sch, dw, lanes, registers, min_work)
+    vec = min(vector_lanes, block)
     # The pointwise input's padding block (1x1: a plain copy): read directly.
     for producer in sch.get_producers(pw):
         sch.compute_inline(producer)
@@ -116,36 +124,85 @@ def schedule_pair(sch: s_tir.Schedule, pw: SBlockRV, dw: SBlockRV, registers: in
     consumers = sch.get_consumers(pw)
     if len(consumers) != 1:
         raise Unschedulable("the pointwise output is read by more than the depthwise copy")
-    head = sch.get_loops(consumers[0])[0]  # one depthwise channel block
-    # Channels-last in blocks of `lanes`, as the depthwise copy reads it; one block per
-    # depthwise block.
-    sch.transform_layout(pw, ("write", 0), lambda n, c, h, w: [n, c // lanes, h, w, c % lanes])
+    head = sch.get_loops(consumers[0])[0]  # one step of the parallel loop: `block` channels
+    # Channels-last in blocks of `block`, read by the consumer's copy a channel block at a time.
+    sch.transform_layout(pw, ("write", 0), lambda n, c, h, w: [n, c // block, h, w, c % block])
     sch.compute_at(pw, head, preserve_unit_loops=False)
     pw = sch.get_sblock(pw_name)
     stmt = sch.get(pw)
     loops = [lp for lp in sch.get_loops(pw)[1:] if (microkernel.loop_extent(sch, lp) or 0) > 1]
-    if len(loops) != 4 or microkernel.loop_extent(sch, loops[0]) != lanes:
-        raise Unschedulable("the pointwise loops in a depthwise block are not (channel, h, w, k)")
+    if len(loops) != 4 or microkernel.loop_extent(sch, loops[0]) != block:
+        raise Unschedulable("the pointwise loops in a channel block are not (channel, h, w, k)")
     channel, row, col, red = loops
     width = microkernel.loop_extent(sch, col) or 0
-    rows = next((r for r in _ROWS if width % r == 0), None)
+    rows = _tile_rows(width, block // vec, registers)
     if rows is None:
         raise Unschedulable(f"no register tile divides the width {width}")
+    # The accumulators in registers: the pointwise output is a workspace buffer that LLVM
+    # cannot prove apart from the input, so it would load and store them at every FMA.
+    acc = sch.cache_write(pw, 0, "local")
     c_out, c_in = sch.split(col, factors=[None, rows])
-    sch.reorder(row, c_out, red, c_in, channel)
+    vectors, channel = sch.split(channel, factors=[None, vec])
+    # Per input channel: one weight vector per `vec` channels, one broadcast per pixel, and
+    # rows x vectors accumulators.
+    sch.reorder(row, c_out, red, vectors, c_in, channel)
     sch.unroll(c_in)
+    sch.unroll(vectors)
     sch.vectorize(channel)
-    # Weights [c, k, 1, 1] -> [c // lanes, k, 1, 1, c % lanes]: one vector load per (k, tile).
-    # The weight is the operand that no pixel (the output's h and w iterators) indexes.
+    sch.reverse_compute_at(acc, c_out, preserve_unit_loops=False)
+    wb = [lp for lp in sch.get_loops(acc) if (microkernel.loop_extent(sch, lp) or 0) > 1]
+    if wb and microkernel.loop_extent(sch, wb[-1]) == block:
+        _, wb_lanes = sch.split(wb[-1], factors=[None, vec])
+        sch.vectorize(wb_lanes)
+    # Weights [c, k, 1, 1] -> [c // block, k, 1, 1, c % block]: the block's weights of one
+    # input channel are contiguous. The weight is the operand that no pixel (the output's h and
+    # w iterators) indexes.
     out = stmt.writes[0].source
     pixel = {iv.var.name for iv in [iv for iv in stmt.iter_vars if iv.iter_type == DATA_PAR][2:]}
     w_idx = next(i for i, r in enumerate(stmt.reads) if not r.source.same_as(out)
                  and not set().union(*(vars_of(rng.min) for rng in r.region)) & pixel)
     w_pack = sch.cache_read(pw, w_idx, "global")
-    sch.transform_layout(w_pack, ("write", 0), lambda o, i, a, b: [o // lanes, i, a, b, o % lanes])
+    sch.transform_layout(w_pack, ("write", 0), lambda o, i, a, b: [o // block, i, a, b, o % block])
     sch.compute_at(w_pack, head, preserve_unit_loops=False)
     done.add(sch.get(sch.decompose_reduction(pw, red)).name_hint)
-    return done | {pw_name, sch.get(w_pack).name_hint}
+    # The reduction block is renamed `<name>_update` by the decomposition when it writes a
+    # cache; every name it had counts as scheduled.
+    return done | {pw_name, sch.get(pw).name_hint, sch.get(w_pack).name_hint, sch.get(acc).name_hint}
+
+
+def _tile_rows(width: int, vectors: int, registers: int) -> int | None:
+    """Pixels per register tile: the widest of :data:`_ROWS` that divides ``width`` and leaves,
+    beside ``vectors`` accumulators per pixel, registers for the weights and a broadcast."""
+    return next((r for r in _ROWS if width % r == 0 and r * vectors + vectors + 1 <= registers), None)
+
+
+def pointwise_block(channels: int, pixels: int, width: int, registers: int,
+                    vector_lanes: int) -> tuple[int, int]:
+    """``(channels, steps)``: how many channels of a pointwise -> depthwise pair's pointwise
+    output one step of the parallel loop computes, and how many steps there are.
+
+    One depthwise channel block (``NARROW_LANES``) gives the pointwise tile a single vector per
+    input channel: one FMA per broadcast, at half an AVX-512 register. Several blocks per step
+    give it ``block / vector_lanes`` full vectors per broadcast, as long as the step's output
+    stays in the L2 cache (:data:`_BLOCK_BYTES`), the parallel loop keeps
+    :data:`_MIN_STEPS` steps, and a register tile still divides the width."""
+    best = microkernel.NARROW_LANES
+    for block in _BLOCKS:
+        vec = min(vector_lanes, block)
+        if (block > best and channels % block == 0 and channels // block >= _MIN_STEPS
+                and block * pixels * 4 <= _BLOCK_BYTES and block % vec == 0
+                and _tile_rows(width, block // vec, registers) is not None):
+            best = block
+    return best, channels // best
+
+
+#: Channels per step that :func:`pointwise_block` tries (multiples of the depthwise block).
+_BLOCKS = (16, 32)
+#: At most this many bytes of pointwise output per step: a quarter of a 1 MB L2, so the output
+#: is still cached when the depthwise convolution reads it.
+_BLOCK_BYTES = 256 * 1024
+#: At least this many steps of the parallel loop, so two to four threads stay balanced.
+_MIN_STEPS = 6
 
 
 def schedule_grouped(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers: int,

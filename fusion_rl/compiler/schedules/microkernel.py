@@ -503,7 +503,7 @@ def _place_pack(sch: s_tir.Schedule, pack: SBlockRV, at: LoopRV | None, lanes: i
 
 def schedule_depthwise(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock, lay: Layout,
                        lanes: int, min_work: int, channels_inner: bool = False,
-                       vector_store: bool = False) -> set[str]:
+                       vector_store: bool = False, blocks: int = 1) -> set[str]:
     """Depthwise convolution, channels-last inside the kernel (ORT's MLAS does the same with
     NCHWc): per block of ``lanes`` channels, the padded input is copied to ``[h, w, c]`` and the
     filter to ``[kh, kw, c]``; each (kh, kw) step is then one vector load of input per output
@@ -511,7 +511,8 @@ def schedule_depthwise(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock,
 
     The copy runs along the input's rows (vector reads, scattered writes), or with
     ``channels_inner`` along the channels (for an input that is channels-last already:
-    :mod:`.chain` computes it so). ``vector_store``: as for :func:`schedule_anchor`."""
+    :mod:`.chain` computes it so). ``vector_store``: as for :func:`schedule_anchor`. ``blocks``:
+    channel blocks per step of the parallel loop (:func:`tile_channel_blocks`)."""
     names = [iv.var.name for iv in stmt.iter_vars]
     out = stmt.writes[0].source
     operands = [i for i, r in enumerate(stmt.reads) if not r.source.same_as(out)]
@@ -529,18 +530,20 @@ def schedule_depthwise(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock,
     w_pack = sch.reindex_cache_read(anchor, w_idx, "global",
                                     _index_map(lambda *a: [a[i] for i in w_perm], stmt))
     return tile_channel_blocks(sch, anchor, stmt, lay, lanes, min_work, out_block, w_pack,
-                               x_idx, c_dim, channels_inner, vector_store)
+                               x_idx, c_dim, channels_inner, vector_store, blocks)
 
 
 def tile_channel_blocks(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock, lay: Layout,
                         lanes: int, min_work: int, out_block: SBlockRV, w_pack: SBlockRV,
                         x_idx: int, c_dim: int, channels_inner: bool,
-                        vector_store: bool = False) -> set[str]:
+                        vector_store: bool = False, blocks: int = 1) -> set[str]:
     """The loop nest that :func:`schedule_depthwise` and :func:`.chain.schedule_grouped` share:
     one parallel block of ``lanes`` channels outside, in it a channels-last copy of the input
     operand ``x_idx`` (its channel dimension ``c_dim`` moved last, padding computed in the copy)
     and the filter copy ``w_pack``, then ``rows`` outputs x one vector per reduction step, the
-    accumulators ``out_block`` written back per row tile. Returns the blocks scheduled."""
+    accumulators ``out_block`` written back per row tile. With ``blocks`` > 1 each step of the
+    parallel loop runs that many channel blocks in turn (a producer computed at the parallel
+    loop, :mod:`.chain`, then covers them all). Returns the blocks scheduled."""
     kinds = [iv.iter_type for iv in stmt.iter_vars]
     # Input: the buffer's own layout with the channel moved last, blocked by ``lanes``.
     x_pack = sch.cache_read(anchor, x_idx, "global")
@@ -564,7 +567,10 @@ def tile_channel_blocks(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock
     rest = after + ([r_out] if r_out is not None else [])
     sch.reorder(*before, v_out, *rest, *reduce, *([r_in] if r_in is not None else []), v_in)
     head = sch.fuse(*before, v_out) if before else v_out
-    acc_loop = sch.fuse(*rest) if len(rest) > 1 else (rest[0] if rest else head)
+    step = head
+    if blocks > 1:
+        head, step = sch.split(head, factors=[None, blocks])
+    acc_loop = sch.fuse(*rest) if len(rest) > 1 else (rest[0] if rest else step)
     work = 1
     for iv in stmt.iter_vars:
         work *= extent_of(iv) or min_work
@@ -580,16 +586,17 @@ def tile_channel_blocks(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock
     if vector_store:
         _vectorize_contiguous_store(sch, out_block, acc_loop, lanes)
     done = {stmt.name_hint, sch.get(out_block).name_hint}
-    sch.compute_at(x_pack, head, preserve_unit_loops=False)
+    sch.compute_at(x_pack, step, preserve_unit_loops=False)
     if channels_inner:
-        copy = [lp for lp in sch.get_loops(x_pack)[1:] if (loop_extent(sch, lp) or 0) > 1]
+        copy = [lp for lp in sch.get_loops(x_pack)[1 if blocks == 1 else 2:]
+                if (loop_extent(sch, lp) or 0) > 1]
         if not copy or loop_extent(sch, copy[0]) != lanes:
             raise Unschedulable("the input copy's loops do not start with its channel block")
         sch.reorder(*copy[1:], copy[0])
         sch.vectorize(copy[0])
     else:
         _vectorize_inner(sch, x_pack, lanes)
-    sch.compute_at(w_pack, head, preserve_unit_loops=False)
+    sch.compute_at(w_pack, step, preserve_unit_loops=False)
     _vectorize_inner(sch, w_pack, lanes)
     done |= {sch.get(x_pack).name_hint, sch.get(w_pack).name_hint}
     if reduce:

@@ -81,13 +81,14 @@ class _Ctx:
 
 #: The key of every kernel whose schedule v13 left as it was (:meth:`RulesSchedule.kernel_key`).
 _V12 = "rules:v12"
-#: The key of a pointwise -> grouped pair, whose schedule v13 changed and v14 did not.
-_V13 = "rules:v13"
 #: The key of a kernel with a fused reduction or a ragged row that v16 schedules as v15 did.
 _V15 = "rules:v15"
 #: The key of a kernel that transposes an anchor's output or reduces a single row, whose
 #: schedule v16 changed and v17 did not.
 _V16 = "rules:v16"
+#: The key of a kernel that writes an anchor's epilogue padded or has a short ragged row,
+#: whose schedule v17 changed and v18 did not.
+_V17 = "rules:v17"
 
 
 class RulesSchedule(ScheduleProvider):
@@ -128,34 +129,36 @@ class RulesSchedule(ScheduleProvider):
         # a row reduction of one row ([1, C]) runs as a row, serially; v17: an epilogue whose
         # result the kernel writes padded (the next conv's explicit zero pad) is computed at the
         # anchor's tile, and rows of 3-15 elements that are not whole vectors run serially
-        # instead of paying a div/mod per element in the parallel loop. Records of older
-        # schedules must not be served for the new one, so the version is part of every
-        # measurement's key.
-        return "rules:v17"
+        # instead of paying a div/mod per element in the parallel loop; v18: the pointwise
+        # convolution of a pair (chain.py) accumulates in registers, not in its workspace
+        # output, and one step of a depthwise pair's parallel loop covers up to 32 channels, so
+        # its tile is full AVX-512 vectors. Records of older schedules must not be served for
+        # the new one, so the version is part of every measurement's key.
+        return "rules:v18"
 
     def kernel_key(self, func: tirx.PrimFunc) -> str:
         """v13 changed only the kernels that are a pointwise -> grouped pair, v14 and v15 only
         those with one anchor and another reduction and (v15) row kernels whose rows are not a
         whole number of 16-lane vectors, v16 only those that transpose an anchor's output
         inside the kernel or reduce a single row, v17 only those that write an anchor's epilogue
-        padded or have an injective row of 3-15 elements that is not whole vectors; every other
-        kernel keeps the key (and the timings) of the version that last changed its schedule."""
-        kind = _chain_kind(func)
+        padded or have an injective row of 3-15 elements that is not whole vectors, v18 only
+        the pairs; every other kernel keeps the key (and the timings) of the version that last
+        changed its schedule."""
+        if _chain_kind(func) is not None:
+            return self.key
         sch = s_tir.Schedule(func)
         fused, ragged = _has_fused_reduction(sch), _has_ragged_row(sch)
         single, pads = _has_single_row(sch), _pads_epilogue(sch)
         _inline_injective(sch, fused)  # rule 1, as _schedule_with applies it
         if pads or _has_short_row(sch):
-            return self.key
-        if kind is not None:
-            return _V13 if kind == "grouped" else _V12
+            return _V17
         if single or _transposes_anchor(sch):
             return _V16
         return _V15 if fused or ragged else _V12
 
     @property
     def kernel_keys(self) -> tuple[str, ...]:
-        return (_V12, _V13, _V15, _V16, self.key)
+        return (_V12, _V15, _V16, _V17, self.key)
 
     def schedule(self, mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         ctx = _make_ctx(target)
@@ -277,7 +280,8 @@ def _schedule_with(func: tirx.PrimFunc, ctx: _Ctx,
         pair = chain.match(sch, anchors)
         if pair is None:
             raise ValueError("not a pointwise -> depthwise or grouped pair")
-        done = chain.schedule_pair(sch, *pair, ctx.registers, _MIN_PARALLEL_MACS)
+        done = chain.schedule_pair(sch, *pair, ctx.registers, _MIN_PARALLEL_MACS,
+                                   ctx.lanes(_dtype_bits(sch, pair[0])))
         for block in _root_blocks(sch):
             if sch.get(block).name_hint not in done:
                 _parallel_vectorize(sch, block, ctx)

@@ -8,7 +8,10 @@ import torch
 from torch import nn
 
 from fusion_rl.compiler.build import compile_plan
+from fusion_rl.compiler.kernel_table import plan_kernels
 from fusion_rl.compiler.schedules import make_schedule
+from fusion_rl.compiler.schedules.chain import pointwise_block
+from fusion_rl.compiler.schedules.rules import RulesSchedule
 from fusion_rl.compiler.target import parse_target
 from fusion_rl.compiler.verify import verify_executable
 from fusion_rl.fusion.rules import make_plan
@@ -80,6 +83,9 @@ def _model(tmp_path, name: str, module: nn.Module, shape: tuple[int, ...]):
     (8, 48, 1, 12),   # 12 columns: register tiles of 4 pixels
     (8, 48, 2, 14),   # stride 2 (the depthwise copy pads one side only)
     (4, 16, 1, 7),    # 7 columns (MobileNetV2's last stage), one channel block per 8
+    (8, 96, 1, 7),    # AVX-512: 16 channels per step (two depthwise blocks, one full vector)
+    (8, 192, 2, 14),  # AVX-512: 32 channels per step (two vectors), stride 2
+    (8, 96, 1, 8),    # AVX2: 16 channels per step, tiles of 4 pixels x two vectors
 ])
 def test_expand_then_depthwise_is_one_tile_and_matches_onnx_runtime(tmp_path, target_name, ci, hidden, stride, size):
     model = _model(tmp_path, "ed", _ExpandDepthwise(ci, hidden, stride), (1, ci, size, size))
@@ -142,3 +148,26 @@ def test_the_rules_provider_declares_the_pairs_it_schedules_as_one_tile(model_ca
     compiled = compile_plan(model, plan, parse_target("host").to_tvm(), make_schedule("rules"))
     verify_executable(compiled.executable, model, f"{name}/aggressive_shapes")
     assert list(compiled.schedules.values()).count("chain") == pairs, compiled.schedules
+
+
+@pytest.mark.parametrize("channels, size, registers, lanes, block", [
+    (960, 7, 32, 16, 32),    # MobileNetV2's last stage: two full vectors per pixel
+    (96, 7, 32, 16, 16),     # 32 would leave 3 steps for the threads
+    (144, 56, 32, 16, 16),   # not a multiple of 32; 16 channels of 56 x 56 still fit the L2
+    (96, 112, 32, 16, 8),    # 16 channels of 112 x 112 would not: one depthwise block
+    (96, 7, 16, 8, 8),       # AVX2, 7 columns: 7 pixels x two vectors would not fit 16 registers
+    (96, 8, 16, 8, 16),      # AVX2, 8 columns: tiles of 4 pixels x two vectors do
+    (100, 7, 32, 16, 8),     # no block of 16 divides the channels
+])
+def test_a_step_covers_as_many_channels_as_vectors_cache_and_threads_allow(channels, size, registers, lanes, block):
+    assert pointwise_block(channels, size * size, size, registers, lanes) == (block, channels // block)
+
+
+def test_pairs_are_keyed_by_the_version_that_changed_their_schedule(tmp_path):
+    model = _model(tmp_path, "ed", _ExpandDepthwise(8, 96, 1), (1, 8, 7, 7))
+    provider = RulesSchedule()
+    pair = plan_kernels(model, make_plan("aggressive", model.mod, model.graph), provider.kernel_key)
+    apart = plan_kernels(model, make_plan("tvm", model.mod, model.graph), provider.kernel_key)
+    assert [s.schedule for s in pair] == ["rules:v18"] == [provider.key]
+    # Apart, the convolutions keep the keys (and table times) of earlier versions.
+    assert apart and provider.key not in {s.schedule for s in apart}
