@@ -187,9 +187,9 @@ def test_table_objective_reports_a_failed_kernel_as_a_failed_evaluation(model_ca
 
 
 def test_each_kernel_is_kept_under_the_rules_version_that_last_changed_its_schedule(tmp_path):
-    """``rules:v18`` rescheduled only the pointwise -> depthwise or grouped pairs (chain.py):
-    every other kernel here keeps its ``rules:v12`` row, so a table filled under v12 stays
-    valid for them, while the pair gets a row of its own."""
+    """``rules:v13`` rescheduled only pointwise -> grouped pairs (chain.py), and later versions
+    other kernels: every other kernel here keeps its ``rules:v12`` row, so a table filled under
+    v12 stays valid for them, while the pair keeps its v13 row."""
     import torch
     from torch import nn
 
@@ -212,10 +212,10 @@ def test_each_kernel_is_kept_under_the_rules_version_that_last_changed_its_sched
     with _table(tmp_path / "k.sqlite", schedule="rules") as table:
         assert table.key[1] == "rules:v18"
         assert {s.schedule for s in table.kernels(model, apart)} == {"rules:v12"}
-        assert [s.schedule for s in table.kernels(model, pair)] == ["rules:v18"]
+        assert [s.schedule for s in table.kernels(model, pair)] == ["rules:v13"]
         timed = table.ensure(model, apart) + table.ensure(model, pair)
         assert timed == len(table) == len(_distinct(model, apart)) + 1
         assert table.ensure(model, apart) == table.ensure(model, pair) == 0
     rows = sqlite3.connect(tmp_path / "k.sqlite").execute(
         "SELECT provider, COUNT(*) FROM kernels GROUP BY provider ORDER BY provider").fetchall()
-    assert rows == [("rules:v12", len(_distinct(model, apart))), ("rules:v18", 1)]
+    assert rows == [("rules:v12", len(_distinct(model, apart))), ("rules:v13", 1)]

@@ -108,7 +108,8 @@ def schedule_pair(sch: s_tir.Schedule, pw: SBlockRV, dw: SBlockRV, registers: in
     lanes = microkernel.NARROW_LANES
     d_stmt = sch.get(dw)
     block = lanes
-    if _is_depthwise(d_stmt):
+    depthwise = _is_depthwise(d_stmt)
+    if depthwise:
         lay = analyze(d_stmt, lanes, registers)
         _, channels, height, width = (int(d) for d in sch.get(pw).writes[0].source.shape)
         block, _ = pointwise_block(channels, height * width, width, registers, vector_lanes)
@@ -138,22 +139,28 @@ def schedule_pair(sch: s_tir.Schedule, pw: SBlockRV, dw: SBlockRV, registers: in
     rows = _tile_rows(width, block // vec, registers)
     if rows is None:
         raise Unschedulable(f"no register tile divides the width {width}")
-    # The accumulators in registers: the pointwise output is a workspace buffer that LLVM
-    # cannot prove apart from the input, so it would load and store them at every FMA.
-    acc = sch.cache_write(pw, 0, "local")
+    # The accumulators in registers (depthwise pairs, rules:v18): the pointwise output is a
+    # workspace buffer that LLVM cannot prove apart from the input, so it would load and store
+    # them at every FMA. The grouped pairs keep v13's schedule: a local cache made no
+    # difference there (within 3-6%, slower on all six of RegNetX's pairs).
+    acc = sch.cache_write(pw, 0, "local") if depthwise else None
     c_out, c_in = sch.split(col, factors=[None, rows])
-    vectors, channel = sch.split(channel, factors=[None, vec])
     # Per input channel: one weight vector per `vec` channels, one broadcast per pixel, and
     # rows x vectors accumulators.
-    sch.reorder(row, c_out, red, vectors, c_in, channel)
+    if block > vec:
+        vectors, channel = sch.split(channel, factors=[None, vec])
+        sch.reorder(row, c_out, red, vectors, c_in, channel)
+        sch.unroll(vectors)
+    else:
+        sch.reorder(row, c_out, red, c_in, channel)
     sch.unroll(c_in)
-    sch.unroll(vectors)
     sch.vectorize(channel)
-    sch.reverse_compute_at(acc, c_out, preserve_unit_loops=False)
-    wb = [lp for lp in sch.get_loops(acc) if (microkernel.loop_extent(sch, lp) or 0) > 1]
-    if wb and microkernel.loop_extent(sch, wb[-1]) == block:
-        _, wb_lanes = sch.split(wb[-1], factors=[None, vec])
-        sch.vectorize(wb_lanes)
+    if acc is not None:
+        sch.reverse_compute_at(acc, c_out, preserve_unit_loops=False)
+        wb = [lp for lp in sch.get_loops(acc) if (microkernel.loop_extent(sch, lp) or 0) > 1]
+        if wb and microkernel.loop_extent(sch, wb[-1]) == block:
+            _, wb_lanes = sch.split(wb[-1], factors=[None, vec])
+            sch.vectorize(wb_lanes)
     # Weights [c, k, 1, 1] -> [c // block, k, 1, 1, c % block]: the block's weights of one
     # input channel are contiguous. The weight is the operand that no pixel (the output's h and
     # w iterators) indexes.
@@ -167,7 +174,8 @@ def schedule_pair(sch: s_tir.Schedule, pw: SBlockRV, dw: SBlockRV, registers: in
     done.add(sch.get(sch.decompose_reduction(pw, red)).name_hint)
     # The reduction block is renamed `<name>_update` by the decomposition when it writes a
     # cache; every name it had counts as scheduled.
-    return done | {pw_name, sch.get(pw).name_hint, sch.get(w_pack).name_hint, sch.get(acc).name_hint}
+    done |= {pw_name, sch.get(pw).name_hint, sch.get(w_pack).name_hint}
+    return done | ({sch.get(acc).name_hint} if acc is not None else set())
 
 
 def _tile_rows(width: int, vectors: int, registers: int) -> int | None:

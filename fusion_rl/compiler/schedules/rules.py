@@ -81,6 +81,8 @@ class _Ctx:
 
 #: The key of every kernel whose schedule v13 left as it was (:meth:`RulesSchedule.kernel_key`).
 _V12 = "rules:v12"
+#: The key of a pointwise -> grouped pair, whose schedule v13 changed and v14-v18 did not.
+_V13 = "rules:v13"
 #: The key of a kernel with a fused reduction or a ragged row that v16 schedules as v15 did.
 _V15 = "rules:v15"
 #: The key of a kernel that transposes an anchor's output or reduces a single row, whose
@@ -130,7 +132,7 @@ class RulesSchedule(ScheduleProvider):
         # result the kernel writes padded (the next conv's explicit zero pad) is computed at the
         # anchor's tile, and rows of 3-15 elements that are not whole vectors run serially
         # instead of paying a div/mod per element in the parallel loop; v18: the pointwise
-        # convolution of a pair (chain.py) accumulates in registers, not in its workspace
+        # convolution of a depthwise pair (chain.py) accumulates in registers, not in its workspace
         # output, and one step of a depthwise pair's parallel loop covers up to 32 channels, so
         # its tile is full AVX-512 vectors. Records of older schedules must not be served for
         # the new one, so the version is part of every measurement's key.
@@ -142,10 +144,11 @@ class RulesSchedule(ScheduleProvider):
         whole number of 16-lane vectors, v16 only those that transpose an anchor's output
         inside the kernel or reduce a single row, v17 only those that write an anchor's epilogue
         padded or have an injective row of 3-15 elements that is not whole vectors, v18 only
-        the pairs; every other kernel keeps the key (and the timings) of the version that last
-        changed its schedule."""
-        if _chain_kind(func) is not None:
-            return self.key
+        the pointwise -> depthwise pairs; every other kernel keeps the key (and the timings) of
+        the version that last changed its schedule."""
+        kind = _chain_kind(func)
+        if kind is not None:
+            return _V13 if kind == "grouped" else self.key
         sch = s_tir.Schedule(func)
         fused, ragged = _has_fused_reduction(sch), _has_ragged_row(sch)
         single, pads = _has_single_row(sch), _pads_epilogue(sch)
@@ -158,7 +161,7 @@ class RulesSchedule(ScheduleProvider):
 
     @property
     def kernel_keys(self) -> tuple[str, ...]:
-        return (_V12, _V15, _V16, _V17, self.key)
+        return (_V12, _V13, _V15, _V16, _V17, self.key)
 
     def schedule(self, mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         ctx = _make_ctx(target)

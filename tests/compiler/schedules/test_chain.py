@@ -171,3 +171,6 @@ def test_pairs_are_keyed_by_the_version_that_changed_their_schedule(tmp_path):
     assert [s.schedule for s in pair] == ["rules:v18"] == [provider.key]
     # Apart, the convolutions keep the keys (and table times) of earlier versions.
     assert apart and provider.key not in {s.schedule for s in apart}
+    grouped = _model(tmp_path, "eg", _ExpandGrouped(8, 16, 1), (1, 8, 16, 16))
+    kernels = plan_kernels(grouped, make_plan("aggressive", grouped.mod, grouped.graph), provider.kernel_key)
+    assert [s.schedule for s in kernels] == ["rules:v13"]  # v18 left the grouped pairs as they were
