@@ -18,9 +18,11 @@ than its anchors as separate kernels. These pairs are different, and are the sha
   intermediate (4.8 MB for MobileNetV2's first expand) stays in the cache, never a round trip
   through memory.
 
-The pointwise convolution inside a block is a register tile of ``rows`` pixels x one vector of
-channels, accumulated over its input channels, its weights copied ``[input channel, channel]``
-once per block.
+The pointwise convolution inside a block is a register tile of ``rows`` pixels x one or more
+vectors of channels, accumulated over its input channels, its weights copied
+``[input channel, channel]`` once per block. For a depthwise consumer (``rules:v18``) the
+accumulators are registers, and one step of the parallel loop may cover several depthwise blocks
+(:func:`pointwise_block`), so that the tile's vectors are as wide as the target's.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from fusion_rl.compiler.schedules.anchor_layout import (
     DATA_PAR, REDUCE, Unschedulable, analyze, channel_groups, extent_of, simplified_indices, vars_of,
 )
 
-#: Pixels per register tile of the pointwise convolution (x one vector of channels each).
+#: Pixels per register tile of the pointwise convolution (x one or more vectors of channels).
 _ROWS = (8, 7, 4, 2)
 
 

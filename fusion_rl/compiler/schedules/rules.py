@@ -147,14 +147,17 @@ class RulesSchedule(ScheduleProvider):
         the pointwise -> depthwise pairs; every other kernel keeps the key (and the timings) of
         the version that last changed its schedule."""
         kind = _chain_kind(func)
-        if kind is not None:
-            return _V13 if kind == "grouped" else self.key
+        if kind == "depthwise":
+            return self.key
         sch = s_tir.Schedule(func)
         fused, ragged = _has_fused_reduction(sch), _has_ragged_row(sch)
         single, pads = _has_single_row(sch), _pads_epilogue(sch)
         _inline_injective(sch, fused)  # rule 1, as _schedule_with applies it
+        # Before the grouped pairs: v17 rescheduled those with a short row too.
         if pads or _has_short_row(sch):
             return _V17
+        if kind is not None:
+            return _V13
         if single or _transposes_anchor(sch):
             return _V16
         return _V15 if fused or ragged else _V12

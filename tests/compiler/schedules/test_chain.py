@@ -174,3 +174,7 @@ def test_pairs_are_keyed_by_the_version_that_changed_their_schedule(tmp_path):
     grouped = _model(tmp_path, "eg", _ExpandGrouped(8, 16, 1), (1, 8, 16, 16))
     kernels = plan_kernels(grouped, make_plan("aggressive", grouped.mod, grouped.graph), provider.kernel_key)
     assert [s.schedule for s in kernels] == ["rules:v13"]  # v18 left the grouped pairs as they were
+    # One with 7-wide rows keeps v17's key, the last version that changed its schedule.
+    grouped = _model(tmp_path, "eg7", _ExpandGrouped(8, 16, 1), (1, 8, 7, 7))
+    kernels = plan_kernels(grouped, make_plan("aggressive", grouped.mod, grouped.graph), provider.kernel_key)
+    assert [s.schedule for s in kernels] == ["rules:v17"]
