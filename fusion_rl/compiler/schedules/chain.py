@@ -113,8 +113,9 @@ def schedule_pair(sch: s_tir.Schedule, pw: SBlockRV, dw: SBlockRV, registers: in
     depthwise = _is_depthwise(d_stmt)
     if depthwise:
         lay = analyze(d_stmt, lanes, registers)
-        _, channels, height, width = (int(d) for d in sch.get(pw).writes[0].source.shape)
-        block, _ = pointwise_block(channels, height * width, width, registers, vector_lanes)
+        out = sch.get(pw).writes[0].source
+        _, channels, height, width = (int(d) for d in out.shape)
+        block = pointwise_block(channels, height * width * out.dtype.bits // 8, width, registers, vector_lanes)
         done = microkernel.schedule_depthwise(sch, dw, d_stmt, lay, lanes, min_work, channels_inner=True,
                                               blocks=block // lanes)
     else:
@@ -186,31 +187,27 @@ def _tile_rows(width: int, vectors: int, registers: int) -> int | None:
     return next((r for r in _ROWS if width % r == 0 and r * vectors + vectors + 1 <= registers), None)
 
 
-def pointwise_block(channels: int, pixels: int, width: int, registers: int,
-                    vector_lanes: int) -> tuple[int, int]:
-    """``(channels, steps)``: how many channels of a pointwise -> depthwise pair's pointwise
-    output one step of the parallel loop computes, and how many steps there are.
+def pointwise_block(channels: int, channel_bytes: int, width: int, registers: int, vector_lanes: int) -> int:
+    """How many channels of a pointwise -> depthwise pair's pointwise output (``channel_bytes``
+    per channel, rows ``width`` wide) one step of the parallel loop computes.
 
     One depthwise channel block (``NARROW_LANES``) gives the pointwise tile a single vector per
     input channel: one FMA per broadcast, at half an AVX-512 register. Several blocks per step
     give it ``block / vector_lanes`` full vectors per broadcast, as long as the step's output
-    stays in the L2 cache (:data:`_BLOCK_BYTES`), the parallel loop keeps
+    stays in the L2 cache (:data:`~.microkernel.L2_BLOCK_BYTES`), the parallel loop keeps
     :data:`_MIN_STEPS` steps, and a register tile still divides the width."""
     best = microkernel.NARROW_LANES
     for block in _BLOCKS:
-        vec = min(vector_lanes, block)
-        if (block > best and channels % block == 0 and channels // block >= _MIN_STEPS
-                and block * pixels * 4 <= _BLOCK_BYTES and block % vec == 0
-                and _tile_rows(width, block // vec, registers) is not None):
+        if (channels % block == 0 and channels // block >= _MIN_STEPS
+                and block * channel_bytes <= microkernel.L2_BLOCK_BYTES
+                and _tile_rows(width, block // min(vector_lanes, block), registers) is not None):
             best = block
-    return best, channels // best
+    return best
 
 
-#: Channels per step that :func:`pointwise_block` tries (multiples of the depthwise block).
+#: Channels per step that :func:`pointwise_block` tries, in increasing order (multiples of the
+#: depthwise block and of every vector width).
 _BLOCKS = (16, 32)
-#: At most this many bytes of pointwise output per step: a quarter of a 1 MB L2, so the output
-#: is still cached when the depthwise convolution reads it.
-_BLOCK_BYTES = 256 * 1024
 #: At least this many steps of the parallel loop, so two to four threads stay balanced.
 _MIN_STEPS = 6
 

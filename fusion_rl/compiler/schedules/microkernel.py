@@ -35,9 +35,10 @@ from fusion_rl.compiler.schedules.anchor_layout import (
 from fusion_rl.compiler.schedules.prepack import WeightPack, layout_free_params
 from fusion_rl.compiler.schedules.transpose_layout import read_order, writes_in_order
 
-#: Bytes of prepacked panels one L2 block holds (half of the smallest L2 of the x86 CPUs this
-#: runs on, Zen 3's 512 KiB: the row blocks and the output tile use the rest).
-PANEL_BLOCK_BYTES = 256 << 10
+#: Bytes of data that one cache block of a kernel may hold and still find in L2 when it is read
+#: again: prepacked panels here, a pair's pointwise output in :mod:`.chain`. Half of the smallest
+#: L2 of the x86 CPUs this runs on (Zen 3's 512 KiB): the rest of the working set uses the other.
+L2_BLOCK_BYTES = 256 << 10
 
 
 #: Vector lanes (fp32: one AVX2 register, half an AVX-512 one) that AVX-512 targets use where
@@ -361,7 +362,7 @@ def _constant_operand_axis(sch: s_tir.Schedule, stmt: tirx.SBlock, lanes: int) -
 
 def _panel_block(sch: s_tir.Schedule, v_out: LoopRV, stmt: tirx.SBlock, vec: int) -> int:
     """Panels per L2 block: the largest divisor of the panel count whose panels fit in
-    :data:`PANEL_BLOCK_BYTES`."""
+    :data:`L2_BLOCK_BYTES`."""
     panels = loop_extent(sch, v_out) or 1
     depth = 1
     for iv in stmt.iter_vars:
@@ -369,7 +370,7 @@ def _panel_block(sch: s_tir.Schedule, v_out: LoopRV, stmt: tirx.SBlock, vec: int
             depth *= extent_of(iv) or 1
     panel_bytes = depth * vec * stmt.writes[0].source.dtype.bits // 8
     return max((d for d in range(1, panels + 1)
-                if panels % d == 0 and d * panel_bytes <= PANEL_BLOCK_BYTES), default=1)
+                if panels % d == 0 and d * panel_bytes <= L2_BLOCK_BYTES), default=1)
 
 
 def _prepack(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock,
@@ -588,8 +589,9 @@ def tile_channel_blocks(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock
     done = {stmt.name_hint, sch.get(out_block).name_hint}
     sch.compute_at(x_pack, step, preserve_unit_loops=False)
     if channels_inner:
-        copy = [lp for lp in sch.get_loops(x_pack)[1 if blocks == 1 else 2:]
-                if (loop_extent(sch, lp) or 0) > 1]
+        outer = sch.get_loops(x_pack)
+        below = next(i for i, lp in enumerate(outer) if sch.get(lp).same_as(sch.get(step))) + 1
+        copy = [lp for lp in outer[below:] if (loop_extent(sch, lp) or 0) > 1]
         if not copy or loop_extent(sch, copy[0]) != lanes:
             raise Unschedulable("the input copy's loops do not start with its channel block")
         sch.reorder(*copy[1:], copy[0])

@@ -160,7 +160,7 @@ def test_the_rules_provider_declares_the_pairs_it_schedules_as_one_tile(model_ca
     (100, 7, 32, 16, 8),     # no block of 16 divides the channels
 ])
 def test_a_step_covers_as_many_channels_as_vectors_cache_and_threads_allow(channels, size, registers, lanes, block):
-    assert pointwise_block(channels, size * size, size, registers, lanes) == (block, channels // block)
+    assert pointwise_block(channels, size * size * 4, size, registers, lanes) == block
 
 
 def test_pairs_are_keyed_by_the_version_that_changed_their_schedule(tmp_path):
