@@ -10,7 +10,7 @@ tvm = pytest.importorskip("tvm")
 
 from tvm import relax, te, tirx, topi  # noqa: E402
 
-from fusion_rl.compiler.schedules import rules  # noqa: E402
+from fusion_rl.compiler.schedules import blocks, rules  # noqa: E402
 from fusion_rl.compiler.schedules.base import SCHEDULE_ATTR  # noqa: E402
 from fusion_rl.compiler.schedules.rules import RulesSchedule  # noqa: E402
 from fusion_rl.compiler.target import parse_target  # noqa: E402
@@ -97,7 +97,7 @@ def test_a_layer_norm_of_40_channels_is_factored_by_8_lanes_under_avx512() -> No
     gamma, beta = te.placeholder((40,), name="g"), te.placeholder((40,), name="b")
     kernel = te.create_prim_func([x, gamma, beta, topi.nn.layer_norm(x, gamma, beta, axis=[3], epsilon=1e-6)])
     assert RulesSchedule().kernel_key(kernel) == "rules:v15"
-    avx512 = rules._Ctx(TARGET, 512, 32)  # the schedule a Zen 4/5 or Sapphire Rapids host gets
+    avx512 = blocks.Ctx(TARGET, 512, 32)  # the schedule a Zen 4/5 or Sapphire Rapids host gets
     scheduled = rules.schedule_prim_func(kernel, avx512)
     sch = tvm.s_tir.Schedule(scheduled)
     partial = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).name_hint.endswith("_rf")]

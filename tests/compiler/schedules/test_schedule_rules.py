@@ -18,7 +18,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline  # noqa: E402
 from tvm.relax.frontend.onnx import from_onnx  # noqa: E402
 from tvm.script import tirx as T  # noqa: E402
 
-from fusion_rl.compiler.schedules import rules  # noqa: E402
+from fusion_rl.compiler.schedules import blocks, rules, tile  # noqa: E402
 from fusion_rl.compiler.schedules.rules import RulesSchedule  # noqa: E402
 
 from fusion_rl.compiler.schedules.base import SCHEDULE_ATTR, fallbacks, schedule_report  # noqa: E402
@@ -131,8 +131,8 @@ def test_rules_schedules_conv_kernels(cnn: Models) -> None:
         for name in convs:
             script = after[name].script()
             assert "T.vectorized" in script, name
-            # Threads only pay off above _MIN_PARALLEL_MACS; this net has convs on both sides.
-            assert ("T.parallel" in script) == (_anchor_macs(before[name]) >= rules._MIN_PARALLEL_MACS), name
+            # Threads only pay off above MIN_PARALLEL_MACS; this net has convs on both sides.
+            assert ("T.parallel" in script) == (_anchor_macs(before[name]) >= blocks.MIN_PARALLEL_MACS), name
             assert not tvm_ffi.structural_equal(after[name], before[name])
             assert after[name].attrs["tirx.is_scheduled"]
 
@@ -140,8 +140,8 @@ def test_rules_schedules_conv_kernels(cnn: Models) -> None:
 def _anchor_macs(func: tirx.PrimFunc) -> int:
     """Largest iteration count of a reduction block in ``func`` (its anchor's MACs)."""
     sch = tvm.s_tir.Schedule(func)
-    work = [rules._block_work(sch.get(b)) for b in sch.get_child_blocks(sch.get_sblock("root"))
-            if rules._is_mac(sch, b)]
+    work = [tile.block_work(sch.get(b)) for b in sch.get_child_blocks(sch.get_sblock("root"))
+            if blocks.is_mac(sch, b)]
     return max(work, default=0)
 
 
@@ -396,7 +396,7 @@ def test_failing_rule_falls_back_per_kernel(
     def broken(*_args: object, **_kwargs: object) -> set[str]:
         raise RuntimeError("simulated schedule failure")
 
-    monkeypatch.setattr(rules, "_schedule_anchor", broken)
+    monkeypatch.setattr(tile, "schedule_anchor", broken)
     monkeypatch.setattr(rules.microkernel, "schedule_anchor", broken)
     out = RulesSchedule().schedule(fused, TARGET)
     before, after = _prim_funcs(fused), _prim_funcs(out)

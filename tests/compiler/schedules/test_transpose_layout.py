@@ -12,7 +12,7 @@ tvm = pytest.importorskip("tvm")
 
 from tvm import te, tirx, topi  # noqa: E402
 
-from fusion_rl.compiler.schedules import rules, transpose_layout  # noqa: E402
+from fusion_rl.compiler.schedules import blocks, rules, transpose_layout  # noqa: E402
 from fusion_rl.compiler.schedules.base import SCHEDULE_ATTR  # noqa: E402
 from fusion_rl.compiler.schedules.rules import RulesSchedule  # noqa: E402
 from fusion_rl.compiler.target import parse_target  # noqa: E402
@@ -90,8 +90,8 @@ def test_a_matmul_keeps_its_output_layout_when_the_transpose_would_move_its_vect
     kernel = _matmul_transposed_layer_norm()
     assert RulesSchedule().kernel_key(kernel) == "rules:v16"
     sch = tvm.s_tir.Schedule(kernel)
-    rules._inline_injective(sch, rules._has_fused_reduction(sch))
-    (anchor,) = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if rules._is_mac(sch, b)]
+    blocks.inline_injective(sch, blocks.has_fused_reduction(sch))
+    (anchor,) = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if blocks.is_mac(sch, b)]
     found = transpose_layout.find_transpose(sch, anchor)
     assert found is not None and found.order == (1, 0)
     assert not rules._pull_transpose(sch, anchor, 16, 32)
