@@ -59,6 +59,15 @@ def extent_of(iv: tirx.IterVar) -> int | None:
     return int(ext) if isinstance(ext, tirx.IntImm) else None
 
 
+def is_depthwise(stmt: tirx.SBlock, lanes: int) -> bool:
+    """Whether :func:`analyze` gives ``stmt`` the depthwise layout (the channel axis indexes
+    both operands: ``panel == -1``)."""
+    try:
+        return analyze(stmt, lanes).panel == -1
+    except Unschedulable:
+        return False
+
+
 def analyze(stmt: tirx.SBlock, lanes: int, registers: int = 16,
             vector_axis: int | None = None) -> Layout:
     """Pick the vector axis, register axis and packed operand of a MAC block (or raise).

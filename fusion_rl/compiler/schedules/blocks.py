@@ -18,7 +18,7 @@ from tvm.s_tir.schedule import LoopRV, SBlockRV, ScheduleError
 from fusion_rl.graph.fast_math import ROW_BLOCK
 
 from . import microkernel
-from .anchor_layout import DATA_PAR, REDUCE, extent_of, vars_of
+from .anchor_layout import DATA_PAR, REDUCE, extent_of, is_depthwise, vars_of
 
 #: Below this many output elements a ``parallel`` loop costs more (thread-pool wake-up, a few
 #: microseconds) than it saves, so tiny kernels run serially.
@@ -227,11 +227,41 @@ def uses_var(region: tirx.BufferRegion, var: tirx.Var) -> bool:
     return any(var.name in vars_of(r.min) for r in region.region)
 
 
+def is_identity_copy(stmt: tirx.SBlock) -> bool:
+    """Whether ``stmt`` copies a buffer of its own shape element for element: ``B[i, j] = A[i, j]``
+    with its iterators as the indices of both, in order (a ``pad_temp`` with no padding)."""
+    body = stmt.body
+    if not isinstance(body, tirx.BufferStore) or not isinstance(body.value, tvm.ir.expr.TensorLoad):
+        return False
+    load = body.value
+    ivs = [iv.var for iv in stmt.iter_vars]
+
+    def identity(indices: list) -> bool:
+        return len(indices) == len(ivs) and all(isinstance(i, tirx.Var) and i.same_as(v)
+                                                 for i, v in zip(indices, ivs))
+
+    same_shape = [str(d) for d in load.source.shape] == [str(d) for d in body.buffer.shape]
+    return same_shape and identity(list(load.indices)) and identity(list(body.indices))
+
+
+def copies_anchor_input(sch: s_tir.Schedule) -> bool:
+    """Whether an anchor reads a plain copy (:func:`is_identity_copy`) of its input. After
+    v18's inlining (:func:`inline_injective` with ``plain_copies=False``) these are the kernels
+    that ``rules:v19`` schedules differently, on any target, so that the key does not depend
+    on it. Depthwise anchors are not counted: their schedule copies each channel block of the
+    input channels-last itself (:func:`.microkernel.schedule_depthwise`), through the copy or
+    not alike."""
+    return any(is_identity_copy(sch.get(b)) and any(
+        is_mac(sch, c) and not is_depthwise(sch.get(c), microkernel.NARROW_LANES)
+        for c in sch.get_consumers(b)) for b in root_blocks(sch))
+
+
 # --------------------------------------------------------------------------------------------
 # Rule 1: inlining
 
 
-def inline_injective(sch: s_tir.Schedule, fused_reduction: bool = False) -> None:
+def inline_injective(sch: s_tir.Schedule, fused_reduction: bool = False,
+                     plain_copies: bool = True) -> None:
     """Inline injective blocks until nothing changes, keeping anchor inputs materialized.
 
     With ``fused_reduction`` (a kernel with an anchor and another reduction,
@@ -249,6 +279,13 @@ def inline_injective(sch: s_tir.Schedule, fused_reduction: bool = False) -> None
     The anchors' epilogues also stay where the kernel writes them padded
     (:func:`pads_epilogue`, ``rules:v17``), for the same reason: inlined into the pad, the
     epilogue ran as a scalar pass over the padded domain.
+
+    An anchor's input stays materialized, but for a plain copy (:func:`is_identity_copy`;
+    ``rules:v19``, and ``plain_copies=False`` keeps those too, as v18 did): the ``pad_temp`` of
+    a convolution without padding (every 1x1 conv) copies its input element for element, and
+    the anchor can read the input itself. Kept, the copy was a scalar pass over the whole input
+    before every such conv (over MobileNetV2's 576 x 14 x 14 projection input, more than a
+    third of that kernel's time).
     """
     epilogues = _epilogues(sch) if fused_reduction or pads_epilogue(sch) else set()
     changed = True
@@ -258,8 +295,11 @@ def inline_injective(sch: s_tir.Schedule, fused_reduction: bool = False) -> None
             if not is_injective(sch, block):
                 continue
             consumers = sch.get_consumers(block)
-            if not consumers or any(is_mac(sch, c) for c in consumers):
-                continue  # outputs stay; anchor inputs stay (see module docstring)
+            if not consumers:
+                continue  # outputs stay
+            if any(is_mac(sch, c) for c in consumers) and not (
+                    plain_copies and is_identity_copy(sch.get(block))):
+                continue  # anchor inputs stay (see .rules), but for a plain copy
             if fused_reduction and (reads_row_reduction(sch, block) or any(
                     is_row_reduction(sch, c)
                     and microkernel.reads_pointwise(sch.get(c), sch.get(block).writes[0].source)

@@ -32,7 +32,8 @@ from tvm.s_tir.schedule import SBlockRV
 
 from fusion_rl.compiler.schedules import microkernel
 from fusion_rl.compiler.schedules.anchor_layout import (
-    DATA_PAR, REDUCE, Unschedulable, analyze, channel_groups, extent_of, simplified_indices, vars_of,
+    DATA_PAR, REDUCE, Unschedulable, analyze, channel_groups, extent_of, is_depthwise,
+    simplified_indices, vars_of,
 )
 
 #: Pixels per register tile of the pointwise convolution (x one or more vectors of channels).
@@ -49,7 +50,7 @@ def match(sch: s_tir.Schedule, anchors: list[SBlockRV]) -> tuple[SBlockRV, SBloc
     p_stmt, d_stmt = sch.get(pw), sch.get(dw)
     if not (_is_pointwise_conv(p_stmt) and len(d_stmt.writes[0].source.shape) == 4):
         return None
-    if not (_is_depthwise(d_stmt) or _group_width(d_stmt) == microkernel.NARROW_LANES):
+    if not (is_depthwise(d_stmt, microkernel.NARROW_LANES) or _group_width(d_stmt) == microkernel.NARROW_LANES):
         return None
     # Every block between them must be elementwise (the epilogue and the padding), one path.
     frontier, seen = list(sch.get_consumers(pw)), set()
@@ -69,14 +70,7 @@ def match(sch: s_tir.Schedule, anchors: list[SBlockRV]) -> tuple[SBlockRV, SBloc
 
 def consumer_kind(sch: s_tir.Schedule, consumer: SBlockRV) -> str:
     """``"depthwise"`` or ``"grouped"``: the kind of a pair's consumer (:func:`match`)."""
-    return "depthwise" if _is_depthwise(sch.get(consumer)) else "grouped"
-
-
-def _is_depthwise(stmt: tirx.SBlock) -> bool:
-    try:
-        return analyze(stmt, microkernel.NARROW_LANES).panel == -1
-    except Unschedulable:
-        return False
+    return "depthwise" if is_depthwise(sch.get(consumer), microkernel.NARROW_LANES) else "grouped"
 
 
 def _group_width(stmt: tirx.SBlock) -> int | None:
@@ -110,7 +104,7 @@ def schedule_pair(sch: s_tir.Schedule, pw: SBlockRV, dw: SBlockRV, registers: in
     lanes = microkernel.NARROW_LANES
     d_stmt = sch.get(dw)
     block = lanes
-    depthwise = _is_depthwise(d_stmt)
+    depthwise = is_depthwise(d_stmt, microkernel.NARROW_LANES)
     if depthwise:
         lay = analyze(d_stmt, lanes, registers)
         out = sch.get(pw).writes[0].source

@@ -40,8 +40,9 @@ from fusion_rl.errors import first_line
 from . import chain, microkernel, prepack, rows, tile, transpose_layout
 from .base import SCHEDULE_ATTR, ScheduleProvider
 from .blocks import (
-    MIN_PARALLEL_MACS, Ctx, dtype_bits, has_fused_reduction, has_ragged_row, has_short_row,
-    has_single_row, inline_injective, is_mac, pads_epilogue, parallel_vectorize, root_blocks,
+    MIN_PARALLEL_MACS, Ctx, copies_anchor_input, dtype_bits, has_fused_reduction, has_ragged_row,
+    has_short_row, has_single_row, inline_injective, is_mac, pads_epilogue, parallel_vectorize,
+    root_blocks,
 )
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ _V16 = "rules:v16"
 #: The key of a kernel that writes an anchor's epilogue padded or has a short ragged row,
 #: whose schedule v17 changed and v18 did not.
 _V17 = "rules:v17"
+#: The key of a pointwise -> depthwise pair, whose schedule v18 changed and v19 did not.
+_V18 = "rules:v18"
 
 
 class RulesSchedule(ScheduleProvider):
@@ -101,9 +104,11 @@ class RulesSchedule(ScheduleProvider):
         # instead of paying a div/mod per element in the parallel loop; v18: the pointwise
         # convolution of a depthwise pair (chain.py) accumulates in registers, not in its workspace
         # output, and one step of a depthwise pair's parallel loop covers up to 32 channels, so
-        # its tile is full AVX-512 vectors. Records of older schedules must not be served for
-        # the new one, so the version is part of every measurement's key.
-        return "rules:v18"
+        # its tile is full AVX-512 vectors; v19: an anchor reads its input itself where the
+        # kernel only copies it (the pad_temp of a 1x1 convolution, blocks.is_identity_copy).
+        # Records of older schedules must not be served for the new one, so the version is part
+        # of every measurement's key.
+        return "rules:v19"
 
     def kernel_key(self, func: tirx.PrimFunc) -> str:
         """v13 changed only the kernels that are a pointwise -> grouped pair, v14 and v15 only
@@ -111,15 +116,18 @@ class RulesSchedule(ScheduleProvider):
         whole number of 16-lane vectors, v16 only those that transpose an anchor's output
         inside the kernel or reduce a single row, v17 only those that write an anchor's epilogue
         padded or have an injective row of 3-15 elements that is not whole vectors, v18 only
-        the pointwise -> depthwise pairs; every other kernel keeps the key (and the timings) of
-        the version that last changed its schedule."""
+        the pointwise -> depthwise pairs, v19 only the other kernels whose anchor reads a plain
+        copy of its input; every other kernel keeps the key (and the timings) of the version
+        that last changed its schedule."""
         kind = _chain_kind(func)
         if kind == "depthwise":
-            return self.key
+            return _V18  # chain.py inlined its copy already
         sch = s_tir.Schedule(func)
         fused, ragged = has_fused_reduction(sch), has_ragged_row(sch)
         single, pads = has_single_row(sch), pads_epilogue(sch)
-        inline_injective(sch, fused)  # rule 1, as _schedule_with applies it
+        inline_injective(sch, fused, plain_copies=False)  # rule 1, as v18 applied it
+        if kind is None and copies_anchor_input(sch):
+            return self.key
         # Before the grouped pairs: v17 rescheduled those with a short row too.
         if pads or has_short_row(sch):
             return _V17
@@ -131,7 +139,7 @@ class RulesSchedule(ScheduleProvider):
 
     @property
     def kernel_keys(self) -> tuple[str, ...]:
-        return (_V12, _V13, _V15, _V16, _V17, self.key)
+        return (_V12, _V13, _V15, _V16, _V17, _V18, self.key)
 
     def schedule(self, mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         ctx = _make_ctx(target)

@@ -168,9 +168,10 @@ def test_pairs_are_keyed_by_the_version_that_changed_their_schedule(tmp_path):
     provider = RulesSchedule()
     pair = plan_kernels(model, make_plan("aggressive", model.mod, model.graph), provider.kernel_key)
     apart = plan_kernels(model, make_plan("tvm", model.mod, model.graph), provider.kernel_key)
-    assert [s.schedule for s in pair] == ["rules:v18"] == [provider.key]
-    # Apart, the convolutions keep the keys (and table times) of earlier versions.
-    assert apart and provider.key not in {s.schedule for s in apart}
+    assert [s.schedule for s in pair] == ["rules:v18"]
+    # Apart, the depthwise convolution keeps the key (and table times) of an earlier version;
+    # the pointwise one reads its input itself since v19 (test_blocks).
+    assert sorted(s.schedule for s in apart) == ["rules:v17", "rules:v19"]
     grouped = _model(tmp_path, "eg", _ExpandGrouped(8, 16, 1), (1, 8, 16, 16))
     kernels = plan_kernels(grouped, make_plan("aggressive", grouped.mod, grouped.graph), provider.kernel_key)
     assert [s.schedule for s in kernels] == ["rules:v13"]  # v18 left the grouped pairs as they were

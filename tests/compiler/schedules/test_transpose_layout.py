@@ -109,7 +109,8 @@ def test_a_conv_transposed_into_the_kernels_output_stores_it_channels_last() -> 
     x, w = te.placeholder((1, 16, 8, 8), name="x"), te.placeholder((16, 16, 1, 1), name="w")
     out = topi.transpose(topi.nn.conv2d_nchw(x, w, 1, 0, 1), [0, 2, 3, 1])
     kernel = te.create_prim_func([x, w, out])
-    assert RulesSchedule().kernel_key(kernel) == "rules:v16"
+    # Keyed anew under v16, and under v19 since: its 1x1 conv reads the input itself (test_blocks).
+    assert RulesSchedule().kernel_key(kernel) == "rules:v19"
     scheduled = rules.schedule_prim_func(kernel, rules._make_ctx(TARGET))
     sch, root = _root(scheduled)
     assert "T_transpose" not in [sch.get(b).name_hint for b in root], scheduled.script()
