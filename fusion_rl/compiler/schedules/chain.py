@@ -50,7 +50,8 @@ def match(sch: s_tir.Schedule, anchors: list[SBlockRV]) -> tuple[SBlockRV, SBloc
     p_stmt, d_stmt = sch.get(pw), sch.get(dw)
     if not (_is_pointwise_conv(p_stmt) and len(d_stmt.writes[0].source.shape) == 4):
         return None
-    if not (is_depthwise(d_stmt, microkernel.NARROW_LANES) or _group_width(d_stmt) == microkernel.NARROW_LANES):
+    lanes = microkernel.NARROW_LANES
+    if not (is_depthwise(d_stmt, lanes) or _group_width(d_stmt) == lanes):
         return None
     # Every block between them must be elementwise (the epilogue and the padding), one path.
     frontier, seen = list(sch.get_consumers(pw)), set()

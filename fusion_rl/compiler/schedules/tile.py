@@ -16,7 +16,9 @@ from tvm.s_tir.schedule import LoopRV, SBlockRV, ScheduleError
 
 from . import microkernel
 from .anchor_layout import DATA_PAR, REDUCE, vars_of
-from .blocks import MIN_PARALLEL_MACS, Ctx, const_extent, dtype_bits, is_injective, uses_var, vector_factor
+from .blocks import (
+    MIN_PARALLEL_MACS, Ctx, const_extent, dtype_bits, is_injective, uses_var, vector_factor,
+)
 
 
 #: Accumulator rows per micro-tile: ``_REG_BLOCK x lanes`` accumulators fit the 16/32 vector

@@ -70,7 +70,8 @@ def test_a_pointwise_conv_reads_its_input_itself(cin: int, cout: int, size: int,
     assert scheduled.attrs[SCHEDULE_ATTR] == "microkernel", scheduled.attrs[SCHEDULE_ATTR]
     assert _has_block(kernel, "pad_temp") and not _has_block(scheduled, "pad_temp")
     rng = np.random.default_rng(0)
-    args = [rng.standard_normal(s).astype("float32") for s in ((1, cin, size, size), (cout, cin, 1, 1), (1, cout, 1, 1))]
+    shapes = ((1, cin, size, size), (cout, cin, 1, 1), (1, cout, 1, 1))
+    args = [rng.standard_normal(s).astype("float32") for s in shapes]
     out = size // stride
     got = _run(scheduled, args, (1, cout, out, out))
     want = np.einsum("nchw,kc->nkhw", args[0][:, :, ::stride, ::stride], args[1][:, :, 0, 0]) + args[2]
