@@ -105,21 +105,22 @@ def schedule_pair(sch: s_tir.Schedule, pw: SBlockRV, dw: SBlockRV, registers: in
     lanes = microkernel.NARROW_LANES
     d_stmt = sch.get(dw)
     block = lanes
-    depthwise = is_depthwise(d_stmt, microkernel.NARROW_LANES)
+    depthwise = is_depthwise(d_stmt, lanes)
     if depthwise:
         lay = analyze(d_stmt, lanes, registers)
         out = sch.get(pw).writes[0].source
         _, channels, height, width = (int(d) for d in out.shape)
-        block = pointwise_block(channels, height * width * out.dtype.bits // 8, width, registers, vector_lanes)
+        channel_bytes = height * width * out.dtype.bits // 8
+        block = pointwise_block(channels, channel_bytes, width, registers, vector_lanes)
         done = microkernel.schedule_depthwise(sch, dw, d_stmt, lay, lanes, min_work, channels_inner=True,
                                               blocks=block // lanes)
     else:
         done = schedule_grouped(sch, dw, lanes, registers, min_work)
     vec = min(vector_lanes, block)
-    # The pointwise input's padding block (1x1: a plain copy): read directly.
-    for producer in sch.get_producers(pw):
-        sch.compute_inline(producer)
-    pw = sch.get_sblock(pw_name)
+    # The pointwise input's padding block (1x1: a plain copy) is gone: rule 1 inlines plain
+    # copies of an anchor's input (blocks.inline_injective, rules:v19).
+    if sch.get_producers(pw):
+        raise Unschedulable("the pointwise convolution reads a block of the kernel")
     consumers = sch.get_consumers(pw)
     if len(consumers) != 1:
         raise Unschedulable("the pointwise output is read by more than the depthwise copy")

@@ -121,7 +121,7 @@ class RulesSchedule(ScheduleProvider):
         that last changed its schedule."""
         kind = _chain_kind(func)
         if kind == "depthwise":
-            return _V18  # chain.py inlined its copy already
+            return _V18  # chain.py inlined its input copy before v19 did it for every anchor
         sch = s_tir.Schedule(func)
         fused, ragged = has_fused_reduction(sch), has_ragged_row(sch)
         single, pads = has_single_row(sch), pads_epilogue(sch)
