@@ -249,7 +249,7 @@ def copies_anchor_input(sch: s_tir.Schedule) -> bool:
     v18's inlining (:func:`inline_injective` with ``plain_copies=False``) these are the kernels
     that ``rules:v19`` schedules differently, on any target, so that the key does not depend
     on it. Depthwise anchors are not counted: their schedule copies each channel block of the
-    input channels-last itself (:func:`.microkernel.schedule_depthwise`), through the copy or
+    input channels-last itself (:func:`.depthwise.schedule_depthwise`), through the copy or
     not alike."""
     return any(is_identity_copy(sch.get(b)) and any(
         is_mac(sch, c) and not is_depthwise(sch.get(c), microkernel.NARROW_LANES)

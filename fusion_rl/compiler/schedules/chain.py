@@ -13,7 +13,7 @@ than its anchors as separate kernels. These pairs are different, and are the sha
   channels of the pointwise output and nothing else. Computing the pointwise convolution per
   block recomputes nothing;
 - the consumer copies each channel block of its input channels-last before the taps
-  (:func:`~.microkernel.schedule_depthwise`, :func:`schedule_grouped`). Here the pointwise
+  (:func:`~.depthwise.schedule_depthwise`, :func:`schedule_grouped`). Here the pointwise
   convolution writes that block channels-last itself, so the copy is a contiguous one and the
   intermediate (4.8 MB for MobileNetV2's first expand) stays in the cache, never a round trip
   through memory.
@@ -30,7 +30,7 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 from tvm.s_tir.schedule import SBlockRV
 
-from fusion_rl.compiler.schedules import microkernel
+from fusion_rl.compiler.schedules import depthwise, microkernel, register_tile
 from fusion_rl.compiler.schedules.anchor_layout import (
     DATA_PAR, REDUCE, Unschedulable, analyze, channel_groups, extent_of, is_depthwise,
     simplified_indices, vars_of,
@@ -105,15 +105,15 @@ def schedule_pair(sch: s_tir.Schedule, pw: SBlockRV, dw: SBlockRV, registers: in
     lanes = microkernel.NARROW_LANES
     d_stmt = sch.get(dw)
     block = lanes
-    depthwise = is_depthwise(d_stmt, lanes)
-    if depthwise:
+    depthwise_consumer = is_depthwise(d_stmt, lanes)
+    if depthwise_consumer:
         lay = analyze(d_stmt, lanes, registers)
         out = sch.get(pw).writes[0].source
         _, channels, height, width = (int(d) for d in out.shape)
         channel_bytes = height * width * out.dtype.bits // 8
         block = pointwise_block(channels, channel_bytes, width, registers, vector_lanes)
-        done = microkernel.schedule_depthwise(sch, dw, d_stmt, lay, lanes, min_work, channels_inner=True,
-                                              blocks=block // lanes)
+        done = depthwise.schedule_depthwise(sch, dw, d_stmt, lay, lanes, min_work, channels_inner=True,
+                                            blocks=block // lanes)
     else:
         done = schedule_grouped(sch, dw, lanes, registers, min_work)
     vec = min(vector_lanes, block)
@@ -130,11 +130,11 @@ def schedule_pair(sch: s_tir.Schedule, pw: SBlockRV, dw: SBlockRV, registers: in
     sch.compute_at(pw, head, preserve_unit_loops=False)
     pw = sch.get_sblock(pw_name)
     stmt = sch.get(pw)
-    loops = [lp for lp in sch.get_loops(pw)[1:] if (microkernel.loop_extent(sch, lp) or 0) > 1]
-    if len(loops) != 4 or microkernel.loop_extent(sch, loops[0]) != block:
+    loops = [lp for lp in sch.get_loops(pw)[1:] if (register_tile.loop_extent(sch, lp) or 0) > 1]
+    if len(loops) != 4 or register_tile.loop_extent(sch, loops[0]) != block:
         raise Unschedulable("the pointwise loops in a channel block are not (channel, h, w, k)")
     channel, row, col, red = loops
-    width = microkernel.loop_extent(sch, col) or 0
+    width = register_tile.loop_extent(sch, col) or 0
     rows = _tile_rows(width, block // vec, registers)
     if rows is None:
         raise Unschedulable(f"no register tile divides the width {width}")
@@ -142,7 +142,7 @@ def schedule_pair(sch: s_tir.Schedule, pw: SBlockRV, dw: SBlockRV, registers: in
     # workspace buffer that LLVM cannot prove apart from the input, so it would load and store
     # them at every FMA. The grouped pairs keep v13's schedule: a local cache made no
     # difference there (within 3-6%, slower on all six of RegNetX's pairs).
-    acc = sch.cache_write(pw, 0, "local") if depthwise else None
+    acc = sch.cache_write(pw, 0, "local") if depthwise_consumer else None
     c_out, c_in = sch.split(col, factors=[None, rows])
     # Per input channel: one weight vector per `vec` channels, one broadcast per pixel, and
     # rows x vectors accumulators.
@@ -156,8 +156,8 @@ def schedule_pair(sch: s_tir.Schedule, pw: SBlockRV, dw: SBlockRV, registers: in
     sch.vectorize(channel)
     if acc is not None:
         sch.reverse_compute_at(acc, c_out, preserve_unit_loops=False)
-        wb = [lp for lp in sch.get_loops(acc) if (microkernel.loop_extent(sch, lp) or 0) > 1]
-        if wb and microkernel.loop_extent(sch, wb[-1]) == block:
+        wb = [lp for lp in sch.get_loops(acc) if (register_tile.loop_extent(sch, lp) or 0) > 1]
+        if wb and register_tile.loop_extent(sch, wb[-1]) == block:
             _, wb_lanes = sch.split(wb[-1], factors=[None, vec])
             sch.vectorize(wb_lanes)
     # Weights [c, k, 1, 1] -> [c // block, k, 1, 1, c % block]: the block's weights of one
@@ -238,12 +238,12 @@ def schedule_grouped(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, register
     g_name = stmt.iter_vars[axis].var.name
     c_dim = next(d for d, e in enumerate(simplified_indices(stmt.reads[x_idx], stmt))
                  if g_name in vars_of(e))
-    out_block = microkernel.cache_accumulators(sch, anchor, stmt, lay)
+    out_block = register_tile.cache_accumulators(sch, anchor, stmt, lay)
     w_pack = microkernel.make_pack(sch, anchor, stmt, lay)
-    done = microkernel.tile_channel_blocks(sch, anchor, stmt, lay, lanes, min_work, out_block, w_pack,
+    done = depthwise.tile_channel_blocks(sch, anchor, stmt, lay, lanes, min_work, out_block, w_pack,
                                            x_idx, c_dim, channels_inner=True)
     out_block = sch.get_sblock(sch.get(out_block).name_hint)
     wb_loops = sch.get_loops(out_block)
-    if wb_loops and microkernel.loop_extent(sch, wb_loops[-1]) == lanes:
+    if wb_loops and register_tile.loop_extent(sch, wb_loops[-1]) == lanes:
         sch.vectorize(wb_loops[-1])  # the group's channels, one vector store per pixel
     return done

@@ -18,8 +18,9 @@ BLAS libraries (GotoBLAS, MLAS) and of TOPI's x86 ``conv2d_NCHWc`` / ``dense_pac
   the elementwise epilogue (bias, batch norm, activation, residual) inlined into the write-back.
 
 Loop nest: ``parallel(outer tiles) / [pack] / reduction / r_inner (unrolled) / v_inner
-(vectorized)``; prepacked panels are blocked to fit L2, the row blocks inside each block. Depthwise convolutions (the channel axis indexes both operands) copy input and
-filter channels-last and vectorize the channels (:func:`schedule_depthwise`). Matmuls whose
+(vectorized)``; prepacked panels are blocked to fit L2, the row blocks inside each block.
+Depthwise convolutions (the channel axis indexes both operands) copy input and filter
+channels-last and vectorize the channels (:func:`.depthwise.schedule_depthwise`). Matmuls whose
 extents do not tile (ViT's 197 tokens) are padded first (``pad_einsum``).
 """
 
@@ -30,9 +31,14 @@ from tvm.s_tir.schedule import LoopRV, SBlockRV, ScheduleError
 
 from fusion_rl.compiler.schedules.anchor_layout import (
     DATA_PAR, REDUCE, Layout, Unschedulable, analyze, channel_groups, einsum_padding, extent_of,
-    is_channel, simplified_indices, vars_of, x_operand,
+    is_channel, simplified_indices, vars_of,
 )
+from fusion_rl.compiler.schedules.depthwise import schedule_depthwise
 from fusion_rl.compiler.schedules.prepack import WeightPack, layout_free_params
+from fusion_rl.compiler.schedules.register_tile import (
+    cache_accumulators, index_map, loop_extent, split_tile, vectorize_by_registers,
+    vectorize_contiguous_store,
+)
 from fusion_rl.compiler.schedules.transpose_layout import read_order, writes_in_order
 
 #: Bytes of data that one cache block of a kernel may hold and still find in L2 when it is read
@@ -186,7 +192,7 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
     # Write-back (+ epilogue) at the accumulator tile, vectorized along v.
     sch.reverse_compute_at(out_block, acc_loop, preserve_unit_loops=False)
     wb_loops = sch.get_loops(out_block)
-    if wb_loops and not (vector_store and _vectorize_contiguous_store(sch, out_block, acc_loop, lanes)):
+    if wb_loops and not (vector_store and vectorize_contiguous_store(sch, out_block, acc_loop, lanes)):
         inner_wb = wb_loops[-1]
         ext = loop_extent(sch, inner_wb)
         if ext and ext % 4 == 0 and ext <= 4 * lanes * 4 and not inner_wb.same_as(acc_loop):
@@ -202,26 +208,6 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
         done.add(sch.get(sch.decompose_reduction(anchor, reduce[0])).name_hint)
     done.add(sch.get(anchor).name_hint)
     return done, packs, lay
-
-
-def vectorize_by_registers(sch: s_tir.Schedule, loop: LoopRV, lanes: int) -> None:
-    """Vectorize ``loop`` one register (``lanes`` elements) at a time, the registers unrolled.
-
-    A loop vectorized whole becomes one LLVM vector of its full width. For widths that are not
-    a power of two (3 x 16 = 48 lanes with AVX-512), LLVM's code (target ``znver4``, on a Zen 5
-    host) was 13-30x slower than for 64 lanes (bench_bert's dense: 9.4 ms, 0.30 ms split) and,
-    on ViT, wrong (inf in every output). Split per register
-    (or per the largest power of two >= 4 dividing the extent), every width is plain vectors.
-    """
-    ext = loop_extent(sch, loop)
-    if ext and ext > lanes:
-        factor = lanes
-        while factor > 4 and ext % factor:
-            factor //= 2
-        if ext % factor == 0:
-            outer, loop = sch.split(loop, factors=[None, factor])
-            sch.unroll(outer)
-    sch.vectorize(loop)
 
 
 def reads_pointwise(stmt: tirx.SBlock, buffer: tirx.Buffer) -> bool:
@@ -400,68 +386,6 @@ def _prepack(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock,
     return {param: pack}
 
 
-def split_tile(sch: s_tir.Schedule, anchor: SBlockRV, kinds: list, lay: Layout) -> tuple:
-    """Split the vector axis by ``vec`` and the register axis by ``rows``.
-
-    Returns (loops before the split, spatial iterator indices, reduction loops, (v_outer,
-    v_inner), (r_outer or None, r_inner or None)).
-    """
-    loops = sch.get_loops(anchor)
-    spatial = [i for i, k in enumerate(kinds) if k == DATA_PAR]
-    reduce = [loops[i] for i, k in enumerate(kinds) if k == REDUCE]
-    v_out, v_in = sch.split(loops[lay.v], factors=[None, lay.vec])
-    r_out = r_in = None
-    if lay.r is not None and lay.rows > 1:
-        r_out, r_in = sch.split(loops[lay.r], factors=[None, lay.rows])
-    elif lay.r is not None:
-        r_out = loops[lay.r]
-    return loops, spatial, reduce, (v_out, v_in), (r_out, r_in)
-
-
-def _index_map(fn, stmt: tirx.SBlock) -> tirx.IndexMap:
-    """An index map over all of ``stmt``'s block iterators, in their dtype."""
-    # Legalized Relax kernels index with int64 (TVM's default for ``from_func`` too).
-    return tirx.IndexMap.from_func(fn, ndim=len(stmt.iter_vars), index_dtype="int64")
-
-
-def loop_extent(sch: s_tir.Schedule, loop: LoopRV) -> int | None:
-    ext = sch.get(loop).extent
-    return int(ext) if isinstance(ext, tirx.IntImm) else None
-
-
-def cache_accumulators(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock, lay: Layout) -> SBlockRV:
-    """``local`` accumulators indexed in block-iterator order with ``v`` last; returns the
-    write-back block with every single-producer elementwise consumer inlined into it."""
-    spatial = [i for i, iv in enumerate(stmt.iter_vars) if iv.iter_type == DATA_PAR]
-    perm = [i for i in spatial if i != lay.v] + [lay.v]
-
-    def index_map(*axes):  # maps *all* block iterators to the accumulator's index
-        return [axes[i] for i in perm]
-
-    wb = sch.reindex_cache_write(anchor, 0, "local", _index_map(index_map, stmt))
-    out_shape = [int(s) for s in stmt.writes[0].source.shape]
-    changed = True
-    while changed:
-        changed = False
-        consumers = sch.get_consumers(wb)
-        # Only a sole consumer joins the write-back: with several, inlining one of them left
-        # the others reading a buffer whose allocation was gone ("used before its
-        # definition" at build time; found by the plan fuzzer on a whole-network group).
-        for consumer in consumers if len(consumers) == 1 else []:
-            c = sch.get(consumer)
-            if not c.writes or [int(s) for s in c.writes[0].source.shape] != out_shape:
-                continue
-            if any(iv.iter_type != DATA_PAR for iv in c.iter_vars):
-                continue
-            try:
-                sch.reverse_compute_inline(consumer)
-                changed = True
-                break
-            except ScheduleError:
-                continue
-    return wb
-
-
 def make_pack(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock, lay: Layout) -> SBlockRV:
     """Copy the panel operand into ``[reduction/other..., v]`` order (contiguous ``v``)."""
     out = stmt.writes[0].source
@@ -472,7 +396,7 @@ def make_pack(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock, lay: Lay
     ivs = [i for i, iv in enumerate(stmt.iter_vars) if iv.var.name in used]
     perm = [i for i in ivs if i != lay.v] + [lay.v]
     pack = sch.reindex_cache_read(anchor, idx, "global",
-                                  _index_map(lambda *a: [a[i] for i in perm], stmt))
+                                  index_map(lambda *a: [a[i] for i in perm], stmt))
     # The copy's loops follow the anchor's iterator order; put v innermost so that the copy
     # writes (and, for dense weights, reads) whole vectors instead of striding by a row.
     order = [ivs.index(i) for i in perm]
@@ -501,147 +425,3 @@ def _place_pack(sch: s_tir.Schedule, pack: SBlockRV, at: LoopRV | None, lanes: i
             sch.parallel(loops[0])
     return sch.get(pack).name_hint
 
-
-def schedule_depthwise(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock, lay: Layout,
-                       lanes: int, min_work: int, channels_inner: bool = False,
-                       vector_store: bool = False, blocks: int = 1) -> set[str]:
-    """Depthwise convolution, channels-last inside the kernel (ORT's MLAS does the same with
-    NCHWc): per block of ``lanes`` channels, the padded input is copied to ``[h, w, c]`` and the
-    filter to ``[kh, kw, c]``; each (kh, kw) step is then one vector load of input per output
-    vector and one filter vector shared by ``rows`` outputs, whatever the stride.
-
-    The copy runs along the input's rows (vector reads, scattered writes), or with
-    ``channels_inner`` along the channels (for an input that is channels-last already:
-    :mod:`.chain` computes it so). ``vector_store``: as for :func:`schedule_anchor`. ``blocks``:
-    channel blocks per step of the parallel loop (:func:`tile_channel_blocks`)."""
-    names = [iv.var.name for iv in stmt.iter_vars]
-    out = stmt.writes[0].source
-    operands = [i for i, r in enumerate(stmt.reads) if not r.source.same_as(out)]
-    uses = [set().union(*(vars_of(rng.min) for rng in stmt.reads[i].region)) for i in operands]
-    xk = x_operand([stmt.reads[i] for i in operands], names[lay.v], uses)
-    x_idx, w_idx = operands[xk], operands[1 - xk]
-    c_dim = next(d for d, rng in enumerate(stmt.reads[x_idx].region)
-                 if is_channel(rng.min, stmt.iter_vars[lay.v]))
-
-    out_block = cache_accumulators(sch, anchor, stmt, lay)
-    # Filter: [reduction..., c] through the block iterators (a single point per iteration).
-    w_used = uses[1 - xk]
-    w_ivs = [i for i, iv in enumerate(stmt.iter_vars) if iv.var.name in w_used]
-    w_perm = [i for i in w_ivs if i != lay.v] + [lay.v]
-    w_pack = sch.reindex_cache_read(anchor, w_idx, "global",
-                                    _index_map(lambda *a: [a[i] for i in w_perm], stmt))
-    return tile_channel_blocks(sch, anchor, stmt, lay, lanes, min_work, out_block, w_pack,
-                               x_idx, c_dim, channels_inner, vector_store, blocks)
-
-
-def tile_channel_blocks(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock, lay: Layout,
-                        lanes: int, min_work: int, out_block: SBlockRV, w_pack: SBlockRV,
-                        x_idx: int, c_dim: int, channels_inner: bool,
-                        vector_store: bool = False, blocks: int = 1) -> set[str]:
-    """The loop nest that :func:`schedule_depthwise` and :func:`.chain.schedule_grouped` share:
-    one parallel block of ``lanes`` channels outside, in it a channels-last copy of the input
-    operand ``x_idx`` (its channel dimension ``c_dim`` moved last, padding computed in the copy)
-    and the filter copy ``w_pack``, then ``rows`` outputs x one vector per reduction step, the
-    accumulators ``out_block`` written back per row tile. With ``blocks`` > 1 each step of the
-    parallel loop runs that many channel blocks in turn (a producer computed at the parallel
-    loop, :mod:`.chain`, then covers them all). Returns the blocks scheduled."""
-    kinds = [iv.iter_type for iv in stmt.iter_vars]
-    # Input: the buffer's own layout with the channel moved last, blocked by ``lanes``.
-    x_pack = sch.cache_read(anchor, x_idx, "global")
-    ndim = len(stmt.reads[x_idx].source.shape)
-
-    def channels_last(*idx):
-        rest = [idx[d] for d in range(ndim) if d != c_dim]
-        return [idx[c_dim] // lanes, *rest, idx[c_dim] % lanes]
-
-    sch.transform_layout(x_pack, ("write", 0), channels_last)
-    producers = sch.get_producers(x_pack)
-    for p in producers:  # the padding block: computed while copying, not materialized
-        try:
-            sch.compute_inline(p)
-        except ScheduleError:
-            pass
-
-    loops, spatial, reduce, (v_out, v_in), (r_out, r_in) = split_tile(sch, anchor, kinds, lay)
-    before = [loops[i] for i in spatial if i < lay.v]
-    after = [loops[i] for i in spatial if i > lay.v and i != lay.r]
-    rest = after + ([r_out] if r_out is not None else [])
-    sch.reorder(*before, v_out, *rest, *reduce, *([r_in] if r_in is not None else []), v_in)
-    head = sch.fuse(*before, v_out) if before else v_out
-    step = head
-    if blocks > 1:
-        head, step = sch.split(head, factors=[None, blocks])
-    acc_loop = sch.fuse(*rest) if len(rest) > 1 else (rest[0] if rest else step)
-    work = 1
-    for iv in stmt.iter_vars:
-        work *= extent_of(iv) or min_work
-    if work >= min_work and (loop_extent(sch, head) or 2) > 1:
-        sch.parallel(head)
-    if r_in is not None:
-        sch.unroll(r_in)
-    for lp in reduce:
-        if (loop_extent(sch, lp) or 99) <= 7:
-            sch.unroll(lp)
-    sch.vectorize(v_in)
-    sch.reverse_compute_at(out_block, acc_loop, preserve_unit_loops=False)
-    if vector_store:
-        _vectorize_contiguous_store(sch, out_block, acc_loop, lanes)
-    done = {stmt.name_hint, sch.get(out_block).name_hint}
-    sch.compute_at(x_pack, step, preserve_unit_loops=False)
-    if channels_inner:
-        outer = sch.get_loops(x_pack)
-        below = next(i for i, lp in enumerate(outer) if sch.get(lp).same_as(sch.get(step))) + 1
-        copy = [lp for lp in outer[below:] if (loop_extent(sch, lp) or 0) > 1]
-        if not copy or loop_extent(sch, copy[0]) != lanes:
-            raise Unschedulable("the input copy's loops do not start with its channel block")
-        sch.reorder(*copy[1:], copy[0])
-        sch.vectorize(copy[0])
-    else:
-        _vectorize_inner(sch, x_pack, lanes)
-    sch.compute_at(w_pack, step, preserve_unit_loops=False)
-    _vectorize_inner(sch, w_pack, lanes)
-    done |= {sch.get(x_pack).name_hint, sch.get(w_pack).name_hint}
-    if reduce:
-        done.add(sch.get(sch.decompose_reduction(anchor, reduce[0])).name_hint)
-    done.add(sch.get(anchor).name_hint)
-    return done
-
-
-def _vectorize_inner(sch: s_tir.Schedule, block: SBlockRV, lanes: int) -> None:
-    loops = sch.get_loops(block)
-    ext = loop_extent(sch, loops[-1]) if loops else None
-    if ext and ext % 4 == 0 and ext <= 256:
-        try:
-            vectorize_by_registers(sch, loops[-1], lanes)
-        except ScheduleError:
-            pass
-
-
-def _vectorize_contiguous_store(sch: s_tir.Schedule, block: SBlockRV, tile: LoopRV, lanes: int) -> bool:
-    """Vectorize a write-back (computed at loop ``tile``) along its buffer's last dimension:
-    the one of its own loops that drives that index, if it is a whole number of vectors (at
-    most four), moved innermost and vectorized a register at a time. Returns whether it did.
-    Used where :mod:`.transpose_layout` put the anchor's vector axis last: the write-back's
-    loops still follow the old layout (a depthwise tile's pixels innermost), and vectorized so
-    they would scatter."""
-    loops = sch.get_loops(block)
-    at = next((i for i, lp in enumerate(loops) if sch.get(lp).same_as(sch.get(tile))), None)
-    own = loops[at + 1:] if at is not None else []
-    if not own:
-        return False
-    realize = sch.get(own[-1]).body
-    if not isinstance(realize, s_tir.SBlockRealize):
-        return False
-    last = realize.block.writes[0].region[-1].min
-    value = next((v for iv, v in zip(realize.block.iter_vars, realize.iter_values)
-                  if iv.var.same_as(last)), None)
-    if value is None:
-        return False
-    names = vars_of(value)
-    driving = [lp for lp in own if sch.get(lp).loop_var.name in names]
-    ext = loop_extent(sch, driving[0]) if len(driving) == 1 else None
-    if not ext or ext % lanes or ext > 4 * lanes:
-        return False
-    sch.reorder(*[lp for lp in own if not lp.same_as(driving[0])], driving[0])
-    vectorize_by_registers(sch, driving[0], lanes)
-    return True

@@ -13,7 +13,7 @@ from tvm.s_tir.schedule import SBlockRV, ScheduleError
 
 from fusion_rl.errors import first_line
 
-from . import microkernel, transpose_layout
+from . import register_tile, transpose_layout
 from .anchor_layout import DATA_PAR, REDUCE, extent_of
 from .blocks import (
     Ctx, const_extent, is_injective, is_row_reduction, reads_row_reduction,
@@ -226,7 +226,7 @@ def _schedule_rows(sch: s_tir.Schedule, ctx: Ctx, names: list[str] | None = None
         if sch.get(inner).same_as(sch.get(spatial)):  # no loop of its own (a keepdims mean)
             continue
         if stmt.name_hint in rf_names:
-            microkernel.vectorize_by_registers(sch, inner, lanes)
+            register_tile.vectorize_by_registers(sch, inner, lanes)
         elif all(iv.iter_type == DATA_PAR for iv in stmt.iter_vars):
             ext = const_extent(sch, inner)
             exact = vector_factor(ext, lanes)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 from tvm.s_tir.schedule import LoopRV, SBlockRV, ScheduleError
 
-from . import microkernel
+from . import register_tile
 from .anchor_layout import DATA_PAR, REDUCE, vars_of
 from .blocks import (
     MIN_PARALLEL_MACS, Ctx, const_extent, dtype_bits, is_injective, uses_var, vector_factor,
@@ -156,5 +156,5 @@ def _attach_epilogue(sch: s_tir.Schedule, anchor: SBlockRV, tile: LoopRV, ctx: C
             ext = const_extent(sch, inner)
             # The epilogue's inner loop is the anchor's vector tile: vectorize it whole.
             if ext is not None and 1 < ext <= lanes * 4 and vector_factor(ext, lanes) > 1:
-                microkernel.vectorize_by_registers(sch, inner, lanes)
+                register_tile.vectorize_by_registers(sch, inner, lanes)
     return attached
