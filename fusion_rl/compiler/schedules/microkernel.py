@@ -37,7 +37,7 @@ from fusion_rl.compiler.schedules.depthwise import schedule_depthwise
 from fusion_rl.compiler.schedules.prepack import WeightPack, layout_free_params
 from fusion_rl.compiler.schedules.register_tile import (
     cache_accumulators, index_map, loop_extent, split_tile, vectorize_by_registers,
-    vectorize_contiguous_store,
+    vectorize_contiguous_store, vectorize_inner,
 )
 from fusion_rl.compiler.schedules.transpose_layout import read_order, writes_in_order
 
@@ -413,15 +413,8 @@ def _place_pack(sch: s_tir.Schedule, pack: SBlockRV, at: LoopRV | None, lanes: i
     if at is not None:
         sch.compute_at(pack, at, preserve_unit_loops=False)
     loops = sch.get_loops(pack)
-    if loops:
-        inner = loops[-1]
-        ext = loop_extent(sch, inner)
-        if ext and ext % 4 == 0 and ext <= 256:
-            try:
-                vectorize_by_registers(sch, inner, lanes)
-            except ScheduleError:
-                pass
-        if at is None and len(loops) > 1 and (loop_extent(sch, loops[0]) or 1) > 1:
-            sch.parallel(loops[0])
+    vectorize_inner(sch, pack, lanes)
+    if at is None and len(loops) > 1 and (loop_extent(sch, loops[0]) or 1) > 1:
+        sch.parallel(loops[0])
     return sch.get(pack).name_hint
 

@@ -93,6 +93,8 @@ def cache_accumulators(sch: s_tir.Schedule, anchor: SBlockRV, stmt: tirx.SBlock,
 
 
 def vectorize_inner(sch: s_tir.Schedule, block: SBlockRV, lanes: int) -> None:
+    """Vectorize ``block``'s innermost loop a register at a time when it is a whole number of
+    4-lane steps, at most 256 (a copy's contiguous run); leave it scalar where TVM refuses."""
     loops = sch.get_loops(block)
     ext = loop_extent(sch, loops[-1]) if loops else None
     if ext and ext % 4 == 0 and ext <= 256:
