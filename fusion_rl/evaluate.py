@@ -96,8 +96,9 @@ def load_policy(run_dir: str | Path) -> TrainedPolicy:
         if ``run_dir`` is not a run directory or holds no snapshot.
     """
     from fusion_rl.io import read_json
+    from fusion_rl.policy.run_dir import run_snapshot
     from fusion_rl.policy.snapshot import load_snapshot
-    from fusion_rl.policy.training import TrainConfig, run_snapshot
+    from fusion_rl.policy.training import TrainConfig
 
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"

@@ -28,8 +28,8 @@ def export_run(
     from fusion_rl.compiler.store import library_versions
     from fusion_rl.graph.features import feature_schema
     from fusion_rl.io import read_json
+    from fusion_rl.policy.run_dir import run_snapshot
     from fusion_rl.policy.snapshot import load_snapshot
-    from fusion_rl.policy.training import run_snapshot
 
     run = Path(run_dir)
     config_path = run / "config.json"

@@ -1,25 +1,10 @@
-"""Training of the fusion policy: config, run directory, checkpoints, logs, resume.
+"""Training of the fusion policy: config, env, callbacks, warm start, PPO, fine-tuning, resume.
 
 :func:`train` is the whole procedure and reads top to bottom, CleanRL style: config -> run
 directory -> env -> model (fresh or from the latest checkpoint) -> callbacks -> ``learn`` ->
 final model. ``scripts/train.py`` and ``fusion-rl train`` are thin wrappers around it.
 
-A run directory ``runs/<env>__<exp>__<seed>__<time>/`` holds:
-
-==========================  ===================================================================
-``config.json``             the full, resolved config (what :func:`train` ran with)
-``checkpoints/step_N.zip``  model + optimizer after ``N`` env steps, written via temp + rename
-``checkpoints/step_N.{safetensors,json}``  the actor alone, in files that never execute
-                            (:mod:`fusion_rl.policy.snapshot`), written before the zip
-``final_model.zip``         the model after ``total_timesteps`` and ``fine_tune`` (and
-                            ``final_model.{safetensors,json}``)
-``warm_start.json``,        what behaviour cloning imitated before and after PPO, its losses
-``fine_tune.json``          and the measurements it spent (when configured)
-``episodes.jsonl``          one line per finished episode: reward, latency, speedup vs ``tvm``,
-                            measurements spent
-``tb/``                     TensorBoard event files (SB3's logger + episode scalars)
-``wandb/``                  Weights & Biases files (offline by default; ``wandb sync`` later)
-==========================  ===================================================================
+The run directory's files and how they are written are :mod:`fusion_rl.policy.run_dir`'s.
 
 W&B follows SB3's own integration: ``wandb.init(sync_tensorboard=True)`` plus
 ``wandb.integration.sb3.WandbCallback``, so everything SB3 writes to TensorBoard (``rollout/*``,
@@ -33,18 +18,12 @@ checkpoint never holds half an update; a kill at any moment leaves the previous 
 checkpoint. :func:`train` with ``resume=run_dir`` reloads the config and the latest checkpoint,
 drops episode lines logged after it and continues to the same ``total_timesteps``. Latencies
 measured before the kill are in the measurement store, so resuming costs no measurement twice.
-
-Trust: an SB3 zip is a pickle, and loading it runs code. Only ``--resume`` loads one, and it
-says so: resume only run folders you made. ``fusion-rl export`` and ``fusion-rl evaluate`` read
-the ``.safetensors`` + ``.json`` snapshots and ``config.json`` (:func:`run_snapshot`), never a zip.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import re
 import sys
 import time
 from collections import deque
@@ -62,22 +41,18 @@ from fusion_rl.policy.tracking import finish_wandb, init_wandb, log_policy_artif
 from fusion_rl.policy.config import from_mapping
 from fusion_rl.policy.imitation import FineTune, WarmStart
 from fusion_rl.policy.policy import PPOConfig
+from fusion_rl.policy.run_dir import count_lines, latest_checkpoint, save_checkpoint, truncate_episodes
 
 __all__ = [
     "TrainConfig",
     "TrainingCallback",
-    "latest_checkpoint",
     "load_config",
     "log_policy_artifact",
     "make_env",
-    "run_snapshot",
-    "save_atomic",
-    "save_checkpoint",
     "train",
 ]
 
 WANDB_MODES = ("offline", "online", "disabled")
-_CHECKPOINT_RE = re.compile(r"^step_(\d+)\.zip$")
 
 
 @dataclass
@@ -188,74 +163,6 @@ def make_env(config: TrainConfig):
     return Monitor(env)
 
 
-def save_atomic(model: Any, path: Path) -> None:
-    """Save an SB3 model to ``path`` so that ``path`` is either absent, old or complete.
-
-    The zip is built in memory and written with :func:`fusion_rl.io.write_atomic` (temp file,
-    fsync, rename): a kill at any point leaves at most a stray hidden temp file.
-    """
-    buffer = io.BytesIO()
-    model.save(buffer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, buffer.getvalue(), what="checkpoint")
-
-
-def save_checkpoint(model: Any, path: Path) -> None:
-    """The snapshot (:func:`fusion_rl.policy.snapshot.save_snapshot`), then the SB3 zip: a zip
-    on disk always has its safe snapshot beside it."""
-    from fusion_rl.policy.snapshot import save_snapshot
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        save_snapshot(model, path)
-    except (ValueError, AttributeError) as exc:  # an extractor or head PolicyNetwork cannot copy
-        print(f"warning: no policy snapshot beside {path.name} ({exc}); export and evaluate will "
-              "refuse this run", file=sys.stderr, flush=True)
-    save_atomic(model, path)
-
-
-def run_snapshot(run_dir: str | os.PathLike[str]) -> Path:
-    """The policy description a run offers for export and evaluation: ``final_model.json``,
-    else the newest ``checkpoints/step_N.json`` (an interrupted run). Never a zip.
-
-    Raises
-    ------
-    ConfigError
-        for a run without one; a run written before snapshots existed is told
-        how to get them without unpickling anything it does not trust.
-    """
-    run = Path(run_dir)
-    final = run / "final_model.zip"
-    if final.with_suffix(".json").is_file():
-        return final.with_suffix(".json")
-    steps = []
-    for p in (run / "checkpoints").glob("step_*.json"):
-        m = re.match(r"^step_(\d+)\.json$", p.name)
-        if m and p.with_suffix(".safetensors").is_file():
-            steps.append((int(m.group(1)), p))
-    if steps and not final.exists():
-        return max(steps)[1]
-    if final.exists() or latest_checkpoint(run) is not None:
-        raise ConfigError(
-            f"{run} has only SB3 zips (pickles), which export and evaluate never load: it was "
-            "written before runs saved their policy as safetensors + JSON. If you trust the run "
-            f"(you trained it), write those files with `fusion-rl train --resume {run}` (no further "
-            "training when it is complete); otherwise train it again"
-        )
-    raise ConfigError(f"{run} has neither final_model.json nor a checkpoint to read; the run never "
-                      "finished a rollout")
-
-
-def latest_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[int, Path] | None:
-    """``(step, path)`` of the newest ``checkpoints/step_N.zip``, or ``None``."""
-    found = []
-    for p in (Path(run_dir) / "checkpoints").glob("step_*.zip"):
-        m = _CHECKPOINT_RE.match(p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    return max(found) if found else None
-
-
 def _episode_record(info: dict[str, Any], step: int, episode: int) -> dict[str, Any]:
     """One ``episodes.jsonl`` line from the final ``info`` of an episode.
 
@@ -324,7 +231,7 @@ class TrainingCallback(BaseCallback):
 
     def _on_training_start(self) -> None:
         self.last_checkpoint = self.num_timesteps  # a resumed run has this checkpoint already
-        self.episodes = _count_lines(self.run_dir / "episodes.jsonl")
+        self.episodes = count_lines(self.run_dir / "episodes.jsonl")
         self._log = open(self.run_dir / "episodes.jsonl", "a", buffering=1)
         if self.progress:
             from tqdm.auto import tqdm
@@ -373,28 +280,6 @@ class TrainingCallback(BaseCallback):
             self.bar.close()
         if self._log is not None:
             self._log.close()
-
-
-def _count_lines(path: Path) -> int:
-    try:
-        with open(path) as f:
-            return sum(1 for _ in f)
-    except FileNotFoundError:
-        return 0
-
-
-def _truncate_episodes(path: Path, step: int) -> None:
-    """Drop episode lines logged after ``step`` (by a run killed after its last checkpoint)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["global_step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut by the kill
-    write_atomic(path, "".join(line + "\n" for line in kept), what="episode log")
 
 
 def warm_start(model: Any, env: Any, config: TrainConfig, run_dir: Path) -> dict[str, Any]:
@@ -510,11 +395,11 @@ def train(
         model = MaskablePPO.load(path, env=env, device=config.ppo.device, tensorboard_log=str(run_dir / "tb"))
         # A fresh stream per resume point: reproducible, and not a replay of the first steps.
         model.set_random_seed(config.seed + step)
-        _truncate_episodes(run_dir / "episodes.jsonl", step)
+        truncate_episodes(run_dir / "episodes.jsonl", step)
     else:
         set_random_seed(config.seed)
         model = make_model(env, config.ppo, seed=config.seed, tensorboard_log=str(run_dir / "tb"), verbose=verbose)
-        _truncate_episodes(run_dir / "episodes.jsonl", 0)
+        truncate_episodes(run_dir / "episodes.jsonl", 0)
         if config.warm_start.epochs > 0:
             warm_start(model, env.unwrapped, config, run_dir)
     remaining = config.total_timesteps - model.num_timesteps

@@ -195,7 +195,7 @@ def test_export_run_from_an_sb3_model(tmp_path):
     import fusion_rl.env  # noqa: F401  (registers the env)
     from fusion_rl.export.exporter import export_run
     from fusion_rl.policy.policy import make_model
-    from fusion_rl.policy.training import save_checkpoint
+    from fusion_rl.policy.run_dir import save_checkpoint
 
     env = gym.make("fusion_rl/Fusion-v0", spec="tiny", reward="e2e", store=str(tmp_path / "s.sqlite"))
     model = make_model(env, {"n_steps": 8, "batch_size": 8,
