@@ -220,3 +220,27 @@ def test_each_kernel_is_kept_under_the_rules_version_that_last_changed_its_sched
     rows = sqlite3.connect(tmp_path / "k.sqlite").execute(
         "SELECT provider, COUNT(*) FROM kernels GROUP BY provider ORDER BY provider").fetchall()
     assert rows == [("rules:v12", len(_distinct(model, apart)) - 1), ("rules:v13", 1), ("rules:v19", 1)]
+
+
+def test_tables_of_one_process_share_a_plans_kernel_sites(model_cache, tmp_path, monkeypatch):
+    """Each training seed opens tables of its own; the second lists a plan without lowering the
+    model again, and reads the same rows, each under its kernel's own schedule key."""
+    import fusion_rl.compiler.kernel_table as kernel_table
+
+    model = model_cache("cnn_plain")
+    plan = make_plan("aggressive_1anchor", model.mod, model.graph)
+    with _table(tmp_path / "k.sqlite", schedule="rules") as first:
+        first.ensure(model, plan)
+        expected = first.estimate_known(model, plan)
+        assert expected is not None
+        listed = first.kernels(model, plan)
+
+    def lowered_again(*args, **kwargs):
+        raise AssertionError("the plan was lowered again")
+
+    monkeypatch.setattr(kernel_table, "plan_kernels", lowered_again)
+    with _table(tmp_path / "k.sqlite", schedule="rules") as second:
+        assert second.kernels(model, plan) == listed
+        assert second.estimate_known(model, plan) == expected
+    with _table(tmp_path / "k.sqlite", schedule="naive") as other, pytest.raises(AssertionError):
+        other.kernels(model, plan)  # another provider's kernels are listed anew
