@@ -157,6 +157,9 @@ class KernelTable:
         #: puts its own schedule key (``KernelSite.schedule``) in the provider's place.
         self.key = (m.spec.key, m.provider.key, m.provider.budget, library_versions(), protocol.key)
         self._schedule_of: dict[str, str] = {}  # kernel hash -> its schedule key, as listed
+        # What a plan's sites depend on besides the model and the plan (``_SHARED_SITES``).
+        self._sites_key = (m.spec.key, m.provider.key, m.provider.budget,
+                           json.dumps(m.schedule_kwargs, sort_keys=True, default=str))
         self.path = Path(path or default_table_path()).expanduser()
         self.timed = 0  #: kernels this instance has timed (what the table saves is the rest)
         self._db = self._open()
@@ -228,12 +231,10 @@ class KernelTable:
     def kernels(self, model: Model, plan: FusionPlan) -> list[KernelSite]:
         """:func:`plan_kernels`, remembered per (model, plan) by every table of this process
         with the same target, provider and schedule arguments (lowering is deterministic)."""
-        m = self.measurer
-        key = (model.fingerprint, plan.hash, m.spec.key, m.provider.key, m.provider.budget,
-               json.dumps(m.schedule_kwargs, sort_keys=True, default=str))
+        key = (model.fingerprint, plan.hash, *self._sites_key)
         sites = _SHARED_SITES.get(key)
         if sites is None:
-            sites = plan_kernels(model, plan, m.provider.kernel_key, self._schedule_of)
+            sites = plan_kernels(model, plan, self.measurer.provider.kernel_key, self._schedule_of)
             _SHARED_SITES[key] = sites
             if len(_SHARED_SITES) > _SHARED_SITES_MAX:
                 _SHARED_SITES.popitem(last=False)

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 import tvm
 import tvm_ffi
 from tvm import s_tir, tirx
-from tvm.s_tir.schedule import LoopRV, SBlockRV, ScheduleError
+from tvm.s_tir.schedule import SBlockRV, ScheduleError
 
 from fusion_rl.graph.fast_math import ROW_BLOCK
 
 from . import microkernel
 from .anchor_layout import DATA_PAR, REDUCE, extent_of, is_depthwise, vars_of
+from .register_tile import loop_extent
 
 #: Below this many output elements a ``parallel`` loop costs more (thread-pool wake-up, a few
 #: microseconds) than it saves, so tiny kernels run serially.
@@ -199,11 +200,6 @@ def _same_shape(sch: s_tir.Schedule, a: SBlockRV, b: SBlockRV) -> bool:
     return bool(wa and wb) and list(wa[0].source.shape) == list(wb[0].source.shape)
 
 
-def const_extent(sch: s_tir.Schedule, loop: LoopRV) -> int | None:
-    ext = sch.get(loop).extent
-    return int(ext) if isinstance(ext, tirx.IntImm) else None
-
-
 def dtype_bits(sch: s_tir.Schedule, block: SBlockRV) -> int:
     writes = sch.get(block).writes
     return writes[0].source.dtype.bits if writes else 32
@@ -354,7 +350,7 @@ def parallel_vectorize(sch: s_tir.Schedule, block: SBlockRV, ctx: Ctx) -> None:
     lead = list(loops[:n_lead])
     if n_lead == len(loops) and lead:
         # Injective: split off a vector from the innermost loop.
-        ext = const_extent(sch, lead[-1])
+        ext = loop_extent(sch, lead[-1])
         vec = vector_factor(ext, lanes)
         if vec > 1:
             if ext is not None and ext > vec:
@@ -375,5 +371,5 @@ def parallel_vectorize(sch: s_tir.Schedule, block: SBlockRV, ctx: Ctx) -> None:
     for iv in stmt.iter_vars:
         ext = iv.dom.extent
         total *= int(ext) if isinstance(ext, tirx.IntImm) else MIN_PARALLEL_ELEMS
-    if total >= MIN_PARALLEL_ELEMS and const_extent(sch, fused) != 1:
+    if total >= MIN_PARALLEL_ELEMS and loop_extent(sch, fused) != 1:
         sch.parallel(fused)

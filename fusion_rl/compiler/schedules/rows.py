@@ -16,7 +16,7 @@ from fusion_rl.errors import first_line
 from . import register_tile, transpose_layout
 from .anchor_layout import DATA_PAR, REDUCE, extent_of
 from .blocks import (
-    Ctx, const_extent, is_injective, is_row_reduction, reads_row_reduction,
+    Ctx, is_injective, is_row_reduction, reads_row_reduction,
     root_blocks, row_count, uses_var, vector_factor,
 )
 
@@ -172,7 +172,7 @@ def _schedule_rows(sch: s_tir.Schedule, ctx: Ctx, names: list[str] | None = None
         loops = sch.get_loops(block)
         if kinds.count(REDUCE) != 1 or kinds[-1] != REDUCE or len(loops) != len(kinds):
             return False
-        extent = const_extent(sch, loops[-1])
+        extent = register_tile.loop_extent(sch, loops[-1])
         # A keepdims reduction's kept unit axis is no row: counting it would take the last
         # block's element loop for a row loop.
         count = row_count(stmt)
@@ -202,7 +202,7 @@ def _schedule_rows(sch: s_tir.Schedule, ctx: Ctx, names: list[str] | None = None
         # the row loop, run serially. Left to dlight, the statistics were recomputed for every
         # output element under a parallel loop, each thread writing the same scalar.
         loops = sch.get_loops(last)
-        if len(loops) < 2 or const_extent(sch, loops[0]) != 1:
+        if len(loops) < 2 or register_tile.loop_extent(sch, loops[0]) != 1:
             return False
         rows = 1
     rf_names = {sch.get(b).name_hint for b in factored}
@@ -228,7 +228,7 @@ def _schedule_rows(sch: s_tir.Schedule, ctx: Ctx, names: list[str] | None = None
         if stmt.name_hint in rf_names:
             register_tile.vectorize_by_registers(sch, inner, lanes)
         elif all(iv.iter_type == DATA_PAR for iv in stmt.iter_vars):
-            ext = const_extent(sch, inner)
+            ext = register_tile.loop_extent(sch, inner)
             exact = vector_factor(ext, lanes)
             if ext and ext > lanes:
                 # An exact divisor if there is one (40 channels: 8 lanes), else whole

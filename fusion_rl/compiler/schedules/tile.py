@@ -17,7 +17,7 @@ from tvm.s_tir.schedule import LoopRV, SBlockRV, ScheduleError
 from . import register_tile
 from .anchor_layout import DATA_PAR, REDUCE, vars_of
 from .blocks import (
-    MIN_PARALLEL_MACS, Ctx, const_extent, dtype_bits, is_injective, uses_var, vector_factor,
+    MIN_PARALLEL_MACS, Ctx, dtype_bits, is_injective, uses_var, vector_factor,
 )
 
 
@@ -46,14 +46,14 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, ctx: Ctx) -> set[str]
 
     lanes = ctx.lanes(dtype_bits(sch, anchor))
     vec_idx = len(spatial) - 1
-    vec = vector_factor(const_extent(sch, spatial[vec_idx]), lanes)
+    vec = vector_factor(register_tile.loop_extent(sch, spatial[vec_idx]), lanes)
     blk_idx = _register_block_axis(sch, stmt, sp_vars, vec_idx)
 
     outer: list[LoopRV] = []
     block_inner: list[LoopRV] = []  # register-block axis: unrolled
     vec_inner: list[LoopRV] = []  # vector axis: innermost
     for i, loop in enumerate(spatial):
-        ext = const_extent(sch, loop)
+        ext = register_tile.loop_extent(sch, loop)
         factor = vec if i == vec_idx else _block_factor(ext) if i == blk_idx else 1
         dest = vec_inner if i == vec_idx else block_inner
         if factor > 1 and ext is not None and ext > factor:
@@ -74,7 +74,7 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, ctx: Ctx) -> set[str]
         sch.vectorize(loop)
     for loop in block_inner:
         sch.unroll(loop)  # independent accumulators for the FMA pipelines
-    if tile is not None and const_extent(sch, tile) not in (None, 1) \
+    if tile is not None and register_tile.loop_extent(sch, tile) not in (None, 1) \
             and block_work(stmt) >= MIN_PARALLEL_MACS:
         sch.parallel(tile)
     if reduce:
@@ -153,7 +153,7 @@ def _attach_epilogue(sch: s_tir.Schedule, anchor: SBlockRV, tile: LoopRV, ctx: C
         inner = loops[-1] if loops else None
         lanes = ctx.lanes(dtype_bits(sch, consumer))
         if inner is not None and not inner.same_as(tile):
-            ext = const_extent(sch, inner)
+            ext = register_tile.loop_extent(sch, inner)
             # The epilogue's inner loop is the anchor's vector tile: vectorize it whole.
             if ext is not None and 1 < ext <= lanes * 4 and vector_factor(ext, lanes) > 1:
                 register_tile.vectorize_by_registers(sch, inner, lanes)
