@@ -41,6 +41,15 @@ def test_chains_are_the_mlps_and_join_legally(convnext):
     assert joined.num_groups == base.num_groups - 2
 
 
+def test_chains_skip_attention():
+    """Attention's batched matmuls (scores @ V, then the output projection) have no 2-D weight:
+    only the feed-forward MLP is a chain."""
+    graph = load_model("transformer_encoder").graph
+    chains = gemm_chain.mlp_chains(graph)
+    assert len(chains) == 1
+    assert all(len(graph.nodes[n].arg_shapes[1]) == 2 for n in chains[0])
+
+
 def test_prototype_computes_the_kernel_and_refuses_blocks_across_rows(convnext, target):
     model, _, joined, chains = convnext
     mod = apply_plan(model.mod, joined, model.graph)
@@ -71,6 +80,9 @@ def test_report_on_a_tiny_convnext(tmp_path):
     assert list(results["skipped"].values()) == ["the kernel reduces more than its two matmuls"]
     report = (tmp_path / "results.md").read_text()
     assert "| chain 16 |" in report and "in all:" in report and results["meta"]["command"] in report
+    (tmp_path / "results.md").unlink()
+    assert gemm_chain.main([str(config), "--render"]) == 0  # from results.json alone
+    assert (tmp_path / "results.md").read_text() == report
 
 
 @pytest.mark.unit
