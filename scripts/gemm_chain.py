@@ -278,12 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     for entry in distinct.values():
         a, b = entry["chains"][0]
         func = joined_mod[entry["kernel"]]
+        m_rows = int(np.prod(graph.nodes[a].shapes[0][:-1]))
         try:
-            prototype(func, int(np.prod(graph.nodes[a].shapes[0][:-1])), chain=False)
+            prototype(func, m_rows, chain=False)  # is it a chain the prototype computes?
         except ValueError as exc:
             skipped[entry["kernel"]] = str(exc)
             continue
-        m_rows = int(np.prod(graph.nodes[a].shapes[0][:-1]))
         k, hidden = graph.nodes[a].arg_shapes[1]
         n = graph.nodes[b].shapes[0][-1]
         separate = [base_mod[kernel_of(base_mod, graph, base, x)] for x in (a, b)]
