@@ -200,39 +200,44 @@ def prototype(func: tirx.PrimFunc, block_rows: int, chain: bool, lanes: int = 16
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
+def _compile(func: tirx.PrimFunc, target) -> "tvm.runtime.Module":
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target).jit()
+
+
+def _inputs(func: tirx.PrimFunc, seed: int) -> list[np.ndarray]:
+    """Random arguments in ``func``'s (possibly packed) parameter shapes, the output last."""
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal([int(d) for d in p.shape]).astype(str(p.dtype)) for p in func.params]
+
+
+def _output(lib, inputs: list[np.ndarray], dev) -> np.ndarray:
+    args = [tvm.runtime.tensor(x, dev) for x in inputs]
+    lib["main"](*args)
+    return args[-1].numpy()
+
+
+def relative_error(reference: np.ndarray, out: np.ndarray) -> float:
+    """Largest absolute difference, relative to the reference's largest magnitude."""
+    return float(np.max(np.abs(reference - out)) / max(np.max(np.abs(reference)), 1e-30))
+
+
 def _build(funcs: list[tirx.PrimFunc], target: tvm.target.Target, dev) -> list:
-    """Each kernel built alone, with random inputs of its (possibly packed) parameter shapes."""
-    rng = np.random.default_rng(0)
+    """Each kernel built once, alone, with random inputs: ``(lib, args)`` per kernel."""
     built = []
     for f in funcs:
-        lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=target).jit()
-        args = [tvm.runtime.tensor(rng.standard_normal([int(d) for d in p.shape]).astype(str(p.dtype)), dev)
-                for p in f.params]
-        built.append((lib, args))
+        built.append((_compile(f, target), [tvm.runtime.tensor(x, dev) for x in _inputs(f, 0)]))
     return built
-
-
-def _max_error(func: tirx.PrimFunc, scheduled: tirx.PrimFunc, target: tvm.target.Target, dev) -> float:
-    """Largest absolute difference of the output, relative to the reference's largest magnitude."""
-    rng = np.random.default_rng(1)
-    inputs = [rng.standard_normal([int(d) for d in p.shape]).astype(str(p.dtype)) for p in func.params]
-    outs = []
-    for f, tgt in ((func, "llvm"), (scheduled, target)):
-        lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=tgt).jit()
-        args = [tvm.runtime.tensor(x, dev) for x in inputs]
-        lib["main"](*args)
-        outs.append(args[-1].numpy())
-    return float(np.max(np.abs(outs[0] - outs[1])) / max(np.max(np.abs(outs[0])), 1e-30))
 
 
 def time_variants(variants: dict[str, list], repeat: int, number: int, dev) -> dict[str, list[float]]:
     """ms per call of each variant (the sum of its kernels), ``repeat`` times, interleaved:
     repeat ``r`` of every variant before repeat ``r + 1`` of any."""
+    timers = {name: [(lib.time_evaluator("main", dev, number=number, repeat=1), args) for lib, args in built]
+              for name, built in variants.items()}
     times = {name: [] for name in variants}
     for _ in range(repeat):
-        for name, built in variants.items():
-            times[name].append(sum(lib.time_evaluator("main", dev, number=number, repeat=1)(*args).mean
-                                   for lib, args in built) * 1e3)
+        for name, kernels in timers.items():
+            times[name].append(sum(timer(*args).mean for timer, args in kernels) * 1e3)
     return times
 
 
@@ -294,14 +299,16 @@ def main(argv: list[str] | None = None) -> int:
         width = int(graph.nodes[b].shapes[0][-2])
         sizes = [r for r in cfg.get("block_rows", [56, 112])
                  if m_rows % r == 0 and (r % width == 0 or width % r == 0)]
+        # Every prototype is checked on the build that is timed, against the unscheduled kernel.
+        inputs = _inputs(func, 1)
+        reference = _output(_compile(func, "llvm"), inputs, dev)
         for tm in sizes or [m_rows]:
             for chain in (False, True):
                 label = f"chain {tm}" if chain else f"whole H {tm}"
-                scheduled = prototype(func, tm, chain)
-                errors[label] = _max_error(func, scheduled, target, dev)
+                variants[label] = _build([prototype(func, tm, chain)], target, dev)
+                errors[label] = relative_error(reference, _output(variants[label][0][0], inputs, dev))
                 if errors[label] > tolerance:
                     raise RuntimeError(f"{entry['kernel']} {label}: wrong output (relative error {errors[label]:.2e})")
-                variants[label] = _build([scheduled], target, dev)
         times = time_variants(variants, int(cfg.get("repeat", 15)), int(cfg.get("number", 20)), dev)
         ref = np.asarray(times["rules (2 kernels)"])
         for label, ts in times.items():

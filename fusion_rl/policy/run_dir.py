@@ -38,7 +38,7 @@ from fusion_rl.io import write_atomic
 
 __all__ = ["count_lines", "latest_checkpoint", "run_snapshot", "save_atomic", "save_checkpoint", "truncate_episodes"]
 
-_CHECKPOINT_RE = re.compile(r"^step_(\d+)\.zip$")
+_STEP_RE = re.compile(r"^step_(\d+)\.[a-z]+$")
 
 
 def save_atomic(model: Any, path: Path) -> None:
@@ -81,11 +81,7 @@ def run_snapshot(run_dir: str | os.PathLike[str]) -> Path:
     final = run / "final_model.zip"
     if final.with_suffix(".json").is_file():
         return final.with_suffix(".json")
-    steps = []
-    for p in (run / "checkpoints").glob("step_*.json"):
-        m = re.match(r"^step_(\d+)\.json$", p.name)
-        if m and p.with_suffix(".safetensors").is_file():
-            steps.append((int(m.group(1)), p))
+    steps = [(n, p) for n, p in _steps(run, ".json") if p.with_suffix(".safetensors").is_file()]
     if steps and not final.exists():
         return max(steps)[1]
     if final.exists() or latest_checkpoint(run) is not None:
@@ -101,12 +97,17 @@ def run_snapshot(run_dir: str | os.PathLike[str]) -> Path:
 
 def latest_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[int, Path] | None:
     """``(step, path)`` of the newest ``checkpoints/step_N.zip``, or ``None``."""
+    return max(_steps(Path(run_dir), ".zip"), default=None)
+
+
+def _steps(run: Path, suffix: str) -> list[tuple[int, Path]]:
+    """``(N, path)`` of every ``checkpoints/step_N<suffix>`` (a temp file or another name is none)."""
     found = []
-    for p in (Path(run_dir) / "checkpoints").glob("step_*.zip"):
-        m = _CHECKPOINT_RE.match(p.name)
-        if m:
+    for p in (run / "checkpoints").glob(f"step_*{suffix}"):
+        m = _STEP_RE.match(p.name)
+        if m and p.suffix == suffix:
             found.append((int(m.group(1)), p))
-    return max(found) if found else None
+    return found
 
 
 def count_lines(path: Path) -> int:
