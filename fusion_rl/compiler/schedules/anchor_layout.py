@@ -15,6 +15,14 @@ DATA_PAR = tirx.IterVar.DataPar
 REDUCE = tirx.IterVar.CommReduce
 #: Register-tile rows tried, best first (7 divides every ResNet-style feature map width).
 ROW_BLOCKS = (8, 7, 6, 5, 4, 3, 2)
+#: The widest register tile in lanes (4 AVX-512 registers of fp32). Up to 4 vectors any tile
+#: (v19's rule, whatever their width); the narrow micro-kernel's 8-lane vectors may take up to
+#: 8 (``rules:v20``): 5 of them cover 40 channels (ConvNeXt's first stage, EfficientNet-B0's
+#: 40-channel projections) where v19's tile was 8 rows of one half-width vector.
+TILE_LANES = 64
+#: Rows a tile of more than 4 vectors needs (dev measurement, Zen 4, 16-lane tiles: 2 rows x
+#: 5 vectors on a 14-wide map ran at 0.77-0.81x of 7 rows x 1).
+WIDE_MIN_ROWS = 4
 
 
 class Unschedulable(ValueError):
@@ -69,10 +77,11 @@ def is_depthwise(stmt: tirx.SBlock, lanes: int) -> bool:
 
 
 def analyze(stmt: tirx.SBlock, lanes: int, registers: int = 16,
-            vector_axis: int | None = None) -> Layout:
+            vector_axis: int | None = None, tile_lanes: int = TILE_LANES) -> Layout:
     """Pick the vector axis, register axis and packed operand of a MAC block (or raise).
 
     ``vector_axis``, when it qualifies as a GEMM vector axis, wins over the default choice.
+    ``tile_lanes``: :data:`TILE_LANES`; 0 keeps every tile within 4 vectors (``rules:v19``).
     """
     out = stmt.writes[0].source
     operands = [r for r in stmt.reads if not r.source.same_as(out)]
@@ -116,13 +125,8 @@ def analyze(stmt: tirx.SBlock, lanes: int, registers: int = 16,
         _, v, w, rows_axes = best
         # Vector width and rows together: the most accumulators that fit (a 7-wide feature
         # map takes 7 rows of one vector, not 1 row of two), wider vectors on ties.
-        ext = extent_of(stmt.iter_vars[v])
-        tiles = []
-        for nv in range(max(vec_tile(ext) // lanes, 1), 0, -1):
-            if ext % (nv * lanes) == 0:
-                r, rows = pick_rows(stmt, rows_axes, nv, registers)
-                tiles.append((rows * nv, nv, r, rows))
-        _, nv, r, rows = max(tiles)
+        nv, r, rows = register_tile(stmt, extent_of(stmt.iter_vars[v]), rows_axes, lanes,
+                                    registers, tile_lanes)
         return Layout(v, r, w, nv * lanes, rows)
     # 2. Depthwise: a channel axis that both operands index by itself (X[c, ...], W[c, ...]);
     # vectorize it in a channels-last copy of both (see :func:`schedule_depthwise`).
@@ -147,6 +151,28 @@ def analyze(stmt: tirx.SBlock, lanes: int, registers: int = 16,
                 r, rows = pick_rows(stmt, others[-1:], max(vec // lanes, 1), registers, cap=4)
                 return Layout(i, r, None, vec, rows)
     raise Unschedulable("no axis to vectorize (no operand is contiguous along a spatial axis)")
+
+
+def register_tile(stmt: tirx.SBlock, ext: int, rows_axes: list[int], lanes: int, registers: int,
+                  tile_lanes: int = TILE_LANES) -> tuple[int, int | None, int]:
+    """``(vectors, row axis, rows)`` of the register tile of a vector axis of ``ext`` elements:
+    the most accumulators, the wider vector tile on ties. Up to 4 vectors any tile (2 with 16
+    registers, which must leave room for the panel vectors); more, up to ``tile_lanes`` lanes
+    (``rules:v20``), only with :data:`WIDE_MIN_ROWS` rows and strictly more accumulators."""
+    standard = 4 if registers > 16 else 2
+    widest = max(standard, tile_lanes // lanes) if registers > 16 else standard
+    tiles, wide = [], []
+    for nv in range(1, widest + 1):
+        if ext % (nv * lanes) == 0:
+            r, rows = pick_rows(stmt, rows_axes, nv, registers)
+            if nv <= standard:
+                tiles.append((rows * nv, nv, r, rows))
+            elif rows >= WIDE_MIN_ROWS:
+                wide.append((rows * nv, nv, r, rows))
+    best = max(tiles)
+    if wide and max(wide)[0] > best[0]:
+        best = max(wide)
+    return best[1:]
 
 
 def pow2_tile(ext: int | None, lanes: int) -> int:

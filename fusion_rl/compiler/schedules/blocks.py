@@ -18,7 +18,7 @@ from tvm.s_tir.schedule import SBlockRV, ScheduleError
 from fusion_rl.graph.fast_math import ROW_BLOCK
 
 from . import microkernel
-from .anchor_layout import DATA_PAR, REDUCE, extent_of, is_depthwise, vars_of
+from .anchor_layout import DATA_PAR, REDUCE, TILE_LANES, extent_of, is_depthwise, vars_of
 from .register_tile import loop_extent
 
 #: Below this many output elements a ``parallel`` loop costs more (thread-pool wake-up, a few
@@ -39,6 +39,9 @@ class Ctx:
     target: tvm.target.Target
     vector_bits: int
     registers: int  #: vector registers (32 with AVX-512, 16 with AVX2)
+    #: The widest register tile in lanes (:data:`.anchor_layout.TILE_LANES`); 0 schedules as
+    #: ``rules:v19`` did (what :func:`.microkernel.widens_tile` compares against).
+    tile_lanes: int = TILE_LANES
 
     def lanes(self, dtype_bits: int) -> int:
         """Vector lanes of one register for elements of ``dtype_bits`` bits."""

@@ -30,8 +30,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir.schedule import LoopRV, SBlockRV, ScheduleError
 
 from fusion_rl.compiler.schedules.anchor_layout import (
-    DATA_PAR, REDUCE, Layout, Unschedulable, analyze, channel_groups, einsum_padding, extent_of,
-    is_channel, simplified_indices, vars_of,
+    DATA_PAR, REDUCE, TILE_LANES, Layout, Unschedulable, analyze, channel_groups, einsum_padding,
+    extent_of, is_channel, register_tile, simplified_indices, vars_of,
 )
 from fusion_rl.compiler.schedules.depthwise import schedule_depthwise
 from fusion_rl.compiler.schedules.prepack import WeightPack, layout_free_params
@@ -53,11 +53,14 @@ NARROW_LANES = 8
 
 
 def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers: int,
-                    min_work: int, vector_store: bool = False) -> tuple[set[str], dict[int, WeightPack], Layout]:
+                    min_work: int, vector_store: bool = False, tile_lanes: int = TILE_LANES,
+                    ) -> tuple[set[str], dict[int, WeightPack], Layout]:
     """Schedule ``anchor`` (and its elementwise epilogue) as a packed micro-kernel.
 
     ``vector_store``: the anchor's output is laid out with its vector axis innermost
     (:mod:`.transpose_layout` gave it that layout), so the write-back stores along it.
+    ``tile_lanes``: the widest register tile in lanes (:data:`.anchor_layout.TILE_LANES`; 0
+    as ``rules:v19``, which also padded a vector axis of whole 8-lane vectors to 16 lanes).
 
     Returns the names of the blocks it scheduled, the parameters it gave a packed layout
     (:mod:`.prepack`; their callers must pass packed constants) and the layout it chose.
@@ -92,6 +95,13 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
         # pack is a gather: RegNetX's stride-2 grouped convs ran at 4-7 GFLOP/s that way.
         vector_axis = axis + 1
     padding = einsum_padding(stmt, lanes, registers)
+    if padding and tile_lanes and lanes > NARROW_LANES and any(
+            pad > 1 and (extent_of(iv) or 0) % NARROW_LANES == 0
+            for pad, iv in zip(padding, stmt.iter_vars) if iv.iter_type == DATA_PAR):
+        # A vector axis of whole 8-lane vectors (ConvNeXt's 40 channels) takes the narrow
+        # micro-kernel (the rules retry at 8 lanes): padded to 64 lanes, 3 of every 8 FMAs
+        # worked on padding (rules:v20; before, the pad).
+        raise Unschedulable("the vector axis is whole 8-lane vectors, not 16-lane ones")
     if padding:
         # Ragged extents (ViT's 197 tokens): compute on a padded copy rather than give up the
         # vector or register tile; the copies in and out cost O(inputs + output).
@@ -105,7 +115,7 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
                 sch.compute_inline(copy)
             except ScheduleError:
                 pass
-    lay, lanes = _choose_layout(sch, stmt, lanes, registers, vector_axis)
+    lay, lanes = _choose_layout(sch, stmt, lanes, registers, vector_axis, tile_lanes)
     if lay.panel == -1:
         return schedule_depthwise(sch, anchor, stmt, lay, lanes, min_work,
                                   vector_store=vector_store), {}, lay
@@ -192,7 +202,8 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
     # Write-back (+ epilogue) at the accumulator tile, vectorized along v.
     sch.reverse_compute_at(out_block, acc_loop, preserve_unit_loops=False)
     wb_loops = sch.get_loops(out_block)
-    if wb_loops and not (vector_store and vectorize_contiguous_store(sch, out_block, acc_loop, lanes)):
+    if wb_loops and not (vector_store and vectorize_contiguous_store(sch, out_block, acc_loop, lanes,
+                                                                    max(4, lay.vec // lanes))):
         inner_wb = wb_loops[-1]
         ext = loop_extent(sch, inner_wb)
         if ext and ext % 4 == 0 and ext <= 4 * lanes * 4 and not inner_wb.same_as(acc_loop):
@@ -231,20 +242,84 @@ def vector_iter(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers: in
         return None
 
 
+def widens_tile(sch: s_tir.Schedule, anchor: SBlockRV, registers: int = 32,
+                alone: bool = True) -> bool:
+    """Whether :func:`schedule_anchor` may schedule ``anchor`` otherwise than ``rules:v19``.
+
+    v20 changed only the narrow (8-lane) micro-kernel of 32-register targets: it is taken where
+    16 lanes would pad a vector axis of whole 8-lane vectors, and its tile may hold more than 4
+    vectors. The rules try it only when the 16-lane micro-kernel fails or finds no packed
+    layout, which an anchor ``alone`` in its kernel and with a 16-lane GEMM axis never does;
+    otherwise every candidate vector axis is tried (which one is taken depends on the
+    parameters the caller marks constant), so this errs towards yes, and the kernel table
+    re-times what it says yes to (:meth:`.rules.RulesSchedule.kernel_key`)."""
+    if registers <= 16:
+        return False
+    stmt = sch.get(anchor)
+    padding = einsum_padding(stmt, 2 * NARROW_LANES, registers)
+    if padding and any(pad > 1 and (extent_of(iv) or 0) % NARROW_LANES == 0
+                       for pad, iv in zip(padding, stmt.iter_vars) if iv.iter_type == DATA_PAR):
+        return True
+    if alone and _gemm_axes(_prepared(sch, anchor, 2 * NARROW_LANES, registers), 2 * NARROW_LANES):
+        return False
+    narrow = _prepared(sch, anchor, NARROW_LANES, registers)
+    return any(register_tile(narrow, ext, rows_axes, NARROW_LANES, registers)
+               != register_tile(narrow, ext, rows_axes, NARROW_LANES, registers, tile_lanes=0)
+               for ext, rows_axes in _gemm_axes(narrow, NARROW_LANES))
+
+
+def _prepared(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers: int) -> tirx.SBlock:
+    """``anchor`` as :func:`schedule_anchor` analyzes it at ``lanes`` (a grouped convolution's
+    channels split by group, a ragged einsum padded), on a copy of ``sch``."""
+    work = sch.copy()
+    stmt = work.get(anchor)
+    grouped = channel_groups(stmt, lanes)
+    if grouped is not None:
+        axis, group = grouped
+        work.transform_block_layout(anchor, tirx.IndexMap.from_func(
+            lambda *a: [*a[:axis], a[axis] // group, a[axis] % group, *a[axis + 1:]],
+            ndim=len(stmt.iter_vars), index_dtype="int64"))
+    padding = einsum_padding(work.get(anchor), lanes, registers)
+    if padding:
+        work.pad_einsum(anchor, padding)
+    return work.get(anchor)
+
+
+def _gemm_axes(stmt: tirx.SBlock, lanes: int) -> list[tuple[int, list[int]]]:
+    """``(extent, row axes)`` of each axis :func:`.anchor_layout.analyze` could vectorize as a
+    GEMM (one operand depends on it, whole vectors, some axis to block rows on)."""
+    out = stmt.writes[0].source
+    uses = [set().union(*(vars_of(e) for e in simplified_indices(op, stmt)))
+            for op in stmt.reads if not op.source.same_as(out)]
+    if len(uses) != 2:
+        return []
+    names = [iv.var.name for iv in stmt.iter_vars]
+    spatial = [i for i, iv in enumerate(stmt.iter_vars)
+               if iv.iter_type == DATA_PAR and (extent_of(iv) or 0) > 1]
+    axes = []
+    for v in spatial:
+        owners = [k for k in (0, 1) if names[v] in uses[k]]
+        ext = extent_of(stmt.iter_vars[v])
+        rows_axes = [j for j in spatial if j != v and names[j] not in uses[owners[0]]] if owners else []
+        if len(owners) == 1 and ext % lanes == 0 and rows_axes:
+            axes.append((ext, rows_axes))
+    return axes
+
+
 def _choose_layout(sch: s_tir.Schedule, stmt: tirx.SBlock, lanes: int, registers: int,
-                   vector_axis: int | None = None) -> tuple[Layout, int]:
+                   vector_axis: int | None = None, tile_lanes: int = TILE_LANES) -> tuple[Layout, int]:
     """The anchor's layout (:func:`analyze`; the vector axis, if not given, the one only a
     constant operand depends on) and the lanes it runs at. Raises :class:`Unschedulable`."""
     if vector_axis is None:
         vector_axis = _constant_operand_axis(sch, stmt, lanes)
-    lay = analyze(stmt, lanes, registers, vector_axis)
+    lay = analyze(stmt, lanes, registers, vector_axis, tile_lanes)
     if lay.panel == -1 and lanes > NARROW_LANES:
         # Depthwise at 8 lanes under AVX-512 too: its per-call channels-last copies are per
         # block of ``lanes`` channels, and half-width blocks made MobileNetV2 9% faster end to
         # end, head to head (1.087 and 1.091, IQR 0.014-0.029, on a Zen 5 host; ConvNeXt's 7x7
         # depthwise unchanged, 1.001).
         lanes = NARROW_LANES
-        lay = analyze(stmt, lanes, registers, vector_axis)
+        lay = analyze(stmt, lanes, registers, vector_axis, tile_lanes)
     return lay, lanes
 
 

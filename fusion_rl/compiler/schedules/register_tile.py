@@ -104,10 +104,12 @@ def vectorize_inner(sch: s_tir.Schedule, block: SBlockRV, lanes: int) -> None:
             pass
 
 
-def vectorize_contiguous_store(sch: s_tir.Schedule, block: SBlockRV, tile: LoopRV, lanes: int) -> bool:
+def vectorize_contiguous_store(sch: s_tir.Schedule, block: SBlockRV, tile: LoopRV, lanes: int,
+                               max_vectors: int = 4) -> bool:
     """Vectorize a write-back (computed at loop ``tile``) along its buffer's last dimension:
     the one of its own loops that drives that index, if it is a whole number of vectors (at
-    most four), moved innermost and vectorized a register at a time. Returns whether it did.
+    most ``max_vectors``: the register tile's), moved innermost and vectorized a register at a
+    time. Returns whether it did.
     Used where :mod:`.transpose_layout` put the anchor's vector axis last: the write-back's
     loops still follow the old layout (a depthwise tile's pixels innermost), and vectorized so
     they would scatter."""
@@ -127,7 +129,7 @@ def vectorize_contiguous_store(sch: s_tir.Schedule, block: SBlockRV, tile: LoopR
     names = vars_of(value)
     driving = [lp for lp in own if sch.get(lp).loop_var.name in names]
     ext = loop_extent(sch, driving[0]) if len(driving) == 1 else None
-    if not ext or ext % lanes or ext > 4 * lanes:
+    if not ext or ext % lanes or ext > max_vectors * lanes:
         return False
     sch.reorder(*[lp for lp in own if not lp.same_as(driving[0])], driving[0])
     vectorize_by_registers(sch, driving[0], lanes)

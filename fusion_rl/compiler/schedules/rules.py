@@ -61,6 +61,9 @@ _V16 = "rules:v16"
 _V17 = "rules:v17"
 #: The key of a pointwise -> depthwise pair, whose schedule v18 changed and v19 did not.
 _V18 = "rules:v18"
+#: The key of a kernel whose anchor reads a plain copy of its input, which v19 changed and v20
+#: did not.
+_V19 = "rules:v19"
 
 
 class RulesSchedule(ScheduleProvider):
@@ -105,10 +108,14 @@ class RulesSchedule(ScheduleProvider):
         # convolution of a depthwise pair (chain.py) accumulates in registers, not in its workspace
         # output, and one step of a depthwise pair's parallel loop covers up to 32 channels, so
         # its tile is full AVX-512 vectors; v19: an anchor reads its input itself where the
-        # kernel only copies it (the pad_temp of a 1x1 convolution, blocks.is_identity_copy).
+        # kernel only copies it (the pad_temp of a 1x1 convolution, blocks.is_identity_copy);
+        # v20: the narrow (8-lane) micro-kernel's register tile may hold more than 4 vectors
+        # (up to 64 lanes, with at least 4 rows, where that holds more accumulators), and it is
+        # taken instead of padding a vector axis of whole 8-lane vectors to 16 lanes (ConvNeXt's
+        # 40 channels).
         # Records of older schedules must not be served for the new one, so the version is part
         # of every measurement's key.
-        return "rules:v19"
+        return "rules:v20"
 
     def kernel_key(self, func: tirx.PrimFunc) -> str:
         """v13 changed only the kernels that are a pointwise -> grouped pair, v14 and v15 only
@@ -117,17 +124,22 @@ class RulesSchedule(ScheduleProvider):
         inside the kernel or reduce a single row, v17 only those that write an anchor's epilogue
         padded or have an injective row of 3-15 elements that is not whole vectors, v18 only
         the pointwise -> depthwise pairs, v19 only the other kernels whose anchor reads a plain
-        copy of its input; every other kernel keeps the key (and the timings) of the version
-        that last changed its schedule."""
+        copy of its input, v20 only kernels outside a pair whose anchor may take another
+        register tile (:func:`.microkernel.widens_tile`); every other kernel keeps the key (and
+        the timings) of the version that last changed its schedule."""
         kind = _chain_kind(func)
         if kind == "depthwise":
             return _V18  # chain.py inlined its input copy before v19 did it for every anchor
         sch = s_tir.Schedule(func)
+        anchors = [b for b in root_blocks(sch) if is_mac(sch, b)]
+        if kind is None and any(microkernel.widens_tile(sch, b, alone=len(anchors) == 1)
+                                for b in anchors):
+            return self.key
         fused, ragged = has_fused_reduction(sch), has_ragged_row(sch)
         single, pads = has_single_row(sch), pads_epilogue(sch)
         inline_injective(sch, fused, plain_copies=False)  # rule 1, as v18 applied it
         if kind is None and copies_anchor_input(sch):
-            return self.key
+            return _V19
         # Before the grouped pairs: v17 rescheduled those with a short row too.
         if pads or has_short_row(sch):
             return _V17
@@ -139,7 +151,7 @@ class RulesSchedule(ScheduleProvider):
 
     @property
     def kernel_keys(self) -> tuple[str, ...]:
-        return (_V12, _V13, _V15, _V16, _V17, _V18, self.key)
+        return (_V12, _V13, _V15, _V16, _V17, _V18, _V19, self.key)
 
     def schedule(self, mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         ctx = _make_ctx(target)
@@ -230,7 +242,8 @@ def schedule_prim_func(func: tirx.PrimFunc, ctx: Ctx, name: str = "") -> tirx.Pr
         # 24) have no 16-lane axis to pack against: at 16 lanes the anchor either fails or
         # falls to a layout without register reuse, where 8-lane vectors keep the packed
         # micro-kernel (3-10x faster on those convolutions on a Zen 5 host).
-        narrow = attempt("microkernel", Ctx(ctx.target, ctx.vector_bits // 2, ctx.registers))
+        narrow = attempt("microkernel", Ctx(ctx.target, ctx.vector_bits // 2, ctx.registers,
+                                                 ctx.tile_lanes))
         if narrow is not None and (chosen is None or narrow[3]):
             chosen = narrow
     if chosen is None:
@@ -281,7 +294,8 @@ def _schedule_with(func: tirx.PrimFunc, ctx: Ctx,
             lanes = ctx.lanes(dtype_bits(sch, anchor))
             pulled = _pull_transpose(sch, anchor, lanes, ctx.registers)
             names, packed, layout = microkernel.schedule_anchor(sch, anchor, lanes, ctx.registers,
-                                                                MIN_PARALLEL_MACS, pulled)
+                                                                MIN_PARALLEL_MACS, pulled,
+                                                                ctx.tile_lanes)
             done |= names
             packs.update(packed)
             reuse = reuse and layout.panel is not None

@@ -96,7 +96,8 @@ def test_rules_schedule_matches_onnx_runtime(name: str, target, tmp_path) -> Non
         assert not fallbacks(compiled.schedules), compiled.schedules
         anchors = {k: v for k, v in compiled.schedules.items()
                    if any(op in k for op in ("conv2d", "matmul", "dense"))}
-        assert anchors and all(v == anchor_rule for v in anchors.values()), anchors
+        # The rule that scheduled each anchor; the label may add why a wider vector gave way.
+        assert anchors and all(v.split(" (")[0] == anchor_rule for v in anchors.values()), anchors
 
 
 def test_fuzzer_finding_builds_and_verifies(target, model_cache) -> None:
