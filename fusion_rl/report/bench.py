@@ -119,7 +119,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     # the field existed all used ``unfused``).
     baseline = results.get("baseline", "unfused")
     order = [baseline] + [r for r in ("unfused", "tvm", "tensorrt", "aggressive") if r != baseline]
-    rules = sorted({r for m in results["models"] for r in m["tvm"]},
+    # Rule sets outside ``order`` keep their first appearance (a set's order changes per process).
+    rules = sorted(dict.fromkeys(r for m in results["models"] for r in m["tvm"]),
                    key=lambda r: order.index(r) if r in order else len(order))
     runtimes = sorted({r for m in results["models"] for r in m["runtimes"]})
     lines = [

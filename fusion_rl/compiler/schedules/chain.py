@@ -224,10 +224,7 @@ def schedule_grouped(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, register
     if _group_width(stmt) != lanes:
         raise Unschedulable(f"not a grouped convolution of {lanes} channels per group")
     axis, group = channel_groups(stmt, lanes)
-    sch.transform_block_layout(anchor, tirx.IndexMap.from_func(
-        lambda *a: [*a[:axis], a[axis] // group, a[axis] % group, *a[axis + 1:]],
-        ndim=len(stmt.iter_vars), index_dtype="int64"))
-    stmt = sch.get(anchor)
+    stmt = microkernel.split_channel_groups(sch, anchor, axis, group)
     lay = analyze(stmt, lanes, registers, vector_axis=axis + 1)
     if lay.v != axis + 1 or lay.vec != lanes or lay.panel in (None, -1):
         raise Unschedulable("the grouped convolution has no per-group vector layout")

@@ -84,20 +84,14 @@ def schedule_anchor(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers
         # (group, channel in group), so the channels of one group form a vector that only the
         # filter depends on (the input is then a broadcast per group), as in a dense conv.
         axis, group = grouped
-        n = len(stmt.iter_vars)
-        sch.transform_block_layout(anchor, tirx.IndexMap.from_func(
-            lambda *a: [*a[:axis], a[axis] // group, a[axis] % group, *a[axis + 1:]],
-            ndim=n, index_dtype="int64"))
-        stmt = sch.get(anchor)
+        stmt = split_channel_groups(sch, anchor, axis, group)
         # Vectorize the group's channels against a packed filter, the input a broadcast per
         # row (NCHWc-style direct convolution). The default, output width against a packed
         # input, packs every input element for only G rows of reuse, and with stride 2 that
         # pack is a gather: RegNetX's stride-2 grouped convs ran at 4-7 GFLOP/s that way.
         vector_axis = axis + 1
     padding = einsum_padding(stmt, lanes, registers)
-    if padding and tile_lanes and lanes > NARROW_LANES and any(
-            pad > 1 and (extent_of(iv) or 0) % NARROW_LANES == 0
-            for pad, iv in zip(padding, stmt.iter_vars) if iv.iter_type == DATA_PAR):
+    if tile_lanes and lanes > NARROW_LANES and _pads_narrow_vectors(stmt, padding):
         # A vector axis of whole 8-lane vectors (ConvNeXt's 40 channels) takes the narrow
         # micro-kernel (the rules retry at 8 lanes): padded to 64 lanes, 3 of every 8 FMAs
         # worked on padding (rules:v20; before, the pad).
@@ -256,9 +250,7 @@ def widens_tile(sch: s_tir.Schedule, anchor: SBlockRV, registers: int = 32,
     if registers <= 16:
         return False
     stmt = sch.get(anchor)
-    padding = einsum_padding(stmt, 2 * NARROW_LANES, registers)
-    if padding and any(pad > 1 and (extent_of(iv) or 0) % NARROW_LANES == 0
-                       for pad, iv in zip(padding, stmt.iter_vars) if iv.iter_type == DATA_PAR):
+    if _pads_narrow_vectors(stmt, einsum_padding(stmt, 2 * NARROW_LANES, registers)):
         return True
     if alone and _gemm_axes(_prepared(sch, anchor, 2 * NARROW_LANES, registers), 2 * NARROW_LANES):
         return False
@@ -272,17 +264,30 @@ def _prepared(sch: s_tir.Schedule, anchor: SBlockRV, lanes: int, registers: int)
     """``anchor`` as :func:`schedule_anchor` analyzes it at ``lanes`` (a grouped convolution's
     channels split by group, a ragged einsum padded), on a copy of ``sch``."""
     work = sch.copy()
-    stmt = work.get(anchor)
-    grouped = channel_groups(stmt, lanes)
+    grouped = channel_groups(work.get(anchor), lanes)
     if grouped is not None:
-        axis, group = grouped
-        work.transform_block_layout(anchor, tirx.IndexMap.from_func(
-            lambda *a: [*a[:axis], a[axis] // group, a[axis] % group, *a[axis + 1:]],
-            ndim=len(stmt.iter_vars), index_dtype="int64"))
+        split_channel_groups(work, anchor, *grouped)
     padding = einsum_padding(work.get(anchor), lanes, registers)
     if padding:
         work.pad_einsum(anchor, padding)
     return work.get(anchor)
+
+
+def split_channel_groups(sch: s_tir.Schedule, anchor: SBlockRV, axis: int, group: int) -> tirx.SBlock:
+    """Split a grouped convolution's channel iterator ``axis`` into (group, channel in group),
+    so that the channels of one group form a vector only the filter depends on; returns the
+    anchor's new block."""
+    sch.transform_block_layout(anchor, tirx.IndexMap.from_func(
+        lambda *a: [*a[:axis], a[axis] // group, a[axis] % group, *a[axis + 1:]],
+        ndim=len(sch.get(anchor).iter_vars), index_dtype="int64"))
+    return sch.get(anchor)
+
+
+def _pads_narrow_vectors(stmt: tirx.SBlock, padding: list[int] | None) -> bool:
+    """Whether ``padding`` (:func:`.anchor_layout.einsum_padding` at 16 lanes) pads an axis
+    that whole 8-lane vectors tile."""
+    return bool(padding) and any(pad > 1 and (extent_of(iv) or 0) % NARROW_LANES == 0
+                                 for pad, iv in zip(padding, stmt.iter_vars) if iv.iter_type == DATA_PAR)
 
 
 def _gemm_axes(stmt: tirx.SBlock, lanes: int) -> list[tuple[int, list[int]]]:
