@@ -76,6 +76,7 @@ def main() -> int:
         results["models"] = [{"schedule": previous.get("schedule"), **m} for m in previous["models"]
                              if m["model"] not in (args.models or [])]
         results["command"] += " (rows of " + ", ".join(args.models or []) + " re-measured with --update)"
+    order = {name: i for i, name in enumerate(cfg["models"])}  # rows in the config's order
     for name in args.models or cfg["models"]:
         print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
         # 1. Preparation: the export and import a new user pays once per model.
@@ -132,10 +133,9 @@ def main() -> int:
         if "best_rules" in row:
             row["vs_ort"] = versus_runtime(model, plans[row["best_rules"]], spec, protocol,
                                            cfg["rounds"], "ort")
-        results["models"] = [m for m in results["models"] if m["model"] != name] + [row]
+        results["models"] = sorted([m for m in results["models"] if m["model"] != name] + [row],
+                                   key=lambda m: order.get(m["model"], len(order)))
         (out_dir / "results.json").write_text(json.dumps(results, indent=1))  # partial runs too
-    order = {name: i for i, name in enumerate(cfg["models"])}
-    results["models"].sort(key=lambda m: order.get(m["model"], len(order)))
     write_markdown(results, out_dir / "results.md")
     write_plot(results, out_dir / "bench.png")
     print(f"wrote {out_dir}/results.json, results.md, bench.png")
