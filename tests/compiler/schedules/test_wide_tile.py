@@ -95,3 +95,19 @@ def test_wide_narrow_tiles_are_exact(rows: int, k: int, n: int) -> None:
     x, w, b = (rng.standard_normal(s).astype("float32") for s in ((rows, k), (k, n), (n,)))
     out = _run(rules.schedule_prim_func(_matmul(rows, k, n), CTX), x, w, b, out_shape=(rows, n))
     np.testing.assert_allclose(out, np.maximum(x @ w + b, 0), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not HOST_HAS_AVX512, reason="the host has no AVX-512 to run the kernels on")
+def test_a_batched_matmul_of_40_columns_and_ragged_rows_is_exact() -> None:
+    """Attention's probabilities x values with 40-wide heads and 37 tokens: ragged rows padded,
+    40 columns on the narrow micro-kernel."""
+    p, v = te.placeholder((2, 37, 37), name="p"), te.placeholder((2, 37, 40), name="v")
+    k = te.reduce_axis((0, 37), name="k")
+    out = te.compute((2, 37, 40), lambda b, i, j: te.sum(p[b, i, k] * v[b, k, j], axis=k), name="pv")
+    kernel = te.create_prim_func([p, v, out])  # not TOPI's, which marks v a constant to prepack
+    scheduled = rules.schedule_prim_func(kernel, CTX)
+    label = scheduled.attrs[SCHEDULE_ATTR]
+    assert label.startswith("microkernel") and "8-lane vectors" in label, label
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, 37, 37)).astype("float32"), rng.standard_normal((2, 37, 40)).astype("float32")
+    np.testing.assert_allclose(_run(scheduled, a, b, out_shape=(2, 37, 40)), a @ b, rtol=1e-4, atol=1e-4)
