@@ -20,8 +20,8 @@ ROW_BLOCKS = (8, 7, 6, 5, 4, 3, 2)
 #: 8 (``rules:v20``): 5 of them cover 40 channels (ConvNeXt's first stage, EfficientNet-B0's
 #: 40-channel projections) where v19's tile was 8 rows of one half-width vector.
 TILE_LANES = 64
-#: Rows a tile of more than 4 vectors needs (dev measurement, Zen 4, 16-lane tiles: 2 rows x
-#: 5 vectors on a 14-wide map ran at 0.77-0.81x of 7 rows x 1).
+#: Rows a tile of more than 4 vectors needs. Measured while 16-lane tiles could widen too (dev,
+#: Zen 4): 2 rows x 5 vectors on a 14-wide map ran at 0.77-0.81x of 7 rows x 1.
 WIDE_MIN_ROWS = 4
 
 
