@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -144,6 +144,7 @@ def time_kernels(
     target: tvm.target.Target,
     protocol: TimingProtocol = TimingProtocol(),
     seed: int = 0,
+    cold: bool = False,
 ) -> dict[str, list[float]]:
     """Time each scheduled PrimFunc alone: ms of every repeat, by the key of ``funcs``.
 
@@ -151,23 +152,59 @@ def time_kernels(
     (shape, dtype), inputs then outputs, as the Relax call site passes them. Float arguments
     are uniform in [-1, 1]; integer and bool ones are zero, so index inputs (gathers) stay in
     range. Each kernel runs ``protocol.warmup`` times untimed, then ``protocol.repeat`` repeats
-    of at least ``protocol.min_repeat_ms``.
+    of at least ``protocol.min_repeat_ms``: *hot*, its arguments in the caches from the call
+    before. ``cold``: each repeat is one call after every argument but the first was flushed
+    from the caches (TVM's ``cache_flush_cpu_non_first_arg``: the weights and the output, as
+    in a model's run, where the kernel before has just written the input).
     """
-    dev = tvm.cpu()
+    lib, rng = _compile(funcs, target), np.random.default_rng(seed)
+    # Each kernel's arguments are made just before it runs, so a plan's are never all alive.
+    return {key: _time_kernel(lib, key, _arguments(arg_specs[key], rng), protocol, cold) for key in funcs}
+
+
+def time_kernels_hot_cold(
+    funcs: dict[str, "tvm.tirx.PrimFunc"],
+    arg_specs: dict[str, Sequence[tuple[tuple[int, ...], str]]],
+    target: tvm.target.Target,
+    protocol: TimingProtocol = TimingProtocol(),
+    rounds: int = 1,
+    seed: int = 0,
+) -> dict[str, tuple[list[float], list[float]]]:
+    """:func:`time_kernels` hot and cold, ``(hot, cold)`` repeats by key, from one build: each
+    kernel's hot and cold repeats are taken back to back, ``rounds`` times over all the kernels,
+    so that the host's slow regimes (seconds to minutes) fall on both alike."""
+    lib, rng = _compile(funcs, target), np.random.default_rng(seed)
+    args = {key: _arguments(arg_specs[key], rng) for key in funcs}
+    out: dict[str, tuple[list[float], list[float]]] = {key: ([], []) for key in funcs}
+    for _ in range(rounds):
+        for key in funcs:
+            out[key][0].extend(_time_kernel(lib, key, args[key], protocol, cold=False))
+            out[key][1].extend(_time_kernel(lib, key, args[key], protocol, cold=True))
+    return out
+
+
+def _compile(funcs: dict[str, "tvm.tirx.PrimFunc"], target: tvm.target.Target) -> Any:
     mod = tvm.IRModule({key: f.with_attr("global_symbol", key) for key, f in funcs.items()})
-    lib = tvm.compile(mod, target=target).jit()
-    rng = np.random.default_rng(seed)
-    times: dict[str, list[float]] = {}
-    for key in funcs:
-        args = [tvm.runtime.tensor(rng.uniform(-1.0, 1.0, shape).astype(dtype)
-                                   if dtype.startswith("float") else np.zeros(shape, dtype), dev)
-                for shape, dtype in arg_specs[key]]
-        for _ in range(protocol.warmup):
-            lib[key](*args)
+    return tvm.compile(mod, target=target).jit()
+
+
+def _arguments(specs: Sequence[tuple[tuple[int, ...], str]], rng: np.random.Generator) -> list:
+    return [tvm.runtime.tensor(rng.uniform(-1.0, 1.0, shape).astype(dtype)
+                               if dtype.startswith("float") else np.zeros(shape, dtype), tvm.cpu())
+            for shape, dtype in specs]
+
+
+def _time_kernel(lib: Any, key: str, args: list, protocol: TimingProtocol, cold: bool) -> list[float]:
+    dev = tvm.cpu()
+    for _ in range(protocol.warmup):
+        lib[key](*args)
+    if cold:
+        evaluator = lib.time_evaluator(key, dev, number=1, repeat=protocol.repeat,
+                                       f_preproc="cache_flush_cpu_non_first_arg")
+    else:
         evaluator = lib.time_evaluator(key, dev, number=protocol.number, repeat=protocol.repeat,
                                        min_repeat_ms=protocol.min_repeat_ms)
-        times[key] = [float(t) * 1e3 for t in evaluator(*args).results]
-    return times
+    return [float(t) * 1e3 for t in evaluator(*args).results]
 
 
 def kernel_times(
@@ -180,7 +217,6 @@ def kernel_times(
     dev = device or tvm.cpu()
     vm = relax.VirtualMachine(ex, dev)
     times: dict[str, list[float]] = {}
-    calls: dict[str, int] = {}
 
     def instrument(func, name, before_run, ret_value, *args):
         if not before_run or name.startswith("vm.builtin") or not _is_kernel(name):
