@@ -24,7 +24,6 @@ config's folder); --render rewrites results.md from results.json alone.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections import Counter
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fusion_rl.cli.common import run_script
+from fusion_rl.cli.common import experiment_args, run_script
 from fusion_rl.compare import machine_description
 from fusion_rl.compiler.kernel_table import plan_kernels
 from fusion_rl.compiler.measure import Measurer
@@ -122,14 +121,9 @@ def render(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", type=Path)
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--render", action="store_true",
-                        help="only rewrite results.md from results.json (nothing is run)")
-    args = parser.parse_args(argv)
+    args = experiment_args(__doc__, argv)
     cfg = load_config(args.config)
-    out_dir = args.out or args.config.parent
+    out_dir = args.out
     if args.render:
         write_atomic(out_dir / "results.md", render(read_json(out_dir / "results.json", "cache-penalty results")))
         return 0

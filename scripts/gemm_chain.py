@@ -24,7 +24,6 @@ config's folder).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ import tvm
 import tvm_ffi
 from tvm import s_tir, tirx
 
-from fusion_rl.cli.common import run_script
+from fusion_rl.cli.common import experiment_args, run_script
 from fusion_rl.compare import machine_description
 from fusion_rl.compiler.kernels import group_signature
 from fusion_rl.compiler.schedules.blocks import inline_injective, is_injective, is_mac, root_blocks
@@ -247,14 +246,9 @@ def _quartiles(x) -> tuple[float, float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", type=Path)
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--render", action="store_true",
-                        help="only rewrite results.md from results.json (nothing is run)")
-    args = parser.parse_args(argv)
+    args = experiment_args(__doc__, argv)
     cfg = load_config(args.config)
-    out_dir = args.out or args.config.parent
+    out_dir = args.out
     if args.render:
         results = read_json(out_dir / "results.json", "gemm-chain results")
         write_atomic(out_dir / "results.md", render(results["meta"], results["rows"], results["skipped"],

@@ -59,6 +59,20 @@ def run_script(main: Callable[[], int | None]) -> NoReturn:
     sys.exit(status)
 
 
+def experiment_args(doc: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The arguments of an experiment script (``scripts/<name>.py CONFIG``): the config, ``--out``
+    (default: the config's folder, set on the result) and ``--render`` (rewrite results.md from
+    results.json, run nothing)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--render", action="store_true",
+                        help="only rewrite results.md from results.json (nothing is run)")
+    args = parser.parse_args(argv)
+    args.out = args.out or args.config.parent
+    return args
+
+
 def positive(kind: type = int, maximum: float | None = None):
     """An argparse ``type``: a finite number > 0 (and <= ``maximum``), so a bad value fails in
     argparse with one line naming the option, not later in whatever object it reaches."""
