@@ -144,7 +144,6 @@ def time_kernels(
     target: tvm.target.Target,
     protocol: TimingProtocol = TimingProtocol(),
     seed: int = 0,
-    cold: bool = False,
 ) -> dict[str, list[float]]:
     """Time each scheduled PrimFunc alone: ms of every repeat, by the key of ``funcs``.
 
@@ -153,13 +152,12 @@ def time_kernels(
     are uniform in [-1, 1]; integer and bool ones are zero, so index inputs (gathers) stay in
     range. Each kernel runs ``protocol.warmup`` times untimed, then ``protocol.repeat`` repeats
     of at least ``protocol.min_repeat_ms``: *hot*, its arguments in the caches from the call
-    before. ``cold``: each repeat is one call after every argument but the first was flushed
-    from the caches (TVM's ``cache_flush_cpu_non_first_arg``: the weights and the output, as
-    in a model's run, where the kernel before has just written the input).
+    before (:func:`time_kernels_hot_cold` also times them cold).
     """
     lib, rng = _compile(funcs, target), np.random.default_rng(seed)
     # Each kernel's arguments are made just before it runs, so a plan's are never all alive.
-    return {key: _time_kernel(lib, key, _arguments(arg_specs[key], rng), protocol, cold) for key in funcs}
+    return {key: _time_kernel(lib, key, _arguments(arg_specs[key], rng), protocol, cold=False)
+            for key in funcs}
 
 
 def time_kernels_hot_cold(
@@ -170,9 +168,12 @@ def time_kernels_hot_cold(
     rounds: int = 1,
     seed: int = 0,
 ) -> dict[str, tuple[list[float], list[float]]]:
-    """:func:`time_kernels` hot and cold, ``(hot, cold)`` repeats by key, from one build: each
-    kernel's hot and cold repeats are taken back to back, ``rounds`` times over all the kernels,
-    so that the host's slow regimes (seconds to minutes) fall on both alike."""
+    """:func:`time_kernels` hot and cold, ``(hot, cold)`` repeats by key, from one build. A cold
+    repeat is one call after every argument but the first was flushed from the caches (TVM's
+    ``cache_flush_cpu_non_first_arg``: the weights and the output, as in a model's run, where
+    the kernel before has just written the input). Each kernel's hot and cold repeats are taken
+    back to back, ``rounds`` times over all the kernels, so that the host's slow regimes
+    (seconds to minutes) fall on both alike."""
     lib, rng = _compile(funcs, target), np.random.default_rng(seed)
     args = {key: _arguments(arg_specs[key], rng) for key in funcs}
     out: dict[str, tuple[list[float], list[float]]] = {key: ([], []) for key in funcs}
