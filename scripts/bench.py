@@ -8,12 +8,17 @@ For each bench model, on this machine:
    (interleaved rounds; paired per-repeat ratios against the first rule set, ``unfused``
    in experiments/bench/);
 3. ONNX Runtime (graph optimizations on / off), torch eager and torch.compile, verified;
-4. per-kernel times of TVM's best plan and ONNX Runtime's per-node profile, grouped by
-   kernel class, to show where the remaining gap is, and the wall time of a new random plan
+4. per-kernel times of TVM's best plan, each kernel alone hot and cold (its weights and output
+   flushed from the caches, as in a model's run), and ONNX Runtime's per-node profile, grouped
+   by kernel class, to show where the remaining gap is, and the wall time of a new random plan
    (compile, verify, time: what an env step or a search step costs);
 5. TVM's best plan against ONNX Runtime, head to head in this process (interleaved rounds,
    paired ratios: the columns of separate runs drift apart on a shared VM);
 then writes results.json, results.md and bench.png beside the config.
+
+``--update`` re-measures the rows of ``--models`` only. ``--kernels-only`` re-times step 4's
+kernel classes (TVM hot and cold, ORT's profile) of the rows already in results.json (or of
+``--models``), under the default schedule, and keeps everything else.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import numpy as np  # noqa: E402
 
 from fusion_rl.baselines.runtimes import run_runtime  # noqa: E402
 from fusion_rl.compare import machine_description, time_systems  # noqa: E402
+from fusion_rl.compiler.kernel_table import time_plan_kernels_hot_cold  # noqa: E402
 from fusion_rl.compiler.measure import Measurer  # noqa: E402
 from fusion_rl.compiler.paired import head_to_head  # noqa: E402
 from fusion_rl.compiler.schedules import DEFAULT_SCHEDULE, make_schedule  # noqa: E402
@@ -54,13 +60,29 @@ def versus_runtime(model, plan, spec, protocol: TimingProtocol, rounds: int, run
             "speedup": v["paired_speedup"], "speedup_spread": v["paired_spread"], "repeats": v["repeats"]}
 
 
-def main() -> int:
+def kernel_classes(model, plan, spec, rounds: int) -> dict:
+    """Step 4: the plan's kernels alone, hot and cold, and ONNX Runtime's node profile, in ms
+    per inference by kernel class, with the schedule the kernels ran under."""
+    hot: dict[str, float] = {}
+    cold: dict[str, float] = {}
+    for k in time_plan_kernels_hot_cold(model, plan, spec, rounds=rounds):
+        cls = kernel_class(k.name)
+        hot[cls] = hot.get(cls, 0.0) + k.hot_ms * k.launches
+        cold[cls] = cold.get(cls, 0.0) + k.cold_ms * k.launches
+    return {"tvm_classes_hot_ms": hot, "tvm_classes_cold_ms": cold,
+            "ort_classes_ms": ort_class_times(model, spec.num_threads),
+            "classes_schedule": make_schedule(DEFAULT_SCHEDULE).key}
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path)
     parser.add_argument("--models", nargs="+", help="override the config's model list")
     parser.add_argument("--update", action="store_true",
                         help="re-measure --models only and replace their rows in results.json")
-    args = parser.parse_args()
+    parser.add_argument("--kernels-only", action="store_true",
+                        help="re-time only the kernel classes of the rows in results.json")
+    args = parser.parse_args(argv)
     cfg = read_yaml(args.config, "bench config")
     out_dir = args.config.parent
     spec = parse_target(cfg["target"])
@@ -70,6 +92,23 @@ def main() -> int:
                "schedule": make_schedule(DEFAULT_SCHEDULE).key, "peak_gflops": peak, "peak_note": peak_note,
                "protocol": protocol.key, "rounds": cfg["rounds"], "baseline": cfg["rules"][0],
                "command": f"python scripts/bench.py {args.config}", "models": []}
+    kernel_rounds = int(cfg.get("kernel_rounds", 3))
+    if args.kernels_only:
+        results = json.loads((out_dir / "results.json").read_text())
+        for row in results["models"]:
+            if (args.models and row["model"] not in args.models) or "best_rules" not in row:
+                continue
+            print(f"[{time.strftime('%H:%M:%S')}] {row['model']}: kernel classes", flush=True)
+            model = load_model(row["model"])
+            row.pop("tvm_classes_ms", None)  # the re-run on live inputs, replaced by hot and cold
+            row.update(kernel_classes(model, make_plan(row["best_rules"], model.mod, model.graph),
+                                      spec, kernel_rounds))
+            (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+        results["classes_command"] = f"python scripts/bench.py {args.config} --kernels-only"
+        (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+        write_markdown(results, out_dir / "results.md")
+        print(f"wrote {out_dir}/results.json, results.md")
+        return 0
     if args.update:
         previous = json.loads((out_dir / "results.json").read_text())
         # Kept rows keep the schedule they were measured under (the report names each).
@@ -108,12 +147,9 @@ def main() -> int:
                     }
                 best = min(row["tvm"], key=lambda r: row["tvm"][r]["latency_ms"])
                 row["best_rules"] = best
-                # 4. Where the time goes: per-kernel times of the best plan, by class.
+                # 4. Where the time goes: the best plan's kernels by class (below), and which
+                # schedule each kernel got.
                 record = m.measure(model, plans[best], per_kernel=True)
-                by_class: dict[str, float] = {}
-                for kernel, ms in (record.kernel_times_ms or {}).items():
-                    by_class[kernel_class(kernel)] = by_class.get(kernel_class(kernel), 0.0) + ms
-                row["tvm_classes_ms"] = by_class
                 row["kernel_schedules"] = record.kernel_schedules
                 # A plan never seen before: compile, verify and time it from scratch.
                 fresh = random_plan(model.graph, np.random.default_rng(0), max_anchors=1)
@@ -127,7 +163,8 @@ def main() -> int:
             row["runtimes"][runtime] = {"status": res.status, "latency_ms": res.median_ms,
                                         "spread_ms": res.spread_ms, "setup_s": res.setup_s,
                                         "error": res.error}
-        row["ort_classes_ms"] = ort_class_times(model, spec.num_threads)
+        if "best_rules" in row:
+            row.update(kernel_classes(model, plans[row["best_rules"]], spec, kernel_rounds))
         # 5. The best plan against ONNX Runtime, head to head in this process: latencies of
         # separate runs (the table's columns) drift apart on a shared VM, paired ratios do not.
         if "best_rules" in row:

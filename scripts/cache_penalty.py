@@ -26,23 +26,20 @@ from __future__ import annotations
 
 import json
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from fusion_rl.cli.common import experiment_args, run_script
 from fusion_rl.compare import machine_description
-from fusion_rl.compiler.kernel_table import plan_kernels
+from fusion_rl.compiler.kernel_table import time_plan_kernels_hot_cold
 from fusion_rl.compiler.measure import Measurer
 from fusion_rl.compiler.paired import check_rounds, head_to_head
 from fusion_rl.compiler.regime import regime_labels
 from fusion_rl.compiler.schedules import DEFAULT_SCHEDULE, make_schedule
-from fusion_rl.compiler.schedules.prepack import packed_arg_specs
 from fusion_rl.compiler.target import parse_target
-from fusion_rl.compiler.timing import TimingProtocol, time_kernels_hot_cold
+from fusion_rl.compiler.timing import TimingProtocol
 from fusion_rl.errors import ConfigError, read_yaml
-from fusion_rl.fusion.apply import apply_plan
 from fusion_rl.fusion.rules import RULE_SETS, make_plan
 from fusion_rl.graph.model import load_model
 from fusion_rl.io import read_json, write_atomic
@@ -66,16 +63,10 @@ def load_config(path: Path) -> dict:
 
 def kernel_sums(model, plan, spec, protocol: TimingProtocol, rounds: int) -> dict:
     """Hot and cold per-kernel sums over the plan's launches (ms), and the launch count."""
-    target = spec.to_tvm()
-    scheduled = make_schedule(DEFAULT_SCHEDULE).schedule(apply_plan(model.mod, plan, model.graph), target)
-    sites = plan_kernels(model, plan)
-    launches = Counter(s.name for s in sites)
-    funcs = {s.name: scheduled[s.name] for s in sites}
-    specs = {s.name: packed_arg_specs(funcs[s.name], s.args) for s in sites}
-    times = time_kernels_hot_cold(funcs, specs, target, protocol, rounds)
-    return {"kernels": len(sites),
-            "hot_ms": float(sum(np.median(times[k][0]) * n for k, n in launches.items())),
-            "cold_ms": float(sum(np.median(times[k][1]) * n for k, n in launches.items()))}
+    kernels = time_plan_kernels_hot_cold(model, plan, spec, protocol, rounds)
+    return {"kernels": sum(k.launches for k in kernels),
+            "hot_ms": float(sum(k.hot_ms * k.launches for k in kernels)),
+            "cold_ms": float(sum(k.cold_ms * k.launches for k in kernels))}
 
 
 def geomean(xs: list[float]) -> float:

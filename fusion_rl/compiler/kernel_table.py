@@ -28,7 +28,7 @@ import json
 import os
 import sqlite3
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -39,8 +39,11 @@ import tvm_ffi
 from tvm import relax
 
 from fusion_rl.compiler.measure import MeasureStats, Measurer
+from fusion_rl.compiler.schedules import DEFAULT_SCHEDULE, make_schedule
+from fusion_rl.compiler.schedules.prepack import packed_arg_specs
 from fusion_rl.compiler.store import default_store_path, library_versions
-from fusion_rl.compiler.timing import TimingProtocol
+from fusion_rl.compiler.target import TargetSpec
+from fusion_rl.compiler.timing import TimingProtocol, time_kernels_hot_cold
 from fusion_rl.compiler.worker import KernelJob
 from fusion_rl.errors import ConfigError, MeasurementError, StoreError
 from fusion_rl.fusion.apply import apply_plan
@@ -131,6 +134,33 @@ def plan_kernels(model: Model, plan: FusionPlan,
             args = tuple((tuple(int(d) for d in t.shape.values), str(t.dtype)) for t in types)
             sites.append(KernelSite(hashes[gv.name_hint], gv.name_hint, args, keys[gv.name_hint]))
     return sites
+
+
+@dataclass(frozen=True)
+class KernelHotCold:
+    """One distinct kernel of a plan, timed alone both ways (:func:`time_plan_kernels_hot_cold`)."""
+
+    name: str
+    launches: int  #: how often the plan launches it
+    hot_ms: float  #: median, repeated on the same arguments (as the table times it)
+    cold_ms: float  #: median, one call after its weights and output left the caches
+
+
+def time_plan_kernels_hot_cold(model: Model, plan: FusionPlan, spec: TargetSpec,
+                               protocol: TimingProtocol = KERNEL_PROTOCOL, rounds: int = 3,
+                               schedule: str = DEFAULT_SCHEDULE) -> list[KernelHotCold]:
+    """Every distinct kernel of ``plan``, scheduled by ``schedule`` for ``spec``, timed alone hot
+    and cold back to back (:func:`~fusion_rl.compiler.timing.time_kernels_hot_cold`, in this
+    process, one build). Nothing is kept: a cold time is not what the table's estimates add up."""
+    target = spec.to_tvm()
+    scheduled = make_schedule(schedule).schedule(apply_plan(model.mod, plan, model.graph), target)
+    sites = plan_kernels(model, plan)
+    launches = Counter(s.name for s in sites)
+    funcs = {s.name: scheduled[s.name] for s in sites}
+    specs = {s.name: packed_arg_specs(funcs[s.name], s.args) for s in sites}
+    times = time_kernels_hot_cold(funcs, specs, target, protocol, rounds)
+    return [KernelHotCold(name, n, float(np.median(times[name][0])), float(np.median(times[name][1])))
+            for name, n in launches.items()]
 
 
 class KernelTable:

@@ -182,18 +182,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         lines.append(f"| {m['model']} | {rate(best)} | " + " | ".join(
             rate(m["runtimes"].get(r, {}).get("latency_ms") if m["runtimes"].get(r, {}).get("status") == "ok" else None)
             for r in runtimes) + " |")
-    lines += ["", "## Where the time goes: TVM's best plan vs ONNX Runtime, ms per class",
-              "", "Per-kernel sums (each kernel re-run alone on its live inputs) and ONNX Runtime's "
-              "node profile; they do not add up to end-to-end time exactly. The comparison favours "
-              "TVM: its kernels are timed re-run, with their weights and outputs in the caches, while "
-              "ONNX Runtime's nodes are profiled in the model's run, where a kernel's weights and "
-              "output are usually not.", "",
-              "| model | " + " | ".join(f"{c}: TVM / ORT" for c in CLASSES) + " |",
-              "|---|" + "---|" * len(CLASSES)]
-    for m in results["models"]:
-        t, o = m.get("tvm_classes_ms", {}), m.get("ort_classes_ms", {})
-        lines.append(f"| {m['model']} | " + " | ".join(
-            f"{_fmt(t.get(c))} / {_fmt(o.get(c))}" for c in CLASSES) + " |")
+    lines += where_time_goes(results)
     lines += ["", "## Preparation (one time per model) and fallbacks", "",
               "| model | ops | export + import s | head-to-head wall s | new plan: compile + verify + time s | kernels without a schedule |",
               "|---|---|---|---|---|---|"]
@@ -202,6 +191,37 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         lines.append(f"| {m['model']} | {m['ops']} | {m['prep_s']:.1f} | {_fmt(m.get('compare_s'), 0)} | "
                      f"{_fmt(m.get('new_plan_s'), 1)} ({m.get('new_plan_status', '—')}) | {len(fb)} |")
     path.write_text("\n".join(lines) + "\n")
+
+
+def _class_ms(by_class: dict[str, float] | None, cls: str) -> float | None:
+    """ms of one class (``"all"``: their sum); None where nothing was measured."""
+    if not by_class:
+        return None
+    return sum(by_class.values()) if cls == "all" else by_class.get(cls)
+
+
+def where_time_goes(results: dict[str, Any]) -> list[str]:
+    """The kernel-class table: TVM's best plan's kernels alone, hot and cold, beside ONNX
+    Runtime's node profile. Rows measured before cold times existed show their hot re-run only."""
+    schedules = sorted({str(m["classes_schedule"]) for m in results["models"] if m.get("classes_schedule")})
+    lines = ["", "## Where the time goes: TVM's best plan vs ONNX Runtime, ms per class", "",
+             "Each distinct kernel of TVM's best plan alone, times its launches: *hot* repeats it "
+             "on the same arguments, with its weights and output in the caches (as the kernel "
+             "table times it); *cold* is one call after its weights and output were flushed from "
+             "the caches, as in a model's run, where they were last touched one inference ago. "
+             "ONNX Runtime's times are its node profile in the model's run, so cold is the like "
+             "for like comparison. None of them adds up to end-to-end time exactly."
+             + (f" Kernels scheduled by {', '.join(f'`{k}`' for k in schedules)}" if schedules else "")
+             + (f"; command: `{results['classes_command']}`." if results.get("classes_command") else "."),
+             "",
+             "| model | " + " | ".join(f"{c}: hot / cold / ORT" for c in CLASSES + ("all",)) + " |",
+             "|---|" + "---|" * (len(CLASSES) + 1)]
+    for m in results["models"]:
+        hot = m.get("tvm_classes_hot_ms", m.get("tvm_classes_ms", {}))
+        cold, ort = m.get("tvm_classes_cold_ms"), m.get("ort_classes_ms", {})
+        cells = [" / ".join(_fmt(_class_ms(d, c)) for d in (hot, cold, ort)) for c in CLASSES + ("all",)]
+        lines.append(f"| {m['model']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_plot(results: dict[str, Any], path: Path) -> None:

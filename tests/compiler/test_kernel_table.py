@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 
 from fusion_rl.compiler.build import num_kernels
-from fusion_rl.compiler.kernel_table import KernelTable, plan_kernels
+from fusion_rl.compiler.kernel_table import KernelTable, plan_kernels, time_plan_kernels_hot_cold
 from fusion_rl.compiler.store import MeasurementStore
 from fusion_rl.compiler.timing import TimingProtocol
 from fusion_rl.errors import ConfigError, MeasurementError, StoreError
@@ -108,6 +108,19 @@ def test_launches_are_the_kernels_a_build_runs(model_cache):
     # The same kernel is the same hash in any plan: a shared PrimFunc, launched several times.
     unfused = plan_kernels(model, make_plan("unfused", model.mod, model.graph))
     assert len({s.kernel for s in unfused}) < len(unfused)
+
+
+def test_a_plans_kernels_alone_hot_and_cold_cover_its_launches(model_cache):
+    from fusion_rl.compiler.target import parse_target
+
+    model = model_cache("transformer_encoder")
+    plan = make_plan("unfused", model.mod, model.graph)  # shares kernels between launches
+    sites = plan_kernels(model, plan)
+    quick = TimingProtocol(repeat=2, min_repeat_ms=0, warmup=1)
+    kernels = time_plan_kernels_hot_cold(model, plan, parse_target("host"), quick, rounds=1)
+    assert sorted(k.name for k in kernels) == sorted({s.name for s in sites})
+    assert sum(k.launches for k in kernels) == len(sites) and max(k.launches for k in kernels) > 1
+    assert all(k.hot_ms > 0 and k.cold_ms > 0 for k in kernels)
 
 
 def test_a_kernels_schedule_key_is_worked_out_once_per_kernel(model_cache):

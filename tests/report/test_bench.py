@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
+import yaml
+
+from conftest import load_script
 from fusion_rl.report.bench import write_markdown
 
 
@@ -59,3 +64,47 @@ def test_paired_speedups_are_over_the_first_rule_set_of_the_config(tmp_path):
     del results["baseline"]
     write_markdown(results, path)
     assert "| model | tvm |\n|---|---|\n| a | 1.200 (0.020) |" in path.read_text()
+
+
+def _results(*rows: dict) -> dict:
+    return {"machine": "m", "target": "llvm-t2", "schedule": "rules", "peak_gflops": 100.0,
+            "peak_note": "n", "protocol": "p", "rounds": 3, "command": "c", "models": list(rows)}
+
+
+def test_kernel_classes_show_hot_cold_and_ort_and_their_sums(tmp_path):
+    """Cold (weights and output flushed) is the like-for-like reading against ORT's profile;
+    a row measured before cold times existed keeps its hot re-run and shows no cold."""
+    new = {**_row("a", None), "tvm_classes_hot_ms": {"conv": 1.0, "other": 0.5},
+           "tvm_classes_cold_ms": {"conv": 1.25, "other": 0.75},
+           "ort_classes_ms": {"conv": 2.0, "matmul": 0.5}, "classes_schedule": "rules:v20"}
+    old = {**_row("b", None), "tvm_classes_ms": {"matmul": 3.0}, "ort_classes_ms": {"matmul": 4.0}}
+    path = tmp_path / "results.md"
+    write_markdown(_results(new, old), path)
+    text = path.read_text()
+    assert "| model | conv: hot / cold / ORT | matmul: hot / cold / ORT | norm/softmax/pool: hot / " \
+           "cold / ORT | other: hot / cold / ORT | all: hot / cold / ORT |" in text
+    assert "| a | 1.00 / 1.25 / 2.00 | — / — / 0.50 | — / — / — | 0.50 / 0.75 / — | 1.50 / 2.00 / 2.50 |" in text
+    assert "| b | — / — / — | 3.00 / — / 4.00 | — / — / — | — / — / — | 3.00 / — / 4.00 |" in text
+    assert "scheduled by `rules:v20`" in text
+
+
+def test_kernels_only_retimes_the_classes_and_keeps_the_rest(tmp_path):
+    bench = load_script("bench")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"models": ["mlp_tiny"], "rules": ["unfused", "tvm"], "runtimes": ["ort"],
+                                      "target": "host", "rounds": 2, "repeat": 1, "min_repeat_ms": 1,
+                                      "timeout_s": 60, "kernel_rounds": 1}))
+    measured = {**_row("mlp_tiny", None), "tvm_classes_ms": {"matmul": 9.0}, "prep_s": 1.234}
+    failed = {**_row("cnn_tiny", None), "failures": {"tvm": "x"}}
+    del failed["best_rules"]
+    (tmp_path / "results.json").write_text(json.dumps(_results(measured, failed)))
+    assert bench.main([str(config), "--kernels-only"]) == 0
+    after = json.loads((tmp_path / "results.json").read_text())
+    row, untouched = after["models"]
+    assert untouched == failed  # no best plan: nothing to re-time
+    assert "tvm_classes_ms" not in row and row["prep_s"] == 1.234 and row["tvm"] == measured["tvm"]
+    hot, cold = row["tvm_classes_hot_ms"], row["tvm_classes_cold_ms"]
+    assert set(hot) == set(cold) and "matmul" in hot and min(hot.values()) > 0 and min(cold.values()) > 0
+    assert row["ort_classes_ms"] and row["classes_schedule"].startswith("rules:")
+    assert after["classes_command"].endswith("--kernels-only")
+    assert after["classes_command"] in (tmp_path / "results.md").read_text()
