@@ -210,17 +210,22 @@ def where_time_goes(results: dict[str, Any]) -> list[str]:
              "table times it); *cold* is one call after its weights and output were flushed from "
              "the caches, as in a model's run, where they were last touched one inference ago. "
              "ONNX Runtime's times are its node profile in the model's run, so cold is the like "
-             "for like comparison. None of them adds up to end-to-end time exactly."
+             "for like comparison. None of them adds up to end-to-end time exactly; the last "
+             "column has both systems' end-to-end latencies (the latency table's), and where "
+             "ORT's node sum exceeds its latency, its profile carries overhead of its own."
              + (f" Kernels scheduled by {', '.join(f'`{k}`' for k in schedules)}" if schedules else "")
              + (f"; command: `{results['classes_command']}`." if results.get("classes_command") else "."),
              "",
-             "| model | " + " | ".join(f"{c}: hot / cold / ORT" for c in CLASSES + ("all",)) + " |",
-             "|---|" + "---|" * (len(CLASSES) + 1)]
+             "| model | " + " | ".join(f"{c}: hot / cold / ORT" for c in CLASSES + ("all",))
+             + " | end to end: TVM / ORT |",
+             "|---|" + "---|" * (len(CLASSES) + 2)]
     for m in results["models"]:
         hot = m.get("tvm_classes_hot_ms", m.get("tvm_classes_ms", {}))
         cold, ort = m.get("tvm_classes_cold_ms"), m.get("ort_classes_ms", {})
         cells = [" / ".join(_fmt(_class_ms(d, c)) for d in (hot, cold, ort)) for c in CLASSES + ("all",)]
-        lines.append(f"| {m['model']} | " + " | ".join(cells) + " |")
+        e2e = (m["tvm"].get(m.get("best_rules", ""), {}).get("latency_ms"),
+               m["runtimes"].get("ort", {}).get("latency_ms"))
+        lines.append(f"| {m['model']} | " + " | ".join(cells) + f" | {_fmt(e2e[0])} / {_fmt(e2e[1])} |")
     return lines
 
 

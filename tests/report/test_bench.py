@@ -82,9 +82,10 @@ def test_kernel_classes_show_hot_cold_and_ort_and_their_sums(tmp_path):
     write_markdown(_results(new, old), path)
     text = path.read_text()
     assert "| model | conv: hot / cold / ORT | matmul: hot / cold / ORT | norm/softmax/pool: hot / " \
-           "cold / ORT | other: hot / cold / ORT | all: hot / cold / ORT |" in text
-    assert "| a | 1.00 / 1.25 / 2.00 | — / — / 0.50 | — / — / — | 0.50 / 0.75 / — | 1.50 / 2.00 / 2.50 |" in text
-    assert "| b | — / — / — | 3.00 / — / 4.00 | — / — / — | — / — / — | 3.00 / — / 4.00 |" in text
+           "cold / ORT | other: hot / cold / ORT | all: hot / cold / ORT | end to end: TVM / ORT |" in text
+    assert "| a | 1.00 / 1.25 / 2.00 | — / — / 0.50 | — / — / — | 0.50 / 0.75 / — | 1.50 / 2.00 / 2.50 " \
+           "| 10.00 / 11.00 |" in text
+    assert "| b | — / — / — | 3.00 / — / 4.00 | — / — / — | — / — / — | 3.00 / — / 4.00 | 10.00 / 11.00 |" in text
     assert "scheduled by `rules:v20`" in text
 
 
