@@ -1,6 +1,6 @@
 """The shipped policy's evaluation and model card, generated from the learn_bench experiment.
 
-One source of truth: the experiment's ``results.json`` (``experiments/learn_bench_v19/`` for
+One source of truth: the experiment's ``results.json`` (``experiments/learn_bench_v20/`` for
 the shipped policy; the card records which) holds every held-out bench model's
 plans timed head to head (interleaved rounds, paired ratios) and the training runs' statistics.
 :func:`policy_evaluation` turns that file into the ``evaluation`` section of a policy's

@@ -17,7 +17,7 @@ from fusion_rl.export.artifact import read_card, set_evaluation
 from fusion_rl.report import blocks, card
 
 ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "experiments" / "learn_bench_v19"
+RESULTS = ROOT / "experiments" / "learn_bench_v20"
 POLICY = ROOT / "policies" / "default"
 
 
