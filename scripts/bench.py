@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from fusion_rl.baselines.runtimes import run_runtime  # noqa: E402
+from fusion_rl.cli.common import run_script  # noqa: E402
 from fusion_rl.compare import machine_description, time_systems  # noqa: E402
 from fusion_rl.compiler.kernel_table import time_plan_kernels_hot_cold  # noqa: E402
 from fusion_rl.compiler.measure import Measurer  # noqa: E402
@@ -46,6 +47,7 @@ from fusion_rl.fusion.random_plans import random_plan  # noqa: E402
 from fusion_rl.fusion.rules import make_plan  # noqa: E402
 from fusion_rl.graph import zoo  # noqa: E402
 from fusion_rl.graph.model import load_model  # noqa: E402
+from fusion_rl.io import read_json  # noqa: E402
 from fusion_rl.report.bench import (  # noqa: E402
     fp32_peak_gflops, kernel_class, ort_class_times, write_markdown, write_plot,
 )
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                "command": f"python scripts/bench.py {args.config}", "models": []}
     kernel_rounds = int(cfg.get("kernel_rounds", 3))
     if args.kernels_only:
-        results = json.loads((out_dir / "results.json").read_text())
+        results = read_json(out_dir / "results.json", "bench results")
         for row in results["models"]:
             if (args.models and row["model"] not in args.models) or "best_rules" not in row:
                 continue
@@ -180,4 +182,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

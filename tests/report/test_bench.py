@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from conftest import load_script
+from fusion_rl.errors import ConfigError
 from fusion_rl.report.bench import write_markdown
 
 
@@ -109,3 +111,6 @@ def test_kernels_only_retimes_the_classes_and_keeps_the_rest(tmp_path):
     assert row["ort_classes_ms"] and row["classes_schedule"].startswith("rules:")
     assert after["classes_command"].endswith("--kernels-only")
     assert after["classes_command"] in (tmp_path / "results.md").read_text()
+    (tmp_path / "results.json").unlink()
+    with pytest.raises(ConfigError, match="bench results"):  # one line and exit 2 from the script
+        bench.main([str(config), "--kernels-only"])
