@@ -149,10 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                     }
                 best = min(row["tvm"], key=lambda r: row["tvm"][r]["latency_ms"])
                 row["best_rules"] = best
-                # 4. Where the time goes: the best plan's kernels by class (below), and which
-                # schedule each kernel got.
-                record = m.measure(model, plans[best], per_kernel=True)
-                row["kernel_schedules"] = record.kernel_schedules
+                # 4. Where the time goes: the best plan's kernels by class (below, hot and
+                # cold), and which schedule each kernel got (every build records it).
+                row["kernel_schedules"] = m.measure(model, plans[best]).kernel_schedules
                 # A plan never seen before: compile, verify and time it from scratch.
                 fresh = random_plan(model.graph, np.random.default_rng(0), max_anchors=1)
                 t0 = time.perf_counter()
